@@ -1,0 +1,104 @@
+"""The `eqr` command line. Subcommands live beside their code and load lazily, so `eqr --help`
+stays fast and works without optional backends. Errors caused by input print one line, exit 2.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from typing import Any
+
+import click
+
+from eqr import __version__
+from eqr.errors import EqRError
+
+# name -> "module:attribute" of a click command; imported only when that command runs.
+SUBCOMMANDS: dict[str, str] = {
+    "info": "eqr.cli:info",
+}
+
+
+class EqRGroup(click.Group):
+    """A group whose subcommands are imported on use and whose EqRErrors print as one line."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = SUBCOMMANDS.get(name)
+        if target is None:
+            return None
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        return run_reporting_errors(ctx, lambda: super(EqRGroup, self).invoke(ctx))
+
+
+def run_reporting_errors(ctx: click.Context, fn: Any) -> Any:
+    try:
+        return fn()
+    except EqRError as e:
+        click.echo(f"error: {e}", err=True)
+        ctx.exit(e.exit_code)
+
+
+@click.group(cls=EqRGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="eqr")
+def cli() -> None:
+    """Equilibrium Reasoners, exported and deployed.
+
+    \b
+    Examples:
+      eqr info paper-sudoku
+      eqr info step_50000.pth --json
+    """
+
+
+@click.command()
+@click.argument("model")
+@click.option("--weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True,
+              help="Which weights to use when the checkpoint has both.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def info(model: str, weights: str, as_json: bool) -> None:
+    """Describe MODEL: architecture, config, parameters, FLOPs per outer step, provenance.
+
+    MODEL is an eqr checkpoint, an official EqR checkpoint (.pth), a bundled model name or a
+    preset (paper-sudoku, paper-maze: fresh initialisation).
+
+    \b
+    Examples:
+      eqr info paper-sudoku
+      eqr info downloaded_checkpoints/sudoku-extreme/eqr.pth --weights model
+      eqr info my-run/last.pt --json
+    """
+    from eqr.load import load_model, model_summary
+
+    summary = model_summary(load_model(model, weights=weights))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    source = summary["source"]
+    weights_line = source["weights"] + (f" ({source['note']})" if source["note"] else "")
+    lines = [
+        f"model         {summary['architecture']}",
+        f"source        {source['description']}" + (f" sha256 {source['sha256'][:16]}" if source["sha256"] else ""),
+        f"weights       {weights_line}",
+        f"parameters    {summary['parameters']:,}",
+        f"FLOPs/step    {summary['flops_per_outer_step_per_sample'] / 1e9:.3f} GFLOPs per sample "
+        f"({summary['blocks_per_outer_step']} block applications)",
+        "config",
+    ]
+    lines += [f"  {key:<22}{value}" for key, value in summary["config"].items()]
+    click.echo("\n".join(lines))
+
+
+def main() -> None:
+    cli(prog_name="eqr")
+
+
+def export_alias() -> None:
+    """`eqr-export ...` is `eqr export ...`."""
+    sys.argv[1:1] = ["export"]
+    cli(prog_name="eqr")

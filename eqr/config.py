@@ -1,0 +1,130 @@
+"""Configuration dataclasses and the official presets (spec eqr.md section 1.8).
+
+`ModelConfig` holds everything that defines the step f(z, x); `TrainConfig` holds the
+training recipe. Both are frozen, saved as plain JSON-able dicts with `asdict`, and rebuilt
+with `from_dict`, which refuses unknown keys so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+from eqr.errors import EqRError
+
+POS_ENCODINGS = ("none", "rope", "rope2d")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The EqR architecture. Defaults are the official `config/arch/eqr.yaml` values."""
+
+    seq_len: int = 81  # S: tokens per puzzle (from the data set, not the arch yaml)
+    vocab_size: int = 11  # V: token ids 0..V-1 (from the data set)
+    hidden_size: int = 512  # D
+    num_heads: int = 8  # attention heads; head dim = D / num_heads
+    expansion: float = 4.0  # SwiGLU expansion before the 2/3 rule and rounding to 256
+    L_layers: int = 2  # blocks in the single shared stack
+    H_layers: int = 0  # ignored by EqR (kept for config parity with the official yaml)
+    H_cycles: int = 3  # latent recursions per outer step
+    L_cycles: int = 6  # z_L updates per latent recursion
+    mlp_t: bool = False  # token mixer: MLP over tokens (True) or attention (False)
+    pos_encodings: str = "rope"  # none | rope | rope2d (inert when mlp_t)
+    board_height: int | None = None  # rope2d board; sqrt(S) when unset
+    board_width: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    forward_dtype: str = "float32"  # activations; official runs use bfloat16 on GPU
+    lambda_: float = 0.95  # damping: z <- (1 - lambda) z + lambda F(z + u)
+    noise_scale: float = 0.01  # sigma of the path noise in training (inference passes its own)
+    H_init_std: float = 1.0  # std of the truncated-normal initial z_H
+    L_init_std: float = 1.0  # std of the truncated-normal initial z_L
+    halt_max_steps: int = 16  # outer steps per puzzle in training (depth D at evaluation)
+    halt_exploration_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.pos_encodings not in POS_ENCODINGS:
+            raise EqRError(f"pos_encodings must be one of {', '.join(POS_ENCODINGS)}, got {self.pos_encodings!r}")
+        if self.forward_dtype not in DTYPES:
+            raise EqRError(f"forward_dtype must be one of {', '.join(DTYPES)}, got {self.forward_dtype!r}")
+        if not self.mlp_t and self.hidden_size % self.num_heads:
+            raise EqRError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if min(self.seq_len, self.vocab_size, self.hidden_size, self.L_layers, self.H_cycles, self.L_cycles) < 1:
+            raise EqRError("seq_len, vocab_size, hidden_size, L_layers, H_cycles and L_cycles must be >= 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def blocks_per_step(self) -> int:
+        """Block applications in one outer step: H_cycles x (L_cycles + 1) x L_layers."""
+        return self.H_cycles * (self.L_cycles + 1) * self.L_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe. Defaults are the official `cfg_pretrain.yaml` / `eqr_sudoku.yaml`."""
+
+    global_batch_size: int = 768
+    epochs: int = 50_000  # = optimizer steps (one batch per epoch, spec 2.3)
+    lr: float = 1e-4
+    lr_warmup_steps: int = 2000
+    lr_min_ratio: float = 1.0  # 1.0: constant after warmup
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 1.0  # applied to every parameter, as official
+    ema: bool = True
+    ema_rate: float = 0.999
+    eval_interval: int = 5000
+    checkpoint_interval: int = 5000
+    seed: int = 0
+    q_loss_weight: float = 0.5
+    extra: dict[str, Any] = field(default_factory=dict)  # recipe knobs of small CPU presets
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return _from_dict(cls, data)
+
+
+_T = TypeVar("_T")
+
+
+def _from_dict(cls: type[_T], data: dict[str, Any]) -> _T:
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise EqRError(f"unknown {cls.__name__} keys: {', '.join(unknown)} (valid: {', '.join(sorted(names))})")
+    return cls(**data)
+
+
+# Official presets (spec 1.8). seq_len / vocab come from the data sets: Sudoku-Extreme 81 / 11,
+# Maze-Unique 30x30 900 / 6.
+PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
+    "paper-sudoku": (
+        ModelConfig(seq_len=81, vocab_size=11, hidden_size=512, L_layers=2, H_cycles=3, L_cycles=6, mlp_t=True),
+        TrainConfig(epochs=50_000),
+    ),
+    "paper-maze": (
+        ModelConfig(seq_len=900, vocab_size=6, hidden_size=128, L_layers=1, H_cycles=3, L_cycles=4, mlp_t=False),
+        TrainConfig(epochs=100_000),
+    ),
+}
+
+
+def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise EqRError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}") from None

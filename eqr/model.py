@@ -1,0 +1,283 @@
+"""The Equilibrium Reasoner step f(z, x): one weight-tied block stack, iterated by the caller.
+
+References: spec eqr.md section 1 (the official `locuslab/EqR` models/eqr.py and
+models/layers.py, written anew from the spec), TRM for the H/L schedule. This file owns only
+the math of one outer step; loops over outer steps live in `eqr.runtime` (inference) and
+`eqr.training` (deep supervision).
+
+Shape letters: B batch, L sequence (tokens), D width, V vocab, H heads, E head dim.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eqr.config import ModelConfig
+
+# --------------------------------------------------------------------------- initialisation
+
+_TRUNC = 2.0  # the truncated normal keeps +-2 standard deviations of the underlying normal
+# Std of N(0, 1) truncated to +-2 is sqrt(1 - 4 phi(2) / Z); dividing by it makes the result
+# have exactly the nominal std (JAX-style compensation, spec 1.7): c ~= 1.13685.
+_Z = math.erf(_TRUNC / math.sqrt(2.0))
+_PHI2 = math.exp(-_TRUNC**2 / 2.0) / math.sqrt(2.0 * math.pi)
+TRUNC_NORMAL_SCALE = 1.0 / math.sqrt(1.0 - 2.0 * _TRUNC * _PHI2 / _Z)
+
+
+def trunc_normal(shape: tuple[int, ...], std: float, generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """Compensated truncated normal: std exactly `std`, support +-2.2737 std (spec 1.7)."""
+    if std == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    c = std * TRUNC_NORMAL_SCALE
+    u = torch.rand(shape, generator=generator, dtype=torch.float32, device=device)
+    u = (2.0 * u - 1.0) * _Z  # U(erf(-2/sqrt2), erf(2/sqrt2))
+    x = math.sqrt(2.0) * torch.erfinv(u) * c
+    return x.clamp_(-_TRUNC * c, _TRUNC * c).to(dtype)
+
+
+def swiglu_intermediate(hidden: int, expansion: float) -> int:
+    """ceil_to_multiple(round(expansion * hidden * 2/3), 256); Python's round (halves to even)."""
+    size = round(expansion * hidden * 2 / 3)
+    return -(-size // 256) * 256
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class Linear(nn.Module):
+    """Bias-free (unless asked) linear layer, fp32 weights cast to the input dtype at use."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))  # [out, in]
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def reset_parameters(self, generator: torch.Generator | None) -> None:
+        with torch.no_grad():
+            self.weight.copy_(trunc_normal(tuple(self.weight.shape), 1.0 / math.sqrt(self.weight.shape[1]), generator))
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Scale-free RMSNorm over the last dim, computed in fp32 and cast back."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, expansion: float) -> None:
+        super().__init__()
+        inter = swiglu_intermediate(hidden, expansion)
+        self.gate_up = Linear(hidden, 2 * inter)  # fused [gate | up], gate first
+        self.down = Linear(inter, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def _rope_angles(positions: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
+    """[L] positions -> [L, dim] angles laid out as [angle, angle] (rotate-half convention)."""
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # [dim/2]
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [L, dim/2]
+    return torch.cat((angles, angles), dim=-1)  # [L, dim]
+
+
+def rope_cos_sin(config: ModelConfig, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [L, E] for 1D RoPE, or 2D RoPE (rows on the first half, columns on the second)."""
+    E = config.head_dim
+    if config.pos_encodings == "rope2d":
+        height = config.board_height or math.isqrt(seq_len)
+        width = config.board_width or math.isqrt(seq_len)
+        if height * width != seq_len:
+            raise ValueError(f"rope2d board {height}x{width} does not cover {seq_len} tokens; set board_height/board_width")
+        pos = torch.arange(seq_len)
+        rows = _rope_angles(pos // width, E // 2, config.rope_theta)  # [L, E/2]
+        cols = _rope_angles(pos % width, E // 2, config.rope_theta)  # [L, E/2]
+        angles = torch.cat((rows, cols), dim=-1)  # [L, E]
+    else:
+        angles = _rope_angles(torch.arange(seq_len), E, config.rope_theta)  # [L, E]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, two_d: bool) -> torch.Tensor:
+    """x: [B, L, H, E]; rotate-half within the whole head (1D) or within each half (2D), in fp32."""
+    x32 = x.float()
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [L, 1, E]
+    if two_d:
+        a, b = x32.chunk(2, dim=-1)
+        rotated = torch.cat((_rotate_half(a), _rotate_half(b)), dim=-1)
+    else:
+        rotated = _rotate_half(x32)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Non-causal multi-head attention with a fused q|k|v projection and optional RoPE."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.qkv = Linear(D, 3 * D)  # heads 0..H-1 are q, then H of k, then H of v
+        self.out = Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        H, E = self.config.num_heads, self.config.head_dim
+        q, k, v = self.qkv(x).view(B, L, 3 * H, E).split(H, dim=2)  # each [B, L, H, E]
+        if self.config.pos_encodings != "none":
+            cos, sin = rope_cos_sin(self.config, L)
+            two_d = self.config.pos_encodings == "rope2d"
+            q, k = apply_rope(q, cos, sin, two_d), apply_rope(k, cos, sin, two_d)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, L, E]
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+
+class ReasoningBlock(nn.Module):
+    """Post-norm block: token mixing (MLP over tokens or attention), then a channel SwiGLU."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.mlp_t = config.mlp_t
+        if config.mlp_t:
+            self.token_mlp = SwiGLU(config.seq_len, config.expansion)
+        else:
+            self.attn = Attention(config)
+        self.mlp = SwiGLU(config.hidden_size, config.expansion)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.mlp_t:
+            t = h.transpose(1, 2)  # [B, D, L]
+            t = rms_norm(t + self.token_mlp(t), self.eps)  # normalised over tokens (spec 8.1)
+            h = t.transpose(1, 2)  # [B, L, D]
+        else:
+            h = rms_norm(h + self.attn(h), self.eps)
+        return rms_norm(h + self.mlp(h), self.eps)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class LatentState(NamedTuple):
+    z_H: torch.Tensor  # [B, L, D]
+    z_L: torch.Tensor  # [B, L, D]
+
+
+class StepOutput(NamedTuple):
+    state: LatentState  # detached: no gradient flows across outer steps
+    logits: torch.Tensor  # [B, L, V]
+    q_halt: torch.Tensor  # [B] fp32 halting logit
+
+
+class EqRModel(nn.Module):
+    """The weight-tied EqR network. `step` is one outer step (spec 1.5); callers own the loop."""
+
+    def __init__(self, config: ModelConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        D, V = config.hidden_size, config.vocab_size
+        self.embed = nn.Embedding(V, D)
+        self.blocks = nn.ModuleList(ReasoningBlock(config) for _ in range(config.L_layers))
+        self.lm_head = Linear(D, V)
+        self.q_head = Linear(D, 2, bias=True)  # output 0 is q_halt; output 1 is never used
+        self.reset_parameters(torch.Generator().manual_seed(seed))
+        self.source = None  # eqr.load.ModelSource, set by load_model
+        self.metadata: dict = {}  # checkpoint metadata (training command, data, metrics)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.config.forward_dtype)
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        with torch.no_grad():
+            D = self.config.hidden_size
+            self.embed.weight.copy_(trunc_normal(tuple(self.embed.weight.shape), 1.0 / math.sqrt(D), generator))
+            for module in self.modules():
+                if isinstance(module, Linear):
+                    module.reset_parameters(generator)
+            self.q_head.weight.zero_()
+            self.q_head.bias.fill_(-5.0)  # sigmoid(-5) ~= 0.0067: "do not halt" at the start
+
+    def initial_state(self, batch_size: int, generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> LatentState:
+        """Fresh i.i.d. truncated-normal z_H, z_L per sample, token and channel (spec 1.7)."""
+        shape = (batch_size, self.config.seq_len, self.config.hidden_size)
+        z_H = trunc_normal(shape, self.config.H_init_std, generator, self.dtype, device)
+        z_L = trunc_normal(shape, self.config.L_init_std, generator, self.dtype, device)
+        return LatentState(z_H, z_L)
+
+    def embed_input(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, L] token ids -> x = sqrt(D) * Embed(tokens), [B, L, D]."""
+        scale = math.sqrt(self.config.hidden_size)
+        return scale * F.embedding(tokens.long(), self.embed.weight.to(self.dtype))
+
+    def damped_update(self, z: torch.Tensor, injection: torch.Tensor, noise: float,
+                      generator: torch.Generator | None) -> torch.Tensor:
+        """z <- (1 - lambda) z + lambda Blocks(z + u) + sigma eps; damping mixes the pre-injection z."""
+        h = z + injection
+        for block in self.blocks:
+            h = block(h)
+        lam = self.config.lambda_
+        z_next = (1.0 - lam) * z + lam * h
+        if noise:
+            z_next = z_next + noise * torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+        return z_next
+
+    def latent_recursion(self, state: LatentState, x: torch.Tensor, noise: float,
+                         generator: torch.Generator | None) -> LatentState:
+        """L_cycles z_L updates (injection z_H + x), then one z_H update (injection z_L only)."""
+        z_H, z_L = state
+        for _ in range(self.config.L_cycles):
+            z_L = self.damped_update(z_L, z_H + x, noise, generator)
+        z_H = self.damped_update(z_H, z_L, noise, generator)
+        return LatentState(z_H, z_L)
+
+    def step(self, state: LatentState, tokens: torch.Tensor, noise: float = 0.0,
+             generator: torch.Generator | None = None) -> StepOutput:
+        """One outer step: H_cycles latent recursions, gradient only through the last (spec 1.5)."""
+        x = self.embed_input(tokens)  # [B, L, D]
+        state = LatentState(state.z_H.to(self.dtype), state.z_L.to(self.dtype))
+        with torch.no_grad():
+            for _ in range(self.config.H_cycles - 1):
+                state = self.latent_recursion(state, x, noise, generator)
+        state = self.latent_recursion(state, x, noise, generator)
+        logits = self.lm_head(state.z_H)  # [B, L, V]
+        q_halt = self.q_head(state.z_H[:, 0]).float()[:, 0]  # [B], token 0 (no puzzle prefix)
+        return StepOutput(LatentState(state.z_H.detach(), state.z_L.detach()), logits, q_halt)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def flops_per_step(config: ModelConfig) -> int:
+    """Forward FLOPs (2 x multiply-accumulate) of one outer step for one sample (spec section 7)."""
+    L, D, V = config.seq_len, config.hidden_size, config.vocab_size
+
+    def swiglu_params(h: int) -> int:
+        return 3 * h * swiglu_intermediate(h, config.expansion)
+
+    block = 2 * swiglu_params(D) * L  # channel MLP on every token
+    if config.mlp_t:
+        block += 2 * swiglu_params(L) * D  # token MLP on every channel
+    else:
+        block += 2 * (4 * D * D) * L  # q, k, v and output projections
+        block += 2 * 2 * L * L * D  # QK^T and AV
+    head = 2 * L * D * V + 2 * D * 2  # lm head on every token, q head on token 0
+    return config.blocks_per_step * block + head

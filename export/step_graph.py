@@ -1,0 +1,40 @@
+"""The deployable step: one noise-free outer step with the fixed I/O contract of `model.step.onnx`.
+
+Every backend (torch, ONNX Runtime, TensorRT) runs exactly this computation, so host loops
+read only O(B) convergence scalars and O(B*L) predictions per step.
+
+inputs   tokens int32 [B, L]; z_H, z_L float32 [B, L, D]
+outputs  z_H_out, z_L_out float32 [B, L, D]; logits float32 [B, L, V]; preds int32 [B, L];
+         residual float32 [B]    = ||(z_H, z_L)_out - (z_H, z_L)_in|| / ||(z_H, z_L)_in||
+         logit_delta float32 [B] = mean over positions of ||logits(z_H_out) - logits(z_H_in)||_2
+         q_halt float32 [B]
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from eqr.model import EqRModel, LatentState
+
+INPUT_NAMES = ("tokens", "z_H", "z_L")
+OUTPUT_NAMES = ("z_H_out", "z_L_out", "logits", "preds", "residual", "logit_delta", "q_halt")
+
+
+class StepGraph(nn.Module):
+    """Wraps `EqRModel.step` (noise 0) and adds the convergence outputs of the I/O contract."""
+
+    def __init__(self, model: EqRModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, z_H: torch.Tensor, z_L: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model.step(LatentState(z_H, z_L), tokens, noise=0.0)
+        z_H_out, z_L_out = out.state.z_H.float(), out.state.z_L.float()
+        logits = out.logits.float()  # [B, L, V]
+        logits_in = self.model.lm_head(z_H.to(self.model.dtype)).float()  # [B, L, V]
+        delta = torch.cat(((z_H_out - z_H).flatten(1), (z_L_out - z_L).flatten(1)), dim=1)  # [B, 2*L*D]
+        norm_in = torch.cat((z_H.flatten(1), z_L.flatten(1)), dim=1).norm(dim=1)  # [B]
+        residual = delta.norm(dim=1) / norm_in.clamp_min(1e-12)  # [B]
+        logit_delta = (logits - logits_in).norm(dim=-1).mean(dim=-1)  # [B]
+        preds = logits.argmax(dim=-1).to(torch.int32)  # [B, L]
+        return z_H_out, z_L_out, logits, preds, residual, logit_delta, out.q_halt.float()
