@@ -16,6 +16,7 @@ import io
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,9 +65,13 @@ def _numpy_globals() -> dict[str, Any]:
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[f"{module}._reconstruct"] = core.multiarray._reconstruct
         allowed[f"{module}.scalar"] = core.multiarray.scalar
-    for dtype_class in {type(np.dtype(t)) for t in "?bBhHiIlLqQefdg"}:
-        allowed[f"numpy.dtypes.{dtype_class.__name__}"] = dtype_class
     return allowed
+
+
+def _numpy_dtype_classes() -> list[tuple[type, str]]:
+    """Numeric dtype classes: unpickling an array's dtype builds one (never referenced by name)."""
+    classes = {type(np.dtype(t)) for t in "?bBhHiIlLqQefdg"}
+    return [(cls, f"numpy.dtypes.{cls.__name__}") for cls in classes]
 
 
 def _placeholder(qualified_name: str) -> type:
@@ -96,23 +101,27 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
                 extra.append((numpy_allowed[name], name))
             else:
                 refused.append(name)
+        if any(name in numpy_allowed for name in unsafe):
+            extra += _numpy_dtype_classes()
         if refused:
             raise CheckpointError(
                 f"{path}: refused to load: the pickle references {', '.join(refused)}, which could run code; "
                 "only tensors, plain containers, numpy arrays and official EqR carry classes are accepted")
     try:
-        with torch.serialization.safe_globals(extra):
+        with torch.serialization.safe_globals(extra), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols of foreign files
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except CheckpointError:
-        raise
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: not a checkpoint or refused by the safe unpickler ({_short(e)})") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({_short(e)}); the file may be truncated or not a torch file") from None
+        raise CheckpointError(f"{path}: not a checkpoint, or refused by the safe unpickler ({_short(e)})") from None
+    except Exception as e:  # torch raises many types for foreign or damaged files
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {_short(e)}); "
+                              "the file may be truncated or not a torch file") from None
 
 
 def _short(e: BaseException) -> str:
     text = " ".join(str(e).split())
+    if "WeightsUnpickler error:" in text:  # keep torch's reason, drop its advice to disable safety
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0].strip()
     return (text[:200] + "...") if len(text) > 200 else text
 
 

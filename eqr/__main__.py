@@ -1,0 +1,3 @@
+from eqr.cli import main
+
+main()
