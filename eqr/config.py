@@ -89,6 +89,22 @@ class TrainConfig:
     seed: int = 0
     q_loss_weight: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)  # recipe knobs of small CPU presets
+    # --- CPU recipe (spec cpu-training.md); the defaults are the official behaviour.
+    # Curriculum stages, easiest first: {"options": task.generate options (e.g. {"blanks": [1, 4]}),
+    # "halt_max_steps": N_sup in this stage (optional; ModelConfig.halt_max_steps otherwise)}.
+    curriculum: tuple[dict[str, Any], ...] = ()
+    promote_accuracy: float = 0.9  # go to the next stage once train exact accuracy over a window reaches this
+    promote_window: int = 50  # optimizer steps per promotion check
+    eval_depths: tuple[int, ...] = (1, 2, 4, 8, 16)  # outer steps at which periodic evaluation scores exact accuracy
+    eval_size: int = 256  # held-out puzzles per periodic evaluation
+    log_interval: int = 10  # optimizer steps per JSONL metrics line
+
+    def __post_init__(self) -> None:
+        # JSON round trips turn tuples into lists; keep the dataclass hashable-ish and comparable.
+        object.__setattr__(self, "curriculum", tuple(dict(s) for s in self.curriculum))
+        object.__setattr__(self, "eval_depths", tuple(int(d) for d in self.eval_depths))
+        if self.global_batch_size < 1 or self.epochs < 0:
+            raise EqRError(f"global_batch_size must be >= 1 and epochs >= 0, got {self.global_batch_size}, {self.epochs}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,6 +135,41 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "paper-maze": (
         ModelConfig(seq_len=900, vocab_size=6, hidden_size=128, L_layers=1, H_cycles=3, L_cycles=4, mlp_t=False),
         TrainConfig(epochs=100_000),
+    ),
+    # Small CPU recipes (spec cpu-training.md): small init std, short N_sup ramped up by a
+    # curriculum that starts at trivial puzzles, lr x10 with weight decay /10 (same lr * wd).
+    # seq_len / vocab are the task's; the task is named in TrainConfig.extra["task"].
+    "tiny": (
+        ModelConfig(seq_len=16, vocab_size=6, hidden_size=16, num_heads=2, expansion=2.0, L_layers=1, H_cycles=2,
+                    L_cycles=2, mlp_t=True, H_init_std=0.1, L_init_std=0.1, halt_max_steps=2),
+        TrainConfig(global_batch_size=8, epochs=4, lr=1e-3, lr_warmup_steps=2, weight_decay=0.1, ema_rate=0.9,
+                    eval_interval=2, checkpoint_interval=2, eval_size=8, eval_depths=(1, 2), log_interval=1,
+                    extra={"task": {"name": "sudoku", "size": 4}}),
+    ),
+    "cpu-sudoku-4x4": (
+        ModelConfig(seq_len=16, vocab_size=6, hidden_size=64, L_layers=2, H_cycles=2, L_cycles=2, mlp_t=True,
+                    H_init_std=0.1, L_init_std=0.1, halt_max_steps=4),
+        TrainConfig(global_batch_size=64, epochs=20_000, lr=1e-3, lr_warmup_steps=100, weight_decay=0.1,
+                    ema_rate=0.998, eval_interval=500, checkpoint_interval=200, eval_size=256,
+                    eval_depths=(1, 2, 4, 8, 16, 32), promote_accuracy=0.9, promote_window=50,
+                    curriculum=({"options": {"blanks": [1, 3]}, "halt_max_steps": 1},
+                                {"options": {"blanks": [1, 6]}, "halt_max_steps": 1},
+                                {"options": {"blanks": [2, 9]}, "halt_max_steps": 2},
+                                {"options": {"blanks": [4, 11]}, "halt_max_steps": 4},
+                                {"options": {"blanks": [4, 16]}, "halt_max_steps": 8}),
+                    extra={"task": {"name": "sudoku", "size": 4}}),
+    ),
+    "cpu-maze-9": (
+        ModelConfig(seq_len=81, vocab_size=6, hidden_size=64, num_heads=4, L_layers=1, H_cycles=2, L_cycles=3,
+                    mlp_t=False, pos_encodings="rope2d", H_init_std=0.1, L_init_std=0.1, halt_max_steps=4),
+        TrainConfig(global_batch_size=32, epochs=20_000, lr=1e-3, lr_warmup_steps=100, weight_decay=0.1,
+                    ema_rate=0.998, eval_interval=500, checkpoint_interval=200, eval_size=256,
+                    eval_depths=(1, 2, 4, 8, 16, 32), promote_accuracy=0.9, promote_window=50,
+                    curriculum=({"options": {"path_len": [2, 4]}, "halt_max_steps": 1},
+                                {"options": {"path_len": [2, 8]}, "halt_max_steps": 2},
+                                {"options": {"path_len": [2, 14]}, "halt_max_steps": 4},
+                                {"options": {"path_len": [2, 24]}, "halt_max_steps": 8}),
+                    extra={"task": {"name": "maze", "size": 9}}),
     ),
 }
 

@@ -1,0 +1,79 @@
+"""Held-out evaluation of a model at several depths, and how fast each answer settles.
+
+A simple loop over `model.step` (the runtime's solver is for deployment; here we need every
+step's prediction). Noise and random initial states stay on, as in official evaluation.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from eqr.model import EqRModel
+from eqr.training.data import step_seed
+from eqr.training.losses import IGNORE_LABEL
+
+
+@torch.no_grad()
+def trajectory_predictions(model: EqRModel, inputs: torch.Tensor, depth: int, seed: int,
+                           batch_size: int = 256, noise: float | None = None) -> torch.Tensor:
+    """Argmax predictions after every outer step: [N, B, L] for inputs [B, L] (N = depth)."""
+    noise = model.config.noise_scale if noise is None else noise
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for start in range(0, len(inputs), batch_size):
+        tokens = inputs[start:start + batch_size].long()  # [b, L]
+        generator = torch.Generator().manual_seed(step_seed(seed, start, 7))
+        state = model.initial_state(len(tokens), generator)
+        preds = []
+        for _ in range(depth):
+            state, logits, _ = model.step(state, tokens, noise=noise, generator=generator)
+            preds.append(logits.argmax(-1).to(torch.uint8))  # [b, L]
+        chunks.append(torch.stack(preds))  # [N, b, L]
+    model.train(was_training)
+    return torch.cat(chunks, dim=1)  # [N, B, L]
+
+
+def exact_by_step(preds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[N, B] bool: every valid label matched after step n+1."""
+    valid = labels != IGNORE_LABEL  # [B, L]
+    return ((preds.long() == labels) | ~valid).all(-1)
+
+
+def steps_to_stable(preds: torch.Tensor) -> torch.Tensor:
+    """[B] the first outer step from which the prediction never changes again (1-based)."""
+    N = preds.shape[0]
+    same_as_final = (preds == preds[-1]).all(-1)  # [N, B]
+    # last step whose prediction differs from the final one; stable from the step after it
+    differs = ~same_as_final
+    last_diff = torch.where(differs, torch.arange(1, N + 1)[:, None], 0).amax(0)  # [B]
+    return last_diff + 1
+
+
+def evaluate(model: EqRModel, inputs: torch.Tensor, labels: torch.Tensor, depths: Sequence[int], seed: int,
+             tiers: Sequence[str] | None = None, batch_size: int = 256) -> dict[str, Any]:
+    """Exact and cell accuracy at each depth; steps-to-stable-answer by tier (if tiers are given)."""
+    depths = sorted(set(int(d) for d in depths))
+    preds = trajectory_predictions(model, inputs, depths[-1], seed, batch_size)  # [N, B, L]
+    exact = exact_by_step(preds, labels)  # [N, B]
+    valid = labels != IGNORE_LABEL
+    cell = ((preds.long() == labels) & valid).sum(-1) / valid.sum(-1).clamp_min(1)  # [N, B]
+    report: dict[str, Any] = {
+        "n": len(inputs),
+        "by_depth": [{"depth": d, "exact": float(exact[d - 1].float().mean()), "cell": float(cell[d - 1].mean())}
+                     for d in depths],
+    }
+    if tiers is not None:
+        stable = steps_to_stable(preds)  # [B]
+        final_correct = exact[-1]
+        by_tier = []
+        for tier in dict.fromkeys(tiers):  # keep first-seen order
+            mask = torch.tensor([t == tier for t in tiers])
+            by_tier.append({"tier": str(tier), "n": int(mask.sum()),
+                            "mean_steps_to_stable": float(stable[mask].float().mean()),
+                            "median_steps_to_stable": float(stable[mask].float().median()),
+                            "exact_at_max_depth": float(final_correct[mask].float().mean())})
+        report["steps_to_stable_by_tier"] = by_tier
+        report["max_depth"] = depths[-1]
+    return report
