@@ -16,6 +16,7 @@ from eqr.errors import EqRError
 # name -> "module:attribute" of a click command; imported only when that command runs.
 SUBCOMMANDS: dict[str, str] = {
     "info": "eqr.cli:info",
+    "train": "eqr.train:train",
 }
 
 
