@@ -1,0 +1,127 @@
+"""`Backend`: a Polygraphy-style runner for the deployable step (export/step_graph.py I/O contract).
+
+A backend runs one outer step on a batch: `step(feeds) -> outputs`, both keyed by the ONNX names
+(`INPUT_NAMES`, `OUTPUT_NAMES`). Values are the backend's own device arrays (torch tensors,
+ONNX Runtime OrtValues, CUDA buffers); the loop moves data only through the array helpers below,
+so the full state never visits the host inside the loop: per step it downloads O(B) scalars and
+the O(B*L) predictions.
+
+Buffer rule (as Polygraphy's `BaseRunner.infer`): outputs may live in buffers the backend
+reuses. The state outputs of step t stay valid until step t + 2 (ping-pong), so a loop may feed
+them straight back, but must not keep them longer.
+
+Subclasses override `activate_impl`, `step_impl`, `deactivate_impl` and the array helpers; the
+base class checks activation and feed names and times each step.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES
+
+log = logging.getLogger(__name__)
+
+STATE_NAMES = ("z_H", "z_L")
+STATE_OUTPUTS = {"z_H": "z_H_out", "z_L": "z_L_out"}
+
+
+class Backend(ABC):
+    """Runs one outer step; a context manager (`with backend:` activates and deactivates)."""
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self) -> None:
+        self.is_active = False
+        self.inference_time: float | None = None  # seconds of the last `step`
+        # True when the batch shape must stay fixed (CUDA-graph replay): the loop then freezes
+        # settled rows with `freeze` and refills slots with `put` instead of compacting.
+        self.static_shapes = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def activate(self) -> "Backend":
+        if self.is_active:
+            log.warning("%s backend is already active; activate() ignored", self.name)
+            return self
+        self.activate_impl()
+        self.is_active = True
+        return self
+
+    def deactivate(self) -> None:
+        if not self.is_active:
+            return
+        try:
+            self.deactivate_impl()
+        finally:
+            self.is_active = False
+
+    def __enter__(self) -> "Backend":
+        return self.activate()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.deactivate()
+
+    def __del__(self) -> None:
+        if getattr(self, "is_active", False):
+            log.warning("%s backend was never deactivated; use `with backend:` or call deactivate()", self.name)
+
+    # ------------------------------------------------------------------ the step
+    def step(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """One outer step on the batch in `feeds` -> the seven contract outputs (device arrays)."""
+        if not self.is_active:
+            raise RuntimeError(f"{self.name} backend is not active; call activate() or use `with backend:`")
+        if set(feeds) != set(INPUT_NAMES):
+            raise ValueError(f"step feeds must be exactly {', '.join(INPUT_NAMES)}; got {', '.join(sorted(feeds))}")
+        start = time.perf_counter()
+        outputs = self.step_impl(feeds)
+        self.inference_time = time.perf_counter() - start
+        missing = set(OUTPUT_NAMES) - set(outputs)
+        if missing:
+            raise RuntimeError(f"{self.name} backend did not return {', '.join(sorted(missing))}")
+        return outputs
+
+    def last_inference_time(self) -> float | None:
+        return self.inference_time
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description for reports: backend name plus backend-specific details."""
+        return {"backend": self.name}
+
+    @abstractmethod
+    def activate_impl(self) -> None: ...
+
+    @abstractmethod
+    def step_impl(self, feeds: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def deactivate_impl(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------ device arrays
+    @abstractmethod
+    def upload(self, array: np.ndarray) -> Any:
+        """Host array -> device array (tokens as int32, states as float32)."""
+
+    @abstractmethod
+    def download(self, array: Any) -> np.ndarray:
+        """Device array -> host numpy copy (used only for O(B) and O(B*L) outputs in the loop)."""
+
+    @abstractmethod
+    def take(self, array: Any, rows: np.ndarray) -> Any:
+        """Rows `rows` (int64 [R]) of a device array along axis 0, as a new device array."""
+
+    @abstractmethod
+    def concat(self, arrays: Sequence[Any]) -> Any:
+        """Device arrays joined along axis 0."""
+
+    def put(self, array: Any, rows: np.ndarray, values: Any) -> Any:
+        """Write `values` into rows `rows` of `array` (static-shape backends); returns the array."""
+        raise NotImplementedError(f"{self.name} backend has dynamic shapes; the loop compacts instead")
+
+    def freeze(self, done: np.ndarray) -> None:
+        """Static-shape backends: rows with done[b] keep their state unchanged from now on."""
+        raise NotImplementedError(f"{self.name} backend has dynamic shapes; the loop compacts instead")

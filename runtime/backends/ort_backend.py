@@ -1,0 +1,205 @@
+"""ONNX Runtime backend: the exported step run through IOBinding with ping-pong state buffers.
+
+z_H/z_L live in two preallocated OrtValues per state on the session's device; each step binds
+the one that was not just read as its output, so the state never round-trips through numpy.
+Only preds, residual, logit_delta and q_halt are bound to host memory. Compaction and refills
+run tiny Gather/Concat graphs on the same provider, so they stay on the device too.
+
+Providers: CPU here; CUDA and TensorRT providers when the installed onnxruntime has them and
+`providers` is left to choose (`eqr solve --backend auto`).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from eqr.errors import EqRError
+from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES
+from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
+
+if TYPE_CHECKING:
+    from eqr.runtime.artifact import Artifact
+
+log = logging.getLogger(__name__)
+
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+HOST_OUTPUTS = ("preds", "residual", "logit_delta", "q_halt")  # read by the loop every step
+_ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
+                  "tensor(int64)": np.int64}
+
+
+def import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise EqRError("onnxruntime is not installed; `pip install onnxruntime` "
+                       "(or `pip install 'eqr[tensorrt]'` for onnxruntime-gpu)") from None
+    return onnxruntime
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: str | Path, *, providers: Sequence[str] | None = None,
+                 threads: int | None = None, precision: str = "fp32") -> None:
+        super().__init__()
+        self.onnx_path = Path(onnx_path)
+        self.requested_providers = list(providers) if providers else None
+        self.threads = threads
+        self.precision = precision
+        self.session: Any = None
+        self.device = "cpu"
+        self._pairs: dict[str, list[Any]] = {}  # state name -> its two ping-pong OrtValues
+        self._ops: dict[tuple[str, int, int], Any] = {}  # (op, onnx dtype, arity) -> tiny session
+
+    @classmethod
+    def unavailable_reason(cls, artifact: "Artifact", precision: str) -> str | None:
+        path = artifact.onnx.get(precision)
+        if path is None:
+            have = ", ".join(artifact.onnx) or "none"
+            return f"no {precision} ONNX file in the artifact (has: {have}); export it with `eqr export`"
+        if not path.is_file():
+            return f"{path} is missing"
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "onnxruntime is not installed"
+        return None
+
+    @classmethod
+    def from_artifact(cls, artifact: "Artifact", precision: str, providers: Sequence[str] | None = None,
+                      threads: int | None = None, **_: Any) -> "OrtBackend":
+        return cls(artifact.onnx[precision], providers=providers, threads=threads, precision=precision)
+
+    # ------------------------------------------------------------------ lifecycle
+    def _session_options(self, threads: int | None) -> Any:
+        ort = import_onnxruntime()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Spinning threads starve everything else on a shared or small machine (spec deployment.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return options
+
+    def activate_impl(self) -> None:
+        ort = import_onnxruntime()
+        available = ort.get_available_providers()
+        providers = self.requested_providers or [p for p in PREFERRED_PROVIDERS if p in available]
+        try:
+            self.session = ort.InferenceSession(str(self.onnx_path), self._session_options(self.threads),
+                                                providers=providers)
+        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise EqRError(f"{self.onnx_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+        names = ({i.name for i in self.session.get_inputs()}, {o.name for o in self.session.get_outputs()})
+        if names != (set(INPUT_NAMES), set(OUTPUT_NAMES)):
+            raise EqRError(f"{self.onnx_path}: I/O names {sorted(names[0])} -> {sorted(names[1])} are not the eqr "
+                           "step contract; re-export with `eqr export`")
+        used = self.session.get_providers()[0]
+        self.device = "cuda" if used in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        self._dtypes = {v.name: _ONNX_TO_NUMPY.get(v.type, np.float32)
+                        for v in [*self.session.get_inputs(), *self.session.get_outputs()]}
+        self._binding = self.session.io_binding()
+        log.info("onnxruntime %s on %s (providers %s)", self.onnx_path.name, self.device, self.session.get_providers())
+
+    def deactivate_impl(self) -> None:
+        self._pairs.clear()
+        self._ops.clear()
+        self._binding = None
+        self.session = None
+
+    def describe(self) -> dict[str, Any]:
+        providers = self.session.get_providers() if self.session is not None else self.requested_providers
+        return {"backend": self.name, "device": self.device, "precision": self.precision,
+                "onnx": str(self.onnx_path), "providers": providers}
+
+    # ------------------------------------------------------------------ the step
+    def _output_buffer(self, state: str, given: Any) -> Any:
+        """The ping-pong buffer of `state` that is not `given` (allocated for its shape if needed)."""
+        shape = given.shape()
+        pair = self._pairs.get(state)
+        if pair is None or pair[0].shape() != shape:
+            ort = import_onnxruntime()
+            dtype = self._dtypes[STATE_OUTPUTS[state]]
+            pair = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, 0) for _ in range(2)]
+            self._pairs[state] = pair  # the previous batch size's pair is released here
+        return pair[1] if pair[0].data_ptr() == given.data_ptr() else pair[0]
+
+    def step_impl(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name in INPUT_NAMES:
+            binding.bind_ortvalue_input(name, feeds[name])
+        states = {STATE_OUTPUTS[s]: self._output_buffer(s, feeds[s]) for s in STATE_NAMES}
+        bound = []
+        for name in OUTPUT_NAMES:
+            if name in states:
+                binding.bind_ortvalue_output(name, states[name])
+            else:
+                binding.bind_output(name, "cpu" if name in HOST_OUTPUTS else self.device)
+                bound.append(name)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()  # in binding order, state buffers included
+        outputs = dict(zip(OUTPUT_NAMES, values))
+        outputs.update(states)  # keep our own buffer objects so the next step can tell them apart
+        return outputs
+
+    # ------------------------------------------------------------------ device arrays
+    def upload(self, array: np.ndarray) -> Any:
+        ort = import_onnxruntime()
+        if np.issubdtype(array.dtype, np.floating):
+            array = array.astype(self._dtypes["z_H"], copy=False)
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+    def download(self, array: Any) -> np.ndarray:
+        return array.numpy()
+
+    def take(self, array: Any, rows: np.ndarray) -> Any:
+        ort = import_onnxruntime()
+        indices = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(rows, dtype=np.int64), self.device, 0)
+        return self._run_op("gather", [array, indices])
+
+    def concat(self, arrays: Sequence[Any]) -> Any:
+        arrays = list(arrays)
+        return arrays[0] if len(arrays) == 1 else self._run_op("concat", arrays)
+
+    def _run_op(self, op: str, inputs: list[Any]) -> Any:
+        session = self._op_session(op, inputs[0].element_type(), len(inputs), len(inputs[0].shape()))
+        binding = session.io_binding()
+        for i, value in enumerate(inputs):
+            binding.bind_ortvalue_input(f"x{i}", value)
+        binding.bind_output("y", self.device)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
+
+    def _op_session(self, op: str, elem_type: int, arity: int, rank: int) -> Any:
+        key = (op, elem_type, arity, rank)
+        if key not in self._ops:
+            ort = import_onnxruntime()
+            model = _array_op_model(op, elem_type, arity, rank)
+            self._ops[key] = ort.InferenceSession(model.SerializeToString(), self._session_options(1),
+                                                  providers=self.session.get_providers())
+        return self._ops[key]
+
+
+def _array_op_model(op: str, elem_type: int, arity: int, rank: int) -> Any:
+    """A one-node ONNX graph: Gather(x0, x1 indices) or Concat(x0..x{n-1}) along axis 0."""
+    from onnx import TensorProto, helper
+
+    dims = [f"d{i}" for i in range(rank)]
+    if op == "gather":
+        inputs = [helper.make_tensor_value_info("x0", elem_type, dims),
+                  helper.make_tensor_value_info("x1", TensorProto.INT64, ["r"])]
+        node = helper.make_node("Gather", ["x0", "x1"], ["y"], axis=0)
+    else:
+        inputs = [helper.make_tensor_value_info(f"x{i}", elem_type, [f"b{i}", *dims[1:]]) for i in range(arity)]
+        node = helper.make_node("Concat", [f"x{i}" for i in range(arity)], ["y"], axis=0)
+    output = helper.make_tensor_value_info("y", elem_type, ["n", *dims[1:]])
+    graph = helper.make_graph([node], f"eqr_{op}", inputs, [output])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

@@ -1,0 +1,79 @@
+"""The reference backend: export/step_graph.py's `StepGraph` run eagerly by torch.
+
+State stays as torch tensors on the model's device; this is the semantics every other backend
+is compared against. fp32 only (torch CPU half precision is ~6x slower than fp32, spec
+deployment.md); lower precisions run through ONNX Runtime or TensorRT.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from eqr.export.step_graph import OUTPUT_NAMES, StepGraph
+from eqr.model import EqRModel
+from eqr.runtime.backends.base import Backend
+
+if TYPE_CHECKING:
+    from eqr.runtime.artifact import Artifact
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, model: EqRModel | None = None, *, loader: str | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        """Give a model, or `loader`: anything `eqr.load.load_model` accepts (loaded at activate)."""
+        super().__init__()
+        if model is None and loader is None:
+            raise ValueError("TorchBackend needs a model or a loader (checkpoint path or name)")
+        self.model = model
+        self.loader = loader
+        self.device = torch.device(device)
+        self.graph: StepGraph | None = None
+
+    @classmethod
+    def unavailable_reason(cls, artifact: "Artifact", precision: str) -> str | None:
+        if precision != "fp32":
+            return "the torch backend runs fp32 only; use onnxruntime or tensorrt for fp16/int8"
+        if artifact.checkpoint is None:
+            return "needs the model's weights (a checkpoint, bundled name or preset), not only ONNX/engine files"
+        return None
+
+    @classmethod
+    def from_artifact(cls, artifact: "Artifact", precision: str, device: str = "cpu", **_: Any) -> "TorchBackend":
+        return cls(loader=artifact.checkpoint, device=device)
+
+    def activate_impl(self) -> None:
+        if self.model is None:
+            from eqr.load import load_model
+
+            self.model = load_model(self.loader)
+        self.graph = StepGraph(self.model.to(self.device).eval())
+
+    def deactivate_impl(self) -> None:
+        self.graph = None
+        if self.loader is not None:
+            self.model = None  # loaded here, so released here
+
+    @torch.inference_mode()
+    def step_impl(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        outputs = self.graph(feeds["tokens"], feeds["z_H"], feeds["z_L"])
+        return dict(zip(OUTPUT_NAMES, outputs))
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "device": str(self.device), "precision": "fp32"}
+
+    def upload(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def download(self, array: torch.Tensor) -> np.ndarray:
+        return array.detach().cpu().numpy()
+
+    def take(self, array: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        return array.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=array.device))
+
+    def concat(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(arrays), dim=0)

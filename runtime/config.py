@@ -1,0 +1,68 @@
+"""`SolveConfig`: every knob of the inference loop, in one frozen dataclass (saved as JSON).
+
+The loop (`eqr.runtime.solve`) reads nothing else. Each field maps 1:1 to an `eqr solve` flag.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from eqr.errors import EqRError
+
+STATS_LEVELS = ("none", "final", "trace")
+
+
+@dataclass(frozen=True)
+class SolveConfig:
+    """How long each trajectory runs and when it stops (per sample, never per batch)."""
+
+    max_steps: int = 256  # outer-step cap per trajectory
+    tol: float | None = None  # relative-residual tolerance; None disables residual gating
+    patience: int = 2  # residual must stay below tol this many consecutive steps
+    window: int | None = 16  # stop when preds are unchanged for this many steps; None disables
+    q_halt: bool = False  # also stop when the q_halt logit stays > 0 for `patience` steps
+    fixed_depth: int | None = None  # the paper's protocol: exactly D steps, no gating at all
+    agree: int | None = None  # stop a puzzle once this many of its trajectories converged to one answer
+    score_window: int = 3  # steps averaged in the `converged` score (mean logit_delta, spec 3.3)
+    stats: str = "final"  # "none" | "final" | "trace" (per-step residual/logit_delta traces)
+    compaction: bool = True  # drop settled rows from the batch (dynamic-shape backends only)
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise EqRError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.tol is not None and not self.tol > 0:
+            raise EqRError(f"tol must be > 0, got {self.tol}")
+        if self.patience < 1 or self.score_window < 1:
+            raise EqRError("patience and score_window must be >= 1")
+        if self.window is not None and self.window < 1:
+            raise EqRError(f"window must be >= 1 (or None to disable), got {self.window}")
+        if self.fixed_depth is not None and self.fixed_depth < 1:
+            raise EqRError(f"fixed_depth must be >= 1, got {self.fixed_depth}")
+        if self.agree is not None and self.agree < 1:
+            raise EqRError(f"agree must be >= 1, got {self.agree}")
+        if self.stats not in STATS_LEVELS:
+            raise EqRError(f"stats must be one of {', '.join(STATS_LEVELS)}, got {self.stats!r}")
+
+    @property
+    def step_cap(self) -> int:
+        """Steps a trajectory may take: exactly `fixed_depth` when set, else `max_steps`."""
+        return self.fixed_depth if self.fixed_depth is not None else self.max_steps
+
+    @property
+    def gated(self) -> bool:
+        return self.fixed_depth is None
+
+    def replace(self, **changes: Any) -> "SolveConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SolveConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise EqRError(f"unknown SolveConfig keys: {', '.join(unknown)} (valid: {', '.join(sorted(names))})")
+        return cls(**data)

@@ -1,0 +1,395 @@
+"""THE inference loop: per-trajectory gating, compaction, divergence detection.
+
+`solve(backend, tokens, z0, cfg)` runs every row of `tokens` until it settles, refilling the
+working batch from the remaining rows (continuous batching); `Scheduler` drives the same
+`run_loop` from a request queue. No other module loops over outer steps.
+
+Per step the host reads only residual, logit_delta, q_halt (B,) and preds (B, L); the state
+stays on the backend's device. A row stops (first rule that fires, in this order):
+
+  diverged     residual or logit_delta is NaN/Inf: the state went non-finite. The row keeps its
+               last finite preds and is dropped from its puzzle's vote; the batch carries on.
+  fixed_depth  `cfg.fixed_depth` steps done (the paper's protocol: no other rule applies).
+  tol          residual < cfg.tol for cfg.patience consecutive steps.
+  stable       preds unchanged for cfg.window consecutive steps.
+  q_halt       cfg.q_halt and the q_halt logit > 0 for cfg.patience consecutive steps.
+  agree        cfg.agree rows of the same group (puzzle) converged to one answer.
+  max_steps    cfg.max_steps steps done.
+
+The returned iterate is the LAST one (the state after the row's final step), not the
+lowest-residual one: stopping rules make the last iterate the settled one, and `converged`
+scoring (spec 3.3) is defined on the final steps.
+
+Settled rows leave the batch (compaction: the device state is gathered to the remaining rows,
+so compute shrinks). Backends with static shapes (CUDA-graph replay) instead keep fixed slots:
+settled rows are frozen by a done mask and their slots refilled in place.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
+
+import numpy as np
+
+from eqr.runtime.backends.base import Backend
+from eqr.runtime.config import SolveConfig
+from eqr.runtime.stats import REASON_CODE, SolveStats
+
+log = logging.getLogger(__name__)
+
+InitFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # row ids (R,) -> z_H, z_L (R, L, D)
+
+
+@dataclass
+class Rows:
+    """Trajectories entering the loop. ids are the caller's keys; groups tie rows of one puzzle."""
+
+    ids: np.ndarray  # int64 (R,)
+    groups: np.ndarray  # int64 (R,)
+    tokens: np.ndarray  # int32 (R, L)
+    z_H: np.ndarray  # float32 (R, L, D)
+    z_L: np.ndarray  # float32 (R, L, D)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Finished:
+    """Rows that stopped in one step, with everything `SolveStats` records about them."""
+
+    ids: np.ndarray  # int64 (R,)
+    groups: np.ndarray  # int64 (R,)
+    preds: np.ndarray  # int32 (R, L) last finite predictions
+    nstep: np.ndarray  # int32 (R,)
+    reason: np.ndarray  # int8 (R,)
+    residual: np.ndarray  # fp32 (R,)
+    logit_delta: np.ndarray  # fp32 (R,)
+    score: np.ndarray  # fp32 (R,)
+    q_halt: np.ndarray  # fp32 (R,)
+    residual_trace: np.ndarray | None  # fp32 (R, N) NaN-padded
+    logit_delta_trace: np.ndarray | None  # fp32 (R, N)
+
+
+class RowSource(Protocol):
+    def take(self, room: int | None, block: bool) -> Rows | None:
+        """Up to `room` rows (None: any number). With block=True wait for work; None then means
+        no more rows will ever come. With block=False return None or an empty Rows when idle."""
+
+    def aborted(self) -> bool:
+        """True to stop now: every active row is finished with reason "cancelled"."""
+
+
+# --------------------------------------------------------------------------- per-row bookkeeping
+
+
+@dataclass
+class _Table:
+    """Host bookkeeping, one entry per batch row (compacted position or static slot)."""
+
+    ids: np.ndarray
+    groups: np.ndarray
+    live: np.ndarray  # bool: slot holds a running trajectory (always True when compacting)
+    nstep: np.ndarray
+    tol_count: np.ndarray
+    stable_count: np.ndarray
+    halt_count: np.ndarray
+    preds: np.ndarray  # last finite preds (B, L)
+    residual: np.ndarray
+    logit_delta: np.ndarray
+    q_halt: np.ndarray
+    ring: np.ndarray  # (B, W) last W logit_deltas
+    residual_trace: np.ndarray | None  # (B, N)
+    logit_delta_trace: np.ndarray | None
+
+    @classmethod
+    def empty(cls, n: int, seq_len: int, window: int, trace_steps: int | None) -> "_Table":
+        trace = (lambda: np.full((n, trace_steps), np.nan, np.float32)) if trace_steps else (lambda: None)
+        return cls(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros(n, bool), np.zeros(n, np.int32),
+                   np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32),
+                   np.zeros((n, seq_len), np.int32), np.full(n, np.nan, np.float32),
+                   np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32),
+                   np.zeros((n, window), np.float32), trace(), trace())
+
+    def _arrays(self) -> dict[str, np.ndarray | None]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def select(self, rows: np.ndarray) -> "_Table":
+        return _Table(**{k: None if v is None else v[rows] for k, v in self._arrays().items()})
+
+    def append(self, other: "_Table") -> "_Table":
+        return _Table(**{k: None if v is None else np.concatenate([v, getattr(other, k)])
+                         for k, v in self._arrays().items()})
+
+    def assign(self, slots: np.ndarray, other: "_Table") -> None:
+        for k, v in self._arrays().items():
+            if v is not None:
+                v[slots] = getattr(other, k)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class _Batch:
+    """The working batch: device arrays plus the host table, row for row."""
+
+    tokens: Any
+    z_H: Any
+    z_L: Any
+    table: _Table
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class _Agreement:
+    """Counts converged answers per group; tells when `agree` of them match."""
+
+    def __init__(self, agree: int | None) -> None:
+        self.agree = agree
+        self.answers: dict[int, Counter] = {}
+        self.rows_left: Counter = Counter()
+
+    def admit(self, groups: np.ndarray) -> None:
+        self.rows_left.update(groups.tolist())
+
+    def converged(self, group: int, preds: np.ndarray) -> bool:
+        """Record one converged answer; True when its group now has `agree` matching answers."""
+        if self.agree is None:
+            return False
+        counts = self.answers.setdefault(group, Counter())
+        counts[preds.tobytes()] += 1
+        return counts[preds.tobytes()] >= self.agree
+
+    def finished(self, groups: np.ndarray) -> None:
+        for group in groups.tolist():
+            self.rows_left[group] -= 1
+            if self.rows_left[group] <= 0:  # forget finished groups: a server runs forever
+                del self.rows_left[group]
+                self.answers.pop(group, None)
+
+
+def run_loop(backend: Backend, cfg: SolveConfig, source: RowSource, on_finish: Callable[[Finished], None],
+             capacity: int | None = None, seq_len: int | None = None, hidden_size: int | None = None
+             ) -> tuple[list[int], list[float]]:
+    """Step the working batch until `source` is exhausted; report stopped rows to `on_finish`.
+
+    capacity caps the working batch (None: admit everything at once; required for static-shape
+    backends). Returns (active rows per batched step, seconds per batched step).
+    """
+    if backend.static_shapes and capacity is None:
+        raise ValueError("a static-shape backend needs a fixed capacity (batch size)")
+    trace_steps = cfg.step_cap if cfg.stats == "trace" else None
+    agreement = _Agreement(cfg.agree if cfg.gated else None)
+    batch: _Batch | None = None
+    sizes: list[int] = []
+    times: list[float] = []
+    while True:
+        n_live = 0 if batch is None else int(batch.table.live.sum())
+        # Without compaction settled rows still occupy (and cost) their place in the batch.
+        n_used = n_live if cfg.compaction or batch is None or backend.static_shapes else len(batch.table)
+        if source.aborted():
+            if batch is not None and n_live:
+                _finish(batch.table, batch.table.live.copy(), None, on_finish, agreement, cancelled=True)
+            break
+        room = None if capacity is None else capacity - n_used
+        if room is None or room > 0:
+            rows = source.take(room, block=n_live == 0)
+            if rows is None and n_live == 0:
+                break
+            if rows is not None and len(rows):
+                agreement.admit(rows.groups)
+                batch = _admit(backend, batch, rows, trace_steps, cfg, capacity)
+        if batch is None or not batch.table.live.any():
+            continue
+        outputs = backend.step({"tokens": batch.tokens, "z_H": batch.z_H, "z_L": batch.z_L})
+        sizes.append(len(batch.table))
+        times.append(backend.last_inference_time() or 0.0)
+        stop, reason = _update(backend, batch.table, outputs, cfg, agreement)
+        batch.z_H, batch.z_L = outputs["z_H_out"], outputs["z_L_out"]
+        if stop.any():
+            _finish(batch.table, stop, reason, on_finish, agreement)
+            batch = _release(backend, batch, stop, cfg)
+    return sizes, times
+
+
+def _admit(backend: Backend, batch: _Batch | None, rows: Rows, trace_steps: int | None, cfg: SolveConfig,
+           capacity: int | None) -> _Batch:
+    """Add `rows` to the working batch: appended (compacting backends) or written into free slots."""
+    table = _Table.empty(len(rows), rows.tokens.shape[1], cfg.score_window, trace_steps)
+    table.ids[:], table.groups[:], table.live[:] = rows.ids, rows.groups, True
+    tokens, z_H, z_L = (backend.upload(a) for a in (rows.tokens.astype(np.int32), rows.z_H, rows.z_L))
+    if not backend.static_shapes:
+        if batch is None or len(batch.table) == 0:
+            return _Batch(tokens, z_H, z_L, table)
+        return _Batch(backend.concat([batch.tokens, tokens]), backend.concat([batch.z_H, z_H]),
+                      backend.concat([batch.z_L, z_L]), batch.table.append(table))
+    if batch is None:  # fixed slots, all free: frozen placeholders until filled
+        L, D = rows.z_H.shape[1:]
+        empty = _Table.empty(capacity, L, cfg.score_window, trace_steps)
+        batch = _Batch(backend.upload(np.zeros((capacity, L), np.int32)),
+                       backend.upload(np.zeros((capacity, L, D), np.float32)),
+                       backend.upload(np.zeros((capacity, L, D), np.float32)), empty)
+    slots = np.flatnonzero(~batch.table.live)[:len(rows)]
+    batch.tokens = backend.put(batch.tokens, slots, tokens)
+    batch.z_H = backend.put(batch.z_H, slots, z_H)
+    batch.z_L = backend.put(batch.z_L, slots, z_L)
+    batch.table.assign(slots, table)
+    backend.freeze(~batch.table.live)
+    return batch
+
+
+def _update(backend: Backend, t: _Table, outputs: dict[str, Any], cfg: SolveConfig,
+            agreement: _Agreement) -> tuple[np.ndarray, np.ndarray]:
+    """Fold one step's host outputs into the table -> (stop mask (B,), reason codes (B,))."""
+    residual = backend.download(outputs["residual"]).astype(np.float32)  # (B,)
+    logit_delta = backend.download(outputs["logit_delta"]).astype(np.float32)  # (B,)
+    q_halt = backend.download(outputs["q_halt"]).astype(np.float32)  # (B,)
+    preds = backend.download(outputs["preds"]).astype(np.int32)  # (B, L)
+    live = t.live
+    finite = np.isfinite(residual) & np.isfinite(logit_delta)
+    ok = live & finite
+    first = t.nstep == 0
+    t.nstep[live] += 1
+    changed = (preds != t.preds).any(axis=1) | first
+    t.stable_count[ok] = np.where(changed, 0, t.stable_count + 1)[ok]
+    t.tol_count[ok] = np.where(residual < (cfg.tol or 0.0), t.tol_count + 1, 0)[ok]
+    t.halt_count[ok] = np.where(q_halt > 0, t.halt_count + 1, 0)[ok]
+    t.preds[ok], t.residual[ok], t.logit_delta[ok], t.q_halt[ok] = preds[ok], residual[ok], logit_delta[ok], q_halt[ok]
+    W = t.ring.shape[1]
+    t.ring[ok, (t.nstep[ok] - 1) % W] = logit_delta[ok]
+    if t.residual_trace is not None:
+        at = np.flatnonzero(live)
+        t.residual_trace[at, t.nstep[at] - 1] = residual[at]
+        t.logit_delta_trace[at, t.nstep[at] - 1] = logit_delta[at]
+
+    reason = np.full(len(t), -1, np.int8)
+    rules: list[tuple[str, np.ndarray]] = [("diverged", live & ~finite)]
+    if cfg.gated:
+        if cfg.tol is not None:
+            rules.append(("tol", ok & (t.tol_count >= cfg.patience)))
+        if cfg.window is not None:
+            rules.append(("stable", ok & (t.stable_count >= cfg.window)))
+        if cfg.q_halt:
+            rules.append(("q_halt", ok & (t.halt_count >= cfg.patience)))
+        rules.append(("max_steps", live & (t.nstep >= cfg.max_steps)))
+    else:
+        rules.append(("fixed_depth", live & (t.nstep >= cfg.fixed_depth)))
+    for name, hit in rules:
+        reason[hit & (reason < 0)] = REASON_CODE[name]
+    if agreement.agree is not None:
+        _apply_agreement(t, reason, agreement)
+    return reason >= 0, reason
+
+
+def _apply_agreement(t: _Table, reason: np.ndarray, agreement: _Agreement) -> None:
+    """Rows converged this step vote; a group reaching `agree` matching answers stops entirely."""
+    converged_now = np.isin(reason, [REASON_CODE[r] for r in ("tol", "stable", "q_halt")])
+    agreed = {int(t.groups[b]) for b in np.flatnonzero(converged_now) if agreement.converged(int(t.groups[b]), t.preds[b])}
+    if agreed:
+        rest = t.live & (reason < 0) & np.isin(t.groups, list(agreed))
+        reason[rest] = REASON_CODE["agree"]
+
+
+def _finish(t: _Table, stop: np.ndarray, reason: np.ndarray | None, on_finish: Callable[[Finished], None],
+            agreement: _Agreement, cancelled: bool = False) -> None:
+    rows = np.flatnonzero(stop)
+    W = t.ring.shape[1]
+    counts = np.minimum(t.nstep[rows], W).clip(min=1)
+    filled = np.arange(W)[None, :] < counts[:, None]  # (R, W): ring entries written so far
+    score = np.where(filled, t.ring[rows], 0.0).sum(axis=1) / counts
+    codes = np.full(len(rows), REASON_CODE["cancelled"], np.int8) if cancelled else reason[rows]
+    finished = Finished(
+        t.ids[rows].copy(), t.groups[rows].copy(), t.preds[rows].copy(), t.nstep[rows].copy(), codes,
+        t.residual[rows].copy(), t.logit_delta[rows].copy(), score.astype(np.float32), t.q_halt[rows].copy(),
+        None if t.residual_trace is None else t.residual_trace[rows].copy(),
+        None if t.logit_delta_trace is None else t.logit_delta_trace[rows].copy())
+    t.live[rows] = False
+    agreement.finished(finished.groups)
+    on_finish(finished)
+
+
+def _release(backend: Backend, batch: _Batch, stop: np.ndarray, cfg: SolveConfig) -> _Batch:
+    """Drop stopped rows: gather the device state (compaction) or freeze their slots (static)."""
+    if backend.static_shapes:
+        backend.freeze(~batch.table.live)
+        return batch
+    keep = np.flatnonzero(batch.table.live)
+    if len(keep) == 0:
+        return _Batch(None, None, None, batch.table.select(keep))
+    if not cfg.compaction:
+        return batch  # settled rows keep running (and keep costing) until the batch ends
+    return _Batch(backend.take(batch.tokens, keep), backend.take(batch.z_H, keep), backend.take(batch.z_L, keep),
+                  batch.table.select(keep))
+
+
+# --------------------------------------------------------------------------- one-shot solve
+
+
+class _ArraySource:
+    """All rows known up front; initial states drawn only when rows are admitted."""
+
+    def __init__(self, tokens: np.ndarray, groups: np.ndarray, init: InitFn) -> None:
+        self.tokens, self.groups, self.init = tokens, groups, init
+        self.next = 0
+
+    def take(self, room: int | None, block: bool) -> Rows | None:
+        if self.next >= len(self.tokens):
+            return None
+        end = len(self.tokens) if room is None else min(len(self.tokens), self.next + room)
+        ids = np.arange(self.next, end, dtype=np.int64)
+        self.next = end
+        z_H, z_L = self.init(ids)
+        return Rows(ids, self.groups[ids], self.tokens[ids], z_H, z_L)
+
+    def aborted(self) -> bool:
+        return False
+
+
+def solve(backend: Backend, tokens: np.ndarray, z0: tuple[np.ndarray, np.ndarray] | InitFn, cfg: SolveConfig,
+          groups: np.ndarray | None = None, batch_size: int | None = None,
+          progress: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], SolveStats]:
+    """Run every row of `tokens` (int [B, L]) to its stop -> ({"preds": (B, L) int32}, SolveStats).
+
+    z0 is (z_H, z_L) float32 [B, L, D] each, or a function of row ids drawing them on admission
+    (so a large input never holds every initial state at once). groups (B,) ties the K breadth
+    rows of one puzzle for `cfg.agree`. batch_size caps the working batch; settled rows are
+    replaced by waiting ones. progress(n) is called with the count of rows that just stopped.
+    The backend must be active.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, L], got shape {tokens.shape}")
+    B = len(tokens)
+    init = z0 if callable(z0) else (lambda ids, z=z0: (z[0][ids], z[1][ids]))
+    groups = np.arange(B, dtype=np.int64) if groups is None else np.asarray(groups, np.int64)
+    trace_steps = cfg.step_cap if cfg.stats == "trace" else None
+    collected = _Table.empty(B, tokens.shape[1], 1, trace_steps)
+    reason = np.full(B, -1, np.int8)
+    score = np.full(B, np.nan, np.float32)
+
+    def on_finish(done: Finished) -> None:
+        ids = done.ids
+        collected.preds[ids], collected.nstep[ids], reason[ids] = done.preds, done.nstep, done.reason
+        collected.residual[ids], collected.logit_delta[ids], collected.q_halt[ids] = \
+            done.residual, done.logit_delta, done.q_halt
+        score[ids] = done.score
+        if done.residual_trace is not None:
+            collected.residual_trace[ids], collected.logit_delta_trace[ids] = done.residual_trace, done.logit_delta_trace
+        if progress is not None:
+            progress(len(ids))
+
+    capacity = batch_size if batch_size is not None or not backend.static_shapes else B
+    sizes, times = run_loop(backend, cfg, _ArraySource(tokens, groups, init), on_finish, capacity)
+    longest = int(collected.nstep.max()) if B else 0
+    stats = SolveStats(
+        nstep=collected.nstep, reason=reason, residual=collected.residual, logit_delta=collected.logit_delta,
+        score=score, q_halt=collected.q_halt,
+        residual_trace=None if trace_steps is None else collected.residual_trace[:, :longest],
+        logit_delta_trace=None if trace_steps is None else collected.logit_delta_trace[:, :longest],
+        batch_size=np.asarray(sizes, np.int32), step_time=np.asarray(times, np.float64))
+    return {"preds": collected.preds}, stats

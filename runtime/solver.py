@@ -1,0 +1,187 @@
+"""`Solver`: puzzles -> K seeded trajectories each -> `solve` -> one aggregated answer per puzzle.
+
+    solver = Solver.load("maze-small-eqr/", backend="auto", precision="fp32")
+    result = solver.solve(tokens, max_steps=256, tol=None, breadth=8, aggregate="converged", seed=0)
+    result.preds, result.steps, result.converged, result.residual, result.agreement
+
+Initial states follow `EqRModel.initial_state` (compensated truncated normal, spec 1.7) but
+each trajectory (puzzle i, breadth k) draws from its own generator seeded by (seed, i, k), so
+an answer does not depend on batch composition, batch size or backend.
+
+Inference is noise-free: the exported step has no noise input, so every backend computes the
+same map and the residual can actually fall to a tolerance. The official evaluation keeps
+sigma = 0.01 path noise on (spec 3.1); our fixed-depth mode reproduces its depth and breadth
+protocol exactly, but without that noise.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from eqr.errors import EqRError
+from eqr.model import EqRModel, trunc_normal
+from eqr.runtime.aggregate import get_aggregator, vote_share
+from eqr.runtime.artifact import PRECISIONS, Artifact, load_artifact
+from eqr.runtime.backends.base import Backend
+from eqr.runtime.backends.registry import AUTO, create_backend
+from eqr.runtime.config import SolveConfig
+from eqr.runtime.solve import solve
+from eqr.runtime.stats import SolveStats
+
+
+def trajectory_seed(seed: int, puzzle: int, breadth: int) -> int:
+    """A 63-bit generator seed for trajectory (puzzle, breadth) of run `seed`."""
+    return int(np.random.SeedSequence([seed, puzzle, breadth]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def initial_states(seq_len: int, hidden_size: int, init_std: tuple[float, float], seed: int,
+                   puzzles: np.ndarray, breadths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """z_H, z_L float32 [R, L, D] for trajectories (puzzles[r], breadths[r]); z_H drawn before z_L."""
+    z_H = np.empty((len(puzzles), seq_len, hidden_size), np.float32)  # (R, L, D)
+    z_L = np.empty_like(z_H)
+    for r, (i, k) in enumerate(zip(puzzles.tolist(), breadths.tolist())):
+        generator = torch.Generator().manual_seed(trajectory_seed(seed, i, k))
+        z_H[r] = trunc_normal((seq_len, hidden_size), init_std[0], generator).numpy()
+        z_L[r] = trunc_normal((seq_len, hidden_size), init_std[1], generator).numpy()
+    return z_H, z_L
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """One aggregated answer per puzzle. P puzzles, K breadth, L tokens, N steps.
+
+    preds      int32 (P, L)  the chosen trajectory's final predictions
+    steps      int32 (P,)    outer steps spent on the puzzle, summed over its K trajectories
+    depth      int32 (P,)    steps of the puzzle's longest trajectory (latency in steps)
+    converged  bool  (P,)    the chosen trajectory stopped by tol / stable preds / q_halt
+    diverged   bool  (P,)    every trajectory of the puzzle went non-finite
+    residual   fp32  (P,)    the chosen trajectory's final relative residual
+    agreement  fp32  (P,)    vote share: fraction of non-diverged trajectories giving the chosen answer
+    chosen     int64 (P,)    breadth index of the chosen trajectory
+    stats      SolveStats over the P*K trajectories, row p*K + k
+    residual_trace, logit_delta_trace  fp32 (P, K, N) or None (stats="trace")
+    """
+
+    preds: np.ndarray
+    steps: np.ndarray
+    depth: np.ndarray
+    converged: np.ndarray
+    diverged: np.ndarray
+    residual: np.ndarray
+    agreement: np.ndarray
+    chosen: np.ndarray
+    stats: SolveStats
+    residual_trace: np.ndarray | None = None
+    logit_delta_trace: np.ndarray | None = None
+
+
+class Solver:
+    """A backend plus what the loop needs from the artifact: sizes, init stds, default tol."""
+
+    def __init__(self, backend: Backend, seq_len: int, hidden_size: int, init_std: tuple[float, float] = (1.0, 1.0),
+                 default_tol: float | None = None, artifact: Artifact | None = None, batch_size: int | None = None,
+                 precision: str = "fp32") -> None:
+        self.backend = backend
+        self.seq_len, self.hidden_size, self.init_std = seq_len, hidden_size, init_std
+        self.default_tol = default_tol
+        self.artifact = artifact
+        self.batch_size = batch_size  # working-batch cap; None: all rows at once
+        self.precision = precision
+
+    @classmethod
+    def load(cls, artifact: str | os.PathLike[str] | Artifact, backend: str = AUTO, precision: str = "fp32",
+             batch_size: int | None = None, **backend_options: Any) -> "Solver":
+        """ARTIFACT: export dir, ONNX file, engine, checkpoint, bundled name or preset.
+        Heavy work (loading weights, building sessions) happens on first use, not here."""
+        if precision not in PRECISIONS:
+            raise EqRError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+        runner = create_backend(backend, art, precision, **backend_options)
+        if runner.static_shapes and batch_size is None:
+            batch_size = 64
+        return cls(runner, art.seq_len, art.hidden_size, art.init_std, art.default_tol(precision), art,
+                   batch_size, precision)
+
+    @classmethod
+    def from_model(cls, model: EqRModel, batch_size: int | None = None, default_tol: float | None = 1e-3) -> "Solver":
+        """A torch-backend solver for a model in memory (tests, notebooks, training evaluation)."""
+        from eqr.runtime.backends.torch_backend import TorchBackend
+
+        c = model.config
+        return cls(TorchBackend(model), c.seq_len, c.hidden_size, (c.H_init_std, c.L_init_std), default_tol,
+                   batch_size=batch_size)
+
+    def __enter__(self) -> "Solver":
+        self.backend.activate()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.backend.deactivate()
+
+    def config(self, max_steps: int = 256, tol: float | None = None, **options: Any) -> SolveConfig:
+        """A SolveConfig whose tol defaults to this artifact's per-precision value."""
+        return SolveConfig.from_dict({"max_steps": max_steps, "tol": self.default_tol if tol is None else tol} | options)
+
+    def solve(self, tokens: np.ndarray, max_steps: int = 256, tol: float | None = None, breadth: int = 1,
+              aggregate: str = "converged", seed: int = 0, progress: Callable[[int], None] | None = None,
+              **options: Any) -> SolveResult:
+        """Solve puzzles `tokens` (int [P, L]). options: the other SolveConfig fields
+        (patience, window, q_halt, fixed_depth, agree, stats, ...)."""
+        return self.run(tokens, self.config(max_steps, tol, **options), breadth, aggregate, seed, progress)
+
+    def run(self, tokens: np.ndarray, cfg: SolveConfig, breadth: int = 1, aggregate: str = "converged",
+            seed: int = 0, progress: Callable[[int], None] | None = None) -> SolveResult:
+        """`solve` with a ready SolveConfig. progress(n) gets the count of trajectories just stopped."""
+        tokens = self._check_tokens(tokens)
+        if breadth < 1:
+            raise EqRError(f"breadth must be >= 1, got {breadth}")
+        choose = get_aggregator(aggregate)
+        P, K, L = len(tokens), breadth, self.seq_len
+        puzzles = np.repeat(np.arange(P), K)  # row r = p*K + k
+        breadths = np.tile(np.arange(K), P)
+
+        def init(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return initial_states(L, self.hidden_size, self.init_std, seed, puzzles[rows], breadths[rows])
+
+        if not self.backend.is_active:
+            self.backend.activate()
+        outputs, stats = solve(self.backend, np.repeat(tokens, K, axis=0), init, cfg, groups=puzzles,
+                               batch_size=self.batch_size, progress=progress)
+        return _aggregate(outputs["preds"].reshape(P, K, L), stats, choose, P, K)  # (P*K, L) -> (P, K, L)
+
+    def _check_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        tokens = np.asarray(tokens)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or tokens.shape[1] != self.seq_len:
+            raise EqRError(f"tokens must be [P, {self.seq_len}] for this model, got shape {tokens.shape}")
+        vocab = self.artifact.vocab_size if self.artifact else None
+        if tokens.size and (tokens.min() < 0 or (vocab is not None and tokens.max() >= vocab)):
+            raise EqRError(f"token ids must be in 0..{(vocab or 0) - 1}, got {tokens.min()}..{tokens.max()}")
+        return tokens.astype(np.int32)
+
+
+def _aggregate(preds: np.ndarray, stats: SolveStats, choose: Callable, P: int, K: int) -> SolveResult:
+    valid = ~stats.diverged.reshape(P, K)  # (P*K,) -> (P, K)
+    score = stats.score.reshape(P, K)
+    chosen = choose(preds, score, valid).astype(np.int64)
+    pick = np.arange(P) * K + chosen  # row of each chosen trajectory
+    nstep = stats.nstep.reshape(P, K)
+
+    def by_puzzle(trace: np.ndarray | None) -> np.ndarray | None:
+        return None if trace is None else trace.reshape(P, K, -1)  # (P*K, N) -> (P, K, N)
+
+    return SolveResult(
+        preds=np.take_along_axis(preds, chosen[:, None, None], axis=1)[:, 0], steps=nstep.sum(axis=1).astype(np.int32),
+        depth=nstep.max(axis=1, initial=0).astype(np.int32), converged=stats.converged[pick],
+        diverged=~valid.any(axis=1), residual=stats.residual[pick], agreement=vote_share(preds, valid, chosen),
+        chosen=chosen, stats=stats, residual_trace=by_puzzle(stats.residual_trace),
+        logit_delta_trace=by_puzzle(stats.logit_delta_trace))

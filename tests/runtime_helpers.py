@@ -1,0 +1,45 @@
+"""Shared pieces of the runtime tests: a tiny model whose step contracts, and its ONNX export."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conftest import tiny_config
+from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES, StepGraph
+from eqr.model import EqRModel
+
+
+def contractive_model(seed: int = 0, **overrides) -> EqRModel:
+    """A tiny EqR whose outer step contracts, so trajectories settle like a trained model's.
+
+    Freshly initialised tiny models are chaotic (relative residual ~1 forever). Shrinking the
+    block weights and growing the input embedding makes each block close to a normalisation of
+    the (large) injected input, whose Jacobian in z is small; different inputs still settle
+    after different numbers of steps.
+    """
+    model = EqRModel(tiny_config(**overrides), seed=seed).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            for p in block.parameters():
+                p.mul_(0.3)
+        model.embed.weight.mul_(3.0)
+    return model
+
+
+def export_onnx(model: EqRModel, path: Path) -> Path:
+    """The step graph as ONNX, dynamic batch axis (what `eqr export` writes as model.step.onnx)."""
+    L, D = model.config.seq_len, model.config.hidden_size
+    example = (torch.ones(2, L, dtype=torch.int32), torch.zeros(2, L, D), torch.zeros(2, L, D))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(StepGraph(model), example, str(path), input_names=list(INPUT_NAMES),
+                          output_names=list(OUTPUT_NAMES), opset_version=17, dynamo=False,
+                          dynamic_axes={name: {0: "B"} for name in (*INPUT_NAMES, *OUTPUT_NAMES)})
+    return path
+
+
+def random_puzzles(n: int, seq_len: int = 16, vocab: int = 6, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(1, vocab, (n, seq_len)).astype(np.int32)

@@ -1,0 +1,232 @@
+"""The runtime loop, Solver, aggregation and backends on tiny models (CPU, seconds)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from eqr.errors import EqRError
+from eqr.runtime import Solver, SolveConfig, solve
+from eqr.runtime.aggregate import aggregator_names, converged_top1, first_valid, majority, vote_share
+from eqr.runtime.backends import backend_names, create_backend
+from eqr.runtime.backends.ort_backend import OrtBackend
+from eqr.runtime.backends.torch_backend import TorchBackend
+from eqr.runtime.artifact import load_artifact
+from eqr.runtime.stats import REASON_CODE
+from runtime_helpers import contractive_model, export_onnx, random_puzzles
+
+
+@pytest.fixture(scope="module")
+def model():
+    return contractive_model()
+
+
+@pytest.fixture(scope="module")
+def onnx_path(model, tmp_path_factory):
+    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "model.step.onnx")
+
+
+@pytest.fixture
+def torch_solver(model):
+    with Solver.from_model(model) as solver:
+        yield solver
+
+
+@pytest.fixture
+def ort_solver(onnx_path):
+    with Solver(OrtBackend(onnx_path, threads=1), 16, 16, default_tol=1e-3) as solver:
+        yield solver
+
+
+def z0(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    g = np.random.default_rng(seed)
+    return g.standard_normal((n, 16, 16)).astype(np.float32), g.standard_normal((n, 16, 16)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def test_torch_and_onnxruntime_give_the_same_answers(torch_solver, ort_solver):
+    puzzles = random_puzzles(6)
+    a = torch_solver.solve(puzzles, max_steps=40, breadth=3, seed=7)
+    b = ort_solver.solve(puzzles, max_steps=40, breadth=3, seed=7)
+    np.testing.assert_array_equal(a.preds, b.preds)
+    np.testing.assert_array_equal(a.stats.nstep, b.stats.nstep)
+    np.testing.assert_array_equal(a.converged, b.converged)
+    np.testing.assert_allclose(a.residual, b.residual, rtol=1e-3, atol=1e-6)
+    assert a.converged.all()  # the contractive model settles well inside 40 steps
+
+
+def test_ort_state_ping_pongs_between_two_device_buffers(onnx_path):
+    with OrtBackend(onnx_path, threads=1) as backend:
+        z_H, z_L = z0(3)
+        feeds = {"tokens": backend.upload(random_puzzles(3)), "z_H": backend.upload(z_H), "z_L": backend.upload(z_L)}
+        addresses = []
+        for _ in range(4):
+            out = backend.step(feeds)
+            addresses.append(out["z_H_out"].data_ptr())
+            feeds = {"tokens": feeds["tokens"], "z_H": out["z_H_out"], "z_L": out["z_L_out"]}
+        assert addresses[0] == addresses[2] and addresses[1] == addresses[3] and addresses[0] != addresses[1]
+        assert out["residual"].device_name() == "cpu" and out["residual"].shape() == [3]
+
+
+def test_backend_rejects_use_before_activate_and_wrong_feeds(model):
+    backend = TorchBackend(model)
+    with pytest.raises(RuntimeError, match="not active"):
+        backend.step({})
+    with backend, pytest.raises(ValueError, match="tokens, z_H, z_L"):
+        backend.step({"tokens": None})
+
+
+def test_array_helpers_gather_and_concat_on_the_device(onnx_path, model):
+    rows = np.arange(24, dtype=np.float32).reshape(4, 3, 2)
+    for backend in (OrtBackend(onnx_path, threads=1), TorchBackend(model)):
+        with backend:
+            a = backend.upload(rows)
+            np.testing.assert_array_equal(backend.download(backend.take(a, np.array([3, 1]))), rows[[3, 1]])
+            np.testing.assert_array_equal(backend.download(backend.concat([a, backend.take(a, np.array([0]))])),
+                                          np.concatenate([rows, rows[:1]]))
+
+
+def test_registry_lists_backends_and_auto_picks_an_available_one(onnx_path, tmp_path):
+    assert backend_names() == ["tensorrt", "onnxruntime", "torch"]
+    backend = create_backend("auto", load_artifact(onnx_path), "fp32")
+    assert backend.name == "onnxruntime"  # no TensorRT here; an ONNX file has no torch weights
+    with pytest.raises(EqRError, match="unknown backend 'tpu'"):
+        create_backend("tpu", load_artifact(onnx_path), "fp32")
+    with pytest.raises(EqRError, match="torch backend runs fp32 only|needs the model's weights"):
+        create_backend("torch", load_artifact(onnx_path), "fp16")
+
+
+def test_tensorrt_backend_reports_why_it_is_unavailable(onnx_path):
+    from eqr.runtime.backends.trt_backend import TensorRTBackend
+
+    reason = TensorRTBackend.unavailable_reason(load_artifact(onnx_path), "fp32")
+    assert reason is not None and "engine" in reason.lower() or "tensorrt" in reason.lower()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def test_gated_solve_matches_fixed_depth_with_fewer_steps(torch_solver):
+    puzzles = random_puzzles(8, seed=3)
+    fixed = torch_solver.solve(puzzles, fixed_depth=48, breadth=2, seed=1)
+    gated = torch_solver.solve(puzzles, max_steps=48, breadth=2, seed=1)
+    assert (fixed.stats.nstep == 48).all() and set(fixed.stats.reasons()) == {"fixed_depth"}
+    np.testing.assert_array_equal(gated.preds, fixed.preds)
+    assert gated.steps.sum() < 0.6 * fixed.steps.sum()
+    assert set(gated.stats.reasons()) <= {"tol", "stable"}
+
+
+def test_compaction_shrinks_the_batch_and_counts_every_row_step(torch_solver):
+    result = torch_solver.solve(random_puzzles(12, seed=5), max_steps=64, tol=1e-5, window=None, stats="trace")
+    sizes = result.stats.batch_size
+    assert sizes[0] == 12 and (np.diff(sizes) <= 0).all() and sizes[-1] < 12
+    assert sizes.sum() == result.stats.total_steps == result.steps.sum()
+    assert len(set(result.stats.nstep.tolist())) > 1  # puzzles settle after different step counts
+    trace = result.residual_trace[:, 0]  # (P, K, N) -> (P, N)
+    assert trace.shape == (12, result.stats.nstep.max())
+    for p, n in enumerate(result.stats.nstep):
+        assert np.isfinite(trace[p, :n]).all() and np.isnan(trace[p, n:]).all()
+        assert (trace[p, n - 2:n] < 1e-5).all()  # patience 2: the last two residuals were below tol
+
+
+def test_answers_do_not_depend_on_batch_size_or_batch_composition(model):
+    puzzles = random_puzzles(10, seed=9)
+    with Solver.from_model(model) as whole, Solver.from_model(model, batch_size=3) as refilled:
+        a = whole.solve(puzzles, breadth=2, seed=4)
+        b = refilled.solve(puzzles, breadth=2, seed=4)
+        c = whole.solve(puzzles[3:4], breadth=2, seed=4)
+    np.testing.assert_array_equal(a.preds, b.preds)
+    np.testing.assert_array_equal(a.stats.nstep, b.stats.nstep)
+    assert b.stats.batch_size.max() == 3
+    # puzzle 3 alone draws other initial states (puzzle index 0), so compare seeds explicitly
+    with Solver.from_model(model) as solver:
+        d = solver.solve(puzzles[3:4], breadth=2, seed=4)
+    np.testing.assert_array_equal(c.preds, d.preds)
+
+
+def test_non_finite_rows_are_marked_diverged_without_stopping_the_batch(model):
+    z_H, z_L = z0(4)
+    z_H[1, 0, 0] = np.nan
+    z_L[2, 3, 1] = np.inf
+    with TorchBackend(model) as backend:
+        out, stats = solve(backend, random_puzzles(4), (z_H, z_L), SolveConfig(max_steps=30, tol=1e-3))
+    assert stats.diverged.tolist() == [False, True, True, False]
+    assert stats.nstep[1] == stats.nstep[2] == 1
+    assert stats.converged[[0, 3]].all()
+
+
+def test_diverged_trajectories_are_dropped_from_the_vote(model, monkeypatch):
+    import eqr.runtime.solver as solver_module
+
+    clean = solver_module.initial_states
+
+    def poisoned(*args):  # trajectory (puzzle 0, breadth 0) starts from NaN
+        z_H, z_L = clean(*args)
+        puzzles, breadths = args[-2], args[-1]
+        z_H[(puzzles == 0) & (breadths == 0)] = np.nan
+        return z_H, z_L
+
+    monkeypatch.setattr(solver_module, "initial_states", poisoned)
+    with Solver.from_model(model) as solver:
+        result = solver.solve(random_puzzles(2), breadth=3, aggregate="first", seed=0)
+    assert result.chosen[0] == 1 and result.stats.diverged.tolist() == [True, False, False, False, False, False]
+    assert not result.diverged.any() and result.agreement[0] == 1.0  # 2 of 2 valid trajectories agree
+
+
+def test_agreement_stops_a_puzzle_early(torch_solver):
+    puzzles = random_puzzles(4, seed=11)
+    plain = torch_solver.solve(puzzles, breadth=4, seed=2, tol=1e-6, window=None)
+    agreed = torch_solver.solve(puzzles, breadth=4, seed=2, tol=1e-3, window=None, agree=2)
+    assert "agree" in agreed.stats.reasons()
+    assert agreed.steps.sum() < plain.steps.sum()
+    np.testing.assert_array_equal(agreed.preds, plain.preds)
+
+
+def test_q_halt_gating(model):
+    halting = contractive_model()
+    with torch.no_grad():
+        halting.q_head.bias.fill_(5.0)  # q_halt = +5 for every state: "halt now"
+    with Solver.from_model(halting) as solver:
+        result = solver.solve(random_puzzles(3), q_halt=True, patience=2, tol=1e-9, window=None)
+    assert (result.stats.nstep == 2).all() and set(result.stats.reasons()) == {"q_halt"}
+
+
+def test_solve_config_rejects_bad_values():
+    with pytest.raises(EqRError, match="max_steps"):
+        SolveConfig(max_steps=0)
+    with pytest.raises(EqRError, match="tol must be > 0"):
+        SolveConfig(tol=-1.0)
+    with pytest.raises(EqRError, match="unknown SolveConfig keys: patiense"):
+        SolveConfig.from_dict({"patiense": 3})
+
+
+def test_solver_rejects_puzzles_of_the_wrong_shape(torch_solver):
+    with pytest.raises(EqRError, match=r"tokens must be \[P, 16\]"):
+        torch_solver.solve(np.ones((2, 9), np.int32))
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def test_aggregation_rules():
+    preds = np.array([[[1, 1], [2, 2], [2, 2], [1, 1]],  # vote tie 2-2: the earliest answer ([1, 1]) wins
+                      [[3, 3], [4, 4], [4, 4], [5, 5]]])  # (P=2, K=4, L=2)
+    score = np.array([[0.5, 0.1, 0.3, 0.2], [0.4, 0.9, 0.8, 0.05]], np.float32)
+    valid = np.array([[True, True, True, True], [True, True, True, False]])
+    assert majority(preds, score, valid).tolist() == [0, 1]
+    assert converged_top1(preds, score, valid).tolist() == [1, 0]  # row 1: the lowest score diverged
+    assert first_valid(preds, score, ~np.eye(2, 4, dtype=bool)).tolist() == [1, 0]
+    np.testing.assert_allclose(vote_share(preds, valid, np.array([0, 1])), [0.5, 2 / 3])
+    assert set(aggregator_names()) == {"vote", "converged", "first"}
+
+
+def test_converged_breadth_is_at_least_as_good_as_breadth_one(torch_solver):
+    """On the tiny model "accuracy" is agreement with the deep fixed-depth answer of breadth 0."""
+    puzzles = random_puzzles(8, seed=13)
+    reference = torch_solver.solve(puzzles, fixed_depth=64, seed=0).preds
+    single = torch_solver.solve(puzzles, breadth=1, seed=0)
+    wide = torch_solver.solve(puzzles, breadth=4, seed=0, aggregate="converged")
+    accuracy = lambda r: (r.preds == reference).all(axis=1).mean()  # noqa: E731
+    assert accuracy(wide) >= accuracy(single)
