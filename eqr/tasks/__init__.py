@@ -1,0 +1,26 @@
+"""Puzzle tasks: Sudoku (4x4, 6x6, 9x9) and Maze-Unique (9..30), their data sets and text I/O.
+
+    from eqr.tasks import get_task
+    task = get_task("sudoku", size=4)            # or get_task("maze", size=11)
+    puzzles = task.generate(100, seed=0, tier="easy")
+    ok = task.is_valid(puzzles.inputs, puzzles.labels)   # bool [N]
+"""
+from __future__ import annotations
+
+from eqr.errors import EqRError
+from eqr.tasks.base import PAD_ID, Puzzles, Task
+from eqr.tasks.maze import MazeTask
+from eqr.tasks.sudoku import SudokuTask
+
+TASKS: dict[str, type[Task]] = {"sudoku": SudokuTask, "maze": MazeTask}
+DEFAULT_SIZES = {"sudoku": 9, "maze": 30}  # the official data sets
+
+
+def get_task(name: str, size: int | None = None) -> Task:
+    """The task `name` at `size` (default: the official size); EqRError naming the valid choices."""
+    if name not in TASKS:
+        raise EqRError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
+    return TASKS[name](size=DEFAULT_SIZES[name] if size is None else int(size))
+
+
+__all__ = ["DEFAULT_SIZES", "PAD_ID", "TASKS", "MazeTask", "Puzzles", "SudokuTask", "Task", "get_task"]
