@@ -15,6 +15,8 @@ from eqr.errors import EqRError
 
 # name -> "module:attribute" of a click command; imported only when that command runs.
 SUBCOMMANDS: dict[str, str] = {
+    "data": "eqr.tasks.cli:data",
+    "export": "eqr.export.cli:export",
     "info": "eqr.cli:info",
     "train": "eqr.train:train",
 }
