@@ -119,6 +119,13 @@ def test_read_csv_with_or_without_header(header):
     assert [line for line, _ in read_puzzles(io.StringIO(text), "csv")] == [line for line, _, _ in entries]
 
 
+def test_read_csv_reports_a_bad_first_line_instead_of_taking_it_for_a_header():
+    text = f"{EASY_9[:-1]}x,{EASY_9_SOLVED}\n{EASY_9},{EASY_9_SOLVED}\n"
+    entries = read_puzzles(io.StringIO(text), "csv")
+    assert entries[0][0] == 1 and isinstance(entries[0][1], str) and "cell 81 is 'x'" in entries[0][1]
+    assert entries[1][0] == 2 and isinstance(entries[1][1], np.ndarray)
+
+
 def test_read_hrm_directory(tmp_path):
     task = get_task("sudoku", 4)
     puzzles = task.generate(3, seed=0)

@@ -72,7 +72,7 @@ def data() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 def generate(task_name: str, size: int | None, count: int, seed: int, out: Path, split: str, tier: str | None,
              blanks: str | None, path_len: str | None, augment: int, force: bool, as_json: bool) -> None:
-    """Generate COUNT puzzles with solutions into OUT/SPLIT.
+    """Generate --n puzzles with their solutions into OUT/SPLIT.
 
     Sudoku puzzles have a unique solution and carry the tier their grader gives; mazes are
     perfect mazes with the S-G path marked in the label. Puzzles already in another split of

@@ -5,11 +5,12 @@ error message), so a caller reports the bad lines and still solves the others.
 
   text  one puzzle per line in the task's text format (see `eqr.tasks.sudoku` / `.maze`);
         empty lines, and for Sudoku '#' comments, are skipped. Numbers are 1-based lines.
-  csv   `puzzle,solution[,...]`, Sudoku-Extreme style. A first row in which no field is a
-        puzzle is a header; columns named puzzle/question/quizzes/q and solution/answer/
-        solutions/a are used wherever they are. Otherwise the first field that parses as a
-        puzzle is the puzzle and the next such field the solution (so `source,question,answer,
-        rating` rows work with or without their header). Extra columns are ignored; 1-based lines.
+  csv   `puzzle,solution[,...]`, Sudoku-Extreme style. A first row with no field at least half
+        a puzzle long is a header; columns named puzzle/question/quizzes/q and solution/answer/
+        solutions/a are used wherever they are. Otherwise the first field of the first data row
+        that is puzzle-long is the puzzle column and the next such field the solution column
+        (so `source,question,answer,rating` rows work with or without their header). Extra
+        columns are ignored; lines are 1-based.
   hrm   a data set directory (root or split; split "test" if the root has several): every row,
         numbered by its 0-based row index as `eqr data check` reports it.
 """
@@ -100,12 +101,9 @@ def _lines(stream: IO[str]) -> Iterator[str]:
     return iter(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
 
 
-def _parses(task: Task, field: str) -> bool:
-    try:
-        task.parse_line(field)
-        return True
-    except EqRError:
-        return False
+def _looks_like_puzzle(field: str, task: Task) -> bool:
+    """Long enough to be a puzzle, well-formed or not (header names and ids are short)."""
+    return len(field.strip()) >= task.seq_len // 2
 
 
 def _read_csv(stream: IO[str], task: Task) -> Iterator[LabelledEntry]:
@@ -120,19 +118,19 @@ def _read_csv(stream: IO[str], task: Task) -> Iterator[LabelledEntry]:
             continue
         if first:
             first = False
-            if not any(_parses(task, field) for field in row):  # a header
+            if not any(_looks_like_puzzle(field, task) for field in row):  # a header
                 names = [field.strip().lower() for field in row]
                 puzzle_col = next((names.index(n) for n in PUZZLE_COLUMNS if n in names), None)
                 solution_col = next((names.index(n) for n in SOLUTION_COLUMNS if n in names), None)
                 continue
         if puzzle_col is None:
-            parsing = [i for i, field in enumerate(row) if _parses(task, field)]
-            if not parsing:
+            columns = [i for i, field in enumerate(row) if _looks_like_puzzle(field, task)]
+            if not columns:
                 yield number, f"no field is a {task.size}x{task.size} {task.name} puzzle ({len(row)} fields)", None
                 continue
-            puzzle_col = parsing[0]
+            puzzle_col = columns[0]
             if solution_col is None:
-                solution_col = parsing[1] if len(parsing) > 1 else None
+                solution_col = columns[1] if len(columns) > 1 else None
         yield _csv_entry(row, number, puzzle_col, solution_col, task)
 
 
