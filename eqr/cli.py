@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "data": "eqr.tasks.cli:data",
     "export": "eqr.export.cli:export",
     "info": "eqr.cli:info",
+    "solve": "eqr.runtime.cli:solve",
     "train": "eqr.train:train",
 }
 

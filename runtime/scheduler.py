@@ -108,10 +108,12 @@ class Scheduler:
 
     # ------------------------------------------------------------------ worker side
     def _serve(self) -> None:
+        backend = self.solver.backend
+        activated_here = not backend.is_active
         try:
-            if not self.solver.backend.is_active:
-                self.solver.backend.activate()
-            run_loop(self.solver.backend, self.cfg, self, self._on_finish, capacity=self.batch_size)
+            if activated_here:
+                backend.activate()
+            run_loop(backend, self.cfg, self, self._on_finish, capacity=self.batch_size)
         except BaseException as error:  # the backend failed: fail every request instead of hanging
             log.exception("scheduler worker failed")
             with self._cond:
@@ -121,8 +123,11 @@ class Scheduler:
                 _settle(request.future, exception=error)
             self._rows.clear()
             self._drain(exception=error)
-            return
-        self._drain(exception=None)  # only requests cancelled by shutdown(cancel=True) remain
+        else:
+            self._drain(exception=None)  # only requests cancelled by shutdown(cancel=True) remain
+        finally:
+            if activated_here:
+                backend.deactivate()
 
     def _drain(self, exception: BaseException | None) -> None:
         with self._cond:

@@ -1,0 +1,175 @@
+"""`eqr solve`: puzzles in, one answer per puzzle out; the loop is `eqr.runtime.solve`."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import click
+import numpy as np
+
+from eqr.errors import EqRError
+from eqr.runtime.aggregate import aggregator_names
+from eqr.runtime.artifact import PRECISIONS, Artifact
+from eqr.runtime.backends.registry import AUTO, backend_names
+from eqr.runtime.config import SolveConfig
+
+FORMATS = ("text", "csv", "hrm")
+
+
+def resolve_task(artifact: Artifact, override: str | None) -> Any:
+    """The task whose text format the puzzles use: --task, the artifact's, or inferred from L and V."""
+    from eqr.tasks import DEFAULT_SIZES, TASKS, get_task
+
+    if override:
+        name, _, size = override.partition(":")
+        task = get_task(name, int(size) if size.isdigit() else None)
+    elif artifact.task and artifact.task.get("name") in TASKS:
+        task = get_task(artifact.task["name"], artifact.task.get("size"))
+    else:
+        side = math.isqrt(artifact.seq_len)
+        matches = [t for t in _tasks_of_side(side) if side * side == artifact.seq_len
+                   and (t.seq_len, t.vocab_size) == (artifact.seq_len, artifact.vocab_size)]
+        if not matches:
+            raise EqRError(f"{artifact.location}: cannot tell the puzzle task of a model with {artifact.seq_len} tokens "
+                           f"and vocab {artifact.vocab_size}; pass --task NAME[:SIZE] ({', '.join(DEFAULT_SIZES)})")
+        task = matches[0]
+    if (task.seq_len, task.vocab_size) != (artifact.seq_len, artifact.vocab_size):
+        raise EqRError(f"task {task!r} has {task.seq_len} tokens / vocab {task.vocab_size}, but {artifact.location} "
+                       f"expects {artifact.seq_len} / {artifact.vocab_size}; pass the matching --task")
+    return task
+
+
+def _tasks_of_side(side: int) -> list[Any]:
+    from eqr.tasks import TASKS, get_task
+
+    tasks = []
+    for name in TASKS:
+        try:
+            tasks.append(get_task(name, side))
+        except EqRError:  # no such size for this task
+            pass
+    return tasks
+
+
+@click.command()
+@click.argument("artifact")
+@click.option("--input", "-i", "source", default="-", show_default=True,
+              help="Puzzle file (a data set directory for --format hrm); '-' reads stdin.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
+              help="text: one puzzle per line; csv: puzzle,solution rows; hrm: an HRM/EqR data set.")
+@click.option("--task", "task_name", metavar="NAME[:SIZE]", help="Puzzle task (default: from the artifact).")
+@click.option("--backend", type=click.Choice([AUTO, *backend_names()]), default=AUTO, show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Outer-step cap per trajectory.")
+@click.option("--tol", type=float, help="Relative-residual tolerance [default: the artifact's, per precision].")
+@click.option("--patience", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Steps the residual must stay below --tol.")
+@click.option("--window", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Stop when the answer is unchanged this many steps (0: off).")
+@click.option("--q-halt", is_flag=True, help="Also stop when the q_halt head says halt for --patience steps.")
+@click.option("--breadth", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Trajectories per puzzle from independent seeded initial states.")
+@click.option("--aggregate", type=click.Choice(aggregator_names()), default="converged", show_default=True,
+              help="How one answer is chosen from the breadth trajectories.")
+@click.option("--agree", type=click.IntRange(min=1), help="Stop a puzzle once M trajectories converged to one answer.")
+@click.option("--fixed-depth", type=click.IntRange(min=1), metavar="D",
+              help="The paper's protocol: exactly D steps, no gating.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Trajectories in the working batch (settled ones are replaced from the input).")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input puzzle, in input order.")
+def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: str, precision: str, max_steps: int,
+          tol: float | None, patience: int, window: int, q_halt: bool, breadth: int, aggregate: str,
+          agree: int | None, fixed_depth: int | None, seed: int, batch_size: int, threads: int | None,
+          as_json: bool) -> None:
+    """Solve puzzles with ARTIFACT, giving each puzzle only the outer steps it needs.
+
+    ARTIFACT is an export directory, an ONNX step file, a TensorRT engine, a checkpoint or a
+    bundled model name. Each input puzzle gets one result: the answer (in the input's text
+    format), steps used, whether it converged and, for Sudoku and mazes, whether the answer obeys
+    the rules and the givens (reported only; it never picks answers). A malformed line gets an
+    error record and the others are still solved; the exit code is then 1.
+
+    \b
+    Examples:
+      eqr solve sudoku-small-eqr --input puzzles.txt
+      cat puzzles.txt | eqr solve export/ --backend onnxruntime --json
+      eqr solve export/ -i test.csv --format csv --breadth 8 --aggregate converged --agree 3
+      eqr solve ckpt.pt -i data/sudoku --format hrm --fixed-depth 16 --json
+    """
+    from eqr.runtime.artifact import load_artifact
+    from eqr.runtime.solver import Solver
+    from eqr.tasks.io import read_puzzles
+
+    art = load_artifact(artifact)
+    task = resolve_task(art, task_name)
+    stream = sys.stdin if source == "-" and fmt != "hrm" else source
+    entries = read_puzzles(stream, fmt, task)
+    good = [(line, tokens) for line, tokens in entries if not isinstance(tokens, str)]
+    options = {"threads": threads} if threads else {}
+    solver = Solver.load(art, backend=backend, precision=precision, batch_size=batch_size, **options)
+    cfg = SolveConfig(max_steps=max_steps, tol=solver.default_tol if tol is None else tol, patience=patience,
+                      window=window or None, q_halt=q_halt, fixed_depth=fixed_depth, agree=agree)
+    started = time.perf_counter()
+    result = None
+    if good:
+        tokens = np.stack([t for _, t in good]).astype(np.int32)  # (P, L)
+        with solver, click.progressbar(length=len(good) * breadth, label="solving", file=sys.stderr) as bar:
+            result = solver.run(tokens, cfg, breadth, aggregate, seed, progress=bar.update)
+    records = _records(entries, good, result, task)
+    for record in records:
+        click.echo(json.dumps(record) if as_json else _text_line(record))
+    _summary(records, result, time.perf_counter() - started, solver)
+    if any("error" in r for r in records):
+        sys.exit(1)
+
+
+def _records(entries: list, good: list, result: Any, task: Any) -> list[dict[str, Any]]:
+    """One record per input entry, in input order."""
+    by_line: dict[int, dict[str, Any]] = {}
+    if result is not None:
+        inputs = np.stack([t for _, t in good])
+        valid = task.is_valid(inputs, result.preds)
+        for p, (line, _) in enumerate(good):
+            by_line[p] = {
+                "line": line, "answer": task.format_tokens(result.preds[p]), "steps": int(result.steps[p]),
+                "converged": bool(result.converged[p]), "valid": bool(valid[p]),
+                "residual": _finite(result.residual[p]), "agreement": float(result.agreement[p]),
+                "depth": int(result.depth[p]), "diverged": bool(result.diverged[p])}
+    records, p = [], 0
+    for line, tokens in entries:
+        if isinstance(tokens, str):
+            records.append({"line": line, "error": tokens})
+        else:
+            records.append(by_line[p])
+            p += 1
+    return records
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _text_line(record: dict[str, Any]) -> str:
+    if "error" in record:
+        return f"line {record['line']}: error: {record['error']}"
+    valid = {True: "valid", False: "invalid", None: "unchecked"}[record["valid"]]
+    state = "diverged" if record["diverged"] else ("converged" if record["converged"] else "not converged")
+    return f"{record['answer']}\tline {record['line']}\tsteps {record['steps']}\t{state}\t{valid}"
+
+
+def _summary(records: list[dict[str, Any]], result: Any, seconds: float, solver: Any) -> None:
+    solved = [r for r in records if "error" not in r]
+    errors = len(records) - len(solved)
+    parts = [f"{len(solved)} puzzles solved" + (f", {errors} input errors" if errors else "")]
+    if solved:
+        parts.append(f"{sum(r['valid'] for r in solved)} valid")
+        parts.append(f"{sum(r['converged'] for r in solved)} converged")
+        parts.append(f"{result.stats.total_steps} outer steps ({result.stats.total_steps / len(solved):.1f}/puzzle)")
+    parts.append(f"{seconds:.2f}s on {solver.backend.describe().get('backend')}")
+    click.echo("; ".join(parts), err=True)
