@@ -131,13 +131,16 @@ Examples:
 @click.option("--seed", type=int, default=None, help="Seed of weights, data order and all noise.")
 @click.option("--eval-interval", type=int, default=None, help="Steps between held-out evaluations.")
 @click.option("--checkpoint-interval", type=int, default=None, help="Steps between atomic checkpoints.")
+@click.option("--noise-scale", type=float, default=None,
+              help="Training path noise sigma (ModelConfig.noise_scale); 0 makes multi-process runs "
+                   "bitwise comparable to one process.")
 @click.option("--max-minutes", type=float, default=None, help="Stop (and checkpoint) after this much training time.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its checkpoint left it.")
 @click.option("--force", is_flag=True, help="Start over in an --out that already holds a run.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(preset_name: str | None, out: Path, task_name: str | None, size: int | None, data: Path | None,
           steps: int | None, batch_size: int | None, lr: float | None, seed: int | None, eval_interval: int | None,
-          checkpoint_interval: int | None, max_minutes: float | None, resume: bool, force: bool, quiet: bool) -> None:
+          checkpoint_interval: int | None, noise_scale: float | None, max_minutes: float | None, resume: bool, force: bool, quiet: bool) -> None:
     """Train an EqR with rolling-batch deep supervision (spec section 2).
 
     Checkpoints are atomic: killing the process loses at most the steps since the last one.
@@ -151,7 +154,7 @@ def train(preset_name: str | None, out: Path, task_name: str | None, size: int |
     if resume:
         prepare_out_dir(out, resume, force)
         extra = set(overrides) - {"epochs"}
-        if preset_name or extra:
+        if preset_name or extra or noise_scale is not None:
             raise EqRError("--resume continues with the run's own settings; only --steps and --max-minutes may change")
         model_config, train_config, meta = resume_configs(out, steps)
         task_meta = meta.get("task", {})
@@ -167,6 +170,8 @@ def train(preset_name: str | None, out: Path, task_name: str | None, size: int |
         probe = dataclasses.replace(base_train, **overrides)
         source, eval_set, task_meta, data_meta = build_source(probe, task_name, size, data)
         model_config, train_config = configs_for(preset_name, overrides, source.seq_len, source.vocab_size)
+        if noise_scale is not None:
+            model_config = dataclasses.replace(model_config, noise_scale=noise_scale)
         if ranks.is_main:
             prepare_out_dir(out, resume, force)
         command = _command_line()

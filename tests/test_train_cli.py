@@ -1,0 +1,92 @@
+"""`eqr train` end to end on the tiny preset: runs, resumes, refuses bad input, and torchrun matches."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from eqr.cli import cli
+from eqr.load import load_model
+
+TINY = ["--preset", "tiny", "--task", "sudoku", "--size", "4", "--quiet"]
+
+
+def _run(*args: str):
+    return CliRunner().invoke(cli, ["train", *args])
+
+
+def test_train_tiny_preset_writes_checkpoint_metrics_and_metadata(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = _run(*TINY, "--out", str(out), "--steps", "4")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert evals and [d["depth"] for d in evals[-1]["by_depth"]] == [1, 2]
+    model = load_model(out / "last.pt")
+    assert model.source.weights == "ema"
+    meta = model.metadata
+    assert meta["task"]["name"] == "sudoku" and meta["task"]["size"] == 4
+    assert meta["train_config"]["epochs"] == 4 and meta["train_command"].startswith("eqr train")
+    assert meta["wall_time_s"] > 0
+
+
+def test_resume_continues_and_refuses_changed_settings(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _run(*TINY, "--out", str(out), "--steps", "2").exit_code == 0
+    result = _run("--out", str(out), "--resume", "--steps", "4", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert torch.load(out / "last.pt", weights_only=True)["train_state"]["step"] == 4
+    bad = _run("--out", str(out), "--resume", "--lr", "1")
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "error: --resume" in bad.output
+
+
+def test_existing_run_needs_force_and_missing_run_cannot_resume(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _run(*TINY, "--out", str(out), "--steps", "1").exit_code == 0
+    again = _run(*TINY, "--out", str(out), "--steps", "1")
+    assert again.exit_code == 2 and "--force" in again.output and "Traceback" not in again.output
+    assert _run(*TINY, "--out", str(out), "--steps", "1", "--force").exit_code == 0
+    missing = _run("--out", str(tmp_path / "nothing"), "--resume")
+    assert missing.exit_code == 2 and "nothing to resume" in missing.output
+
+
+def test_batch_must_split_over_processes_and_help_has_examples(tmp_path: Path) -> None:
+    help_text = _run("--help").output
+    assert "Examples:" in help_text and "torchrun" in help_text
+    no_data = _run("--preset", "paper-sudoku", "--out", str(tmp_path / "x"))
+    assert no_data.exit_code == 2 and "--data" in no_data.output
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun not installed")
+def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
+    """Same global batch, path noise off: gradients summed over 2 gloo ranks equal one process's."""
+    args = [*TINY, "--steps", "3", "--batch-size", "8", "--noise-scale", "0", "--eval-interval", "100"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "eqr.train", *args, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    double = subprocess.run([*torchrun, "-m", "eqr.train", *args, "--out", str(tmp_path / "two")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert double.returncode == 0, double.stderr
+    a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
+    assert b["train_state"]["world_size"] == 2 and b["train_state"]["step"] == 3
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], atol=2e-5, rtol=1e-4, msg=key)
+    for key in ("inputs", "steps", "halted"):
+        assert torch.equal(a["train_state"]["carry"][key], b["train_state"]["carry"][key]), key
+    torch.testing.assert_close(a["train_state"]["carry"]["z_H"], b["train_state"]["carry"]["z_H"], atol=1e-4, rtol=1e-3)
+    lines = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    for x, y in zip(lines("one"), lines("two")):
+        if x["type"] == "train":
+            assert x["lm_loss"] == pytest.approx(y["lm_loss"], rel=1e-5)
