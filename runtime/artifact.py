@@ -61,7 +61,7 @@ def load_artifact(location: str | os.PathLike[str]) -> Artifact:
     return _from_checkpoint(text)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> dict[str, Any]:  # sidecars
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -81,9 +81,9 @@ def _engine_path(root: Path, entry: Any) -> Path:
 
 
 def _from_manifest(manifest: Path, location: str) -> Artifact:
-    data = _read_json(manifest)
-    if data.get("format") != MANIFEST_FORMAT:
-        raise EqRError(f"{manifest}: format is {data.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    from eqr.export import read_manifest
+
+    data = read_manifest(manifest.parent)  # EqRError naming the fix when it is not an eqr export
     root = manifest.parent
     try:
         config = ModelConfig.from_dict(data["config"])
@@ -97,14 +97,27 @@ def _from_manifest(manifest: Path, location: str) -> Artifact:
         std = data.get("init_std") or {}
         init_std = (float(std.get("z_H", config.H_init_std)), float(std.get("z_L", config.L_init_std)))
     except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise EqRError(f"{manifest}: malformed manifest ({type(e).__name__}: {e}); re-run `eqr export`") from None
-    checkpoint = data.get("checkpoint")
-    if isinstance(checkpoint, dict):
-        checkpoint = checkpoint.get("path")
-    if checkpoint and not Path(checkpoint).is_absolute() and (root / checkpoint).exists():
-        checkpoint = str(root / checkpoint)
+        raise EqRError(f"{manifest}: malformed manifest ({type(e).__name__}: {e}); re-run `eqr export --force`") from None
+    task = data.get("task") if isinstance(data.get("task"), dict) and data["task"].get("name") else None
     return Artifact("export", location, config.seq_len, config.hidden_size, config.vocab_size, init_std,
-                    config, data.get("task"), onnx, engines, tol, checkpoint or None)
+                    config, task, onnx, engines, tol, _source_weights(data.get("source")))
+
+
+def _source_weights(source: Any) -> str | None:
+    """The checkpoint an export came from, when it is still here (lets the torch backend run it)."""
+    if not isinstance(source, dict) or source.get("kind") in (None, "init") or not source.get("location"):
+        return None
+    from eqr.load import resolve
+
+    from eqr.io import sha256_file
+
+    try:
+        _, resolved = resolve(source["location"])
+    except EqRError:
+        return None
+    if source.get("sha256") and Path(resolved).is_file() and sha256_file(resolved) != source["sha256"]:
+        return None  # the file changed since the export: it is not these weights any more
+    return str(source["location"])
 
 
 def _from_onnx(path: Path, location: str) -> Artifact:

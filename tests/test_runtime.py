@@ -230,3 +230,121 @@ def test_converged_breadth_is_at_least_as_good_as_breadth_one(torch_solver):
     wide = torch_solver.solve(puzzles, breadth=4, seed=0, aggregate="converged")
     accuracy = lambda r: (r.preds == reference).all(axis=1).mean()  # noqa: E731
     assert accuracy(wide) >= accuracy(single)
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def test_export_directory_loads_with_its_manifest_tolerance(model, tmp_path):
+    from eqr.export import ExportConfig, export_model
+
+    export_model(model, tmp_path / "tiny-eqr", ExportConfig(engine="never", check_steps=8))
+    puzzles = random_puzzles(5, seed=17)
+    with Solver.load(tmp_path / "tiny-eqr", backend="auto", threads=1) as exported, Solver.from_model(model) as eager:
+        assert exported.backend.name == "onnxruntime"
+        assert exported.default_tol == load_artifact(tmp_path / "tiny-eqr").tol["fp32"]
+        a = exported.solve(puzzles, breadth=2, seed=3)
+        b = eager.solve(puzzles, breadth=2, seed=3, tol=exported.default_tol)
+    np.testing.assert_array_equal(a.preds, b.preds)
+    np.testing.assert_array_equal(a.steps, b.steps)
+
+
+def test_bad_artifacts_give_one_line_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EqRError, match="no manifest.json"):
+        load_artifact(tmp_path / "empty")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{not json")
+    with pytest.raises(EqRError, match="manifest"):
+        load_artifact(tmp_path / "broken")
+    (tmp_path / "x.onnx").write_bytes(b"not a model")
+    with pytest.raises(EqRError, match="not a readable ONNX model"):
+        load_artifact(tmp_path / "x.onnx")
+    with pytest.raises(EqRError, match="no such file"):
+        load_artifact(tmp_path / "missing.pt")
+
+
+def test_checkpoint_artifact_runs_on_torch_by_default(model, tmp_path):
+    from eqr.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "tiny.pt", model.config, model.state_dict())
+    with Solver.load(tmp_path / "tiny.pt") as solver, Solver.from_model(model) as eager:
+        assert solver.backend.name == "torch"
+        np.testing.assert_array_equal(solver.solve(random_puzzles(3)).preds, eager.solve(random_puzzles(3)).preds)
+
+
+# --------------------------------------------------------------------------- static shapes (CUDA-graph mode)
+
+
+class StaticTorchBackend(TorchBackend):
+    """TensorRT's CUDA-graph contract on the CPU: fixed batch, done-mask freezing, in-place refills."""
+
+    def activate_impl(self) -> None:
+        super().activate_impl()
+        self.static_shapes = True
+        self.frozen = None
+
+    def step_impl(self, feeds):
+        assert feeds["tokens"].shape[0] == 4  # the batch shape never changes
+        outputs = super().step_impl(feeds)
+        done = torch.as_tensor(self.frozen).view(-1, 1, 1)  # (B,) -> (B, 1, 1)
+        for state, out in (("z_H", "z_H_out"), ("z_L", "z_L_out")):
+            outputs[out] = torch.where(done, feeds[state], outputs[out])
+        return outputs
+
+    def put(self, array, rows, values):
+        array[torch.as_tensor(rows)] = values
+        return array
+
+    def freeze(self, done):
+        self.frozen = done.copy()
+
+
+def test_static_shape_backends_freeze_and_refill_slots_with_the_same_answers(model):
+    puzzles = random_puzzles(10, seed=23)
+    z_H, z_L = z0(10)
+    cfg = SolveConfig(max_steps=40, tol=1e-3)
+    with TorchBackend(model) as dynamic, StaticTorchBackend(model) as static:
+        a, stats_a = solve(dynamic, puzzles, (z_H, z_L), cfg, batch_size=4)
+        b, stats_b = solve(static, puzzles, (z_H, z_L), cfg, batch_size=4)
+    np.testing.assert_array_equal(a["preds"], b["preds"])
+    np.testing.assert_array_equal(stats_a.nstep, stats_b.nstep)
+    assert (stats_b.batch_size == 4).all()
+
+
+# --------------------------------------------------------------------------- accuracy (bundled models when present)
+
+
+def accuracy_cases() -> list[str]:
+    from eqr.load import bundled_names
+
+    return bundled_names() or ["tiny"]
+
+
+@pytest.mark.parametrize("name", accuracy_cases())
+def test_gating_keeps_fixed_depth_accuracy_and_breadth_does_not_hurt(name, model):
+    """On a bundled model, accuracy is against the task's labels; on the tiny stand-in, against
+    the answer a deep fixed-depth run settles on."""
+    if name == "tiny":
+        solver = Solver.from_model(model)
+        puzzles = random_puzzles(16, seed=29)
+        with Solver.from_model(model) as deep:
+            labels = deep.solve(puzzles, fixed_depth=96, seed=100).preds
+        depth = 32
+    else:
+        from eqr.runtime.cli import resolve_task
+
+        solver = Solver.load(name, backend="torch")
+        task = resolve_task(solver.artifact, None)
+        generated = task.generate(32, seed=12345)
+        puzzles, labels = generated.inputs.astype(np.int32), generated.labels
+        depth = solver.artifact.config.halt_max_steps
+    with solver:
+        fixed = solver.solve(puzzles, fixed_depth=depth, seed=0)
+        gated = solver.solve(puzzles, max_steps=2 * depth, seed=0)
+        single = solver.solve(puzzles, max_steps=2 * depth, breadth=1, seed=1)
+        wide = solver.solve(puzzles, max_steps=2 * depth, breadth=4, aggregate="converged", seed=1)
+    accuracy = lambda r: float((r.preds == labels).all(axis=1).mean())  # noqa: E731
+    assert accuracy(gated) >= accuracy(fixed)
+    assert gated.steps.sum() < fixed.steps.sum()
+    assert accuracy(wide) >= accuracy(single)

@@ -15,7 +15,6 @@ TensorRT does not allow inputs and outputs to alias, hence the two buffers (spec
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -88,7 +87,9 @@ class TensorRTBackend(Backend):
     # ------------------------------------------------------------------ lifecycle
     def activate_impl(self) -> None:
         trt = import_tensorrt()
-        self._check_sidecar(trt)
+        from eqr.export.tensorrt import check_engine
+
+        check_engine(self.engine_path)  # sidecar: same TensorRT, same GPU, unchanged ONNX; else "rebuild"
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
@@ -105,16 +106,6 @@ class TensorRTBackend(Backend):
         if self.cuda_graphs:
             self.batch_size = min(self.requested_batch or self.profile[1], self.profile[2])
             self._capture_graphs()
-
-    def _check_sidecar(self, trt: Any) -> None:
-        """Refuse early, with the fix, when the sidecar says another TensorRT built the engine."""
-        sidecar = self.engine_path.with_name(self.engine_path.name + ".json")
-        if not sidecar.is_file():
-            return
-        built = json.loads(sidecar.read_text()).get("tensorrt")
-        if built and built.split(".")[0] != trt.__version__.split(".")[0]:
-            raise EqRError(f"{self.engine_path}: built with TensorRT {built}, this is {trt.__version__}; "
-                           "rebuild it with `eqr export --engine`")
 
     def deactivate_impl(self) -> None:
         self._graphs = None
