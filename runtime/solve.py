@@ -174,15 +174,18 @@ class _Agreement:
 
 
 def run_loop(backend: Backend, cfg: SolveConfig, source: RowSource, on_finish: Callable[[Finished], None],
-             capacity: int | None = None, seq_len: int | None = None, hidden_size: int | None = None
-             ) -> tuple[list[int], list[float]]:
+             capacity: int | None = None) -> tuple[list[int], list[float]]:
     """Step the working batch until `source` is exhausted; report stopped rows to `on_finish`.
 
-    capacity caps the working batch (None: admit everything at once; required for static-shape
-    backends). Returns (active rows per batched step, seconds per batched step).
+    capacity caps the working batch (None: admit everything at once); the backend's own
+    `max_batch` caps it further, and is the batch size itself for static-shape backends.
+    Returns (active rows per batched step, seconds per batched step).
     """
+    if backend.max_batch is not None:
+        static = backend.static_shapes or capacity is None
+        capacity = backend.max_batch if static else min(capacity, backend.max_batch)
     if backend.static_shapes and capacity is None:
-        raise ValueError("a static-shape backend needs a fixed capacity (batch size)")
+        raise ValueError(f"the {backend.name} backend has static shapes but no max_batch after activate()")
     trace_steps = cfg.step_cap if cfg.stats == "trace" else None
     agreement = _Agreement(cfg.agree if cfg.gated else None)
     batch: _Batch | None = None
@@ -213,7 +216,7 @@ def run_loop(backend: Backend, cfg: SolveConfig, source: RowSource, on_finish: C
         batch.z_H, batch.z_L = outputs["z_H_out"], outputs["z_L_out"]
         if stop.any():
             _finish(batch.table, stop, reason, on_finish, agreement)
-            batch = _release(backend, batch, stop, cfg)
+            batch = _release(backend, batch, cfg)
     return sizes, times
 
 
@@ -313,7 +316,7 @@ def _finish(t: _Table, stop: np.ndarray, reason: np.ndarray | None, on_finish: C
     on_finish(finished)
 
 
-def _release(backend: Backend, batch: _Batch, stop: np.ndarray, cfg: SolveConfig) -> _Batch:
+def _release(backend: Backend, batch: _Batch, cfg: SolveConfig) -> _Batch:
     """Drop stopped rows: gather the device state (compaction) or freeze their slots (static)."""
     if backend.static_shapes:
         backend.freeze(~batch.table.live)
@@ -383,8 +386,7 @@ def solve(backend: Backend, tokens: np.ndarray, z0: tuple[np.ndarray, np.ndarray
         if progress is not None:
             progress(len(ids))
 
-    capacity = batch_size if batch_size is not None or not backend.static_shapes else B
-    sizes, times = run_loop(backend, cfg, _ArraySource(tokens, groups, init), on_finish, capacity)
+    sizes, times = run_loop(backend, cfg, _ArraySource(tokens, groups, init), on_finish, batch_size)
     longest = int(collected.nstep.max()) if B else 0
     stats = SolveStats(
         nstep=collected.nstep, reason=reason, residual=collected.residual, logit_delta=collected.logit_delta,

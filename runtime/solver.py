@@ -101,9 +101,7 @@ class Solver:
         if precision not in PRECISIONS:
             raise EqRError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
-        runner = create_backend(backend, art, precision, **backend_options)
-        if runner.static_shapes and batch_size is None:
-            batch_size = 64
+        runner = create_backend(backend, art, precision, batch_size=batch_size, **backend_options)
         return cls(runner, art.seq_len, art.hidden_size, art.init_std, art.default_tol(precision), art,
                    batch_size, precision)
 

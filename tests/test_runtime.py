@@ -281,7 +281,7 @@ class StaticTorchBackend(TorchBackend):
 
     def activate_impl(self) -> None:
         super().activate_impl()
-        self.static_shapes = True
+        self.static_shapes, self.max_batch = True, 4
         self.frozen = None
 
     def step_impl(self, feeds):
@@ -306,7 +306,7 @@ def test_static_shape_backends_freeze_and_refill_slots_with_the_same_answers(mod
     cfg = SolveConfig(max_steps=40, tol=1e-3)
     with TorchBackend(model) as dynamic, StaticTorchBackend(model) as static:
         a, stats_a = solve(dynamic, puzzles, (z_H, z_L), cfg, batch_size=4)
-        b, stats_b = solve(static, puzzles, (z_H, z_L), cfg, batch_size=4)
+        b, stats_b = solve(static, puzzles, (z_H, z_L), cfg)  # the backend fixes the batch at 4
     np.testing.assert_array_equal(a["preds"], b["preds"])
     np.testing.assert_array_equal(stats_a.nstep, stats_b.nstep)
     assert (stats_b.batch_size == 4).all()

@@ -42,6 +42,9 @@ class Backend(ABC):
         # True when the batch shape must stay fixed (CUDA-graph replay): the loop then freezes
         # settled rows with `freeze` and refills slots with `put` instead of compacting.
         self.static_shapes = False
+        # Largest batch the backend runs (an engine's profile max), known after activate();
+        # with static_shapes it is THE batch size. None: no limit.
+        self.max_batch: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def activate(self) -> "Backend":

@@ -54,7 +54,7 @@ class OrtBackend(Backend):
         self.session: Any = None
         self.device = "cpu"
         self._pairs: dict[str, list[Any]] = {}  # state name -> its two ping-pong OrtValues
-        self._ops: dict[tuple[str, int, int], Any] = {}  # (op, onnx dtype, arity) -> tiny session
+        self._ops: dict[tuple[str, int, int, int], Any] = {}  # (op, onnx dtype, arity, rank) -> session
 
     @classmethod
     def unavailable_reason(cls, artifact: "Artifact", precision: str) -> str | None:
@@ -137,13 +137,11 @@ class OrtBackend(Backend):
         for name in INPUT_NAMES:
             binding.bind_ortvalue_input(name, feeds[name])
         states = {STATE_OUTPUTS[s]: self._output_buffer(s, feeds[s]) for s in STATE_NAMES}
-        bound = []
         for name in OUTPUT_NAMES:
             if name in states:
                 binding.bind_ortvalue_output(name, states[name])
             else:
                 binding.bind_output(name, "cpu" if name in HOST_OUTPUTS else self.device)
-                bound.append(name)
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()  # in binding order, state buffers included
         outputs = dict(zip(OUTPUT_NAMES, values))

@@ -103,8 +103,9 @@ class TensorRTBackend(Backend):
         self.profile = [int(s[0]) for s in self.engine.get_tensor_profile_shape("tokens", 0)]  # min, opt, max batch
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream(self.device)
+        self.max_batch = self.profile[2]
         if self.cuda_graphs:
-            self.batch_size = min(self.requested_batch or self.profile[1], self.profile[2])
+            self.batch_size = self.max_batch = min(self.requested_batch or self.profile[1], self.profile[2])
             self._capture_graphs()
 
     def deactivate_impl(self) -> None:
