@@ -109,8 +109,8 @@ def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: 
     art = load_artifact(artifact)
     task = resolve_task(art, task_name)
     stream = sys.stdin if source == "-" and fmt != "hrm" else source
-    entries = read_puzzles(stream, fmt, task)
-    good = [(line, tokens) for line, tokens in entries if not isinstance(tokens, str)]
+    entries = read_puzzles(stream, fmt, task, with_solutions=True)
+    good = [(line, tokens, solution) for line, tokens, solution in entries if not isinstance(tokens, str)]
     options = {"threads": threads} if threads else {}
     solver = Solver.load(art, backend=backend, precision=precision, batch_size=batch_size, **options)
     cfg = SolveConfig(max_steps=max_steps, tol=solver.default_tol if tol is None else tol, patience=patience,
@@ -118,7 +118,7 @@ def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: 
     started = time.perf_counter()
     result = None
     if good:
-        tokens = np.stack([t for _, t in good]).astype(np.int32)  # (P, L)
+        tokens = np.stack([t for _, t, _ in good]).astype(np.int32)  # (P, L)
         with solver, click.progressbar(length=len(good) * breadth, label="solving", file=sys.stderr) as bar:
             result = solver.run(tokens, cfg, breadth, aggregate, seed, progress=bar.update)
     records = _records(entries, good, result, task)
@@ -130,19 +130,22 @@ def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: 
 
 
 def _records(entries: list, good: list, result: Any, task: Any) -> list[dict[str, Any]]:
-    """One record per input entry, in input order."""
+    """One record per input entry, in input order; "correct" only where the input has a solution."""
     by_line: dict[int, dict[str, Any]] = {}
     if result is not None:
-        inputs = np.stack([t for _, t in good])
+        inputs = np.stack([t for _, t, _ in good])
         valid = task.is_valid(inputs, result.preds)
-        for p, (line, _) in enumerate(good):
-            by_line[p] = {
+        for p, (line, _, solution) in enumerate(good):
+            record = {
                 "line": line, "answer": task.format_tokens(result.preds[p]), "steps": int(result.steps[p]),
                 "converged": bool(result.converged[p]), "valid": bool(valid[p]),
                 "residual": _finite(result.residual[p]), "agreement": float(result.agreement[p]),
                 "depth": int(result.depth[p]), "diverged": bool(result.diverged[p])}
+            if solution is not None:
+                record["correct"] = bool((result.preds[p] == solution).all())
+            by_line[p] = record
     records, p = [], 0
-    for line, tokens in entries:
+    for line, tokens, _ in entries:
         if isinstance(tokens, str):
             records.append({"line": line, "error": tokens})
         else:
@@ -160,7 +163,8 @@ def _text_line(record: dict[str, Any]) -> str:
         return f"line {record['line']}: error: {record['error']}"
     valid = {True: "valid", False: "invalid", None: "unchecked"}[record["valid"]]
     state = "diverged" if record["diverged"] else ("converged" if record["converged"] else "not converged")
-    return f"{record['answer']}\tline {record['line']}\tsteps {record['steps']}\t{state}\t{valid}"
+    correct = {True: "\tcorrect", False: "\twrong", None: ""}[record.get("correct")]
+    return f"{record['answer']}\tline {record['line']}\tsteps {record['steps']}\t{state}\t{valid}{correct}"
 
 
 def _summary(records: list[dict[str, Any]], result: Any, seconds: float, solver: Any) -> None:
@@ -169,6 +173,9 @@ def _summary(records: list[dict[str, Any]], result: Any, seconds: float, solver:
     parts = [f"{len(solved)} puzzles solved" + (f", {errors} input errors" if errors else "")]
     if solved:
         parts.append(f"{sum(r['valid'] for r in solved)} valid")
+        graded = [r["correct"] for r in solved if "correct" in r]
+        if graded:
+            parts.append(f"{sum(graded)}/{len(graded)} correct")
         parts.append(f"{sum(r['converged'] for r in solved)} converged")
         parts.append(f"{result.stats.total_steps} outer steps ({result.stats.total_steps / len(solved):.1f}/puzzle)")
     parts.append(f"{seconds:.2f}s on {solver.backend.describe().get('backend')}")

@@ -185,6 +185,22 @@ def test_csv_input_and_text_output(artifacts):
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 3 and all("\tline " in line and "steps" in line for line in lines)
+    assert all(line.endswith(("\tcorrect", "\twrong")) for line in lines)  # the CSV has solutions
+    assert "/3 correct" in result.stderr
+
+
+def test_hrm_data_set_input_grades_against_its_labels(artifacts, tmp_path):
+    from eqr.tasks.dataset import save_dataset
+
+    task = get_task("sudoku", 4)
+    generated = task.generate(4, seed=2)
+    save_dataset(tmp_path / "data", "test", generated.inputs, generated.labels, task)
+    result = run(str(artifacts / "tiny.onnx"), "-i", str(tmp_path / "data"), "--format", "hrm", "--json")
+    assert result.exit_code == 0, result.output
+    records = json_lines(result.stdout)
+    assert [r["line"] for r in records] == [0, 1, 2, 3]  # data set rows are numbered from 0
+    solutions = [task.format_tokens(label) for label in generated.labels]
+    assert [r["correct"] for r in records] == [r["answer"] == s for r, s in zip(records, solutions)]
 
 
 def test_user_errors_are_one_line_exit_2(artifacts, puzzles_file):
