@@ -2,8 +2,15 @@
 
     from eqr.tasks import get_task
     task = get_task("sudoku", size=4)            # or get_task("maze", size=11)
-    puzzles = task.generate(100, seed=0, tier="easy")
-    ok = task.is_valid(puzzles.inputs, puzzles.labels)   # bool [N]
+    puzzles = task.generate(100, seed=0, tier="easy", blanks=(4, 8))   # maze: path_len=(lo, hi)
+    ok = task.is_valid(puzzles.inputs, puzzles.labels)   # bool [N]; a verifier, never a selector
+    task.tier_of(puzzles.inputs)                 # str [N], the grader generate() filtered with
+
+    from eqr.tasks.dataset import save_dataset, load_dataset, check_split   # HRM/EqR directories
+    from eqr.tasks.io import read_puzzles        # text / csv / hrm files -> (line, tokens or error)
+    from eqr.tasks.sudoku import augment         # spec 2.2 isomorphs for any box shape
+
+Token ids are the official ones: Sudoku 0 PAD, 1 blank, 2..n+1 digits; maze 0 PAD, "# SGo" 1..5.
 """
 from __future__ import annotations
 

@@ -66,7 +66,8 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def tier_of(self, inputs: np.ndarray) -> np.ndarray:
-        """Tier name of each puzzle in `inputs` [N, L] (str [N])."""
+        """Tier name of each puzzle in `inputs` [N, L] (str [N]); a puzzle that cannot be graded
+        gets a name outside `tiers` ("unsolvable" Sudoku, "invalid" maze)."""
 
     @abc.abstractmethod
     def is_valid(self, inputs: np.ndarray, preds: np.ndarray) -> np.ndarray:
