@@ -21,12 +21,13 @@ puzzle itself, so a grade is a pure function of the puzzle.
   guesses       medium below `TierRule.hard_min_guesses` mean guesses, hard at or above
 At 9x9 about half the minimal puzzles need guesses, so the blank limits are off (81) and the
 tiers are singles-only (easy) / fewer than 4 mean guesses (medium) / 4 or more (hard); random
-minimal 9x9 puzzles come out about 48% / 27% / 25% (300 from `eqr data generate --seed 0`). At 4x4 every uniquely solvable
-puzzle falls to singles and at 6x6 nearly every one, so there the blank count carries the grade:
-4x4 easy <= 6, medium 7-9, hard 10-12 blanks; 6x6 easy <= 16, medium 17-22, hard >= 23 (or any
-guess). Without an explicit blanks range, `generate(tier=...)` draws blanks inside the tier's band.
-Augmented copies keep their grade except near the 9x9 medium/hard line: singles-solvability
-and blanks are isomorph-invariant, the sampled guess mean is not.
+minimal 9x9 puzzles come out about 48% / 27% / 25% (300 from `eqr data generate --seed 0`).
+At 4x4 every uniquely solvable puzzle falls to singles and at 6x6 nearly every one, so there
+the blank count carries the grade: 4x4 easy <= 6, medium 7-9, hard 10-12 blanks; 6x6 easy
+<= 16, medium 17-22, hard >= 23 (or any guess). Without an explicit blanks range,
+`generate(tier=...)` draws blanks inside the tier's band. Augmented copies keep their grade
+except near the 9x9 medium/hard line: singles-solvability and blanks are isomorph-invariant,
+the sampled guess mean is not.
 """
 from __future__ import annotations
 
