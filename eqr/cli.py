@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "info": "eqr.cli:info",
     "solve": "eqr.runtime.cli:solve",
     "train": "eqr.train:train",
+    "models": "eqr.models_cli:models",
 }
 
 

@@ -42,7 +42,7 @@ def build_source(train_config: TrainConfig, task_name: str | None, size: int | N
 
         train = load_dataset(data, "train")
         source = ArraySource(np.asarray(train.inputs), np.asarray(train.labels), int(train.metadata["vocab_size"]),
-                             train_config.seed, _group_indices(data))
+                             train_config.seed, np.asarray(train.group_indices))
         task = getattr(train, "task", None)
         eval_set = None
         if (data / "test").is_dir():
@@ -68,11 +68,6 @@ def build_source(train_config: TrainConfig, task_name: str | None, size: int | N
     data_meta = {"source": "generated", "seed": train_config.seed,
                  "curriculum": [dict(s) for s in train_config.curriculum]}
     return source, eval_set, task.describe(), data_meta
-
-
-def _group_indices(root: Path) -> np.ndarray | None:
-    path = root / "train" / "all__group_indices.npy"
-    return np.load(path) if path.exists() else None
 
 
 def configs_for(preset_name: str, overrides: dict[str, Any], seq_len: int, vocab: int) -> tuple[ModelConfig, TrainConfig]:
@@ -140,7 +135,8 @@ Examples:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(preset_name: str | None, out: Path, task_name: str | None, size: int | None, data: Path | None,
           steps: int | None, batch_size: int | None, lr: float | None, seed: int | None, eval_interval: int | None,
-          checkpoint_interval: int | None, noise_scale: float | None, max_minutes: float | None, resume: bool, force: bool, quiet: bool) -> None:
+          checkpoint_interval: int | None, noise_scale: float | None, max_minutes: float | None, resume: bool,
+          force: bool, quiet: bool) -> None:
     """Train an EqR with rolling-batch deep supervision (spec section 2).
 
     Checkpoints are atomic: killing the process loses at most the steps since the last one.

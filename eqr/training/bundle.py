@@ -1,0 +1,205 @@
+"""Turn a finished training run into a bundled model: eqr/bundled/<name>/{model.pt, card.json, card.md}.
+
+The held-out set is made by `eqr data generate` (the exact arguments go into the card) with a
+seed no training batch used; the card's numbers are measured on it with the EMA weights:
+exact accuracy by depth, and steps-to-stable-answer by difficulty tier.
+
+    python -m eqr.training.bundle RUN_DIR NAME --heldout "--task sudoku --size 4 --n 1000 --split test" \\
+        --heldout-seed 1000
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+import numpy as np
+import torch
+
+from eqr.checkpoint import read_checkpoint, save_checkpoint
+from eqr.errors import EqRError
+from eqr.io import atomic_write_text
+from eqr.load import bundled_dir, load_model
+from eqr.model import EqRModel
+from eqr.training.data import to_training_labels
+from eqr.training.evaluate import evaluate
+from eqr.training.loop import CHECKPOINT_NAME, METRICS_NAME
+
+log = logging.getLogger(__name__)
+
+CARD_JSON = "card.json"
+CARD_MD = "card.md"
+MAX_BUNDLE_BYTES = 10 * 1024 * 1024
+
+
+def generate_heldout(args: Sequence[str], seed: int, out: Path) -> Any:
+    """Run `eqr data generate ARGS --seed SEED --out OUT` and load the split it wrote."""
+    from eqr.tasks.cli import data
+    from eqr.tasks.dataset import load_dataset
+
+    data.main(["generate", *args, "--seed", str(seed), "--out", str(out), "--json"], standalone_mode=False)
+    split = args[list(args).index("--split") + 1] if "--split" in args else "train"
+    return load_dataset(out, split)
+
+
+def measure(model: EqRModel, inputs: np.ndarray, labels: np.ndarray, tiers: Sequence[str],
+            depths: Sequence[int], seed: int) -> dict[str, Any]:
+    return evaluate(model, torch.as_tensor(inputs).long(), to_training_labels(labels), depths, seed=seed,
+                    tiers=list(tiers))
+
+
+def claim_from(by_depth: list[dict[str, float]]) -> dict[str, float]:
+    """The best exact accuracy and the smallest depth that reaches it."""
+    best = max(r["exact"] for r in by_depth)
+    row = next(r for r in by_depth if r["exact"] == best)
+    return {"depth": row["depth"], "exact": row["exact"]}
+
+
+def training_curve(run_dir: Path) -> list[dict[str, Any]]:
+    """(step, wall time, exact by depth) of every periodic evaluation in the run's log."""
+    path = run_dir / METRICS_NAME
+    if not path.exists():
+        return []
+    curve = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("type") == "eval":
+            curve.append({"step": record["step"], "wall_time_s": record["wall_time_s"], "stage": record["stage"],
+                          "exact_by_depth": {str(r["depth"]): round(r["exact"], 4) for r in record["by_depth"]}})
+    return curve
+
+
+def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_seed: int, depths: Sequence[int],
+                summary: str, force: bool = False, root: Path | None = None) -> dict[str, Any]:
+    ckpt = read_checkpoint(run_dir / CHECKPOINT_NAME)
+    meta = ckpt.metadata
+    if ckpt.ema is None:
+        raise EqRError(f"{run_dir / CHECKPOINT_NAME}: has no EMA weights; bundles ship the EMA model")
+    target = (root or bundled_dir()) / name
+    if (target / "model.pt").exists() and not force:
+        raise EqRError(f"{target} already holds a bundled model; pass --force to replace it")
+    model = EqRModel(ckpt.config)
+    model.load_state_dict(ckpt.ema)
+    model.eval()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        heldout = generate_heldout(heldout_args, heldout_seed, Path(tmp))
+    task = heldout.task
+    tiers = [str(t) for t in task.tier_of(heldout.inputs)]
+    report = measure(model, heldout.inputs, heldout.labels, tiers, depths, seed=heldout_seed)
+    train_config = meta.get("train_config", {})
+    generate_args = list(heldout_args)
+    card = {
+        "name": name,
+        "summary": summary,
+        "task": task.describe(),
+        "model": {"parameters": model.num_parameters(), "preset": meta.get("preset"), "config": ckpt.config.to_dict(),
+                  "weights": "EMA (rate %s)" % train_config.get("ema_rate")},
+        "training": {
+            "command": meta.get("train_command"),
+            "seed": train_config.get("seed"),
+            "steps": (meta.get("metrics") or {}).get("step"),
+            "final_curriculum_stage": (meta.get("metrics") or {}).get("stage"),
+            "wall_time_s": round(float(meta.get("wall_time_s", 0.0)), 1),
+            "machine": "2 CPU cores shared with other jobs, torch CPU, 1 thread",
+            "data": meta.get("data"),
+            "train_config": train_config,
+            "curve": training_curve(run_dir),
+        },
+        "heldout": {"generate_args": generate_args, "seed": heldout_seed, "n": len(heldout.inputs),
+                    "data_command": " ".join(["eqr data generate", *map(shlex.quote, generate_args),
+                                              "--seed", str(heldout_seed), "--out", f"heldout/{name}"])},
+        "evaluation": {"noise_scale": ckpt.config.noise_scale, "initial_state_std": ckpt.config.H_init_std,
+                       "breadth": 1, "seed": heldout_seed,
+                       "loop": "eqr.training.evaluate: exactly D outer steps of model.step from a random state"},
+        "accuracy_by_depth": report["by_depth"],
+        "claim": claim_from(report["by_depth"]),
+        "steps_to_stable_by_tier": report["steps_to_stable_by_tier"],
+        "steps_to_stable_max_depth": report["max_depth"],
+    }
+    metadata = meta | {"task": dict(meta.get("task") or {}) | {"generate_args": generate_args}, "card": card["claim"]}
+    target.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(target / "model.pt", ckpt.config, ckpt.model, ckpt.ema, metadata)
+    size = (target / "model.pt").stat().st_size
+    if size > MAX_BUNDLE_BYTES:
+        raise EqRError(f"{target / 'model.pt'} is {size / 2**20:.1f} MiB, over the 10 MiB bundle limit; use a smaller model")
+    card["model"]["file_bytes"] = size
+    atomic_write_text(target / CARD_JSON, json.dumps(card, indent=2) + "\n")
+    atomic_write_text(target / CARD_MD, render_card(card))
+    load_model(name)  # the bundle must load by name
+    return card
+
+
+def render_card(card: dict[str, Any]) -> str:
+    t, tr, h = card["task"], card["training"], card["heldout"]
+    lines = [
+        f"# {card['name']}", "", card["summary"], "",
+        "## Task", "",
+        f"{t['name']} {t['size']}x{t['size']} (seq_len {t['seq_len']}, vocab {t['vocab_size']}, tiers "
+        f"{', '.join(t['tiers'])}).", "",
+        "## Data", "",
+        f"Training: puzzles generated on the fly, seeded by (seed, step), curriculum stages "
+        f"{json.dumps((tr['data'] or {}).get('curriculum'))}." if (tr["data"] or {}).get("source") == "generated"
+        else f"Training: {json.dumps(tr['data'])}.",
+        "", f"Held-out ({h['n']} puzzles, a seed no training batch used):", "", "```", h["data_command"], "```", "",
+        "## Training", "",
+        "```", str(tr["command"]), "```", "",
+        f"- seed {tr['seed']}, {tr['steps']} optimizer steps, final curriculum stage {tr['final_curriculum_stage']}",
+        f"- wall time {tr['wall_time_s'] / 60:.1f} min of training in total ({tr['machine']})",
+        f"- model: {card['model']['parameters']:,} parameters, preset {card['model']['preset']}, "
+        f"weights {card['model']['weights']}, file {card['model'].get('file_bytes', 0) / 1024:.0f} KiB",
+        "", "## Exact accuracy by depth (held-out, breadth 1, noise on)", "",
+        "| depth | exact | cell |", "|---:|---:|---:|",
+    ]
+    lines += [f"| {r['depth']} | {100 * r['exact']:.1f}% | {100 * r['cell']:.1f}% |" for r in card["accuracy_by_depth"]]
+    claim = card["claim"]
+    lines += ["", f"Claim: **{100 * claim['exact']:.1f}% exact at depth {claim['depth']}**.", "",
+              f"## Steps to a stable answer by tier (depth {card['steps_to_stable_max_depth']})", "",
+              "The first outer step from which the predicted answer no longer changes.", "",
+              "| tier | n | mean steps | median steps | exact at max depth |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['tier']} | {r['n']} | {r['mean_steps_to_stable']:.2f} | {r['median_steps_to_stable']:.0f} | "
+              f"{100 * r['exact_at_max_depth']:.1f}% |" for r in card["steps_to_stable_by_tier"]]
+    if tr["curve"]:
+        depths = list(tr["curve"][-1]["exact_by_depth"])
+        lines += ["", "## Training curve (periodic held-out evaluation during training, EMA weights)", "",
+                  "| step | min | stage | " + " | ".join(f"D{d}" for d in depths) + " |",
+                  "|---:|---:|---:|" + "---:|" * len(depths)]
+        lines += [f"| {c['step']} | {c['wall_time_s'] / 60:.1f} | {c['stage']} | "
+                  + " | ".join(f"{100 * c['exact_by_depth'].get(d, float('nan')):.1f}" for d in depths) + " |"
+                  for c in tr["curve"]]
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("name")
+@click.option("--heldout", required=True, help="`eqr data generate` arguments of the held-out set, less --seed/--out.")
+@click.option("--heldout-seed", type=int, required=True, help="Seed of the held-out set (not the training seed).")
+@click.option("--depths", default="1,2,4,8,16,32,64", show_default=True, help="Depths to report.")
+@click.option("--summary", default="", help="One paragraph for the card.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+def main(run_dir: Path, name: str, heldout: str, heldout_seed: int, depths: str, summary: str, force: bool) -> None:
+    """Bundle RUN_DIR's EMA model as eqr/bundled/NAME with a measured model card.
+
+    \b
+    Example:
+      python -m eqr.training.bundle runs/sudoku4 sudoku-small \\
+          --heldout "--task sudoku --size 4 --blanks 4:16 --n 1000 --split test" --heldout-seed 1000
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    card = make_bundle(run_dir, name, shlex.split(heldout), heldout_seed, [int(d) for d in depths.split(",")],
+                       summary, force)
+    click.echo(render_card(card))
+
+
+if __name__ == "__main__":
+    try:
+        main.main(standalone_mode=False)
+    except EqRError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
