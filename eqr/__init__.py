@@ -4,12 +4,33 @@
     model = load_model("paper-sudoku")            # or a checkpoint path / bundled name
     state = model.initial_state(8, generator=g)   # LatentState(z_H, z_L), each [B, L, D]
     out = model.step(state, tokens)               # StepOutput(state, logits, q_halt)
+
+The public names load on first use, so `import eqr` (and `eqr --help`) does not import torch.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from eqr.config import ModelConfig, TrainConfig  # noqa: E402
-from eqr.errors import EqRError  # noqa: E402
-from eqr.load import load_model  # noqa: E402
-from eqr.model import EqRModel, LatentState, StepOutput  # noqa: E402
+_PUBLIC = {
+    "load_model": "eqr.load",
+    "EqRModel": "eqr.model",
+    "LatentState": "eqr.model",
+    "StepOutput": "eqr.model",
+    "ModelConfig": "eqr.config",
+    "TrainConfig": "eqr.config",
+    "EqRError": "eqr.errors",
+}
+__all__ = [*_PUBLIC, "__version__"]
 
-__all__ = ["EqRError", "EqRModel", "LatentState", "ModelConfig", "StepOutput", "TrainConfig", "load_model", "__version__"]
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'eqr' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
