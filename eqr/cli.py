@@ -15,9 +15,12 @@ from eqr.errors import EqRError
 
 # name -> "module:attribute" of a click command; imported only when that command runs.
 SUBCOMMANDS: dict[str, str] = {
+    "bench": "eqr.bench:bench",
+    "calibrate": "eqr.calibration.cli:calibrate",
     "data": "eqr.tasks.cli:data",
     "export": "eqr.export.cli:export",
     "info": "eqr.cli:info",
+    "report": "eqr.calibration.cli:report",
     "solve": "eqr.runtime.cli:solve",
     "train": "eqr.train:train",
     "models": "eqr.models_cli:models",

@@ -1,0 +1,154 @@
+"""`CalibConfig` (what `eqr calibrate` records and builds) and `ReportConfig` (what `eqr report`
+runs and how it judges). Frozen, saved as JSON beside their outputs; fields map 1:1 to flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+from eqr.errors import EqRError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+METHODS = ("minmax", "entropy", "percentile")
+# Default INT8 policy: only the matrix products (weights per channel + their input activations);
+# residual adds, damping, norms, the state path and every output stay in higher precision.
+DEFAULT_OP_TYPES = ("MatMul", "Gemm")
+# Geometric depths from the random start to (near) the fixed point.
+DEFAULT_DEPTHS = (1, 2, 4, 8, 16, 32)
+# Goal of the issue: FP16 within 0.5 points of FP32, INT8 within 2.
+DEFAULT_MAX_DROP = {"fp32": 0.5, "fp16": 0.5, "int8": 2.0}  # fp32: other backends vs the reference
+# Relative finite-difference step of the contraction estimate: far above each precision's
+# round-off (an INT8 step is piecewise constant below its quantization scale).
+DEFAULT_FD_EPS = {"fp32": 1e-3, "fp16": 1e-2, "int8": 5e-2}
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Trajectory-aware calibration: P puzzles x K random starts, states recorded at `depths`."""
+
+    puzzles: int = 16  # puzzles of the model's task (generated unless --data is given)
+    starts: int = 4  # random initial states per puzzle (seeded by (seed, puzzle, start))
+    depths: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64)  # step inputs recorded after this many steps
+    seed: int = 0  # puzzles (when generated) and initial states
+    method: str = "minmax"  # INT8 activation range estimator
+    op_types: tuple[str, ...] = DEFAULT_OP_TYPES  # ops whose weights and input activations are INT8
+    exclude_nodes: tuple[str, ...] = ()  # node names kept in FP32 even if their op type is quantized
+    percentile: float = 99.999  # for method "percentile"
+    keep_fp32_ops: tuple[str, ...] | None = None  # FP16: op types kept in FP32 (None: export's list)
+    precisions: tuple[str, ...] = ("fp16", "int8")  # graphs to build
+    force: bool = False  # replace existing precision files / calib.npz
+
+    def __post_init__(self) -> None:
+        _freeze_tuples(self)
+        if self.method not in METHODS:
+            raise EqRError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.puzzles < 1 or self.starts < 1:
+            raise EqRError(f"--puzzles and --starts must be >= 1, got {self.puzzles}, {self.starts}")
+        if not self.depths or min(self.depths) < 0:
+            raise EqRError(f"--depths must be non-negative step counts, got {self.depths}")
+        unknown = [p for p in self.precisions if p not in ("fp16", "int8")]
+        if unknown:
+            raise EqRError(f"--precisions builds fp16 and/or int8, got {', '.join(unknown)}")
+        if not self.op_types:
+            raise EqRError("--op-types must name at least one op type (e.g. MatMul)")
+        if not 0 < self.percentile <= 100:
+            raise EqRError(f"--percentile must be in (0, 100], got {self.percentile}")
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.depths)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CalibConfig":
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What `eqr report` runs (every precision x backend on the same puzzles and seeds) and judges."""
+
+    precisions: tuple[str, ...] = PRECISIONS
+    backends: tuple[str, ...] = ("onnxruntime", "torch")  # torch runs fp32 only; pairs it cannot run are skipped
+    depths: tuple[int, ...] = DEFAULT_DEPTHS  # fixed-depth accuracy curve
+    breadth: tuple[int, ...] = (1, 8)  # K trajectories per puzzle (vote and converged aggregation)
+    puzzles: int = 64  # --generate N
+    seed: int = 0  # puzzles (when generated) and initial states: identical for every run
+    max_steps: int = 64  # cap of the gated (tolerance) runs; length of the ungated floor run
+    max_drop: float | None = None  # points below FP32; None: DEFAULT_MAX_DROP per precision
+    min_agreement: float = 0.95  # fraction of puzzles whose answer equals FP32's
+    reference: str = "torch-fp32"  # run the others are compared with (falls back to onnxruntime-fp32)
+    calib_samples: int = 64  # calibration states per depth used for the per-step state error
+    power_iters: int = 12  # power-iteration steps of the spectral-radius estimate
+    contraction_samples: int = 8  # settled states the spectral radius is estimated on
+    fd_eps: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FD_EPS))
+
+    def __post_init__(self) -> None:
+        _freeze_tuples(self)
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown or not self.precisions:
+            raise EqRError(f"--precisions must be among {', '.join(PRECISIONS)}, got {', '.join(unknown) or 'none'}")
+        if not self.depths or min(self.depths) < 1:
+            raise EqRError(f"--depths must be step counts >= 1, got {self.depths}")
+        if not self.breadth or min(self.breadth) < 1:
+            raise EqRError(f"--breadth must be >= 1, got {self.breadth}")
+        if self.puzzles < 1 or self.max_steps < 1 or self.power_iters < 1:
+            raise EqRError("--generate, --max-steps and power_iters must be >= 1")
+        if not 0 <= self.min_agreement <= 1:
+            raise EqRError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise EqRError(f"--max-drop must be >= 0 points, got {self.max_drop}")
+
+    def drop_limit(self, precision: str) -> float:
+        """Accuracy points `precision` may lose against FP32 before the report fails."""
+        if self.max_drop is not None:
+            return self.max_drop
+        return DEFAULT_MAX_DROP.get(precision, 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ReportConfig":
+        return _from_dict(cls, data)
+
+
+_T = TypeVar("_T")
+
+
+def _freeze_tuples(obj: Any) -> None:
+    """JSON round trips turn tuples into lists; store tuples so configs compare equal."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, list):
+            object.__setattr__(obj, f.name, tuple(value))
+
+
+def _from_dict(cls: type[_T], data: dict[str, Any]) -> _T:
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise EqRError(f"unknown {cls.__name__} keys: {', '.join(unknown)} (valid: {', '.join(sorted(names))})")
+    return cls(**data)
+
+
+def parse_ints(text: str, what: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4); one-line EqRError otherwise."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise EqRError(f"{what} {text!r} is not a comma-separated list of integers (e.g. 1,2,4,8)")
+    return values
+
+
+def parse_names(text: str, what: str, valid: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [n for n in names if n not in valid]
+    if unknown or not names:
+        raise EqRError(f"{what} {text!r}: choose from {', '.join(valid)} (comma-separated)")
+    return names

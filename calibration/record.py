@@ -1,0 +1,198 @@
+"""Trajectory-aware calibration data: the step inputs the FP32 loop sees, from random start to fixed point.
+
+`RecordingBackend` wraps any backend and keeps a host copy of each step's feeds at chosen
+depths; the runtime loop (`eqr.runtime.solve`, via `Solver`) drives it, so calibration never
+owns a loop. With `fixed_depth` and every row admitted at once, the t-th batched step sees
+every row at depth t (only diverged rows ever leave early, and those are recorded as they go).
+
+calib.npz (no pickles; read with np.load(allow_pickle=False)):
+    tokens  int32   [N, L]     puzzle of each recorded state
+    z_H     float32 [N, L, D]  step inputs (the state after `depth` steps)
+    z_L     float32 [N, L, D]
+    depth   int32   [N]        outer steps taken before this state (0 = the random start)
+    puzzle  int32   [N]        row of the puzzle in the calibration puzzles
+    start   int32   [N]        random start (breadth index) of the trajectory
+    provenance  str (0-d)      JSON: model hash, data, seeds, depths, config
+The first three arrays are what `eqr export --calib-data` reads.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eqr.errors import EqRError
+from eqr.io import atomic_open
+from eqr.runtime.backends.base import Backend
+
+log = logging.getLogger(__name__)
+
+CALIB_FILE = "calib.npz"
+
+
+class RecordingBackend(Backend):
+    """Delegates to `inner`; copies the feeds of the steps whose depth is in `depths` to the host."""
+
+    def __init__(self, inner: Backend, depths: Sequence[int]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.name = f"recording({inner.name})"  # type: ignore[misc]
+        self.depths = set(int(d) for d in depths)
+        self.static_shapes = inner.static_shapes
+        self.steps_taken = 0
+        self._owns_inner = False  # deactivate `inner` only if we activated it
+        self.records: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (depth, tokens, z_H, z_L)
+
+    def reset(self) -> None:
+        self.steps_taken = 0
+        self.records = []
+
+    def activate_impl(self) -> None:
+        if not self.inner.is_active:
+            self.inner.activate()
+            self._owns_inner = True
+
+    def deactivate_impl(self) -> None:
+        if self._owns_inner:
+            self.inner.deactivate()
+            self._owns_inner = False
+
+    def step_impl(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        if self.steps_taken in self.depths:
+            host = [self.inner.download(feeds[name]) for name in ("tokens", "z_H", "z_L")]
+            self.records.append((self.steps_taken, host[0].astype(np.int32), host[1].astype(np.float32),
+                                 host[2].astype(np.float32)))
+        self.steps_taken += 1
+        outputs = self.inner.step(feeds)
+        self.inference_time = self.inner.last_inference_time()
+        return outputs
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+    def upload(self, array: np.ndarray) -> Any:
+        return self.inner.upload(array)
+
+    def download(self, array: Any) -> np.ndarray:
+        return self.inner.download(array)
+
+    def take(self, array: Any, rows: np.ndarray) -> Any:
+        return self.inner.take(array, rows)
+
+    def concat(self, arrays: Sequence[Any]) -> Any:
+        return self.inner.concat(arrays)
+
+
+@dataclass(frozen=True)
+class CalibSet:
+    """Recorded step inputs (shapes in the module docstring) and their provenance."""
+
+    tokens: np.ndarray
+    z_H: np.ndarray
+    z_L: np.ndarray
+    depth: np.ndarray
+    puzzle: np.ndarray
+    start: np.ndarray
+    provenance: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def feeds(self, rows: int = 16) -> list[dict[str, np.ndarray]]:
+        """The states as ONNX feeds of at most `rows` rows (for `quantize_int8`)."""
+        return [{"tokens": self.tokens[i:i + rows], "z_H": self.z_H[i:i + rows], "z_L": self.z_L[i:i + rows]}
+                for i in range(0, len(self), rows)]
+
+    def select(self, index: np.ndarray) -> "CalibSet":
+        return CalibSet(self.tokens[index], self.z_H[index], self.z_L[index], self.depth[index],
+                        self.puzzle[index], self.start[index], self.provenance)
+
+    def per_depth(self, limit: int) -> dict[int, np.ndarray]:
+        """depth -> row indices of at most `limit` states at that depth."""
+        return {int(d): np.flatnonzero(self.depth == d)[:limit] for d in np.unique(self.depth)}
+
+
+def record_calibration(solver: Any, tokens: np.ndarray, starts: int, depths: Sequence[int], seed: int,
+                       provenance: dict[str, Any] | None = None,
+                       progress: Callable[[int], None] | None = None) -> CalibSet:
+    """Run the FP32 loop of `solver` (an `eqr.runtime.Solver`) from `starts` random states per puzzle
+    and record the step inputs at `depths` (0 = the random start) -> CalibSet.
+
+    Initial states are the runtime's: trajectory (puzzle i, start k) is seeded by (seed, i, k),
+    so reports that use the same seed run exactly these trajectories.
+    """
+    tokens = np.asarray(tokens)
+    depths = sorted(set(int(d) for d in depths))
+    recorder = RecordingBackend(solver.backend, depths)
+    inner, solver.backend = solver.backend, recorder
+    try:
+        with recorder:
+            # One step past the deepest recorded depth: the loop feeds depth d at step d + 1.
+            solver.solve(tokens, breadth=starts, fixed_depth=max(depths) + 1, seed=seed, aggregate="first",
+                         progress=progress)
+    finally:
+        solver.backend = inner
+    if not recorder.records:
+        raise RuntimeError("the recording backend saw no steps")
+    P, K = len(tokens), starts
+    rows = {"tokens": [], "z_H": [], "z_L": [], "depth": [], "puzzle": [], "start": []}
+    for depth, tok, z_H, z_L in recorder.records:
+        if len(tok) != P * K:
+            log.warning("depth %d: %d of %d trajectories left early (diverged); not recorded", depth, len(tok), P * K)
+            continue
+        rows["tokens"].append(tok)
+        rows["z_H"].append(z_H)
+        rows["z_L"].append(z_L)
+        rows["depth"].append(np.full(P * K, depth, np.int32))
+        rows["puzzle"].append(np.repeat(np.arange(P, dtype=np.int32), K))  # row r = p*K + k
+        rows["start"].append(np.tile(np.arange(K, dtype=np.int32), P))
+    arrays = {k: np.concatenate(v) for k, v in rows.items()}
+    info = {"seed": seed, "starts": starts, "depths": depths, "puzzles": P} | dict(provenance or {})
+    return CalibSet(**arrays, provenance=info)
+
+
+def save_calib(path: str | os.PathLike[str], calib: CalibSet, force: bool = False) -> Path:
+    """Write calib.npz atomically; refuses to replace an existing file unless `force`."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise EqRError(f"{path} exists; pass --force to replace it")
+    with atomic_open(path) as f:
+        np.savez_compressed(f, tokens=calib.tokens, z_H=calib.z_H, z_L=calib.z_L, depth=calib.depth,
+                            puzzle=calib.puzzle, start=calib.start,
+                            provenance=np.array(json.dumps(calib.provenance, sort_keys=True)))
+    return path
+
+
+def load_calib(path: str | os.PathLike[str], seq_len: int | None = None, hidden_size: int | None = None) -> CalibSet:
+    """Read and check a calib.npz (one-line EqRError naming the file and the fix)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EqRError(f"{path}: no such file; record one with `eqr calibrate EXPORT_DIR`")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise EqRError(f"{path}: not a readable calib.npz ({e}); re-run `eqr calibrate --force`") from None
+    missing = [k for k in ("tokens", "z_H", "z_L", "depth") if k not in arrays]
+    if missing:
+        raise EqRError(f"{path}: missing arrays {', '.join(missing)}; re-run `eqr calibrate --force`")
+    N = len(arrays["tokens"])
+    L = arrays["tokens"].shape[1] if arrays["tokens"].ndim == 2 else None
+    expected = (N, seq_len or L, hidden_size or arrays["z_H"].shape[-1])
+    if arrays["z_H"].shape != expected or arrays["z_L"].shape != expected or arrays["depth"].shape != (N,):
+        raise EqRError(f"{path}: z_H {list(arrays['z_H'].shape)} / z_L / depth do not match tokens "
+                       f"{list(arrays['tokens'].shape)} and this model ([N, {seq_len}, {hidden_size}]); "
+                       "re-run `eqr calibrate --force`")
+    provenance = json.loads(str(arrays["provenance"])) if "provenance" in arrays else {}
+    zeros = np.zeros(N, np.int32)
+    return CalibSet(arrays["tokens"].astype(np.int32), arrays["z_H"].astype(np.float32),
+                    arrays["z_L"].astype(np.float32), arrays["depth"].astype(np.int32),
+                    arrays.get("puzzle", zeros).astype(np.int32), arrays.get("start", zeros).astype(np.int32),
+                    provenance)
