@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_config
 from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES, StepGraph
 from eqr.model import EqRModel
+from eqr.runtime.backends.torch_backend import TorchBackend
 
 
 def contractive_model(seed: int = 0, **overrides) -> EqRModel:
@@ -43,3 +44,31 @@ def export_onnx(model: EqRModel, path: Path) -> Path:
 
 def random_puzzles(n: int, seq_len: int = 16, vocab: int = 6, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(1, vocab, (n, seq_len)).astype(np.int32)
+
+
+class StaticTorchBackend(TorchBackend):
+    """TensorRT's CUDA-graph contract on the CPU: fixed batch, done-mask freezing, in-place refills."""
+
+    def __init__(self, model: EqRModel, batch: int = 4) -> None:
+        super().__init__(model)
+        self.batch = batch
+
+    def activate_impl(self) -> None:
+        super().activate_impl()
+        self.static_shapes, self.max_batch = True, self.batch
+        self.frozen = None
+
+    def step_impl(self, feeds):
+        assert feeds["tokens"].shape[0] == self.batch  # the batch shape never changes
+        outputs = super().step_impl(feeds)
+        done = torch.as_tensor(self.frozen).view(-1, 1, 1)  # (B,) -> (B, 1, 1)
+        for state, out in (("z_H", "z_H_out"), ("z_L", "z_L_out")):
+            outputs[out] = torch.where(done, feeds[state], outputs[out])
+        return outputs
+
+    def put(self, array, rows, values):
+        array[torch.as_tensor(rows)] = values
+        return array
+
+    def freeze(self, done):
+        self.frozen = done.copy()

@@ -13,7 +13,7 @@ from eqr.runtime.backends.ort_backend import OrtBackend
 from eqr.runtime.backends.torch_backend import TorchBackend
 from eqr.runtime.artifact import load_artifact
 from eqr.runtime.stats import REASON_CODE
-from runtime_helpers import contractive_model, export_onnx, random_puzzles
+from runtime_helpers import StaticTorchBackend, contractive_model, export_onnx, random_puzzles
 
 
 @pytest.fixture(scope="module")
@@ -274,30 +274,6 @@ def test_checkpoint_artifact_runs_on_torch_by_default(model, tmp_path):
 
 
 # --------------------------------------------------------------------------- static shapes (CUDA-graph mode)
-
-
-class StaticTorchBackend(TorchBackend):
-    """TensorRT's CUDA-graph contract on the CPU: fixed batch, done-mask freezing, in-place refills."""
-
-    def activate_impl(self) -> None:
-        super().activate_impl()
-        self.static_shapes, self.max_batch = True, 4
-        self.frozen = None
-
-    def step_impl(self, feeds):
-        assert feeds["tokens"].shape[0] == 4  # the batch shape never changes
-        outputs = super().step_impl(feeds)
-        done = torch.as_tensor(self.frozen).view(-1, 1, 1)  # (B,) -> (B, 1, 1)
-        for state, out in (("z_H", "z_H_out"), ("z_L", "z_L_out")):
-            outputs[out] = torch.where(done, feeds[state], outputs[out])
-        return outputs
-
-    def put(self, array, rows, values):
-        array[torch.as_tensor(rows)] = values
-        return array
-
-    def freeze(self, done):
-        self.frozen = done.copy()
 
 
 def test_static_shape_backends_freeze_and_refill_slots_with_the_same_answers(model):
