@@ -41,6 +41,7 @@ class Artifact:
     engines: dict[str, Path] = field(default_factory=dict)  # precision -> TensorRT engine
     tol: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TOL))
     checkpoint: str | None = None  # anything eqr.load.load_model accepts (torch backend)
+    batch: tuple[int, int, int] = (1, 64, 256)  # min/opt/max batch the export was built for
 
     def default_tol(self, precision: str) -> float:
         return self.tol.get(precision, DEFAULT_TOL[precision])
@@ -96,11 +97,13 @@ def _from_manifest(manifest: Path, location: str) -> Artifact:
             engines.setdefault(precision, _engine_path(root, entry))
         std = data.get("init_std") or {}
         init_std = (float(std.get("z_H", config.H_init_std)), float(std.get("z_L", config.L_init_std)))
+        b = data.get("batch") or {}
+        batch = (int(b.get("min", 1)), int(b.get("opt", 64)), int(b.get("max", 256)))
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise EqRError(f"{manifest}: malformed manifest ({type(e).__name__}: {e}); re-run `eqr export --force`") from None
     task = data.get("task") if isinstance(data.get("task"), dict) and data["task"].get("name") else None
     return Artifact("export", location, config.seq_len, config.hidden_size, config.vocab_size, init_std,
-                    config, task, onnx, engines, tol, _source_weights(data.get("source")))
+                    config, task, onnx, engines, tol, _source_weights(data.get("source")), batch)
 
 
 def _source_weights(source: Any) -> str | None:
@@ -125,7 +128,7 @@ def _from_onnx(path: Path, location: str) -> Artifact:
         base = _from_manifest(path.parent / MANIFEST, location)
         precision = next((p for p, f in base.onnx.items() if f.resolve() == path.resolve()), "fp32")
         return Artifact("onnx", location, base.seq_len, base.hidden_size, base.vocab_size, base.init_std,
-                        base.config, base.task, {precision: path}, {}, base.tol, base.checkpoint)
+                        base.config, base.task, {precision: path}, {}, base.tol, base.checkpoint, base.batch)
     L, D, V = _onnx_sizes(path)
     return Artifact("onnx", location, L, D, V, onnx={"fp32": path})
 
@@ -165,7 +168,7 @@ def _from_engine(path: Path, location: str) -> Artifact:
                 precision = data.get("precision", "fp32")
             if base is not None:
                 return Artifact("engine", location, base.seq_len, base.hidden_size, base.vocab_size, base.init_std,
-                                base.config, base.task, {}, {precision: path}, base.tol, base.checkpoint)
+                                base.config, base.task, {}, {precision: path}, base.tol, base.checkpoint, base.batch)
     raise EqRError(f"{location}: engine has no manifest.json or sidecar JSON beside it; "
                    "pass the export directory instead")
 

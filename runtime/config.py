@@ -25,7 +25,7 @@ class SolveConfig:
     fixed_depth: int | None = None  # the paper's protocol: exactly D steps, no gating at all
     agree: int | None = None  # stop a puzzle once this many of its trajectories converged to one answer
     score_window: int = 3  # steps averaged in the `converged` score (mean logit_delta, spec 3.3)
-    stats: str = "final"  # "none" | "final" | "trace" (per-step residual/logit_delta traces)
+    stats: str = "final"  # "trace" adds (B, N) residual/logit_delta traces; "none"/"final": O(B) finals only
     compaction: bool = True  # drop settled rows from the batch (dynamic-shape backends only)
 
     def __post_init__(self) -> None:

@@ -151,7 +151,8 @@ class Solver:
 
         if not self.backend.is_active:
             self.backend.activate()
-        outputs, stats = solve(self.backend, np.repeat(tokens, K, axis=0), init, cfg, groups=puzzles,
+        rows = np.repeat(tokens, K, axis=0)  # (P, L) -> (P*K, L), the K copies of a puzzle adjacent
+        outputs, stats = solve(self.backend, rows, init, cfg, groups=puzzles,
                                batch_size=self.batch_size, progress=progress)
         return _aggregate(outputs["preds"].reshape(P, K, L), stats, choose, P, K)  # (P*K, L) -> (P, K, L)
 
@@ -169,10 +170,10 @@ class Solver:
 
 def _aggregate(preds: np.ndarray, stats: SolveStats, choose: Callable, P: int, K: int) -> SolveResult:
     valid = ~stats.diverged.reshape(P, K)  # (P*K,) -> (P, K)
-    score = stats.score.reshape(P, K)
+    score = stats.score.reshape(P, K)  # (P*K,) -> (P, K)
     chosen = choose(preds, score, valid).astype(np.int64)
     pick = np.arange(P) * K + chosen  # row of each chosen trajectory
-    nstep = stats.nstep.reshape(P, K)
+    nstep = stats.nstep.reshape(P, K)  # (P*K,) -> (P, K)
 
     def by_puzzle(trace: np.ndarray | None) -> np.ndarray | None:
         return None if trace is None else trace.reshape(P, K, -1)  # (P*K, N) -> (P, K, N)

@@ -70,6 +70,15 @@ def test_ort_state_ping_pongs_between_two_device_buffers(onnx_path):
         assert out["residual"].device_name() == "cpu" and out["residual"].shape() == [3]
 
 
+def test_ort_tensorrt_provider_gets_a_batch_profile_and_other_providers_pass_through(onnx_path):
+    backend = OrtBackend(onnx_path, profile=((1, 8, 32), 16, 4))
+    name, options = backend._with_options("TensorrtExecutionProvider")
+    assert name == "TensorrtExecutionProvider" and options["trt_engine_cache_enable"]
+    assert options["trt_profile_min_shapes"] == "tokens:1x16,z_H:1x16x4,z_L:1x16x4"
+    assert options["trt_profile_max_shapes"] == "tokens:32x16,z_H:32x16x4,z_L:32x16x4"
+    assert backend._with_options("CUDAExecutionProvider") == "CUDAExecutionProvider"
+
+
 def test_backend_rejects_use_before_activate_and_wrong_feeds(model):
     backend = TorchBackend(model)
     with pytest.raises(RuntimeError, match="not active"):

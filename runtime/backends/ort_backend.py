@@ -11,6 +11,7 @@ Providers: CPU here; CUDA and TensorRT providers when the installed onnxruntime 
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,9 +46,13 @@ class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, onnx_path: str | Path, *, providers: Sequence[str] | None = None,
-                 threads: int | None = None, precision: str = "fp32") -> None:
+                 threads: int | None = None, precision: str = "fp32",
+                 profile: tuple[tuple[int, int, int], int, int] | None = None) -> None:
+        """profile: ((min, opt, max) batch, L, D) for ONNX Runtime's TensorRT provider, which
+        otherwise rebuilds its engine for every new batch size that compaction produces."""
         super().__init__()
         self.onnx_path = Path(onnx_path)
+        self.profile = profile
         self.requested_providers = list(providers) if providers else None
         self.threads = threads
         self.precision = precision
@@ -73,7 +78,8 @@ class OrtBackend(Backend):
     @classmethod
     def from_artifact(cls, artifact: "Artifact", precision: str, providers: Sequence[str] | None = None,
                       threads: int | None = None, **_: Any) -> "OrtBackend":
-        return cls(artifact.onnx[precision], providers=providers, threads=threads, precision=precision)
+        return cls(artifact.onnx[precision], providers=providers, threads=threads, precision=precision,
+                   profile=(artifact.batch, artifact.seq_len, artifact.hidden_size))
 
     # ------------------------------------------------------------------ lifecycle
     def _session_options(self, threads: int | None) -> Any:
@@ -90,7 +96,8 @@ class OrtBackend(Backend):
     def activate_impl(self) -> None:
         ort = import_onnxruntime()
         available = ort.get_available_providers()
-        providers = self.requested_providers or [p for p in PREFERRED_PROVIDERS if p in available]
+        providers: list[Any] = self.requested_providers or [p for p in PREFERRED_PROVIDERS if p in available]
+        providers = [self._with_options(p) for p in providers]
         try:
             self.session = ort.InferenceSession(str(self.onnx_path), self._session_options(self.threads),
                                                 providers=providers)
@@ -102,10 +109,26 @@ class OrtBackend(Backend):
                            "step contract; re-export with `eqr export`")
         used = self.session.get_providers()[0]
         self.device = "cuda" if used in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        if used == "TensorrtExecutionProvider" and self.profile is not None:
+            self.max_batch = self.profile[0][2]  # batches beyond the profile would force an engine rebuild
         self._dtypes = {v.name: _ONNX_TO_NUMPY.get(v.type, np.float32)
                         for v in [*self.session.get_inputs(), *self.session.get_outputs()]}
         self._binding = self.session.io_binding()
         log.info("onnxruntime %s on %s (providers %s)", self.onnx_path.name, self.device, self.session.get_providers())
+
+    def _with_options(self, provider: str) -> Any:
+        """TensorRT provider: an optimization profile over the batch axis and a persistent engine cache."""
+        if provider != "TensorrtExecutionProvider" or self.profile is None:
+            return provider
+        (lo, opt, hi), L, D = self.profile
+
+        def shapes(b: int) -> str:
+            return f"tokens:{b}x{L},z_H:{b}x{L}x{D},z_L:{b}x{L}x{D}"
+
+        cache = Path(tempfile.gettempdir()) / "eqr-ort-trt-cache"
+        return (provider, {"trt_profile_min_shapes": shapes(lo), "trt_profile_opt_shapes": shapes(opt),
+                           "trt_profile_max_shapes": shapes(hi), "trt_engine_cache_enable": True,
+                           "trt_engine_cache_path": str(cache)})  # precision lives in the graph itself
 
     def deactivate_impl(self) -> None:
         self._pairs.clear()
@@ -181,8 +204,10 @@ class OrtBackend(Backend):
         if key not in self._ops:
             ort = import_onnxruntime()
             model = _array_op_model(op, elem_type, arity, rank)
+            # Gather/Concat are memory moves: the CUDA provider (or CPU) does them without a TensorRT build.
+            providers = [p for p in self.session.get_providers() if p != "TensorrtExecutionProvider"]
             self._ops[key] = ort.InferenceSession(model.SerializeToString(), self._session_options(1),
-                                                  providers=self.session.get_providers())
+                                                  providers=providers)
         return self._ops[key]
 
 
