@@ -13,6 +13,8 @@ method really moved the activation scales.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -167,10 +169,13 @@ def _quantize(source: Path, calib: "CalibSet", target: Path, policy: QuantPolicy
         except Exception as e:  # symbolic shape inference fails on some graphs (dynamo exports)
             log.info("quant_pre_process with symbolic shapes failed (%s); retrying without", e)
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        calibrator = create_calibrator(prepared, list(policy.op_types), str(Path(tmp) / "augmented.onnx"),
-                                       calibrate_method, extra_options=policy.calibrator_options())
-        calibrator.collect_data(_FeedReader(calib.feeds(ROWS_PER_FEED)))
-        save_tensors_data(calibrator.compute_data(), cache)
+        chatter = io.StringIO()  # the histogram calibrators print progress; keep stdout for --json
+        with contextlib.redirect_stdout(chatter):
+            calibrator = create_calibrator(prepared, list(policy.op_types), str(Path(tmp) / "augmented.onnx"),
+                                           calibrate_method, extra_options=policy.calibrator_options())
+            calibrator.collect_data(_FeedReader(calib.feeds(ROWS_PER_FEED)))
+            save_tensors_data(calibrator.compute_data(), cache)
+        log.debug("onnxruntime calibrator: %s", chatter.getvalue().strip())
         del calibrator
         quantize_static(str(prepared), str(quantized), None, quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(policy.op_types), per_channel=True, reduce_range=False,

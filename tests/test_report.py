@@ -1,0 +1,167 @@
+"""`eqr calibrate` and `eqr report` end to end on a tiny exported model, including the regression
+gate: a deliberately damaged INT8 graph (weight scales x10) makes `eqr report --max-drop 2` exit 1."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from conftest import tiny_config
+from eqr.checkpoint import save_checkpoint
+from eqr.cli import cli
+from eqr.model import EqRModel
+
+PUZZLES = 8
+DEPTH = 32
+# Small and fast; torch runs fp32 only, so it is listed under "not run" for fp16/int8.
+REPORT_ARGS = ["--depths", f"4,{DEPTH}", "--breadth", "1,2", "--max-steps", str(DEPTH)]
+
+
+def contracting_model() -> EqRModel:
+    """Block weights x0.1: one attractor per puzzle, residual falls ~0.8x per step."""
+    model = EqRModel(tiny_config(), seed=0).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            for p in block.parameters():
+                p.mul_(0.1)
+    return model
+
+
+def invoke(*args: str) -> "CliRunner.Result":
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> Path:
+    """An fp32 export of the tiny model, calibrated: calib.npz, fp16 and int8 graphs, manifest tols."""
+    from eqr.export import ExportConfig, export_model
+    from eqr.load import load_model
+
+    root = tmp_path_factory.mktemp("calibrated")
+    model = contracting_model()
+    save_checkpoint(root / "tiny.pt", model.config, model.state_dict(), metadata={"task": {"name": "sudoku", "size": 4}})
+    export_model(load_model(root / "tiny.pt"), root / "export", ExportConfig(engine="never", check_steps=16))
+    result = invoke("calibrate", root / "export", "--generate", 4, "--starts", 2, "--depths", "0,1,2,4,8,16")
+    assert result.exit_code == 0, result.output
+    return root / "export"
+
+
+@pytest.fixture(scope="module")
+def labelled(calibrated: Path, tmp_path_factory) -> Path:
+    """Puzzles labelled with torch FP32's own answers at the report depth: FP32 scores 100%, so an
+    accuracy drop is exactly a lost FP32 answer."""
+    from eqr.runtime import Solver
+    from eqr.tasks import get_task
+
+    inputs = get_task("sudoku", 4).generate(PUZZLES, seed=11).inputs
+    with Solver.load(calibrated, backend="torch") as solver:
+        labels = solver.solve(inputs, fixed_depth=DEPTH, seed=0).preds
+    path = tmp_path_factory.mktemp("data") / "puzzles.npz"
+    np.savez(path, inputs=inputs, labels=labels.astype(np.uint8))
+    return path
+
+
+def test_calibrate_writes_calib_graphs_and_manifest(calibrated: Path) -> None:
+    manifest = json.loads((calibrated / "manifest.json").read_text())
+    fp16, int8 = manifest["precisions"]["fp16"], manifest["precisions"]["int8"]
+    assert (calibrated / fp16["onnx"]).is_file() and (calibrated / int8["onnx"]).is_file()
+    assert int8["policy"]["op_types"] == ["MatMul", "Gemm"] and set(int8["quantized_ops"]) <= {"MatMul", "Gemm"}
+    assert int8["tol"] >= 1e-2 and fp16["tol"] >= 1e-3  # the export's per-precision rule
+    assert manifest["calibration"]["states"] == 4 * 2 * 6
+    with np.load(calibrated / "calib.npz", allow_pickle=False) as calib:
+        assert sorted(set(calib["depth"].tolist())) == [0, 1, 2, 4, 8, 16]
+        provenance = json.loads(str(calib["provenance"]))
+    assert provenance["model"]["fp32_onnx_sha256"] and provenance["data"]["generated"]["seed"] == 0
+    # only MatMul/Gemm read dequantized activations: norms, adds and outputs stay FP32
+    model = onnx.load(str(calibrated / int8["onnx"]))
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    readers = {n.op_type for n in model.graph.node if dequantized & set(n.input)}
+    assert readers <= {"MatMul", "Gemm"}
+
+
+def test_calibrate_refuses_to_overwrite_and_rejects_bad_input(calibrated: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["calibrate", str(calibrated), "--generate", "2"])
+    assert result.exit_code == 2 and "--force" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["calibrate", str(tmp_path)])
+    assert result.exit_code == 2 and "manifest.json" in result.output
+    result = CliRunner().invoke(cli, ["calibrate", str(calibrated), "--depths", "0,a"])
+    assert result.exit_code == 2 and "--depths" in result.output
+
+
+def test_percentile_moves_the_scales_of_minmax(calibrated: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "export"
+    shutil.copytree(calibrated, copy)
+    result = invoke("calibrate", copy, "--generate", 2, "--starts", 1, "--depths", "0,4", "--method", "percentile",
+                    "--percentile", "99.9", "--precisions", "int8", "--force", "--json")
+    assert result.exit_code == 0, result.output
+    change = json.loads(result.output)["int8"]["scale_change_vs_minmax"]
+    assert change["tensors"] > 0 and change["changed_fraction"] > 0.5 and change["median_ratio"] < 1.0
+
+
+def test_report_passes_on_healthy_precisions(calibrated: Path, labelled: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    result = invoke("report", calibrated, "--data", labelled, "--out", out, *REPORT_ARGS)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] and report["reference"] == "torch-fp32"
+    assert set(report["runs"]) == {"torch-fp32", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8"}
+    assert "torch-int8" in report["skipped"]
+    int8 = report["runs"]["onnxruntime-int8"]
+    assert int8["accuracy"]["at_max_depth"]["single"]["accuracy"] == 100.0
+    assert set(int8["accuracy"]["curves"]) == {"single", "converged K=2", "vote K=2"}
+    assert 0 < int8["state_error"]["one_step_by_depth"]["0"]["median"] < 0.05
+    assert report["runs"]["onnxruntime-fp32"]["state_error"]["settled_median"] < 1e-5
+    assert 0 < int8["contraction"]["median"] < 1.0
+    assert int8["diagnosis"]["worst_activations"]
+    html = (out / "report.html").read_text()
+    for png in ("accuracy_vs_depth.png", "residual_curves.png", "steps_histogram.png", "state_error_vs_depth.png"):
+        assert f"src='{png}'" in html
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "onnxruntime-int8" in (out / "report.md").read_text()
+    again = CliRunner().invoke(cli, ["report", str(calibrated), "--out", str(out)])
+    assert again.exit_code == 2 and "--force" in again.output
+
+
+def damage_int8(path: Path, factor: float = 10.0) -> int:
+    """Multiply the scale of every weight DequantizeLinear by `factor` (weights x factor); returns the count."""
+    model = onnx.load(str(path))
+    initializers = {t.name: t for t in model.graph.initializer}
+    damaged = 0
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
+            scale = initializers[node.input[1]]
+            scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * factor, scale.name))
+            damaged += 1
+    onnx.save(model, str(path))
+    return damaged
+
+
+def test_damaged_int8_graph_fails_the_report(calibrated: Path, labelled: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "export"
+    shutil.copytree(calibrated, copy)
+    assert damage_int8(copy / "model.step.int8.onnx") > 0
+    result = invoke("report", copy, "--data", labelled, "--precisions", "fp32,int8", "--backends", "onnxruntime",
+                    "--max-drop", 2, *REPORT_ARGS)
+    assert result.exit_code == 1, result.output
+    assert "regression: onnxruntime-int8: accuracy (single, depth 32)" in result.output
+    report = json.loads((copy / "report" / "report.json").read_text())
+    assert report["reference"] == "onnxruntime-fp32" and not report["passed"]
+    assert report["runs"]["onnxruntime-fp32"]["verdict"]["passed"]
+    int8 = report["runs"]["onnxruntime-int8"]
+    assert int8["verdict"]["worst_drop"] > 2
+    assert int8["diagnosis"]["suggested_policy"]["exclude_nodes"]
+
+
+def test_report_needs_the_precision_graphs(calibrated: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "export"
+    shutil.copytree(calibrated, copy)
+    (copy / "model.step.int8.onnx").unlink()
+    result = CliRunner().invoke(cli, ["report", str(copy), "--precisions", "fp32,int8"])
+    assert result.exit_code == 2 and "eqr calibrate" in result.output and "Traceback" not in result.output
