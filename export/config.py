@@ -1,0 +1,70 @@
+"""`ExportConfig`: every choice of one export, one field per `eqr export` flag."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from eqr.errors import EqRError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+ENGINE_MODES = ("auto", "always", "never")
+ONNX_FILES = {"fp32": "model.step.onnx", "fp16": "model.step.fp16.onnx", "int8": "model.step.int8.onnx"}
+MANIFEST_FILE = "manifest.json"
+# Opset 17 is where the TorchScript exporter's graph gets ONNX Runtime's RMSNorm fusion; ONNX
+# Runtime's static quantizer (INT8 Q/DQ) supports opsets up to 20.
+MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 20, 17
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What `eqr export` builds. Field names match the flags (`--calib-data` -> calib_data)."""
+
+    precision: tuple[str, ...] = ("fp32",)  # graphs to write; fp32 (model.step.onnx) is always written
+    batch: tuple[int, int, int] = (1, 64, 256)  # TensorRT optimization profile min/opt/max batch
+    opset: int = DEFAULT_OPSET
+    engine: str = "auto"  # auto: build when TensorRT and a GPU exist; always: fail without; never
+    calib_data: str | None = None  # .npz of calibration inputs for INT8 (see export.calibrate)
+    force: bool = False  # write into an existing output directory
+    seed: int = 0  # initial states and task inputs of the checks and the calibration run
+    check_batch: int = 4  # trajectories (puzzles x random starts) in the export checks
+    check_steps: int = 32  # outer steps per checked (and calibration) trajectory
+    workspace_mib: int = 4096  # TensorRT builder workspace limit
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.precision if p not in PRECISIONS]
+        if unknown or not self.precision:
+            raise EqRError(f"--precision must be among {', '.join(PRECISIONS)}, got {', '.join(unknown) or 'nothing'}")
+        if self.engine not in ENGINE_MODES:
+            raise EqRError(f"--engine must be one of {', '.join(ENGINE_MODES)}, got {self.engine!r}")
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise EqRError(f"--opset {self.opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} "
+                           f"(>= {MIN_OPSET} for the exporter, <= {MAX_OPSET} for INT8 Q/DQ quantization)")
+        lo, opt, hi = self.batch
+        if not 1 <= lo <= opt <= hi:
+            raise EqRError(f"--batch {lo}:{opt}:{hi} must satisfy 1 <= MIN <= OPT <= MAX")
+        if self.check_batch < 1 or self.check_steps < 1:
+            raise EqRError(f"--check-batch and --check-steps must be >= 1, got {self.check_batch}, {self.check_steps}")
+        if self.workspace_mib < 1:
+            raise EqRError(f"--workspace-mib must be >= 1, got {self.workspace_mib}")
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """Graphs in build order: fp32 first (the others derive from it), no duplicates."""
+        return tuple(p for p in PRECISIONS if p == "fp32" or p in self.precision)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_batch(text: str) -> tuple[int, int, int]:
+    """'1:64:256' -> (1, 64, 256); a single 'N' means N:N:N (a static profile)."""
+    parts = text.split(":")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3:
+        raise EqRError(f"--batch {text!r} is not MIN:OPT:MAX (e.g. 1:64:256) or a single batch size")
+    return values[0], values[1], values[2]

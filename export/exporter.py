@@ -1,0 +1,376 @@
+"""`export_model`: a model -> a directory of checked step graphs, a manifest, optional engines.
+
+Stages (each reported through `Progress`): FP32 graph, lint, parity; FP16 and/or INT8 graphs
+with their checks; manifest; TensorRT engines. Everything is built in a staging directory
+beside the output and moved in only when every check passed, so a failed or interrupted
+export leaves no partial files; each file is written atomically.
+
+Every ONNX file carries the manifest JSON in its `metadata_props` (key "eqr.manifest"), as
+it stood when the graphs were written: its "engines" entry is empty there, because engines
+are built from those very files; manifest.json adds them.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from eqr import __version__
+from eqr.errors import EqRError
+from eqr.export import calibrate, parity
+from eqr.export.config import MANIFEST_FILE, ONNX_FILES, ExportConfig
+from eqr.export.inputs import TaskInfo, infer_task, initial_states, task_inputs
+from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES
+from eqr.io import atomic_write_bytes, atomic_write_text
+from eqr.model import EqRModel
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "eqr-export"
+MANIFEST_VERSION = 1
+METADATA_KEY = "eqr.manifest"  # ONNX metadata_props key holding the manifest JSON
+CALIB_BATCH = 4  # built-in calibration: puzzles, each recorded at every depth of its trajectory
+OWN_FILE_PATTERNS = ("model.step*.onnx", "model.step*.engine", "model.step*.engine.json", MANIFEST_FILE)
+
+
+class ExportError(EqRError):
+    """The export ran but a check failed (parity, lint, TensorRT): exit 1, no files written."""
+
+    exit_code = 1
+
+
+class Progress:
+    """Stage reporting; the library logs, the CLI prints lines and bars on stderr."""
+
+    def stage(self, name: str) -> None:
+        log.info("%s", name)
+
+    def done(self, detail: str) -> None:
+        log.info("  %s", detail)
+
+    @contextlib.contextmanager
+    def bar(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
+        yield lambda n: None
+
+
+# --------------------------------------------------------------------------- output directory
+
+
+def default_out_dir(model: EqRModel) -> Path:
+    """<model stem>-eqr/ in the working directory (file stem, bundled name or preset name)."""
+    location = model.source.location if model.source else "model"
+    return Path(f"{Path(location).stem or 'model'}-eqr")
+
+
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    """Refuse an existing directory without --force, a file in the way, or an unwritable parent."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EqRError(f"--out {out_dir}: exists and is not a directory; choose another --out")
+    if out_dir.exists() and not force:
+        raise EqRError(f"--out {out_dir}: already exists; pass --force to overwrite its export files")
+    parent = out_dir.absolute().parent
+    if not parent.is_dir():
+        raise EqRError(f"--out {out_dir}: parent directory {parent} does not exist; create it first")
+    target = out_dir if out_dir.exists() else parent
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise EqRError(f"--out {out_dir}: {target} is not writable; choose another --out")
+
+
+@contextlib.contextmanager
+def staging_dir(out_dir: Path) -> Iterator[Path]:
+    parent = out_dir.absolute().parent
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=parent))
+    except OSError as e:
+        raise EqRError(f"--out {out_dir}: cannot write in {parent} ({e.strerror}); choose another --out") from None
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def publish(stage: Path, out_dir: Path) -> None:
+    """Move the staged files into `out_dir`: a rename of the whole directory when it is new."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in stage.iterdir():  # temp files are created 0600; exports are ordinary files
+        path.chmod(0o666 & ~umask)
+    stage.chmod(0o777 & ~umask)
+    if not out_dir.exists():
+        os.replace(stage, out_dir)
+        stage.mkdir()  # staging_dir's cleanup expects it
+        return
+    new = {p.name for p in stage.iterdir()}
+    for pattern in OWN_FILE_PATTERNS:  # stale files of an earlier export (e.g. an old engine)
+        for old in out_dir.glob(pattern):
+            if old.name not in new:
+                old.unlink()
+    for path in stage.iterdir():
+        os.replace(path, out_dir / path.name)
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of an export directory; EqRError if missing or not an eqr export."""
+    path = Path(directory) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EqRError(f"{directory}: no {MANIFEST_FILE}; not an eqr export directory (run eqr export)") from None
+    except (OSError, ValueError) as e:
+        raise EqRError(f"{path}: unreadable manifest ({e}); re-run eqr export --force") from None
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
+        raise EqRError(f"{path}: not an {MANIFEST_FORMAT} v{MANIFEST_VERSION} manifest; re-run eqr export --force")
+    return manifest
+
+
+def library_versions() -> dict[str, str | None]:
+    import onnx
+    import onnxruntime
+    import polygraphy
+
+    from eqr.export.tensorrt import tensorrt_version
+
+    return {"eqr": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "polygraphy": polygraphy.__version__,
+            "tensorrt": tensorrt_version(), "python": platform.python_version()}
+
+
+def base_manifest(model: EqRModel, config: ExportConfig, task: TaskInfo) -> dict[str, Any]:
+    from eqr.export.onnx_graph import io_contract
+
+    mc = model.config
+    source = model.source
+    lo, opt, hi = config.batch
+    return {
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "eqr_version": __version__,
+        "source": {"location": source.location if source else None, "kind": source.kind if source else "init",
+                   "sha256": source.sha256 if source else None, "weights": source.weights if source else "init"},
+        "config": mc.to_dict(),
+        "task": task.to_dict(),
+        "io": io_contract(mc.seq_len, mc.hidden_size, mc.vocab_size),
+        "opset": config.opset,
+        "init_std": {"z_H": mc.H_init_std, "z_L": mc.L_init_std},
+        "batch": {"min": lo, "opt": opt, "max": hi},
+        "precisions": {},
+        "engines": {},
+        "engine_build": {},
+        "export": config.to_dict() | {"precision": list(config.precisions), "batch": list(config.batch)},
+        "versions": library_versions(),
+    }
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_contract(model_proto, precision: str, mc) -> None:
+    """The fixed I/O contract and standard ops only (TensorRT's parser); ExportError otherwise."""
+    from eqr.export.onnx_graph import check_io_contract, nonstandard_ops
+
+    where = ONNX_FILES[precision]
+    try:
+        check_io_contract(model_proto, mc.seq_len, mc.hidden_size, mc.vocab_size, where)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    foreign = nonstandard_ops(model_proto)
+    if foreign:
+        raise ExportError(f"{where}: uses non-standard ops TensorRT cannot parse: {', '.join(foreign)}")
+
+
+def lint_graph(model_proto, precision: str, mc) -> None:
+    """`polygraphy check lint` must be clean; ExportError otherwise."""
+    from eqr.export.onnx_graph import lint
+
+    report = lint(model_proto.SerializeToString(), mc.seq_len, mc.hidden_size, mc.vocab_size)
+    if not report["passed"]:
+        raise ExportError(f"{ONNX_FILES[precision]}: polygraphy check lint failed: "
+                          f"{'; '.join(report['messages'] or report['failing'])}")
+
+
+def check_precision(precision: str, model_proto, ref: parity.Reference, progress: Progress) -> dict[str, Any]:
+    """Step error and trajectory agreement of one graph against torch; FP32 must match to 1e-4.
+
+    FP32 is checked teacher-forced at every depth (it must match torch step by step, so its
+    own trajectory is torch's); FP16/INT8 at a log-spaced subset of depths, plus a trajectory
+    they drive themselves (their answers and residual floor differ from FP32's).
+    """
+    from eqr.export.onnx_graph import session
+
+    step = parity.ort_step(session(model_proto))
+    steps = ref.trajectory.steps
+    fp32 = precision == "fp32"
+    with progress.bar(f"{precision} teacher-forced steps", 1) as advance:
+        errors = parity.step_errors(step, ref, parity.check_depths(steps, every_depth=fp32))
+        advance(1)
+    if fp32:
+        trajectory = parity.reference_trajectory(ref, errors)
+    else:
+        with progress.bar(f"{precision} trajectory", steps) as advance:
+            trajectory = parity.trajectory_check(step, ref, advance)
+    values = [errors["max_abs"], trajectory["final_state_max_abs"], trajectory["residual_floor"]]
+    if not np.isfinite(values).all():
+        raise ExportError(f"{ONNX_FILES[precision]}: produced NaN or Inf in ONNX Runtime; the {precision} graph is unusable")
+    if fp32 and errors["max_abs"] > parity.FP32_STEP_ATOL:
+        raise ExportError(f"{ONNX_FILES['fp32']}: ONNX Runtime differs from model.step by {errors['max_abs']:.3g} "
+                          f"(> {parity.FP32_STEP_ATOL:g}) in one step; the export is wrong, please report it")
+    tol = parity.recommended_tol(precision, trajectory["residual_floor"])
+    progress.done(f"{precision}: step error max abs {errors['max_abs']:.3g} over {len(errors['depths'])} depths "
+                  f"(one step from random states {errors['max_abs_one_step']:.3g}, state {errors['state_rel']:.2%} "
+                  f"of its range); answers after {steps} steps agree with torch fp32 on "
+                  f"{trajectory['answers_agree']:.0%} of trajectories ({trajectory['tokens_agree']:.1%} of tokens); "
+                  f"tol {tol['tol']:.3g}")
+    if not tol["floor_reached"] and not fp32:
+        progress.done(f"{precision}: no residual floor in {steps} steps (lowest {tol['residual_floor']:.3g}): the model "
+                      "does not converge (untrained?), so trajectories diverge and agreement is not meaningful")
+    return {"step_error": errors, "trajectory": trajectory, "tol": tol}
+
+
+# --------------------------------------------------------------------------- the export
+
+
+def calibration_feeds(model: EqRModel, fp32_proto, config: ExportConfig, task: TaskInfo,
+                      progress: Progress) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    """INT8 calibration feeds: --calib-data states as given, or FP32 trajectories at all depths."""
+    from eqr.export.onnx_graph import session
+
+    g = torch.Generator().manual_seed(config.seed + 1)  # puzzles and starts unseen by the checks
+    data = calibrate.read_calib_npz(config.calib_data, model.config) if config.calib_data else None
+    if data is not None and data["z_H"] is not None:
+        feeds = calibrate.split_feeds(data["tokens"], data["z_H"], data["z_L"])
+        return feeds, {"source": data["path"], "rows": int(len(data["tokens"])), "method": "minmax"}
+    tokens = data["tokens"] if data is not None else task_inputs(task, model, CALIB_BATCH, config.seed + 1).numpy()
+    state = initial_states(model, len(tokens), g)
+    step = parity.ort_step(session(fp32_proto))
+    with progress.bar("int8 calibration trajectories", config.check_steps) as advance:
+        feeds = calibrate.trajectory_feeds(step, tokens, state.z_H.numpy(), state.z_L.numpy(),
+                                           config.check_steps, advance)
+    info = {"source": data["path"] if data is not None else "built-in (task inputs, random initial states)",
+            "trajectories": int(len(tokens)), "depths": config.check_steps,
+            "rows": int(len(tokens) * config.check_steps), "method": "minmax"}
+    return feeds, info
+
+
+def build_graphs(model: EqRModel, config: ExportConfig, task: TaskInfo,
+                 progress: Progress) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """-> ({precision: ModelProto}, {precision: manifest entry}) with every check run."""
+    from eqr.export.fp16 import Fp16FromOnnx
+    from eqr.export.int8 import Int8FromOnnx, quantized_ops
+    from eqr.export.onnx_graph import OnnxFromModel
+
+    mc = model.config
+    progress.stage(f"reference: torch fp32, {config.check_batch} trajectories x {config.check_steps} steps")
+    g = torch.Generator().manual_seed(config.seed)
+    tokens = task_inputs(task, model, config.check_batch, config.seed)
+    state = initial_states(model, config.check_batch, g)
+    with progress.bar("torch trajectory", config.check_steps) as advance:
+        ref = parity.reference_run(model, tokens, state.z_H, state.z_L, config.check_steps, advance)
+
+    graphs: dict[str, Any] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    for precision in config.precisions:
+        progress.stage(f"{precision}: build {ONNX_FILES[precision]}")
+        start = time.perf_counter()
+        if precision == "fp32":
+            graph = OnnxFromModel(model, config.opset)()
+            extra: dict[str, Any] = {}
+        elif precision == "fp16":
+            graph = Fp16FromOnnx(graphs["fp32"])()
+            extra = {"kept_fp32": "reductions and norm chains, softmax, argmax, output heads"}
+        else:
+            feeds, calib_info = calibration_feeds(model, graphs["fp32"], config, task, progress)
+            graph = Int8FromOnnx(graphs["fp32"], feeds)()
+            extra = {"calibration": calib_info, "quantized_ops": quantized_ops(graph),
+                     "scheme": "QDQ, symmetric int8 weights (per channel) and activations"}
+        built = time.perf_counter() - start
+        check_contract(graph, precision, mc)
+        progress.done(f"{precision}: built in {built:.1f} s, {len(graph.graph.node)} nodes, I/O contract and ops ok")
+        progress.stage(f"{precision}: parity with torch (ONNX Runtime, CPU)")
+        result = check_precision(precision, graph, ref, progress)
+        progress.stage(f"{precision}: polygraphy check lint")
+        lint_graph(graph, precision, mc)
+        progress.done(f"{precision}: lint clean")
+        graphs[precision] = graph
+        entries[precision] = {"onnx": ONNX_FILES[precision], "tol": result["tol"]["tol"],
+                              "tol_rule": result["tol"], "parity": {k: result[k] for k in ("step_error", "trajectory")},
+                              "build_seconds": round(built, 2)} | extra
+    return graphs, entries
+
+
+def export_model(model: EqRModel, out_dir: str | os.PathLike[str] | None, config: ExportConfig,
+                 progress: Progress | None = None) -> dict[str, Any]:
+    """Export `model`'s step to `out_dir` (default `<stem>-eqr/`) -> the manifest written there."""
+    from eqr.export.onnx_graph import set_metadata
+    from eqr.export.tensorrt import engine_support
+
+    progress = progress or Progress()
+    out = Path(out_dir) if out_dir is not None else default_out_dir(model)
+    check_out_dir(out, config.force)
+    if config.calib_data and "int8" in config.precisions:
+        calibrate.read_calib_npz(config.calib_data, model.config)  # bad input fails before any work
+    gpu, trt_version, why_not = engine_support()
+    if config.engine == "always" and why_not:
+        raise ExportError(f"engine: cannot build TensorRT engines: {why_not}; use --engine auto or never "
+                          "for the ONNX files only")
+    model = fp32_model(model)
+    task = infer_task(model)
+    manifest = base_manifest(model, config, task)
+    with staging_dir(out) as stage:
+        graphs, manifest["precisions"] = build_graphs(model, config, task, progress)
+        progress.stage("write ONNX files and manifest")
+        manifest_text = json.dumps(manifest, indent=2) + "\n"
+        for precision, graph in graphs.items():
+            set_metadata(graph, {METADATA_KEY: manifest_text})
+            atomic_write_bytes(stage / ONNX_FILES[precision], graph.SerializeToString())
+        manifest["engines"], manifest["engine_build"] = build_engines(stage, config, gpu, trt_version, why_not,
+                                                                      model, progress)
+        atomic_write_text(stage / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+        publish(stage, out)
+    progress.done(f"wrote {out}/ ({', '.join(ONNX_FILES[p] for p in graphs)}, {MANIFEST_FILE})")
+    return manifest
+
+
+def fp32_model(model: EqRModel) -> EqRModel:
+    """The same weights computing in float32 (a bf16-trained config exports as an FP32 graph)."""
+    if model.config.forward_dtype == "float32":
+        return model.eval()
+    twin = EqRModel(dataclasses.replace(model.config, forward_dtype="float32"))
+    twin.load_state_dict(model.state_dict())
+    twin.source, twin.metadata = model.source, model.metadata
+    return twin.eval()
+
+
+def build_engines(stage: Path, config: ExportConfig, gpu, trt_version, why_not: str, model: EqRModel,
+                  progress: Progress) -> tuple[dict[str, Any], dict[str, Any]]:
+    """-> ({precision: engine entry}, {"status": "built"|"skipped", "reason"}); the ONNX side is
+    complete either way."""
+    from eqr.export.tensorrt import EngineProfile, build_engine
+
+    if config.engine == "never":
+        return {}, {"status": "skipped", "reason": "--engine never"}
+    if why_not:
+        progress.done(f"engine: skipped: {why_not}")
+        return {}, {"status": "skipped", "reason": why_not}
+    profile = EngineProfile(config.batch, model.config.seq_len, model.config.hidden_size)
+    engines = {}
+    for precision in config.precisions:
+        progress.stage(f"{precision}: TensorRT {trt_version} engine for {gpu.tag}")
+        try:
+            engines[precision] = build_engine(stage / ONNX_FILES[precision], stage, precision, gpu, trt_version,
+                                              profile, config.workspace_mib)
+        except RuntimeError as e:
+            raise ExportError(f"engine: {e}") from None
+        progress.done(f"{precision}: wrote {engines[precision]['engine']}")
+    return engines, {"status": "built", "reason": "", "tensorrt": trt_version, "gpu": gpu.tag}

@@ -1,0 +1,158 @@
+"""INT8 step graph: explicit symmetric Q/DQ for a strongly typed TensorRT build.
+
+ONNX Runtime's static quantizer in QDQ format, INT8 weights (symmetric, per output channel)
+and INT8 activations (symmetric), MatMul/Gemm only by default: quantizing every op was both
+slower and far less accurate (deployment spec, INT8). `quant_pre_process` runs first. The
+activation ranges come from calibration feeds: (tokens, z_H, z_L) recorded along FP32
+trajectories at every depth (`eqr.export.calibrate`), or whatever the calibration module
+passes in.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from eqr.io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    import onnx
+
+log = logging.getLogger(__name__)
+
+Feed = Mapping[str, np.ndarray]
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
+DEFAULT_OP_TYPES = ("MatMul", "Gemm")
+
+
+class _FeedReader:
+    """ONNX Runtime's CalibrationDataReader protocol over an iterable of feed dicts."""
+
+    def __init__(self, feeds: Iterable[Feed]) -> None:
+        self._feeds: Iterator[Feed] = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        feed = next(self._feeds, None)
+        return None if feed is None else {k: np.ascontiguousarray(v) for k, v in feed.items()}
+
+    def rewind(self) -> None:  # the protocol has it; one pass is all we give
+        pass
+
+
+def quantize_int8(onnx_path: str | os.PathLike[str], calib_feeds: Iterable[Feed], out_path: str | os.PathLike[str],
+                  method: str = "minmax", op_types: Iterable[str] = DEFAULT_OP_TYPES, per_channel: bool = True,
+                  nodes_to_exclude: Iterable[str] = (), extra_options: Mapping[str, Any] | None = None) -> Path:
+    """Write the Q/DQ INT8 version of the FP32 graph at `onnx_path` to `out_path` (atomically).
+
+    `calib_feeds` yields {"tokens", "z_H", "z_L"} numpy feeds; `method` is the activation range
+    estimator; `extra_options` are passed to `quantize_static` over our symmetric defaults.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
+    calibrate_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                        "percentile": CalibrationMethod.Percentile,
+                        "distribution": CalibrationMethod.Distribution}[method]
+    options = {
+        "ActivationSymmetric": True,  # TensorRT wants S8S8 with zero points of 0
+        "WeightSymmetric": True,
+        "QuantizeBias": False,  # INT32 bias Q/DQ is not an explicit-quantization type TensorRT takes
+        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # MatMul weights are [in, out]: one scale per out
+        # Not CalibMaxIntermediateOutputs: ORT 1.32's MinMax calibrator drops (never merges) the
+        # batches it flushes at that limit. MinMax keeps only reduced min/max per batch anyway.
+    } | dict(extra_options or {})
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="eqr-int8-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        try:
+            quant_pre_process(str(onnx_path), str(prepared))
+        except Exception as e:  # symbolic shape inference fails on some graphs (dynamo exports)
+            log.info("quant_pre_process with symbolic shapes failed (%s); retrying without", e)
+            quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+        quantized = Path(tmp) / "int8.onnx"
+        quantize_static(str(prepared), str(quantized), _FeedReader(calib_feeds), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(op_types), per_channel=per_channel, reduce_range=False,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(nodes_to_exclude), calibrate_method=calibrate_method,
+                        extra_options=options, calibration_cache_path=None)
+        model = confine_qdq(onnx.load(str(quantized)), op_types)
+        atomic_write_bytes(out_path, model.SerializeToString())
+    return Path(out_path)
+
+
+def confine_qdq(model: "onnx.ModelProto", op_types: Iterable[str]) -> "onnx.ModelProto":
+    """Let only the quantized ops read dequantized activations; everything else reads FP32.
+
+    ONNX Runtime's QDQ quantizer rewires *every* consumer of a quantized activation to its
+    DequantizeLinear, and when that activation is a graph output (z_H_out feeds the lm head),
+    the output itself becomes the dequantized copy. That would round the residual stream and
+    the returned state to INT8; TensorRT only needs Q/DQ in front of the quantized layers.
+    """
+    import onnx_graphsurgeon as gs
+
+    from eqr.export.onnx_graph import fold_and_sort
+
+    graph = gs.import_onnx(model)
+    keep = set(op_types)
+    for dq in [n for n in graph.nodes if n.op == "DequantizeLinear"]:
+        q = dq.inputs[0].inputs[0] if dq.inputs[0].inputs else None
+        if q is None or q.op != "QuantizeLinear" or isinstance(q.inputs[0], gs.Constant):
+            continue  # a weight: its DQ feeds only its layer
+        source, dequantized = q.inputs[0], dq.outputs[0]
+        for user in list(dequantized.outputs):
+            if user.op not in keep:
+                for i, tensor in enumerate(user.inputs):
+                    if tensor is dequantized:
+                        user.inputs[i] = source
+        if dequantized in graph.outputs:  # hand the output name back to the FP32 tensor
+            index = graph.outputs.index(dequantized)
+            name = dequantized.name
+            dequantized.name, source.name = f"{name}_dequantized", name
+            source.dtype, source.shape = dequantized.dtype, dequantized.shape
+            graph.outputs[index] = source
+    graph.cleanup().toposort()
+    result = gs.export_onnx(graph)
+    used = {n.domain for n in result.graph.node}
+    kept_opsets = [o for o in model.opset_import if o.domain in used | {"", "ai.onnx"}]
+    del result.opset_import[:]
+    result.opset_import.extend(kept_opsets)  # quant_pre_process lists every ORT domain; keep the used ones
+    result.ir_version = model.ir_version
+    return fold_and_sort(result)
+
+
+class Int8FromOnnx:
+    """Loader: FP32 graph (ModelProto or loader) + calibration feeds -> INT8 Q/DQ ModelProto."""
+
+    def __init__(self, fp32, calib_feeds, method: str = "minmax", op_types: Iterable[str] = DEFAULT_OP_TYPES) -> None:
+        self.fp32 = fp32
+        self.calib_feeds = calib_feeds  # an iterable of feeds, or a callable returning one
+        self.method = method
+        self.op_types = tuple(op_types)
+
+    def __call__(self) -> "onnx.ModelProto":
+        import onnx
+
+        model = self.fp32() if callable(self.fp32) else self.fp32
+        feeds = self.calib_feeds() if callable(self.calib_feeds) else self.calib_feeds
+        with tempfile.TemporaryDirectory(prefix="eqr-int8-") as tmp:
+            source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+            source.write_bytes(model.SerializeToString())
+            quantize_int8(source, feeds, target, method=self.method, op_types=self.op_types)
+            return onnx.load(str(target))
+
+
+def quantized_ops(model: "onnx.ModelProto") -> dict[str, int]:
+    """How many of each op type read a dequantized input (what the Q/DQ pairs cover)."""
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") and dequantized & set(node.input):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts

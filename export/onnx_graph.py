@@ -1,0 +1,186 @@
+"""The FP32 step graph: torch -> ONNX, constant folding, lint, and ONNX Runtime sessions.
+
+Polygraphy-style lazy loaders: constructing one is free; calling it does the work. onnx,
+onnxruntime and polygraphy are imported inside the functions that need them.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES, StepGraph
+from eqr.model import EqRModel
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime
+
+log = logging.getLogger(__name__)
+
+BATCH_DIM = "B"
+STANDARD_DOMAINS = ("", "ai.onnx")  # TensorRT's ONNX parser knows no ONNX Runtime contrib ops
+
+
+class OnnxFromModel:
+    """Loader: the noise-free `StepGraph` of `model` as an FP32 ONNX ModelProto, dynamic batch.
+
+    Uses the TorchScript exporter (`dynamo=False`): its graph is the one ONNX Runtime fuses
+    RMSNorm in (deployment spec), and it keeps the weights inside the proto.
+    """
+
+    def __init__(self, model: EqRModel, opset: int) -> None:
+        self.model = model
+        self.opset = opset
+
+    def __call__(self) -> "onnx.ModelProto":
+        import onnx
+
+        config = self.model.config
+        example_batch = 2  # any B > 1, so nothing specialises on a batch of one
+        tokens = torch.ones(example_batch, config.seq_len, dtype=torch.int32)
+        state = self.model.initial_state(example_batch, generator=torch.Generator().manual_seed(0))
+        graph = StepGraph(self.model).eval()
+        buffer = io.BytesIO()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+            torch.onnx.export(graph, (tokens, state.z_H.float(), state.z_L.float()), buffer, dynamo=False,
+                              opset_version=self.opset, input_names=list(INPUT_NAMES),
+                              output_names=list(OUTPUT_NAMES), do_constant_folding=True,
+                              dynamic_axes={name: {0: BATCH_DIM} for name in INPUT_NAMES + OUTPUT_NAMES})
+        return fold_and_sort(onnx.load_from_string(buffer.getvalue()))
+
+
+def fold_and_sort(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """Constant folding (Polygraphy), dead-node removal and a topological sort (graphsurgeon)."""
+    import onnx
+    import onnx_graphsurgeon as gs
+    from polygraphy.backend.onnx import fold_constants
+
+    with _quiet_polygraphy():
+        folded = fold_constants(model, num_passes=2, error_ok=False)
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(folded))
+    _drop_noop_casts(graph)
+    graph.cleanup().toposort()
+    result = gs.export_onnx(graph)
+    del result.opset_import[:]
+    result.opset_import.extend(folded.opset_import)  # keep the exporter's opset exactly
+    result.ir_version = folded.ir_version
+    return result
+
+
+def _drop_noop_casts(graph) -> None:
+    """Bypass Casts to the type their input already has (the exporter's `x.float()` on fp32)."""
+    outputs = {t.name for t in graph.outputs}
+    for node in graph.nodes:
+        if node.op == "Cast" and node.inputs[0].dtype is not None and node.outputs[0].name not in outputs \
+                and node.inputs[0].dtype == node.outputs[0].dtype:
+            source, result = node.inputs[0], node.outputs[0]
+            for user in list(result.outputs):
+                for i, tensor in enumerate(user.inputs):
+                    if tensor is result:
+                        user.inputs[i] = source
+            node.outputs.clear()
+
+
+class _quiet_polygraphy:
+    """Polygraphy logs every pass at INFO; keep it to warnings while we drive it."""
+
+    def __enter__(self) -> None:
+        from polygraphy.logger import G_LOGGER
+
+        self.logger, self.previous = G_LOGGER, G_LOGGER.module_severity
+        G_LOGGER.module_severity = G_LOGGER.ERROR
+
+    def __exit__(self, *exc: Any) -> None:
+        self.logger.module_severity = self.previous
+
+
+def check_io_contract(model: "onnx.ModelProto", config_seq_len: int, hidden: int, vocab: int, where: str) -> None:
+    """Raise ValueError unless the graph's inputs/outputs are exactly the fixed I/O contract."""
+    expected = io_contract(config_seq_len, hidden, vocab)
+    actual = {"inputs": [_value_info(v) for v in model.graph.input],
+              "outputs": [_value_info(v) for v in model.graph.output]}
+    if actual != expected:
+        raise ValueError(f"{where}: I/O differs from the contract: {json.dumps(actual)} vs {json.dumps(expected)}")
+
+
+def io_contract(seq_len: int, hidden: int, vocab: int) -> dict[str, list[dict[str, Any]]]:
+    """The fixed I/O of every step graph (names, dtypes, shapes; "B" is the dynamic batch)."""
+    B, L, D, V = BATCH_DIM, seq_len, hidden, vocab
+    inputs = [("tokens", "int32", [B, L]), ("z_H", "float32", [B, L, D]), ("z_L", "float32", [B, L, D])]
+    outputs = [("z_H_out", "float32", [B, L, D]), ("z_L_out", "float32", [B, L, D]),
+               ("logits", "float32", [B, L, V]), ("preds", "int32", [B, L]), ("residual", "float32", [B]),
+               ("logit_delta", "float32", [B]), ("q_halt", "float32", [B])]
+    as_dicts = lambda rows: [{"name": n, "dtype": t, "shape": s} for n, t, s in rows]  # noqa: E731
+    return {"inputs": as_dicts(inputs), "outputs": as_dicts(outputs)}
+
+
+def _value_info(value: Any) -> dict[str, Any]:
+    import onnx
+
+    tensor_type = value.type.tensor_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
+    shape = [d.dim_param or d.dim_value for d in tensor_type.shape.dim]
+    return {"name": value.name, "dtype": dtype, "shape": shape}
+
+
+def nonstandard_ops(model: "onnx.ModelProto") -> list[str]:
+    """Op types outside the standard ONNX domain (e.g. com.microsoft contrib ops)."""
+    return sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+
+
+def set_metadata(model: "onnx.ModelProto", entries: dict[str, str]) -> None:
+    del model.metadata_props[:]
+    for key, value in entries.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+
+
+def serialize(model: "onnx.ModelProto") -> bytes:
+    return model.SerializeToString()
+
+
+def session(model: "onnx.ModelProto | bytes | str", threads: int = 0) -> "onnxruntime.InferenceSession":
+    """A CPU ONNX Runtime session (no spinning: the CPU is shared with torch and other jobs)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    source = model.SerializeToString() if hasattr(model, "SerializeToString") else model
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def lint(model_bytes: bytes, seq_len: int, hidden: int, vocab: int) -> dict[str, Any]:
+    """`polygraphy check lint` on the graph -> {"passed": bool, "failing": [...], "messages": [...]}."""
+    exe = Path(sys.executable).with_name("polygraphy")
+    polygraphy = str(exe) if exe.exists() else shutil.which("polygraphy")
+    if polygraphy is None:
+        raise RuntimeError("polygraphy's command line is not on PATH; reinstall eqr (it depends on polygraphy)")
+    with tempfile.TemporaryDirectory(prefix="eqr-lint-") as tmp:
+        path, report_path = Path(tmp) / "model.onnx", Path(tmp) / "lint.json"
+        path.write_bytes(model_bytes)
+        # Lint runs the graph once: give it valid token ids and a concrete batch of one.
+        shapes = [f"tokens:[1,{seq_len}]", f"z_H:[1,{seq_len},{hidden}]", f"z_L:[1,{seq_len},{hidden}]"]
+        command = [polygraphy, "check", "lint", str(path), "-o", str(report_path),
+                   "--val-range", f"tokens:[0,{vocab - 1}]", "--input-shapes", *shapes]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    failing = report.get("summary", {}).get("failing", [])
+    passed = proc.returncode == 0 and not failing
+    messages = [e.get("message", "") for e in report.get("lint_entries", []) if e.get("level") == "exception"]
+    if not passed and not messages:
+        tail = proc.stderr.strip().splitlines()
+        messages = [tail[-1] if tail else f"polygraphy exit code {proc.returncode}"]
+    return {"passed": passed, "failing": failing[:20], "messages": messages[:5]}
