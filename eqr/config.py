@@ -174,19 +174,6 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
                                 {"options": {"path_len": [2, 16]}, "halt_max_steps": 8}),
                     extra={"task": {"name": "maze", "size": 9}}),
     ),
-    # The same recipe with an MLP over the 81 squares as token mixer (fixed board geometry).
-    "cpu-maze-9-mlpt": (
-        ModelConfig(seq_len=81, vocab_size=6, hidden_size=64, L_layers=1, H_cycles=2, L_cycles=3, mlp_t=True,
-                    H_init_std=0.1, L_init_std=0.1, halt_max_steps=4),
-        TrainConfig(global_batch_size=32, epochs=20_000, lr=1e-3, lr_warmup_steps=100, weight_decay=0.1,
-                    ema_rate=0.995, eval_interval=500, checkpoint_interval=100, eval_size=256,
-                    eval_depths=(1, 2, 4, 8, 16, 32), promote_accuracy=0.8, promote_window=50,
-                    curriculum=({"options": {"path_len": [2, 4]}, "halt_max_steps": 1},
-                                {"options": {"path_len": [2, 8]}, "halt_max_steps": 2},
-                                {"options": {"path_len": [2, 12]}, "halt_max_steps": 4},
-                                {"options": {"path_len": [2, 16]}, "halt_max_steps": 8}),
-                    extra={"task": {"name": "maze", "size": 9}}),
-    ),
 }
 
 

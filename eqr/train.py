@@ -20,18 +20,13 @@ import torch
 
 from eqr.config import PRESETS, ModelConfig, TrainConfig, preset
 from eqr.errors import EqRError
+from eqr.tasks import TASKS, get_task
 from eqr.training.data import ArraySource, BatchSource, GeneratedSource, step_seed, to_training_labels
 from eqr.training.loop import CHECKPOINT_NAME, METRICS_NAME, EvalSet, Ranks, Trainer, ranks_from_env
 
 log = logging.getLogger(__name__)
 
 EVAL_SEED_STREAM = 4  # held-out puzzles during training: a seed stream no training batch uses
-
-
-def _task(name: str, size: int) -> Any:
-    from eqr.tasks import get_task
-
-    return get_task(name, size=size)
 
 
 def build_source(train_config: TrainConfig, task_name: str | None, size: int | None,
@@ -43,7 +38,7 @@ def build_source(train_config: TrainConfig, task_name: str | None, size: int | N
         train = load_dataset(data, "train")
         source = ArraySource(np.asarray(train.inputs), np.asarray(train.labels), int(train.metadata["vocab_size"]),
                              train_config.seed, np.asarray(train.group_indices))
-        task = getattr(train, "task", None)
+        task = train.task
         eval_set = None
         if (data / "test").is_dir():
             test = load_dataset(data, "test")
@@ -57,7 +52,7 @@ def build_source(train_config: TrainConfig, task_name: str | None, size: int | N
     if task_name is None or size is None:
         raise EqRError("no training data: pass --data DIR (from `eqr data generate`) or --task and --size "
                        "(puzzles generated on the fly), or use a preset that names its task")
-    task = _task(task_name, size)
+    task = get_task(task_name, size)
     source = GeneratedSource(task, train_config.seed)
     options = dict(train_config.curriculum[-1].get("options", {})) if train_config.curriculum else {}
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
@@ -115,7 +110,7 @@ Examples:
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default=None,
               help="Model and recipe preset (ignored with --resume).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder: last.pt, metrics.jsonl.")
-@click.option("--task", "task_name", type=click.Choice(["sudoku", "maze"]), default=None,
+@click.option("--task", "task_name", type=click.Choice(sorted(TASKS)), default=None,
               help="Generate training puzzles on the fly (seeded, resumable).")
 @click.option("--size", type=int, default=None, help="Board side for --task (sudoku 4|6|9, maze 9..30).")
 @click.option("--data", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,

@@ -90,3 +90,19 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
     for x, y in zip(lines("one"), lines("two")):
         if x["type"] == "train":
             assert x["lm_loss"] == pytest.approx(y["lm_loss"], rel=1e-5)
+
+
+def test_train_on_a_generated_data_set_folder(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for split, n in (("train", 16), ("test", 8)):
+        made = CliRunner().invoke(cli, ["data", "generate", "--task", "sudoku", "--size", "4", "--n", str(n),
+                                        "--seed", "5", "--out", str(data), "--split", split])
+        assert made.exit_code == 0, made.output
+    out = tmp_path / "run"
+    result = _run("--preset", "tiny", "--data", str(data), "--out", str(out), "--steps", "3", "--quiet")
+    assert result.exit_code == 0, result.output
+    meta = load_model(out / "last.pt").metadata
+    assert meta["data"]["source"] == "dataset" and meta["data"]["rows"] == 16
+    assert meta["task"]["name"] == "sudoku"
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert evals and evals[-1]["n"] == 8  # the test split is the held-out set

@@ -1,0 +1,11 @@
+"""EqR training (spec eqr.md section 2): rolling-batch deep supervision, stablemax + q-halt losses,
+AdamATan2, EMA, curriculum, atomic resumable checkpoints, torchrun (gloo) data parallelism.
+
+    losses.py    stablemax cross-entropy (fp64), q-halt BCE
+    optim.py     AdamATan2 (pure torch), warmup/cosine schedule
+    ema.py       EMA shadow (saved and restored on resume)
+    data.py      batches as pure functions of (seed, step): data sets or generated curricula
+    loop.py      Trainer: carry, one optimizer step, evaluation, checkpoints, resume, ranks
+    evaluate.py  exact accuracy by depth, steps-to-stable-answer by tier
+    bundle.py    run -> eqr/bundled/<name>/ with a measured model card
+"""
