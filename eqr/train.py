@@ -85,14 +85,16 @@ def prepare_out_dir(out: Path, resume: bool, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def resume_configs(out: Path, steps: int | None) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
+# Settings a resumed run may change: none of them alters the weights it computes.
+RESUMABLE_OVERRIDES = {"epochs", "eval_interval", "checkpoint_interval"}
+
+
+def resume_configs(out: Path, overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
     from eqr.checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(out / CHECKPOINT_NAME)
     meta = ckpt.metadata
-    train_config = TrainConfig.from_dict(meta["train_config"])
-    if steps is not None:
-        train_config = dataclasses.replace(train_config, epochs=steps)
+    train_config = dataclasses.replace(TrainConfig.from_dict(meta["train_config"]), **overrides)
     return ckpt.config, train_config, meta
 
 
@@ -144,10 +146,11 @@ def train(preset_name: str | None, out: Path, task_name: str | None, size: int |
                                         checkpoint_interval=checkpoint_interval).items() if v is not None}
     if resume:
         prepare_out_dir(out, resume, force)
-        extra = set(overrides) - {"epochs"}
+        extra = set(overrides) - RESUMABLE_OVERRIDES
         if preset_name or extra or noise_scale is not None:
-            raise EqRError("--resume continues with the run's own settings; only --steps and --max-minutes may change")
-        model_config, train_config, meta = resume_configs(out, steps)
+            raise EqRError("--resume continues with the run's own settings; only --steps, --max-minutes, "
+                           "--eval-interval and --checkpoint-interval may change")
+        model_config, train_config, meta = resume_configs(out, overrides)
         task_meta = meta.get("task", {})
         data_meta = meta.get("data", {})
         data = Path(data_meta["path"]) if data_meta.get("source") == "dataset" else None

@@ -44,6 +44,7 @@ def test_resume_continues_and_refuses_changed_settings(tmp_path: Path) -> None:
     result = _run("--out", str(out), "--resume", "--steps", "4", "--quiet")
     assert result.exit_code == 0, result.output
     assert torch.load(out / "last.pt", weights_only=True)["train_state"]["step"] == 4
+    assert _run("--out", str(out), "--resume", "--eval-interval", "1", "--quiet").exit_code == 0
     bad = _run("--out", str(out), "--resume", "--lr", "1")
     assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "error: --resume" in bad.output
 
