@@ -1,0 +1,111 @@
+"""`eqr bench`: the RESULT lines are produced and parse, the reference loop means what the runtime
+means, and bad flags are one-line errors. No timing is asserted anywhere (speed lives in `eqr bench`)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import tiny_config
+from eqr.bench import (MEASUREMENTS, Measurement, ReferenceRun, exact_correct, parse_result_line,
+                       reference_solve)
+from eqr.cli import cli
+from eqr.export.step_graph import StepGraph
+from eqr.model import EqRModel, LatentState
+
+
+def test_bench_smoke_prints_a_parsable_result_line_per_measurement() -> None:
+    args = ["bench", "--model", "tiny", "--puzzles", "3", "--breadth", "2", "--depth", "3", "--batch-size", "4",
+            "--stream", "5", "--precision", "fp32"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("RESULT ")]
+    parsed = dict(parse_result_line(line) for line in lines)
+    assert list(parsed) == list(MEASUREMENTS)
+    for name, fields in parsed.items():
+        value = float(fields[name])
+        assert math.isnan(value) or value >= 0, (name, fields)
+        assert f"## {name} = " in result.output  # each has its table too
+    assert 0 <= float(parsed["host_overhead"]["host_overhead"]) <= 1
+    assert float(parsed["memory"]["peak_rss_mib_b256"]) > 0
+    assert {"torch_fp32_b64", "onnxruntime_fp32_b64"} <= set(parsed["step_efficiency"])
+    accuracy = parsed["reference_vs_runtime"]
+    assert 0 <= float(accuracy["reference_accuracy"]) <= 1 and 0 <= float(accuracy["runtime_accuracy"]) <= 1
+
+
+def test_bench_json_holds_the_same_measurements() -> None:
+    import json
+
+    args = ["bench", "--model", "tiny", "--puzzles", "2", "--breadth", "1", "--depth", "2", "--batch-size", "2",
+            "--only", "reference_vs_runtime", "--only", "adaptive_steps", "--precision", "fp32", "--json"]
+    result = CliRunner(mix_stderr=False).invoke(cli, args) if _has_mix_stderr() else CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert [m["name"] for m in payload["measurements"]] == ["reference_vs_runtime", "adaptive_steps"]
+    assert payload["run"]["config"]["depth"] == 2
+
+
+def _has_mix_stderr() -> bool:
+    import inspect
+
+    return "mix_stderr" in inspect.signature(CliRunner.__init__).parameters
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--breadth", "0"], "--breadth must be >= 1"),
+    (["--model", "tiny", "--paper"], "--paper runs paper-sudoku"),
+    (["--model", "no-such-model"], "not a file, bundled model or preset"),
+    (["--batch-size", "2", "--breadth", "4", "--model", "tiny"], "must hold one puzzle's --breadth"),
+])
+def test_bad_flags_are_one_line_errors(args: list[str], fragment: str) -> None:
+    result = CliRunner().invoke(cli, ["bench", *args])
+    assert result.exit_code == 2
+    assert fragment in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_reference_scores_match_the_runtime_step_graph() -> None:
+    """Without noise the reference's per-step preds and logit_delta are the step graph's, so its
+    convergence top-1 and the runtime's rank trajectories by the same number."""
+    model = EqRModel(tiny_config(), seed=3).eval()
+    tokens = np.random.default_rng(0).integers(1, 6, (3, 16)).astype(np.int32)
+    K, D, seed = 2, 4, 11
+    run = reference_solve(model, tokens, depth=D, breadth=K, batch_size=6, seed=seed, noise=0.0)
+    assert run.preds.shape == (D, 6, 16) and run.logit_delta.shape == (D, 6)
+
+    state = model.initial_state(6, torch.Generator().manual_seed(seed))  # the reference's one batch
+    rows = torch.as_tensor(tokens).repeat_interleave(K, dim=0).int()
+    graph = StepGraph(model)
+    with torch.no_grad():
+        z_H, z_L = state
+        for t in range(D):
+            z_H, z_L, _, preds, _, logit_delta, _ = graph(rows, z_H, z_L)
+            np.testing.assert_array_equal(run.preds[t], preds.numpy())
+            np.testing.assert_allclose(run.logit_delta[t], logit_delta.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_reference_answers_pick_the_most_converged_trajectory() -> None:
+    # 1 puzzle, K = 2, L = 2: trajectory 1 moves least over the last steps, so it is chosen.
+    preds = np.array([[[1, 1], [2, 2]]] * 3, np.uint8)  # (N=3, P*K=2, L=2)
+    logit_delta = np.array([[5.0, 5.0], [5.0, 0.1], [5.0, 0.1]], np.float32)
+    run = ReferenceRun(preds, logit_delta, seconds=1.0, breadth=2)
+    np.testing.assert_array_equal(run.answers(3, "converged"), [[2, 2]])
+    np.testing.assert_array_equal(run.answers(1, "converged"), [[1, 1]])  # tie at depth 1: earliest wins
+    np.testing.assert_array_equal(exact_correct(np.array([[2, 2], [1, 2]]), np.array([[2, 2], [0, 3]])),
+                                  [True, False])
+
+
+def test_result_line_goal_and_parsing() -> None:
+    missed = Measurement("host_overhead", 0.2, {"wall_s": 1.5, "backend": "onnxruntime fp32"}, ("a",), [])
+    name, fields = parse_result_line(missed.result_line())
+    assert name == "host_overhead" and fields["met"] == "0" and fields["goal_max"] == "0.05"
+    assert fields["backend"] == "onnxruntime_fp32"
+    met = Measurement("reference_vs_runtime", 3.5, {}, ("a",), [])
+    assert met.met is True and parse_result_line(met.result_line())[1]["met"] == "1"
+    assert Measurement("memory", 100.0, {}, ("a",), []).met is None
+    assert Measurement("reference_vs_runtime", 1.0, {}, ("a",), [], goal_applies=False).met is None
+    with pytest.raises(ValueError):
+        parse_result_line("eqr bench 2026")
