@@ -140,6 +140,15 @@ def test_compaction_shrinks_the_batch_and_counts_every_row_step(torch_solver):
         assert (trace[p, n - 2:n] < 1e-5).all()  # patience 2: the last two residuals were below tol
 
 
+def test_without_compaction_settled_rows_stay_in_the_batch_with_the_same_answers(torch_solver):
+    puzzles = random_puzzles(6, seed=5)
+    compacted = torch_solver.solve(puzzles, max_steps=40)
+    kept = torch_solver.solve(puzzles, max_steps=40, compaction=False)
+    np.testing.assert_array_equal(kept.preds, compacted.preds)
+    np.testing.assert_array_equal(kept.stats.nstep, compacted.stats.nstep)
+    assert (kept.stats.batch_size == 6).all() and compacted.stats.batch_size[-1] < 6
+
+
 def test_answers_do_not_depend_on_batch_size_or_batch_composition(model):
     puzzles = random_puzzles(10, seed=9)
     with Solver.from_model(model) as whole, Solver.from_model(model, batch_size=3) as refilled:
