@@ -107,3 +107,23 @@ def test_train_on_a_generated_data_set_folder(tmp_path: Path) -> None:
     assert meta["task"]["name"] == "sudoku"
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert evals and evals[-1]["n"] == 8  # the test split is the held-out set
+
+
+def test_make_bundle_writes_a_measured_card(tmp_path: Path) -> None:
+    from eqr.training.bundle import make_bundle
+
+    out = tmp_path / "run"
+    assert _run(*TINY, "--out", str(out), "--steps", "2").exit_code == 0
+    args = ["--task", "sudoku", "--size", "4", "--blanks", "2:4", "--n", "8", "--split", "test"]
+    card = make_bundle(out, "toy", args, heldout_seed=99, depths=[1, 2], summary="toy", notes=["a note"],
+                       root=tmp_path / "bundled")
+    folder = tmp_path / "bundled" / "toy"
+    assert json.loads((folder / "card.json").read_text()) == json.loads(json.dumps(card))
+    assert [r["depth"] for r in card["accuracy_by_depth"]] == [1, 2] and card["heldout"]["n"] == 8
+    assert card["claim"]["exact"] == max(r["exact"] for r in card["accuracy_by_depth"])
+    assert card["heldout"]["generate_args"] == args and "--seed 99" in card["heldout"]["data_command"]
+    assert "a note" in (folder / "card.md").read_text()
+    model = load_model(folder / "model.pt")
+    assert model.metadata["task"]["generate_args"] == args
+    with pytest.raises(Exception, match="--force"):
+        make_bundle(out, "toy", args, 99, [1], "toy", root=tmp_path / "bundled")

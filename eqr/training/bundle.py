@@ -75,7 +75,7 @@ def training_curve(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_seed: int, depths: Sequence[int],
-                summary: str, force: bool = False, root: Path | None = None) -> dict[str, Any]:
+                summary: str, notes: Sequence[str] = (), force: bool = False, root: Path | None = None) -> dict[str, Any]:
     ckpt = read_checkpoint(run_dir / CHECKPOINT_NAME)
     meta = ckpt.metadata
     if ckpt.ema is None:
@@ -97,6 +97,7 @@ def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_s
     card = {
         "name": name,
         "summary": summary,
+        "notes": list(notes),
         "task": task.describe(),
         "model": {"parameters": model.num_parameters(), "preset": meta.get("preset"), "config": ckpt.config.to_dict(),
                   "weights": "EMA (rate %s)" % train_config.get("ema_rate")},
@@ -131,7 +132,9 @@ def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_s
     card["model"]["file_bytes"] = size
     atomic_write_text(target / CARD_JSON, json.dumps(card, indent=2) + "\n")
     atomic_write_text(target / CARD_MD, render_card(card))
-    load_model(name)  # the bundle must load by name
+    for path in (target / "model.pt", target / CARD_JSON, target / CARD_MD):
+        path.chmod(0o644)  # package data: readable by everyone (temp files are created 0600)
+    load_model(target / "model.pt")  # the bundle must load
     return card
 
 
@@ -164,6 +167,8 @@ def render_card(card: dict[str, Any]) -> str:
               "| tier | n | mean steps | median steps | exact at max depth |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['tier']} | {r['n']} | {r['mean_steps_to_stable']:.2f} | {r['median_steps_to_stable']:.0f} | "
               f"{100 * r['exact_at_max_depth']:.1f}% |" for r in card["steps_to_stable_by_tier"]]
+    if card.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in card["notes"]]
     if tr["curve"]:
         depths = list(tr["curve"][-1]["exact_by_depth"])
         lines += ["", "## Training curve (periodic held-out evaluation during training, EMA weights)", "",
@@ -182,8 +187,10 @@ def render_card(card: dict[str, Any]) -> str:
 @click.option("--heldout-seed", type=int, required=True, help="Seed of the held-out set (not the training seed).")
 @click.option("--depths", default="1,2,4,8,16,32,64", show_default=True, help="Depths to report.")
 @click.option("--summary", default="", help="One paragraph for the card.")
+@click.option("--note", "notes", multiple=True, help="A line for the card's Notes section (repeatable).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
-def main(run_dir: Path, name: str, heldout: str, heldout_seed: int, depths: str, summary: str, force: bool) -> None:
+def main(run_dir: Path, name: str, heldout: str, heldout_seed: int, depths: str, summary: str, notes: tuple[str, ...],
+         force: bool) -> None:
     """Bundle RUN_DIR's EMA model as eqr/bundled/NAME with a measured model card.
 
     \b
@@ -193,7 +200,7 @@ def main(run_dir: Path, name: str, heldout: str, heldout_seed: int, depths: str,
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     card = make_bundle(run_dir, name, shlex.split(heldout), heldout_seed, [int(d) for d in depths.split(",")],
-                       summary, force)
+                       summary, notes, force)
     click.echo(render_card(card))
 
 
