@@ -645,6 +645,16 @@ def export_for_bench(model: Any, out_dir: Path, precisions: tuple[str, ...], pap
     return notes
 
 
+def check_export_matches(export_dir: Path, model: Any, name: str) -> None:
+    """--export-dir must hold this model's architecture (weights are the user's word)."""
+    from eqr.runtime.artifact import load_artifact
+
+    artifact = load_artifact(export_dir)
+    if artifact.kind != "export" or artifact.config != model.config:
+        raise EqRError(f"--export-dir {export_dir}: not an export of {name}'s architecture; "
+                       f"export it with `eqr export {name} --out DIR` or drop --export-dir")
+
+
 def default_model() -> str:
     """The first bundled Sudoku model, else any bundled model, else the small CPU preset."""
     from eqr.load import bundled_dir, bundled_names
@@ -673,6 +683,7 @@ def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> tuple[li
     with contextlib.ExitStack() as stack:
         if config.export_dir:
             export_dir = Path(config.export_dir)
+            check_export_matches(export_dir, model, config.model)
         else:
             export_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="eqr-bench-"))) / "export"
             reporter.stage(f"export {config.model} to ONNX ({', '.join(config.precisions)}) in {export_dir}")
@@ -729,7 +740,8 @@ def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
 @click.option("--tol", type=float, default=None, help="Runtime residual tolerance [default: the export's].")
 @click.option("--window", type=click.IntRange(min=0), default=4, show_default=True,
               help="Runtime: stop when the answer is unchanged this many steps (0: off).")
-@click.option("--patience", type=int, default=2, show_default=True)
+@click.option("--patience", type=int, default=2, show_default=True,
+              help="Runtime: steps the residual must stay below --tol.")
 @click.option("--threads", type=int, default=1, show_default=True, help="CPU threads for torch, ONNX Runtime and the GEMM peak.")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
               default=("fp32", "fp16", "int8"), show_default=True, help="ONNX Runtime precisions in step_efficiency.")
