@@ -369,15 +369,20 @@ def reference_vs_runtime(setting: Setting) -> Measurement:
              f"{1e3 * rt.seconds / max(rt_steps, 1):.3f}", f"{flops * rt_steps / rt.seconds / 1e9:.2f}")]
     note = "" if equal else (f"runtime accuracy {rt_acc:.3f} is below the reference's {ref_acc:.3f}: "
                              "the speed ratio is not at equal accuracy")
+    fields: dict[str, Any] = {}
     if c.paper:
+        peak = max(gemm_peak(c.threads).values())
+        fields = {"gemm_peak_gflops": peak / 1e9, "runtime_of_gemm_peak": flops * rt_steps / rt.seconds / peak,
+                  "reference_of_gemm_peak": flops * ref_steps / ref.seconds / peak}
         note = (f"{PAPER_MODEL} with random weights: nothing converges, so this is the per-step cost at paper "
-                f"scale ({flops / 1e9:.2f} GFLOPs per sample-step); the accuracy goal does not apply")
+                f"scale ({flops / 1e9:.2f} GFLOPs per sample-step; GEMM peak {peak / 1e9:.1f} GFLOP/s); "
+                "the accuracy goal does not apply")
     return Measurement("reference_vs_runtime", ratio if equal else float("nan"),
                        {"ratio_any_accuracy": ratio, "reference_puzzles_per_s": ref_rate,
                         "runtime_puzzles_per_s": rt_rate, "reference_accuracy": ref_acc, "runtime_accuracy": rt_acc,
                         "puzzles": P, "breadth": c.breadth, "depth": c.depth,
                         "reference_ms_per_sample_step": 1e3 * ref.seconds / ref_steps,
-                        "runtime_ms_per_sample_step": 1e3 * rt.seconds / max(rt_steps, 1)},
+                        "runtime_ms_per_sample_step": 1e3 * rt.seconds / max(rt_steps, 1), **fields},
                        ("side", "puzzles/s", "exact acc", "sample-steps", "ms/sample-step", "GFLOP/s"), rows, note,
                        goal_applies=not c.paper)
 
@@ -545,22 +550,26 @@ def step_efficiency(setting: Setting) -> Measurement:
     c = setting.config
     setting.report.stage(f"GEMM peak: float32 {GEMM_SIZE}^3 matmul, torch and numpy, {c.threads} thread(s)")
     peaks = gemm_peak(c.threads)
-    peak = max(peaks.values())
     flops = _flops(setting)
     L, D = setting.model.config.seq_len, setting.model.config.hidden_size
     rng = np.random.default_rng(c.seed)
-    rows, best_at_64 = [], {}
+    timed: list[tuple[str, int, float]] = []
     for label, backend in _step_backends(setting):
         setting.report.stage(f"step timing: {label}, batch {', '.join(map(str, EFFICIENCY_BATCHES))}")
         for B in EFFICIENCY_BATCHES:
             feeds = {"tokens": backend.upload(rng.integers(1, setting.model.config.vocab_size, (B, L)).astype(np.int32)),
                      "z_H": backend.upload(rng.standard_normal((B, L, D), dtype=np.float32)),
                      "z_L": backend.upload(rng.standard_normal((B, L, D), dtype=np.float32))}
-            seconds = _best_time(lambda: backend.step(feeds), repeats=3, min_seconds=0.3)
-            achieved = flops * B / seconds
-            rows.append((label, B, f"{1e3 * seconds:.2f}", f"{achieved / 1e9:.2f}", f"{achieved / peak:.3f}"))
-            if B == 64:
-                best_at_64[label] = achieved / peak
+            timed.append((label, B, _best_time(lambda: backend.step(feeds), repeats=3, min_seconds=0.3)))
+    setting.report.stage("GEMM peak again (the peak is the best of before and after: the machine is shared)")
+    peaks = {name: max(value, peaks.get(name, 0.0)) for name, value in gemm_peak(c.threads).items()}
+    peak = max(peaks.values())
+    rows, best_at_64 = [], {}
+    for label, B, seconds in timed:
+        achieved = flops * B / seconds
+        rows.append((label, B, f"{1e3 * seconds:.2f}", f"{achieved / 1e9:.2f}", f"{achieved / peak:.3f}"))
+        if B == 64:
+            best_at_64[label] = achieved / peak
     fastest = max(best_at_64, key=best_at_64.get)
     fields: dict[str, Any] = {"fastest_backend": fastest, "gemm_peak_gflops": peak / 1e9,
                               **{f"{name}_gemm_gflops": value / 1e9 for name, value in peaks.items()},
