@@ -681,9 +681,13 @@ def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> tuple[li
     """Run the selected measurements -> (measurements, run description)."""
     from eqr.load import load_model
 
+    from eqr.export.exporter import fp32_model
+
     reporter = reporter or Reporter()
     torch.set_num_threads(config.threads)
-    model = load_model(config.model)
+    # Both sides compute in float32: a bf16-configured checkpoint would make torch CPU ~6x slower
+    # (deployment spec) and flatter the runtime, whose exported step is float32.
+    model = fp32_model(load_model(config.model))
     task = model_task(model)
     info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": config.model,
             "task": repr(task), "parameters": model.num_parameters(), "cpu": platform.processor() or platform.machine(),
