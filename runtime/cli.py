@@ -108,7 +108,9 @@ def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: 
 
     art = load_artifact(artifact)
     task = resolve_task(art, task_name)
-    stream = sys.stdin if source == "-" and fmt != "hrm" else source
+    if fmt == "hrm" and source == "-":
+        raise EqRError("--format hrm reads a data set directory; pass it with --input DIR")
+    stream = sys.stdin if source == "-" else source
     entries = read_puzzles(stream, fmt, task, with_solutions=True)
     good = [(line, tokens, solution) for line, tokens, solution in entries if not isinstance(tokens, str)]
     options = {"threads": threads} if threads else {}

@@ -72,7 +72,7 @@ class Scheduler:
     # ------------------------------------------------------------------ client side
     def submit(self, tokens: np.ndarray, seed: int | None = None, timeout: float | None = None) -> Future:
         """Queue one puzzle (int [L]); blocks while the queue is full, raising queue.Full after `timeout`."""
-        tokens = self.solver._check_tokens(np.asarray(tokens))
+        tokens = self.solver.check_tokens(np.asarray(tokens))
         if len(tokens) != 1:
             raise EqRError(f"submit takes one puzzle [L], got {tokens.shape[0]}")
         request = _Request(tokens[0], self.seed if seed is None else seed, Future(), self.breadth)

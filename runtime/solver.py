@@ -138,7 +138,7 @@ class Solver:
     def run(self, tokens: np.ndarray, cfg: SolveConfig, breadth: int = 1, aggregate: str = "converged",
             seed: int = 0, progress: Callable[[int], None] | None = None) -> SolveResult:
         """`solve` with a ready SolveConfig. progress(n) gets the count of trajectories just stopped."""
-        tokens = self._check_tokens(tokens)
+        tokens = self.check_tokens(tokens)
         if breadth < 1:
             raise EqRError(f"breadth must be >= 1, got {breadth}")
         choose = get_aggregator(aggregate)
@@ -156,7 +156,8 @@ class Solver:
                                batch_size=self.batch_size, progress=progress)
         return _aggregate(outputs["preds"].reshape(P, K, L), stats, choose, P, K)  # (P*K, L) -> (P, K, L)
 
-    def _check_tokens(self, tokens: np.ndarray) -> np.ndarray:
+    def check_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """Puzzles as int32 [P, L] (a single [L] puzzle becomes [1, L]); EqRError if they do not fit."""
         tokens = np.asarray(tokens)
         if tokens.ndim == 1:
             tokens = tokens[None]

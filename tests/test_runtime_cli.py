@@ -210,6 +210,8 @@ def test_user_errors_are_one_line_exit_2(artifacts, puzzles_file):
     assert wrong_task.exit_code == 2 and "pass the matching --task" in wrong_task.stderr
     no_engine = run(str(artifacts / "tiny.onnx"), "-i", str(puzzles_file), "--backend", "tensorrt")
     assert no_engine.exit_code == 2 and "tensorrt" in no_engine.stderr.lower()
+    hrm_stdin = run(str(artifacts / "tiny.pt"), "--format", "hrm")
+    assert hrm_stdin.exit_code == 2 and "--input DIR" in hrm_stdin.stderr
     assert "Traceback" not in missing.output + wrong_task.output + no_engine.output
 
 
