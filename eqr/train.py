@@ -127,13 +127,16 @@ Examples:
               help="Training path noise sigma (ModelConfig.noise_scale); 0 makes multi-process runs "
                    "bitwise comparable to one process.")
 @click.option("--max-minutes", type=float, default=None, help="Stop (and checkpoint) after this much training time.")
+@click.option("--init-from", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Start from another run's checkpoint weights and EMA (fresh optimizer, step 0), e.g. to "
+                   "continue with a new curriculum; its training time and command are kept in the metadata.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its checkpoint left it.")
 @click.option("--force", is_flag=True, help="Start over in an --out that already holds a run.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(preset_name: str | None, out: Path, task_name: str | None, size: int | None, data: Path | None,
           steps: int | None, batch_size: int | None, lr: float | None, seed: int | None, eval_interval: int | None,
-          checkpoint_interval: int | None, noise_scale: float | None, max_minutes: float | None, resume: bool,
-          force: bool, quiet: bool) -> None:
+          checkpoint_interval: int | None, noise_scale: float | None, max_minutes: float | None,
+          init_from: Path | None, resume: bool, force: bool, quiet: bool) -> None:
     """Train an EqR with rolling-batch deep supervision (spec section 2).
 
     Checkpoints are atomic: killing the process loses at most the steps since the last one.
@@ -147,7 +150,7 @@ def train(preset_name: str | None, out: Path, task_name: str | None, size: int |
     if resume:
         prepare_out_dir(out, resume, force)
         extra = set(overrides) - RESUMABLE_OVERRIDES
-        if preset_name or extra or noise_scale is not None:
+        if preset_name or extra or noise_scale is not None or init_from is not None:
             raise EqRError("--resume continues with the run's own settings; only --steps, --max-minutes, "
                            "--eval-interval and --checkpoint-interval may change")
         model_config, train_config, meta = resume_configs(out, overrides)
@@ -156,6 +159,8 @@ def train(preset_name: str | None, out: Path, task_name: str | None, size: int |
         data = Path(data_meta["path"]) if data_meta.get("source") == "dataset" else None
         source, eval_set, _, _ = build_source(train_config, task_meta.get("name"), task_meta.get("size"), data)
         command = meta.get("train_command", "") + " && " + _command_line()
+        preset_name = meta.get("preset")
+        prior = meta.get("init_from")
     else:
         if preset_name is None:
             raise EqRError("pass --preset (one of: " + ", ".join(sorted(PRESETS)) + ") or --resume")
@@ -169,10 +174,15 @@ def train(preset_name: str | None, out: Path, task_name: str | None, size: int |
         if ranks.is_main:
             prepare_out_dir(out, resume, force)
         command = _command_line()
+        prior = None
     metadata = {"task": task_meta, "data": data_meta, "train_command": command, "preset": preset_name}
     trainer = Trainer(model_config, train_config, source, out, metadata, eval_set, ranks)
     if resume:
         trainer.load(out / CHECKPOINT_NAME)
+    elif init_from is not None:
+        prior = trainer.init_from(init_from)
+    if prior is not None:
+        metadata["init_from"] = prior
     _run_with_progress(trainer, max_minutes, quiet or not ranks.is_main)
     if ranks.is_main:
         click.echo(f"{out / CHECKPOINT_NAME}: step {trainer.step}/{train_config.epochs}, "

@@ -127,3 +127,19 @@ def test_make_bundle_writes_a_measured_card(tmp_path: Path) -> None:
     assert model.metadata["task"]["generate_args"] == args
     with pytest.raises(Exception, match="--force"):
         make_bundle(out, "toy", args, 99, [1], "toy", root=tmp_path / "bundled")
+
+
+def test_init_from_starts_a_new_run_from_earlier_weights_and_keeps_its_history(tmp_path: Path) -> None:
+    from eqr.training.bundle import run_chain
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert _run(*TINY, "--out", str(first), "--steps", "2").exit_code == 0
+    result = _run(*TINY, "--out", str(second), "--steps", "1", "--init-from", str(first / "last.pt"))
+    assert result.exit_code == 0, result.output
+    meta = load_model(second / "last.pt").metadata
+    assert meta["init_from"]["steps"] == 2 and meta["init_from"]["path"] == str(first / "last.pt")
+    chain = run_chain(meta)
+    assert [run["steps"] for run in chain] == [2, 1]
+    assert torch.load(second / "last.pt", weights_only=True)["train_state"]["step"] == 1
+    refused = _run("--out", str(second), "--resume", "--init-from", str(first / "last.pt"))
+    assert refused.exit_code == 2

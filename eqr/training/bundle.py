@@ -74,6 +74,19 @@ def training_curve(run_dir: Path) -> list[dict[str, Any]]:
     return curve
 
 
+def run_chain(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs behind a checkpoint, oldest first: this one and every --init-from ancestor."""
+    chain = []
+    node: dict[str, Any] | None = meta
+    while node is not None:
+        chain.append({"command": node.get("train_command"), "preset": node.get("preset"),
+                      "steps": node.get("steps", (node.get("metrics") or {}).get("step")),
+                      "wall_time_s": round(float(node.get("wall_time_s") or 0.0), 1),
+                      "train_config": node.get("train_config")})
+        node = node.get("init_from")
+    return chain[::-1]
+
+
 def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_seed: int, depths: Sequence[int],
                 summary: str, notes: Sequence[str] = (), force: bool = False, root: Path | None = None) -> dict[str, Any]:
     ckpt = read_checkpoint(run_dir / CHECKPOINT_NAME)
@@ -93,6 +106,7 @@ def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_s
     tiers = [str(t) for t in task.tier_of(heldout.inputs)]
     report = measure(model, heldout.inputs, heldout.labels, tiers, depths, seed=heldout_seed)
     train_config = meta.get("train_config", {})
+    chain = run_chain(meta)
     generate_args = list(heldout_args)
     card = {
         "name": name,
@@ -102,11 +116,12 @@ def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_s
         "model": {"parameters": model.num_parameters(), "preset": meta.get("preset"), "config": ckpt.config.to_dict(),
                   "weights": "EMA (rate %s)" % train_config.get("ema_rate")},
         "training": {
-            "command": meta.get("train_command"),
+            "command": " && ".join(str(run["command"]) for run in chain),
+            "runs": chain,
             "seed": train_config.get("seed"),
-            "steps": (meta.get("metrics") or {}).get("step"),
+            "steps": sum(int(run["steps"] or 0) for run in chain),
             "final_curriculum_stage": (meta.get("metrics") or {}).get("stage"),
-            "wall_time_s": round(float(meta.get("wall_time_s", 0.0)), 1),
+            "wall_time_s": round(sum(run["wall_time_s"] for run in chain), 1),
             "machine": "2 CPU cores shared with other jobs, torch CPU, 1 thread",
             "data": meta.get("data"),
             "train_config": train_config,
@@ -151,7 +166,10 @@ def render_card(card: dict[str, Any]) -> str:
         else f"Training: {json.dumps(tr['data'])}.",
         "", f"Held-out ({h['n']} puzzles, a seed no training batch used):", "", "```", h["data_command"], "```", "",
         "## Training", "",
-        "```", str(tr["command"]), "```", "",
+        "```", "\n".join(str(run["command"]) for run in tr["runs"]), "```", "",
+        *([f"{len(tr['runs'])} runs, each starting from the previous one's weights (--init-from): "
+           + "; ".join(f"{run['steps']} steps / {run['wall_time_s'] / 60:.1f} min" for run in tr["runs"]), ""]
+          if len(tr["runs"]) > 1 else []),
         f"- seed {tr['seed']}, {tr['steps']} optimizer steps, final curriculum stage {tr['final_curriculum_stage']}",
         f"- wall time {tr['wall_time_s'] / 60:.1f} min of training in total ({tr['machine']})",
         f"- model: {card['model']['parameters']:,} parameters, preset {card['model']['preset']}, "

@@ -298,6 +298,21 @@ class Trainer:
         if self.ranks.is_main:
             _trim_jsonl(self.out_dir / METRICS_NAME, self.step)
 
+    def init_from(self, path: Path) -> dict[str, Any]:
+        """Start from another run's weights and EMA (fresh optimizer and carry); returns its provenance."""
+        from eqr.checkpoint import check_state_dict
+
+        ckpt = read_checkpoint(path)
+        check_state_dict(self.model.state_dict(), ckpt.model, f"{path} (--init-from)")
+        self.model.load_state_dict(ckpt.model)
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt.ema if ckpt.ema is not None else ckpt.model)
+        meta = ckpt.metadata
+        return {"path": str(path), "sha256": ckpt.sha256, "train_command": meta.get("train_command"),
+                "preset": meta.get("preset"), "train_config": meta.get("train_config"),
+                "steps": (meta.get("metrics") or {}).get("step"), "wall_time_s": meta.get("wall_time_s", 0.0),
+                "last_eval": (meta.get("metrics") or {}).get("last_eval"), "init_from": meta.get("init_from")}
+
     # ----------------------------------------------------------- the loop
 
     def run(self, max_minutes: float | None = None, on_step: Callable[[dict[str, float]], None] | None = None) -> str:
