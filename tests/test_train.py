@@ -216,3 +216,12 @@ def test_model_from_trainer_is_an_eqr_model(tmp_path):
     trainer = make_trainer(tmp_path, epochs=1)
     trainer.train_step()
     assert isinstance(trainer.ema_model(), EqRModel)
+
+
+def test_halting_follows_cap_q_head_and_exploration_minimum():
+    steps = torch.tensor([1, 1, 2, 4])
+    q_halt = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    min_steps = torch.tensor([0, 3, 0, 0])
+    # row 0: q says halt; row 1: q says halt but exploration wants 3 steps; row 3: cap
+    assert Trainer._halted(steps, q_halt, 4, min_steps).tolist() == [True, False, False, True]
+    assert Trainer._halted(steps, q_halt, 1, min_steps).tolist() == [True, True, True, True]  # N_sup 1: cap only

@@ -160,9 +160,6 @@ class Trainer:
         stage = self.config.curriculum[self.stage]
         return dict(stage.get("options", {})), int(stage.get("halt_max_steps", self.model_config.halt_max_steps))
 
-    def eval_options(self) -> dict[str, Any]:
-        return dict(self.config.curriculum[-1].get("options", {})) if self.config.curriculum else {}
-
     def _maybe_promote(self, correct: float, halted: float) -> None:
         self.window += torch.tensor([correct, halted], dtype=torch.float64)
         if (self.step % self.config.promote_window or not self.config.curriculum
@@ -186,18 +183,10 @@ class Trainer:
         explore = torch.rand(G, generator=self.shared_gen)[rows] < model.config.halt_exploration_prob  # [B]
         min_steps = torch.randint(2, max(n_sup, 2) + 1, (G,), generator=self.shared_gen)[rows]  # [B]
 
-        if self.carry is None:
-            self.carry = Carry.empty(rows.stop - rows.start, model.config.seq_len, model.config.hidden_size, model.dtype)
-        carry = self.carry
-        reset = carry.halted  # [B]
-        z_H = torch.where(reset[:, None, None], fresh.z_H[rows], carry.state.z_H)
-        z_L = torch.where(reset[:, None, None], fresh.z_L[rows], carry.state.z_L)
-        inputs = torch.where(reset[:, None], batch_inputs[rows], carry.inputs)
-        labels = torch.where(reset[:, None], batch_labels[rows], carry.labels)
-        steps = torch.where(reset, 0, carry.steps)
-
+        state, inputs, labels, steps = self._refill(batch_inputs[rows], batch_labels[rows],
+                                                    LatentState(fresh.z_H[rows], fresh.z_L[rows]))
         model.train()
-        out = model.step(LatentState(z_H, z_L), inputs, noise=model.config.noise_scale, generator=self.noise_gen)
+        out = model.step(state, inputs, noise=model.config.noise_scale, generator=self.noise_gen)
         correct = exact_correct(out.logits.detach(), labels)  # [B]
         lm_loss = stablemax_cross_entropy(out.logits, labels)
         q_loss = q_halt_loss(out.q_halt, correct)
@@ -215,10 +204,7 @@ class Trainer:
             self.ema.update(model)
 
         steps = steps + 1
-        halted = steps >= n_sup
-        if n_sup > 1:
-            halted |= out.q_halt.detach() > 0
-            halted &= steps >= torch.where(explore, min_steps, 0)
+        halted = self._halted(steps, out.q_halt.detach(), n_sup, torch.where(explore, min_steps, 0))
         self.carry = Carry(out.state, steps.int(), halted, inputs, labels)
         self.step += 1
 
@@ -232,6 +218,28 @@ class Trainer:
         return {"step": self.step, "stage": self.stage, "n_sup": n_sup, "lr": lr, "lm_loss": lm / n,
                 "q_loss": q / n, "halted": n_halted, "exact": n_correct / max(n_halted, 1),
                 "cell": cell / max(n_halted, 1), "mean_steps": steps_sum / max(n_halted, 1)}
+
+    def _refill(self, batch_inputs: torch.Tensor, batch_labels: torch.Tensor, fresh: LatentState,
+                ) -> tuple[LatentState, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows that halted last step take this step's puzzle and a fresh random state; the rest continue."""
+        model = self.model
+        if self.carry is None:
+            self.carry = Carry.empty(len(batch_inputs), model.config.seq_len, model.config.hidden_size, model.dtype)
+        carry, reset = self.carry, self.carry.halted  # reset: [B]
+        z_H = torch.where(reset[:, None, None], fresh.z_H, carry.state.z_H)  # [B, L, D]
+        z_L = torch.where(reset[:, None, None], fresh.z_L, carry.state.z_L)  # [B, L, D]
+        inputs = torch.where(reset[:, None], batch_inputs, carry.inputs)  # [B, L]
+        labels = torch.where(reset[:, None], batch_labels, carry.labels)  # [B, L]
+        return LatentState(z_H, z_L), inputs, labels, torch.where(reset, 0, carry.steps)
+
+    @staticmethod
+    def _halted(steps: torch.Tensor, q_halt: torch.Tensor, n_sup: int, min_steps: torch.Tensor) -> torch.Tensor:
+        """[B] halt at the N_sup cap, or once q_halt > 0 but not before the exploration minimum (spec 1.6)."""
+        halted = steps >= n_sup
+        if n_sup > 1:
+            halted |= q_halt > 0
+            halted &= steps >= min_steps
+        return halted
 
     # ----------------------------------------------------------- evaluation
 
