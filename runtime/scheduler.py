@@ -29,7 +29,7 @@ from eqr.errors import EqRError
 from eqr.runtime.aggregate import get_aggregator
 from eqr.runtime.config import SolveConfig
 from eqr.runtime.solve import Finished, Rows, run_loop
-from eqr.runtime.solver import Solver, SolveResult, _aggregate, initial_states
+from eqr.runtime.solver import Solver, aggregate_rows, initial_states
 from eqr.runtime.stats import REASON_CODE, SolveStats
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class Scheduler:
             return
         stats = SolveStats(nstep.astype(np.int32), reason.astype(np.int8), residual, logit_delta, score, q_halt,
                            None, None, np.zeros(0, np.int32), np.zeros(0))
-        _settle(request.future, result=_aggregate(preds[None], stats, self.choose, 1, K))  # (K, L) -> (1, K, L)
+        _settle(request.future, result=aggregate_rows(preds[None], stats, self.choose, 1, K))  # (K, L) -> (1, K, L)
 
 
 _CANCELLED = REASON_CODE["cancelled"]

@@ -154,7 +154,7 @@ class Solver:
         rows = np.repeat(tokens, K, axis=0)  # (P, L) -> (P*K, L), the K copies of a puzzle adjacent
         outputs, stats = solve(self.backend, rows, init, cfg, groups=puzzles,
                                batch_size=self.batch_size, progress=progress)
-        return _aggregate(outputs["preds"].reshape(P, K, L), stats, choose, P, K)  # (P*K, L) -> (P, K, L)
+        return aggregate_rows(outputs["preds"].reshape(P, K, L), stats, choose, P, K)  # (P*K, L) -> (P, K, L)
 
     def check_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """Puzzles as int32 [P, L] (a single [L] puzzle becomes [1, L]); EqRError if they do not fit."""
@@ -169,7 +169,8 @@ class Solver:
         return tokens.astype(np.int32)
 
 
-def _aggregate(preds: np.ndarray, stats: SolveStats, choose: Callable, P: int, K: int) -> SolveResult:
+def aggregate_rows(preds: np.ndarray, stats: SolveStats, choose: Callable, P: int, K: int) -> SolveResult:
+    """preds (P, K, L) and the stats of the P*K rows (row p*K + k) -> one SolveResult per puzzle."""
     valid = ~stats.diverged.reshape(P, K)  # (P*K,) -> (P, K)
     score = stats.score.reshape(P, K)  # (P*K,) -> (P, K)
     chosen = choose(preds, score, valid).astype(np.int64)

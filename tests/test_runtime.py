@@ -12,7 +12,6 @@ from eqr.runtime.backends import backend_names, create_backend
 from eqr.runtime.backends.ort_backend import OrtBackend
 from eqr.runtime.backends.torch_backend import TorchBackend
 from eqr.runtime.artifact import load_artifact
-from eqr.runtime.stats import REASON_CODE
 from runtime_helpers import StaticTorchBackend, contractive_model, export_onnx, random_puzzles
 
 

@@ -3,7 +3,6 @@ CUDA GPU (marked `gpu`; skipped with the reason otherwise). CPU-side pieces of t
 (registry, unavailability reasons) are covered in test_runtime.py."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from eqr.export import tensorrt as trt_export
