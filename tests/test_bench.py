@@ -29,6 +29,7 @@ def test_bench_smoke_prints_a_parsable_result_line_per_measurement() -> None:
         value = float(fields[name])
         assert math.isnan(value) or value >= 0, (name, fields)
         assert f"## {name} = " in result.output  # each has its table too
+    assert "{flops" not in result.output and "M/sample)" in result.output  # notes are formatted
     assert 0 <= float(parsed["host_overhead"]["host_overhead"]) <= 1
     assert float(parsed["memory"]["peak_rss_mib_b256"]) > 0
     assert {"torch_fp32_b64", "onnxruntime_fp32_b64"} <= set(parsed["step_efficiency"])
