@@ -220,14 +220,26 @@ def test_help_lists_examples():
     assert "[auto|tensorrt|onnxruntime|torch]" in result.output
 
 
-def test_public_hard_9x9_collection_runs_without_a_crash(tmp_path):
-    """Norvig's top95 through a small 9x9 model: whatever its accuracy, every line gets a record."""
-    model = EqRModel(tiny_config(seq_len=81, vocab_size=11, H_cycles=1, L_cycles=1, L_layers=1), seed=0)
-    save_checkpoint(tmp_path / "sudoku9.pt", model.config, model.state_dict())
+def sudoku9_models() -> list[str]:
+    """Bundled 9x9 Sudoku models, or "tiny" (a small random 9x9 model) when none is bundled."""
+    from eqr.load import bundled_names
+    from eqr.runtime.artifact import load_artifact
+
+    names = [n for n in bundled_names() if (load_artifact(n).seq_len, load_artifact(n).vocab_size) == (81, 11)]
+    return names or ["tiny"]
+
+
+@pytest.mark.parametrize("name", sudoku9_models())
+def test_public_hard_9x9_collection_runs_without_a_crash(name, tmp_path):
+    """Norvig's top95 through a 9x9 model: whatever its accuracy, every line gets a record."""
+    if name == "tiny":
+        model = EqRModel(tiny_config(seq_len=81, vocab_size=11, H_cycles=1, L_cycles=1, L_layers=1), seed=0)
+        save_checkpoint(tmp_path / "sudoku9.pt", model.config, model.state_dict())
+        name = str(tmp_path / "sudoku9.pt")
     (tmp_path / "top95.txt").write_text(TOP95)
-    result = run(str(tmp_path / "sudoku9.pt"), "-i", str(tmp_path / "top95.txt"), "--max-steps", "6", "--json")
+    result = run(name, "-i", str(tmp_path / "top95.txt"), "--max-steps", "6", "--window", "0", "--json")
     assert result.exit_code == 0, result.output
     records = json_lines(result.stdout)
     assert len(records) == 95 and [r["line"] for r in records] == list(range(1, 96))
     assert all(len(r["answer"]) == 81 and isinstance(r["valid"], bool) for r in records)
-    assert all(r["steps"] == 6 for r in records)
+    assert all(1 <= r["steps"] <= 6 for r in records)
