@@ -228,8 +228,8 @@ def check_precision(precision: str, model_proto, ref: parity.Reference, progress
                           f"(> {parity.FP32_STEP_ATOL:g}) in one step; the export is wrong, please report it")
     tol = parity.recommended_tol(precision, trajectory["residual_floor"])
     progress.done(f"{precision}: step error max abs {errors['max_abs']:.3g} over {len(errors['depths'])} depths "
-                  f"(one step from random states {errors['max_abs_one_step']:.3g}, state {errors['state_rel']:.2%} "
-                  f"of its range); answers after {steps} steps agree with torch fp32 on "
+                  f"(one step from random states {errors['max_abs_one_step']:.3g}; state error {errors['state_rel']:.2g} "
+                  f"of the state's max abs); answers after {steps} steps agree with torch fp32 on "
                   f"{trajectory['answers_agree']:.0%} of trajectories ({trajectory['tokens_agree']:.1%} of tokens); "
                   f"tol {tol['tol']:.3g}")
     if not tol["floor_reached"] and not fp32:

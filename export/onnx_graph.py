@@ -5,16 +5,15 @@ onnxruntime and polygraphy are imported inside the functions that need them.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
-import shutil
-import subprocess
 import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -68,6 +67,7 @@ def fold_and_sort(model: "onnx.ModelProto") -> "onnx.ModelProto":
 
     with _quiet_polygraphy():
         folded = fold_constants(model, num_passes=2, error_ok=False)
+    _dedupe_initializers(folded)
     graph = gs.import_onnx(onnx.shape_inference.infer_shapes(folded))
     _drop_noop_casts(graph)
     graph.cleanup().toposort()
@@ -76,6 +76,35 @@ def fold_and_sort(model: "onnx.ModelProto") -> "onnx.ModelProto":
     result.opset_import.extend(folded.opset_import)  # keep the exporter's opset exactly
     result.ir_version = folded.ir_version
     return result
+
+
+def _dedupe_initializers(model: "onnx.ModelProto") -> None:
+    """Share identical initializers. The step applies one weight-tied block stack dozens of
+    times; constant folding writes a transposed copy of each weight per application (a
+    4.9M-parameter model became a 407 MB graph)."""
+    import hashlib
+
+    from onnx import numpy_helper
+
+    canonical: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    kept = []
+    for tensor in model.graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(values.tobytes()).hexdigest())
+        if key in canonical:
+            rename[tensor.name] = canonical[key]
+        else:
+            canonical[key] = tensor.name
+            kept.append(tensor)
+    if not rename:
+        return
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
 
 
 def _drop_noop_casts(graph) -> None:
@@ -92,17 +121,14 @@ def _drop_noop_casts(graph) -> None:
             node.outputs.clear()
 
 
-class _quiet_polygraphy:
-    """Polygraphy logs every pass at INFO; keep it to warnings while we drive it."""
+@contextlib.contextmanager
+def _quiet_polygraphy() -> Iterator[None]:
+    """Polygraphy logs every pass (and its "colored" notice) to stdout: keep it to errors, on
+    stderr, so `eqr export --json` prints only JSON."""
+    from polygraphy.logger import G_LOGGER
 
-    def __enter__(self) -> None:
-        from polygraphy.logger import G_LOGGER
-
-        self.logger, self.previous = G_LOGGER, G_LOGGER.module_severity
-        G_LOGGER.module_severity = G_LOGGER.ERROR
-
-    def __exit__(self, *exc: Any) -> None:
-        self.logger.module_severity = self.previous
+    with G_LOGGER.verbosity(G_LOGGER.ERROR), contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def check_io_contract(model: "onnx.ModelProto", config_seq_len: int, hidden: int, vocab: int, where: str) -> None:
@@ -163,24 +189,27 @@ def session(model: "onnx.ModelProto | bytes | str", threads: int = 0) -> "onnxru
 
 
 def lint(model_bytes: bytes, seq_len: int, hidden: int, vocab: int) -> dict[str, Any]:
-    """`polygraphy check lint` on the graph -> {"passed": bool, "failing": [...], "messages": [...]}."""
-    exe = Path(sys.executable).with_name("polygraphy")
-    polygraphy = str(exe) if exe.exists() else shutil.which("polygraphy")
-    if polygraphy is None:
-        raise RuntimeError("polygraphy's command line is not on PATH; reinstall eqr (it depends on polygraphy)")
+    """`polygraphy check lint` on the graph -> {"passed": bool, "failing": [...], "messages": [...]}.
+
+    Run in-process (the CLI's own entry point with its arguments): a subprocess would spend
+    most of its time importing onnxruntime again. Its log goes to stderr, never stdout.
+    """
+    from polygraphy.tools._main import main as polygraphy_main
+
     with tempfile.TemporaryDirectory(prefix="eqr-lint-") as tmp:
         path, report_path = Path(tmp) / "model.onnx", Path(tmp) / "lint.json"
         path.write_bytes(model_bytes)
         # Lint runs the graph once: give it valid token ids and a concrete batch of one.
         shapes = [f"tokens:[1,{seq_len}]", f"z_H:[1,{seq_len},{hidden}]", f"z_L:[1,{seq_len},{hidden}]"]
-        command = [polygraphy, "check", "lint", str(path), "-o", str(report_path),
-                   "--val-range", f"tokens:[0,{vocab - 1}]", "--input-shapes", *shapes]
-        proc = subprocess.run(command, capture_output=True, text=True)
+        args = ["check", "lint", str(path), "-o", str(report_path), "--val-range", f"tokens:[0,{vocab - 1}]",
+                "--input-shapes", *shapes]
+        with _quiet_polygraphy(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # polygraphy's entry-point lookup
+            status = polygraphy_main(args)
         report = json.loads(report_path.read_text()) if report_path.exists() else {}
     failing = report.get("summary", {}).get("failing", [])
-    passed = proc.returncode == 0 and not failing
+    passed = status == 0 and not failing
     messages = [e.get("message", "") for e in report.get("lint_entries", []) if e.get("level") == "exception"]
     if not passed and not messages:
-        tail = proc.stderr.strip().splitlines()
-        messages = [tail[-1] if tail else f"polygraphy exit code {proc.returncode}"]
+        messages = [f"polygraphy check lint exited with status {status} and no report"]
     return {"passed": passed, "failing": failing[:20], "messages": messages[:5]}
