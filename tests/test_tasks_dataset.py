@@ -191,3 +191,14 @@ def test_cli_bad_input_is_one_error_line(tmp_path, args, message):
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert result.stderr.count("error:") == 1
+
+
+def test_read_csv_header_of_a_small_board_is_not_taken_for_a_puzzle():
+    """'solution' is half a 4x4 puzzle long: the header is recognised by its column names."""
+    task = get_task("sudoku", 4)
+    puzzles = task.generate(2, seed=3)
+    rows = [f"{task.format_tokens(p)},{task.format_tokens(s)}" for p, s in zip(puzzles.inputs, puzzles.labels)]
+    entries = read_puzzles(io.StringIO("puzzle,solution\n" + "\n".join(rows) + "\n"), "csv", task=task,
+                           with_solutions=True)
+    assert [line for line, _, _ in entries] == [2, 3]
+    assert np.array_equal(entries[0][1], puzzles.inputs[0]) and np.array_equal(entries[1][2], puzzles.labels[1])

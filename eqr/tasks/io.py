@@ -5,8 +5,8 @@ error message), so a caller reports the bad lines and still solves the others.
 
   text  one puzzle per line in the task's text format (see `eqr.tasks.sudoku` / `.maze`);
         empty lines, and for Sudoku '#' comments, are skipped. Numbers are 1-based lines.
-  csv   `puzzle,solution[,...]`, Sudoku-Extreme style. A first row with no field at least half
-        a puzzle long is a header; columns named puzzle/question/quizzes/q and solution/answer/
+  csv   `puzzle,solution[,...]`, Sudoku-Extreme style. A first row that names a known column, or
+        has no field at least half a puzzle long, is a header; columns named puzzle/question/quizzes/q and solution/answer/
         solutions/a are used wherever they are. Otherwise the first field of the first data row
         that is puzzle-long is the puzzle column and the next such field the solution column
         (so `source,question,answer,rating` rows work with or without their header). Extra
@@ -118,8 +118,9 @@ def _read_csv(stream: IO[str], task: Task) -> Iterator[LabelledEntry]:
             continue
         if first:
             first = False
-            if not any(_looks_like_puzzle(field, task) for field in row):  # a header
-                names = [field.strip().lower() for field in row]
+            names = [field.strip().lower() for field in row]
+            named = any(name in PUZZLE_COLUMNS or name in SOLUTION_COLUMNS for name in names)
+            if named or not any(_looks_like_puzzle(field, task) for field in row):  # a header
                 puzzle_col = next((names.index(n) for n in PUZZLE_COLUMNS if n in names), None)
                 solution_col = next((names.index(n) for n in SOLUTION_COLUMNS if n in names), None)
                 continue
