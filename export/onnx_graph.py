@@ -66,7 +66,9 @@ def fold_and_sort(model: "onnx.ModelProto") -> "onnx.ModelProto":
     from polygraphy.backend.onnx import fold_constants
 
     with _quiet_polygraphy():
-        folded = fold_constants(model, num_passes=2, error_ok=False)
+        # No size threshold: folding the per-use weight transposes is the point (duplicates are
+        # shared afterwards), so Polygraphy's "large folded tensors" advice does not apply.
+        folded = fold_constants(model, num_passes=2, error_ok=False, size_threshold=1 << 40)
     _dedupe_initializers(folded)
     graph = gs.import_onnx(onnx.shape_inference.infer_shapes(folded))
     _drop_noop_casts(graph)
@@ -127,8 +129,12 @@ def _quiet_polygraphy() -> Iterator[None]:
     stderr, so `eqr export --json` prints only JSON."""
     from polygraphy.logger import G_LOGGER
 
-    with G_LOGGER.verbosity(G_LOGGER.ERROR), contextlib.redirect_stdout(sys.stderr):
-        yield
+    colors, G_LOGGER.colors = G_LOGGER.colors, False  # no "install colored" notice either
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.ERROR), contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        G_LOGGER.colors = colors
 
 
 def check_io_contract(model: "onnx.ModelProto", config_seq_len: int, hidden: int, vocab: int, where: str) -> None:
