@@ -65,11 +65,11 @@ class BenchConfig:
     """One `eqr bench` run; every field is a flag."""
 
     model: str  # bundled name, checkpoint or preset
-    puzzles: int = 96  # mixed-difficulty set for reference_vs_runtime, split evenly over the task's tiers
+    puzzles: int = 192  # mixed-difficulty set for reference_vs_runtime, split evenly over the task's tiers
     breadth: int = 4  # K trajectories per puzzle (both sides)
     depth: int = 16  # D: the official protocol's fixed depth, and the runtime's max_steps
     batch_size: int = 64  # working batch (trajectories) of the runtime, the scheduler and static batches
-    stream: int = 256  # puzzles in the continuous_vs_static stream (breadth 1)
+    stream: int = 512  # puzzles in the continuous_vs_static stream (breadth 1)
     tol: float | None = None  # runtime tolerance; None: the export's per-precision value
     patience: int = 2
     window: int | None = 4  # stop when the answer is unchanged this many steps (None: off)
@@ -756,11 +756,11 @@ def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
 @click.option("--paper", is_flag=True, help=f"reference_vs_runtime only, on {PAPER_MODEL} (hidden 512) with "
               "random weights for a few steps: the per-step cost at paper scale.")
 @click.option("--only", "only", multiple=True, type=click.Choice(MEASUREMENTS), help="Run only these (repeatable).")
-@click.option("--puzzles", type=int, default=None, help="Mixed-difficulty puzzles for reference_vs_runtime [96; paper 4].")
+@click.option("--puzzles", type=int, default=None, help="Mixed-difficulty puzzles for reference_vs_runtime [192; paper 4].")
 @click.option("--breadth", type=int, default=None, help="K trajectories per puzzle [4; paper 1].")
 @click.option("--depth", type=int, default=None, help="D: fixed depth of the reference, max steps of the runtime [16; paper 2].")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Working batch in trajectories.")
-@click.option("--stream", type=int, default=256, show_default=True, help="Puzzles in the continuous_vs_static stream.")
+@click.option("--stream", type=int, default=512, show_default=True, help="Puzzles in the continuous_vs_static stream.")
 @click.option("--tol", type=float, default=None, help="Runtime residual tolerance [default: the export's].")
 @click.option("--window", type=click.IntRange(min=0), default=4, show_default=True,
               help="Runtime: stop when the answer is unchanged this many steps (0: off).")
@@ -797,7 +797,7 @@ def bench(model: str | None, paper: bool, only: tuple[str, ...], puzzles: int | 
         raise EqRError(f"--paper runs {PAPER_MODEL}; drop --model (or drop --paper to bench {model})")
     config = BenchConfig(
         model=PAPER_MODEL if paper else (model or default_model()),
-        puzzles=_given(puzzles, 4 if paper else 96), breadth=_given(breadth, 1 if paper else 4),
+        puzzles=_given(puzzles, 4 if paper else 192), breadth=_given(breadth, 1 if paper else 4),
         depth=_given(depth, 2 if paper else 16),
         batch_size=min(batch_size, 4) if paper else batch_size, stream=stream, tol=tol, patience=patience,
         window=window or None, threads=threads, seed=seed, reference_noise=reference_noise,
