@@ -27,9 +27,10 @@ import numpy as np
 from eqr.calibration.config import ReportConfig
 from eqr.calibration.contraction import spectral_radius
 from eqr.calibration.data import PuzzleSet
-from eqr.calibration.record import CalibSet, record_calibration
+from eqr.calibration.record import CalibSet, RecordingBackend, record_calibration
 from eqr.runtime.artifact import Artifact
 from eqr.runtime.backends.registry import unavailable_reason
+from eqr.runtime.solve import solve
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,8 @@ def curve_key(aggregate: str, breadth: int, depth: int) -> str:
 
 
 def plan_units(cfg: ReportConfig, n_pairs: int) -> int:
-    """Progress units: one per solve call, calibration batch and contraction probe."""
-    return n_pairs * (len(curve_keys(cfg)) + 5)
+    """Progress units: one per depth curve, floor run, gated run, calibration batch, settled run and probe."""
+    return n_pairs * (len(cfg.breadth) + 5)
 
 
 def runnable_pairs(artifact: Artifact, cfg: ReportConfig) -> tuple[list[tuple[str, str]], dict[str, str]]:
@@ -115,9 +116,8 @@ def collect_run(solver: Any, inputs: np.ndarray, cfg: ReportConfig, calib: Calib
                 tick: Progress) -> dict[str, Any]:
     """Everything measured on one solver (one backend at one precision)."""
     run: dict[str, Any] = {"curve": {}}
-    for aggregate, K, depth in curve_keys(cfg):
-        result = solver.solve(inputs, fixed_depth=depth, breadth=K, aggregate=aggregate, seed=cfg.seed)
-        run["curve"][curve_key(aggregate, K, depth)] = result.preds
+    for K in cfg.breadth:
+        run["curve"] |= depth_curve(solver, inputs, K, cfg.depths, cfg.seed)
         tick(1)
     # Ungated to max_steps: the residual falls to this precision's floor and stays there.
     fixed = solver.solve(inputs, fixed_depth=cfg.max_steps, breadth=1, seed=cfg.seed, stats="trace")
@@ -138,6 +138,47 @@ def collect_run(solver: Any, inputs: np.ndarray, cfg: ReportConfig, calib: Calib
     run["radius"], run["radius_history"] = probe["radius"], probe["history"]
     tick(1)
     return run
+
+
+def depth_curve(solver: Any, inputs: np.ndarray, breadth: int, depths: tuple[int, ...],
+                seed: int) -> dict[str, np.ndarray]:
+    """Aggregated answers (P, L) at every depth from ONE fixed-depth run to max(depths).
+
+    A recorder keeps each trajectory's predictions after every depth in `depths`; the
+    `converged` score at depth d is the loop's own rule (mean logit_delta over its last
+    `score_window` steps) read from the logit_delta trace. Equivalent to a separate
+    `fixed_depth=d` run per depth, at the cost of the deepest one only.
+    """
+    from eqr.runtime.aggregate import get_aggregator
+    from eqr.runtime.solver import initial_states
+
+    P, K, L = len(inputs), breadth, inputs.shape[1]
+    puzzles, starts = np.repeat(np.arange(P), K), np.tile(np.arange(K), P)  # row r = p*K + k
+    cfg = solver.config(fixed_depth=max(depths), stats="trace")
+    recorder = RecordingBackend(solver.backend, preds_after=depths)
+
+    def init(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return initial_states(L, solver.hidden_size, solver.init_std, seed, puzzles[rows], starts[rows])
+
+    with recorder:
+        _, stats = solve(recorder, np.repeat(inputs, K, axis=0).astype(np.int32), init, cfg, groups=puzzles)
+    valid = ~stats.diverged.reshape(P, K)
+    aggregates = ("first",) if K == 1 else ("converged", "vote")
+    curve = {}
+    for depth in depths:
+        preds = recorder.preds.get(depth)
+        if preds is None or len(preds) != P * K:  # rows diverged before this depth: solve it on its own
+            result = solver.solve(inputs, fixed_depth=depth, breadth=K, seed=seed, aggregate=aggregates[0])
+            log.warning("depth %d: some trajectories diverged; answers from a separate run", depth)
+            curve |= {curve_key(a, K, depth): result.preds for a in aggregates}
+            continue
+        window = stats.logit_delta_trace[:, max(0, depth - cfg.score_window):depth]  # (P*K, W)
+        score = np.nanmean(window, axis=1).reshape(P, K).astype(np.float32)
+        by_puzzle = preds.reshape(P, K, L)  # (P*K, L) -> (P, K, L)
+        for aggregate in aggregates:
+            chosen = get_aggregator(aggregate)(by_puzzle, score, valid)
+            curve[curve_key(aggregate, K, depth)] = by_puzzle[np.arange(P), chosen]
+    return curve
 
 
 def one_step_outputs(backend: Any, calib: CalibSet, per_depth: int) -> dict[int, np.ndarray]:

@@ -158,7 +158,7 @@ def _quantize(source: Path, calib: "CalibSet", target: Path, policy: QuantPolicy
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from eqr.export.int8 import _FeedReader, confine_qdq
+    from eqr.export.int8 import confine_qdq
 
     calibrate_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                         "percentile": CalibrationMethod.Percentile}[policy.method]
@@ -173,7 +173,7 @@ def _quantize(source: Path, calib: "CalibSet", target: Path, policy: QuantPolicy
         with contextlib.redirect_stdout(chatter):
             calibrator = create_calibrator(prepared, list(policy.op_types), str(Path(tmp) / "augmented.onnx"),
                                            calibrate_method, extra_options=policy.calibrator_options())
-            calibrator.collect_data(_FeedReader(calib.feeds(ROWS_PER_FEED)))
+            calibrator.collect_data(_FeedReader(calib))
             save_tensors_data(calibrator.compute_data(), cache)
         log.debug("onnxruntime calibrator: %s", chatter.getvalue().strip())
         del calibrator
@@ -184,6 +184,16 @@ def _quantize(source: Path, calib: "CalibSet", target: Path, policy: QuantPolicy
                         extra_options=QDQ_OPTIONS, calibration_cache_path=str(cache))
         model = confine_qdq(onnx.load(str(quantized)), policy.op_types)
         atomic_write_bytes(target, model.SerializeToString())
+
+
+class _FeedReader:
+    """ONNX Runtime's CalibrationDataReader protocol over the calibration states, one pass."""
+
+    def __init__(self, calib: "CalibSet") -> None:
+        self._feeds = iter(calib.feeds(ROWS_PER_FEED))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
 
 
 def _quantized_ops(model: "onnx.ModelProto") -> dict[str, int]:

@@ -40,11 +40,15 @@ CALIB_FILE = "calib.npz"
 class RecordingBackend(Backend):
     """Delegates to `inner`; copies the feeds of the steps whose depth is in `depths` to the host."""
 
-    def __init__(self, inner: Backend, depths: Sequence[int]) -> None:
+    def __init__(self, inner: Backend, depths: Sequence[int] = (), preds_after: Sequence[int] = ()) -> None:
+        """Record the feeds of the steps at `depths` (the state after that many steps) and the
+        predictions output after the steps in `preds_after` (1 = after the first step)."""
         super().__init__()
         self.inner = inner
         self.name = f"recording({inner.name})"  # type: ignore[misc]
         self.depths = set(int(d) for d in depths)
+        self.preds_after = set(int(d) for d in preds_after)
+        self.preds: dict[int, np.ndarray] = {}  # steps taken -> int32 (rows, L) predictions
         self.static_shapes = inner.static_shapes
         self.steps_taken = 0
         self._owns_inner = False  # deactivate `inner` only if we activated it
@@ -53,6 +57,7 @@ class RecordingBackend(Backend):
     def reset(self) -> None:
         self.steps_taken = 0
         self.records = []
+        self.preds = {}
 
     def activate_impl(self) -> None:
         if not self.inner.is_active:
@@ -72,6 +77,8 @@ class RecordingBackend(Backend):
         self.steps_taken += 1
         outputs = self.inner.step(feeds)
         self.inference_time = self.inner.last_inference_time()
+        if self.steps_taken in self.preds_after:
+            self.preds[self.steps_taken] = self.inner.download(outputs["preds"]).astype(np.int32)
         return outputs
 
     def describe(self) -> dict[str, Any]:

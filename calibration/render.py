@@ -170,11 +170,13 @@ def _plot_accuracy(report: dict[str, Any], plt: Any) -> Any:
             values = curve[metric] if report["labels"] else [100 * a for a in curve["agreement"]]
             ax.plot(curve["depths"], values, marker="o", label=name)
         ax.set_xscale("log", base=2)
+        ax.set_ylim(-3, 103)
         ax.set_xlabel("depth (outer steps)")
         ax.set_ylabel("exact accuracy (%)" if report["labels"] else "agreement with FP32 (%)")
         ax.set_title(label)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
     return fig
 
 

@@ -76,6 +76,20 @@ def test_recording_captures_every_depth_of_the_runtime_loop() -> None:
     assert np.abs(calib.z_H[calib.depth == 3] - calib.z_H[calib.depth == 0]).max() > 0.1
 
 
+@pytest.mark.parametrize("breadth", [1, 3])
+def test_depth_curve_equals_separate_fixed_depth_runs(breadth: int) -> None:
+    from eqr.calibration.collect import depth_curve
+
+    model = EqRModel(tiny_config(), seed=1).eval()  # untrained: answers and scores move with depth
+    tokens = np.random.default_rng(1).integers(1, 6, size=(4, 16))
+    with Solver.from_model(model) as solver:
+        curve = depth_curve(solver, tokens, breadth, (1, 2, 5), seed=3)
+        for aggregate in (("first",) if breadth == 1 else ("converged", "vote")):
+            for depth in (1, 2, 5):
+                separate = solver.solve(tokens, fixed_depth=depth, breadth=breadth, aggregate=aggregate, seed=3)
+                np.testing.assert_array_equal(curve[curve_key(aggregate, breadth, depth)], separate.preds)
+
+
 def test_calib_npz_round_trip_and_errors(tmp_path) -> None:
     solver = Solver.from_model(contracting_model())
     tokens = np.ones((2, 16), np.int64)
