@@ -91,22 +91,6 @@ class Trajectory:
         return self.z_H.shape[0] - 1
 
 
-@torch.no_grad()
-def torch_trajectory(model: EqRModel, tokens: torch.Tensor, steps: int, g: torch.Generator) -> Trajectory:
-    """Run `model.step` noise-free for `steps` outer steps from fresh random states."""
-    state = model.initial_state(tokens.shape[0], generator=g)
-    states = [state]
-    logits = None
-    for _ in range(steps):
-        out = model.step(state, tokens, noise=0.0)
-        state, logits = out.state, out.logits
-        states.append(state)
-    preds = logits.argmax(-1).to(torch.int32) if logits is not None else torch.zeros_like(tokens)
-    z_H = torch.stack([s.z_H.float() for s in states])  # [N+1, B, L, D]
-    z_L = torch.stack([s.z_L.float() for s in states])  # [N+1, B, L, D]
-    return Trajectory(tokens, z_H, z_L, preds)
-
-
 def initial_states(model: EqRModel, batch: int, g: torch.Generator) -> LatentState:
     state = model.initial_state(batch, generator=g)
     return LatentState(state.z_H.float(), state.z_L.float())

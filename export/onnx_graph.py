@@ -178,10 +178,6 @@ def set_metadata(model: "onnx.ModelProto", entries: dict[str, str]) -> None:
         prop.key, prop.value = key, value
 
 
-def serialize(model: "onnx.ModelProto") -> bytes:
-    return model.SerializeToString()
-
-
 def session(model: "onnx.ModelProto | bytes | str", threads: int = 0) -> "onnxruntime.InferenceSession":
     """A CPU ONNX Runtime session (no spinning: the CPU is shared with torch and other jobs)."""
     import onnxruntime as ort
