@@ -204,7 +204,8 @@ def model_task(model: Any) -> Any:
     inferred = infer_task(model)
     if inferred.name is None:
         raise EqRError(f"{model.source.location if model.source else 'model'}: cannot tell its puzzle task "
-                       f"(L {model.config.seq_len}, V {model.config.vocab_size}); bench a bundled model or a checkpoint")
+                       f"(L {model.config.seq_len}, V {model.config.vocab_size}); "
+                       "bench a bundled model or a checkpoint")
     return get_task(inferred.name, inferred.size)
 
 
@@ -410,9 +411,15 @@ def adaptive_steps(setting: Setting) -> Measurement:
                        ("fixed depth", "official-protocol acc", ""), rows, note)
 
 
-def continuous_vs_static(setting: Setting) -> Measurement:
-    from eqr.runtime import Scheduler
+@dataclass
+class StreamRun:
+    seconds: float
+    preds: np.ndarray  # int32 (P, L)
+    row_steps: int | None  # batch rows stepped, settled ones included (static only)
+    needed_steps: int | None  # outer steps the trajectories themselves took (static only)
 
+
+def continuous_vs_static(setting: Setting) -> Measurement:
     c = setting.config
     stream = mixed_puzzles(setting.task, c.stream, c.seed + 100, tiers=not c.paper)
     order = np.random.default_rng(c.seed).permutation(len(stream.inputs))
@@ -420,43 +427,56 @@ def continuous_vs_static(setting: Setting) -> Measurement:
     solver = _solver(setting, batch_size=c.batch_size)
     cfg = _gated(setting, solver, c.depth)
     _warm_up(solver, cfg, tokens[:c.batch_size], c)
-    runs = {}
-    for name, compaction in (("static", False), ("static_compacted", True)):
-        setting.report.stage(f"{name}: {len(tokens)} puzzles in batches of {c.batch_size}, each run to its last row")
-        static_cfg = cfg.replace(compaction=compaction)
-        started = time.perf_counter()
-        preds, steps, useful = [], 0, 0
-        with setting.report.bar(name, len(tokens)) as update:
-            for start in range(0, len(tokens), c.batch_size):
-                result = solver.run(tokens[start:start + c.batch_size], static_cfg, 1, "converged", c.seed)
-                preds.append(result.preds)
-                steps += int(result.stats.batch_size.sum())
-                useful += result.stats.total_steps
-                update(len(result.preds))
-        runs[name] = (time.perf_counter() - started, np.concatenate(preds), steps)
-    setting.report.stage(f"continuous: Scheduler, working batch {c.batch_size}")
-    started = time.perf_counter()
-    with Scheduler(solver, cfg, batch_size=c.batch_size, breadth=1, seed=c.seed,
-                   max_queue=len(tokens)) as scheduler:
-        futures = [scheduler.submit(t) for t in tokens]
-        preds = np.concatenate([f.result().preds for f in futures])
-    runs["continuous"] = (time.perf_counter() - started, preds, None)
+    runs = {"static": _static_run(setting, solver, cfg, tokens, "static", compaction=False),
+            "static_compacted": _static_run(setting, solver, cfg, tokens, "static_compacted", compaction=True),
+            "continuous": _continuous_run(setting, solver, cfg, tokens)}
     solver.close()
-    rates = {name: len(tokens) / seconds for name, (seconds, _, _) in runs.items()}
-    rows = [(name, f"{rates[name]:.2f}", f"{exact_correct(p, labels).mean():.3f}", "" if s is None else s)
-            for name, (_, p, s) in runs.items()]
+    rates = {name: len(tokens) / run.seconds for name, run in runs.items()}
+    rows = [(name, f"{rates[name]:.2f}", f"{exact_correct(run.preds, labels).mean():.3f}",
+             "" if run.row_steps is None else run.row_steps) for name, run in runs.items()]
+    static = runs["static"]
+    bound = static.row_steps / max(static.needed_steps, 1)
     return Measurement("continuous_vs_static", rates["continuous"] / rates["static"],
                        {"continuous_puzzles_per_s": rates["continuous"], "static_puzzles_per_s": rates["static"],
                         "static_compacted_puzzles_per_s": rates["static_compacted"],
                         "vs_static_compacted": rates["continuous"] / rates["static_compacted"],
-                        "row_steps_static": runs["static"][2], "row_steps_needed": useful,
-                        "bound": runs["static"][2] / max(useful, 1),
-                        "stream": len(tokens), "batch": c.batch_size},
+                        "row_steps_static": static.row_steps, "row_steps_needed": static.needed_steps,
+                        "bound": bound, "stream": len(tokens), "batch": c.batch_size},
                        ("batching", "puzzles/s", "exact acc", "row-steps run"), rows,
                        "static: fixed batches padded with settled rows until the last finishes; "
                        "static_compacted: the same batches with settled rows dropped; continuous batching can "
-                       f"gain at most row-steps run / row-steps needed = {runs['static'][2]}/{useful} "
-                       f"= {runs['static'][2] / max(useful, 1):.2f}x over static")
+                       f"gain at most row-steps run / row-steps needed = {static.row_steps}/{static.needed_steps} "
+                       f"= {bound:.2f}x over static")
+
+
+def _static_run(setting: Setting, solver: Any, cfg: Any, tokens: np.ndarray, name: str, compaction: bool) -> StreamRun:
+    """Batches of `batch_size` puzzles, each solved to its last row before the next starts."""
+    c = setting.config
+    setting.report.stage(f"{name}: {len(tokens)} puzzles in batches of {c.batch_size}, each run to its last row")
+    static_cfg = cfg.replace(compaction=compaction)
+    preds, row_steps, needed = [], 0, 0
+    started = time.perf_counter()
+    with setting.report.bar(name, len(tokens)) as update:
+        for start in range(0, len(tokens), c.batch_size):
+            result = solver.run(tokens[start:start + c.batch_size], static_cfg, 1, "converged", c.seed)
+            preds.append(result.preds)
+            row_steps += int(result.stats.batch_size.sum())
+            needed += result.stats.total_steps
+            update(len(result.preds))
+    return StreamRun(time.perf_counter() - started, np.concatenate(preds), row_steps, needed)
+
+
+def _continuous_run(setting: Setting, solver: Any, cfg: Any, tokens: np.ndarray) -> StreamRun:
+    """Every puzzle submitted to a `Scheduler`, which refills its working batch as rows settle."""
+    from eqr.runtime import Scheduler
+
+    c = setting.config
+    setting.report.stage(f"continuous: Scheduler, working batch {c.batch_size}")
+    started = time.perf_counter()
+    with Scheduler(solver, cfg, batch_size=c.batch_size, breadth=1, seed=c.seed, max_queue=len(tokens)) as scheduler:
+        futures = [scheduler.submit(t) for t in tokens]
+        preds = np.concatenate([f.result().preds for f in futures])
+    return StreamRun(time.perf_counter() - started, preds, None, None)
 
 
 def _warm_up(solver: Any, cfg: Any, tokens: np.ndarray, c: BenchConfig) -> None:
@@ -557,7 +577,8 @@ def step_efficiency(setting: Setting) -> Measurement:
     for label, backend in _step_backends(setting):
         setting.report.stage(f"step timing: {label}, batch {', '.join(map(str, EFFICIENCY_BATCHES))}")
         for B in EFFICIENCY_BATCHES:
-            feeds = {"tokens": backend.upload(rng.integers(1, setting.model.config.vocab_size, (B, L)).astype(np.int32)),
+            tokens = rng.integers(1, setting.model.config.vocab_size, (B, L)).astype(np.int32)
+            feeds = {"tokens": backend.upload(tokens),
                      "z_H": backend.upload(rng.standard_normal((B, L, D), dtype=np.float32)),
                      "z_L": backend.upload(rng.standard_normal((B, L, D), dtype=np.float32))}
             timed.append((label, B, _best_time(lambda: backend.step(feeds), repeats=3, min_seconds=0.3)))
@@ -730,7 +751,8 @@ def render(measurements: list[Measurement], info: dict[str, Any]) -> str:
              f"threads {info['config']['threads']}  load {info['load_avg']}  wall {info['wall_s']}s"]
     lines += [f"note: {n}" for n in info["notes"]]
     for m in measurements:
-        goal = "" if m.goal is None else f"  goal {m.goal[0]} {m.goal[1]:g}: {'met' if m.met else 'MISSED' if m.met is False else 'n/a'}"
+        verdict = {True: "met", False: "MISSED", None: "n/a"}[m.met]
+        goal = "" if m.goal is None else f"  goal {m.goal[0]} {m.goal[1]:g}: {verdict}"
         lines += ["", f"## {m.name} = {_fmt(m.value)}{goal}", *_table(m.header, m.rows)]
         if m.note:
             lines.append(f"({m.note})")
@@ -756,9 +778,11 @@ def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
 @click.option("--paper", is_flag=True, help=f"reference_vs_runtime only, on {PAPER_MODEL} (hidden 512) with "
               "random weights for a few steps: the per-step cost at paper scale.")
 @click.option("--only", "only", multiple=True, type=click.Choice(MEASUREMENTS), help="Run only these (repeatable).")
-@click.option("--puzzles", type=int, default=None, help="Mixed-difficulty puzzles for reference_vs_runtime [192; paper 4].")
+@click.option("--puzzles", type=int, default=None,
+              help="Mixed-difficulty puzzles for reference_vs_runtime [192; paper 4].")
 @click.option("--breadth", type=int, default=None, help="K trajectories per puzzle [4; paper 1].")
-@click.option("--depth", type=int, default=None, help="D: fixed depth of the reference, max steps of the runtime [16; paper 2].")
+@click.option("--depth", type=int, default=None,
+              help="D: fixed depth of the reference, max steps of the runtime [16; paper 2].")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Working batch in trajectories.")
 @click.option("--stream", type=int, default=512, show_default=True, help="Puzzles in the continuous_vs_static stream.")
 @click.option("--tol", type=float, default=None, help="Runtime residual tolerance [default: the export's].")
@@ -766,7 +790,8 @@ def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
               help="Runtime: stop when the answer is unchanged this many steps (0: off).")
 @click.option("--patience", type=int, default=2, show_default=True,
               help="Runtime: steps the residual must stay below --tol.")
-@click.option("--threads", type=int, default=1, show_default=True, help="CPU threads for torch, ONNX Runtime and the GEMM peak.")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="CPU threads for torch, ONNX Runtime and the GEMM peak.")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
               default=("fp32", "fp16", "int8"), show_default=True, help="ONNX Runtime precisions in step_efficiency.")
 @click.option("--reference-noise", type=float, default=None,
@@ -806,7 +831,8 @@ def bench(model: str | None, paper: bool, only: tuple[str, ...], puzzles: int | 
         paper=paper)
     measurements, info = run_bench(config, Reporter())
     if as_json:
-        click.echo(json.dumps({"run": info, "measurements": [m.to_dict() for m in measurements]}, indent=2, default=str))
+        payload = {"run": info, "measurements": [m.to_dict() for m in measurements]}
+        click.echo(json.dumps(payload, indent=2, default=str))
     else:
         click.echo(render(measurements, info))
     if check_goals and any(m.met is False for m in measurements):

@@ -60,6 +60,7 @@ def _has_mix_stderr() -> bool:
     (["--model", "tiny", "--paper"], "--paper runs paper-sudoku"),
     (["--model", "no-such-model"], "not a file, bundled model or preset"),
     (["--batch-size", "2", "--breadth", "4", "--model", "tiny"], "must hold one puzzle's --breadth"),
+    (["--model", "tiny", "--export-dir", "."], "no manifest.json"),
 ])
 def test_bad_flags_are_one_line_errors(args: list[str], fragment: str) -> None:
     result = CliRunner().invoke(cli, ["bench", *args])
