@@ -401,8 +401,11 @@ def adaptive_steps(setting: Setting) -> Measurement:
     reasons = rt.result.stats.summary()["stop_reasons"]
     rows = [(d, f"{acc:.3f}", "<- smallest fixed budget at the gated accuracy" if d == budget else "")
             for d, acc in enumerate(curve, start=1)]
+    per_trajectory = rt.result.steps / c.breadth  # (P,) mean over the puzzle's K trajectories
+    by_tier = ", ".join(f"{tier} {per_trajectory[puzzles.tiers == tier].mean():.2f}"
+                        for tier in dict.fromkeys(puzzles.tiers.tolist()))
     note = (f"gated: {mean_steps:.2f} mean steps per trajectory at accuracy {gated_acc:.3f} "
-            f"(stop reasons {reasons}); fixed depths from the official-protocol run above")
+            f"(by tier: {by_tier}; stop reasons {reasons}); fixed depths from the official-protocol run above")
     if budget is None:
         note += f"; no fixed depth <= {c.depth} reaches the gated accuracy"
     return Measurement("adaptive_steps", value,
