@@ -104,7 +104,8 @@ class TrainConfig:
         object.__setattr__(self, "curriculum", tuple(dict(s) for s in self.curriculum))
         object.__setattr__(self, "eval_depths", tuple(int(d) for d in self.eval_depths))
         if self.global_batch_size < 1 or self.epochs < 0:
-            raise EqRError(f"global_batch_size must be >= 1 and epochs >= 0, got {self.global_batch_size}, {self.epochs}")
+            raise EqRError(f"global_batch_size must be >= 1 and epochs >= 0, "
+                           f"got {self.global_batch_size}, {self.epochs}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shlex
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,7 @@ from eqr.config import PRESETS, ModelConfig, TrainConfig, preset
 from eqr.errors import EqRError
 from eqr.tasks import TASKS, get_task
 from eqr.training.data import ArraySource, BatchSource, GeneratedSource, step_seed, to_training_labels
-from eqr.training.loop import CHECKPOINT_NAME, METRICS_NAME, EvalSet, Ranks, Trainer, ranks_from_env
-
-log = logging.getLogger(__name__)
+from eqr.training.loop import CHECKPOINT_NAME, METRICS_NAME, EvalSet, Trainer, ranks_from_env
 
 EVAL_SEED_STREAM = 4  # held-out puzzles during training: a seed stream no training batch uses
 
@@ -65,7 +62,8 @@ def build_source(train_config: TrainConfig, task_name: str | None, size: int | N
     return source, eval_set, task.describe(), data_meta
 
 
-def configs_for(preset_name: str, overrides: dict[str, Any], seq_len: int, vocab: int) -> tuple[ModelConfig, TrainConfig]:
+def configs_for(preset_name: str, overrides: dict[str, Any], seq_len: int,
+                vocab: int) -> tuple[ModelConfig, TrainConfig]:
     model_config, train_config = preset(preset_name)
     model_config = dataclasses.replace(model_config, seq_len=seq_len, vocab_size=vocab)
     return model_config, dataclasses.replace(train_config, **overrides)

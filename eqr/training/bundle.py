@@ -88,7 +88,8 @@ def run_chain(meta: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_seed: int, depths: Sequence[int],
-                summary: str, notes: Sequence[str] = (), force: bool = False, root: Path | None = None) -> dict[str, Any]:
+                summary: str, notes: Sequence[str] = (), force: bool = False,
+                root: Path | None = None) -> dict[str, Any]:
     ckpt = read_checkpoint(run_dir / CHECKPOINT_NAME)
     meta = ckpt.metadata
     if ckpt.ema is None:
@@ -143,7 +144,8 @@ def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_s
     save_checkpoint(target / "model.pt", ckpt.config, ckpt.model, ckpt.ema, metadata)
     size = (target / "model.pt").stat().st_size
     if size > MAX_BUNDLE_BYTES:
-        raise EqRError(f"{target / 'model.pt'} is {size / 2**20:.1f} MiB, over the 10 MiB bundle limit; use a smaller model")
+        raise EqRError(f"{target / 'model.pt'} is {size / 2**20:.1f} MiB, over the 10 MiB bundle limit; "
+                       "use a smaller model")
     card["model"]["file_bytes"] = size
     atomic_write_text(target / CARD_JSON, json.dumps(card, indent=2) + "\n")
     atomic_write_text(target / CARD_MD, render_card(card))
