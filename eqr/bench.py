@@ -51,6 +51,7 @@ FALLBACK_MODEL = "cpu-sudoku-4x4"  # a preset (fresh weights) used until bundled
 PAPER_MODEL = "paper-sudoku"
 EFFICIENCY_BATCHES = (1, 16, 64)
 MEMORY_BATCHES = (64, 256)
+SIDE_BY_SIDE_ROUNDS = 4  # reference and runtime alternate over this many slices of the puzzle set
 GEMM_SIZE = 1024
 BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # Goals from the project compass: (comparison, threshold).
@@ -311,56 +312,89 @@ def _gated(setting: Setting, solver: Any, max_steps: int) -> Any:
 
 def _puzzle_set(setting: Setting) -> PuzzleSet:
     c = setting.config
-    return setting.once("puzzles", lambda: mixed_puzzles(setting.task, c.puzzles, c.seed, tiers=not c.paper))
 
+    def make() -> PuzzleSet:
+        ordered = mixed_puzzles(setting.task, c.puzzles, c.seed, tiers=not c.paper)
+        order = np.random.default_rng(c.seed).permutation(len(ordered.inputs))  # every round mixes the tiers
+        return PuzzleSet(ordered.inputs[order], ordered.labels[order], ordered.tiers[order])
 
-def _reference(setting: Setting) -> ReferenceRun:
-    def run() -> ReferenceRun:
-        c = setting.config
-        puzzles = _puzzle_set(setting)
-        noise = setting.model.config.noise_scale if c.reference_noise is None else c.reference_noise
-        reference_solve(setting.model, puzzles.inputs[:1], 1, 1, 1, c.seed, noise)  # warm-up, untimed
-        setting.report.stage(f"reference: torch eager, {len(puzzles.inputs)} puzzles x K {c.breadth}, "
-                             f"exactly D {c.depth} steps, noise {noise}")
-        with setting.report.bar("reference", len(puzzles.inputs) * c.breadth) as update:
-            return reference_solve(setting.model, puzzles.inputs, c.depth, c.breadth, c.batch_size, c.seed, noise,
-                                   update)
-    return setting.once("reference", run)
+    return setting.once("puzzles", make)
 
 
 @dataclass
 class RuntimeRun:
-    result: Any  # SolveResult
+    """The runtime side of reference_vs_runtime, rounds joined. P puzzles, K breadth, L tokens.
+
+    preds    int32 (P, L)  aggregated answers
+    steps    int32 (P,)    outer steps per puzzle, summed over its K trajectories
+    stats    SolveStats over the P*K trajectories (rounds concatenated)
+    seconds  wall time of the solve calls
+    """
+
+    preds: np.ndarray
+    steps: np.ndarray
+    stats: Any
     seconds: float
 
 
-def _runtime(setting: Setting) -> RuntimeRun:
-    def run() -> RuntimeRun:
-        c = setting.config
-        puzzles = _puzzle_set(setting)
-        solver = _solver(setting)
-        cfg = _gated(setting, solver, c.depth)
-        solver.run(puzzles.inputs[:1], cfg.replace(fixed_depth=1), 1, "converged", c.seed)  # warm-up, untimed
-        setting.report.stage(f"runtime: onnxruntime fp32, gated (tol {cfg.tol}, patience {cfg.patience}, "
-                             f"window {cfg.window}), max {c.depth} steps, batch {c.batch_size}")
-        with setting.report.bar("runtime", len(puzzles.inputs) * c.breadth) as update:
+def _side_by_side(setting: Setting) -> tuple[ReferenceRun, RuntimeRun]:
+    """Reference and runtime on the same puzzles, alternating in rounds so load drift hits both."""
+    return setting.once("side_by_side", lambda: _run_side_by_side(setting))
+
+
+def _run_side_by_side(setting: Setting) -> tuple[ReferenceRun, RuntimeRun]:
+    c = setting.config
+    puzzles = _puzzle_set(setting)
+    noise = setting.model.config.noise_scale if c.reference_noise is None else c.reference_noise
+    solver = _solver(setting)
+    cfg = _gated(setting, solver, c.depth)
+    reference_solve(setting.model, puzzles.inputs[:1], 1, 1, 1, c.seed, noise)  # warm-ups, untimed
+    solver.run(puzzles.inputs[:1], cfg.replace(fixed_depth=1), 1, "converged", c.seed)
+    setting.report.stage(f"reference: torch eager, exactly D {c.depth} steps, noise {noise} | runtime: onnxruntime "
+                         f"fp32, gated (tol {cfg.tol}, patience {cfg.patience}, window {cfg.window}), max {c.depth} "
+                         f"steps | {len(puzzles.inputs)} puzzles x K {c.breadth}, batch {c.batch_size}, "
+                         f"{SIDE_BY_SIDE_ROUNDS} alternating rounds")
+    refs, runs = [], []
+    rounds = np.array_split(np.arange(len(puzzles.inputs)), min(SIDE_BY_SIDE_ROUNDS, len(puzzles.inputs)))
+    with setting.report.bar("reference + runtime", 2 * len(puzzles.inputs) * c.breadth) as update:
+        for r, index in enumerate(rounds):
+            tokens = puzzles.inputs[index]
+            refs.append(reference_solve(setting.model, tokens, c.depth, c.breadth, c.batch_size, c.seed + r, noise,
+                                        update))
             started = time.perf_counter()
-            result = solver.run(puzzles.inputs, cfg, c.breadth, "converged", c.seed, progress=update)
-            seconds = time.perf_counter() - started
-        solver.close()
-        return RuntimeRun(result, seconds)
-    return setting.once("runtime", run)
+            result = solver.run(tokens, cfg, c.breadth, "converged", c.seed + r, progress=update)
+            runs.append(RuntimeRun(result.preds, result.steps, result.stats, time.perf_counter() - started))
+    solver.close()
+    return _join_reference(refs), _join_runtime(runs)
+
+
+def _join_reference(parts: list[ReferenceRun]) -> ReferenceRun:
+    return ReferenceRun(np.concatenate([p.preds for p in parts], axis=1),  # rows: (N, R, L) along R
+                        np.concatenate([p.logit_delta for p in parts], axis=1), sum(p.seconds for p in parts),
+                        parts[0].breadth)
+
+
+def _join_runtime(parts: list[RuntimeRun]) -> RuntimeRun:
+    from eqr.runtime.stats import SolveStats
+
+    def joined(name: str) -> np.ndarray | None:
+        values = [getattr(p.stats, name) for p in parts]
+        return None if values[0] is None else np.concatenate(values)
+
+    stats = SolveStats(**{f.name: joined(f.name) for f in dataclasses.fields(SolveStats)})
+    return RuntimeRun(np.concatenate([p.preds for p in parts]), np.concatenate([p.steps for p in parts]), stats,
+                      sum(p.seconds for p in parts))
 
 
 def reference_vs_runtime(setting: Setting) -> Measurement:
     c = setting.config
     puzzles = _puzzle_set(setting)
-    ref, rt = _reference(setting), _runtime(setting)
+    ref, rt = _side_by_side(setting)
     P = len(puzzles.inputs)
     ref_acc = float(exact_correct(ref.answers(c.depth, "converged"), puzzles.labels).mean())
-    rt_acc = float(exact_correct(rt.result.preds, puzzles.labels).mean())
+    rt_acc = float(exact_correct(rt.preds, puzzles.labels).mean())
     ref_rate, rt_rate = P / ref.seconds, P / rt.seconds
-    ref_steps, rt_steps = P * c.breadth * c.depth, rt.result.stats.total_steps
+    ref_steps, rt_steps = P * c.breadth * c.depth, rt.stats.total_steps
     ratio = rt_rate / ref_rate
     equal = rt_acc >= ref_acc
     flops = _flops(setting)
@@ -391,17 +425,17 @@ def reference_vs_runtime(setting: Setting) -> Measurement:
 def adaptive_steps(setting: Setting) -> Measurement:
     c = setting.config
     puzzles = _puzzle_set(setting)
-    ref, rt = _reference(setting), _runtime(setting)
-    gated_acc = float(exact_correct(rt.result.preds, puzzles.labels).mean())
-    mean_steps = float(rt.result.stats.nstep.mean())
+    ref, rt = _side_by_side(setting)
+    gated_acc = float(exact_correct(rt.preds, puzzles.labels).mean())
+    mean_steps = float(rt.stats.nstep.mean())
     curve = [float(exact_correct(ref.answers(d, "converged"), puzzles.labels).mean()) for d in range(1, c.depth + 1)]
     reached = [d for d, acc in enumerate(curve, start=1) if acc >= gated_acc]
     budget = reached[0] if reached else None
     value = mean_steps / budget if budget else float("nan")
-    reasons = rt.result.stats.summary()["stop_reasons"]
+    reasons = rt.stats.summary()["stop_reasons"]
     rows = [(d, f"{acc:.3f}", "<- smallest fixed budget at the gated accuracy" if d == budget else "")
             for d, acc in enumerate(curve, start=1)]
-    per_trajectory = rt.result.steps / c.breadth  # (P,) mean over the puzzle's K trajectories
+    per_trajectory = rt.steps / c.breadth  # (P,) mean over the puzzle's K trajectories
     by_tier = ", ".join(f"{tier} {per_trajectory[puzzles.tiers == tier].mean():.2f}"
                         for tier in dict.fromkeys(puzzles.tiers.tolist()))
     note = (f"gated: {mean_steps:.2f} mean steps per trajectory at accuracy {gated_acc:.3f} "
@@ -495,8 +529,8 @@ def _warm_up(solver: Any, cfg: Any, tokens: np.ndarray, c: BenchConfig) -> None:
 
 def host_overhead(setting: Setting) -> Measurement:
     c = setting.config
-    rt = _runtime(setting)
-    stats = rt.result.stats
+    _, rt = _side_by_side(setting)
+    stats = rt.stats
     backend_s = float(stats.step_time.sum())
     share = max(0.0, 1.0 - backend_s / rt.seconds)
     full = stats.batch_size >= c.batch_size
