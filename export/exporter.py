@@ -31,7 +31,6 @@ from eqr.errors import EqRError
 from eqr.export import calibrate, parity
 from eqr.export.config import MANIFEST_FILE, ONNX_FILES, ExportConfig
 from eqr.export.inputs import TaskInfo, infer_task, initial_states, task_inputs
-from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES
 from eqr.io import atomic_write_bytes, atomic_write_text
 from eqr.model import EqRModel
 

@@ -107,7 +107,7 @@ def to_fp16(model: "onnx.ModelProto", keep_fp32_ops: Iterable[str] = FP32_OP_TYP
     log.info("fp16: %d of %d nodes kept in fp32", len(blocked), len(model.graph.node))
     converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked,
                                          op_block_list=list(keep_fp32_ops), disable_shape_infer=False)
-    return fold_and_sort(drop_cast_round_trips(converted))
+    return fold_and_sort(drop_cast_round_trips(converted), fold=False)  # nothing new to fold
 
 
 def drop_cast_round_trips(model: "onnx.ModelProto") -> "onnx.ModelProto":

@@ -124,7 +124,7 @@ def confine_qdq(model: "onnx.ModelProto", op_types: Iterable[str]) -> "onnx.Mode
     del result.opset_import[:]
     result.opset_import.extend(kept_opsets)  # quant_pre_process lists every ORT domain; keep the used ones
     result.ir_version = model.ir_version
-    return fold_and_sort(result)
+    return fold_and_sort(result, fold=False)  # folding would turn Q/DQ weights back into FP32
 
 
 class Int8FromOnnx:

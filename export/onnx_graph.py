@@ -59,24 +59,26 @@ class OnnxFromModel:
         return fold_and_sort(onnx.load_from_string(buffer.getvalue()))
 
 
-def fold_and_sort(model: "onnx.ModelProto") -> "onnx.ModelProto":
-    """Constant folding (Polygraphy), dead-node removal and a topological sort (graphsurgeon)."""
+def fold_and_sort(model: "onnx.ModelProto", fold: bool = True) -> "onnx.ModelProto":
+    """Constant folding (Polygraphy; `fold=False` skips it), shared duplicate initializers,
+    no-op Casts bypassed, dead nodes removed and a topological sort (graphsurgeon)."""
     import onnx
     import onnx_graphsurgeon as gs
     from polygraphy.backend.onnx import fold_constants
 
-    with _quiet_polygraphy():
-        # No size threshold: folding the per-use weight transposes is the point (duplicates are
-        # shared afterwards), so Polygraphy's "large folded tensors" advice does not apply.
-        folded = fold_constants(model, num_passes=2, error_ok=False, size_threshold=1 << 40)
-    _dedupe_initializers(folded)
-    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(folded))
+    if fold:
+        with _quiet_polygraphy():
+            # No size threshold: folding the per-use weight transposes is the point (duplicates
+            # are shared afterwards), so Polygraphy's "large folded tensors" advice does not apply.
+            model = fold_constants(model, num_passes=2, error_ok=False, size_threshold=1 << 40)
+    _dedupe_initializers(model)
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
     _drop_noop_casts(graph)
     graph.cleanup().toposort()
     result = gs.export_onnx(graph)
     del result.opset_import[:]
-    result.opset_import.extend(folded.opset_import)  # keep the exporter's opset exactly
-    result.ir_version = folded.ir_version
+    result.opset_import.extend(model.opset_import)  # keep the exporter's opset exactly
+    result.ir_version = model.ir_version
     return result
 
 

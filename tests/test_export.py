@@ -306,14 +306,15 @@ def test_attention_models_export_with_the_same_contract(pos: str) -> None:
     from eqr.export.fp16 import to_fp16
     from eqr.export.onnx_graph import OnnxFromModel
 
-    model = EqRModel(tiny_config(mlp_t=False, pos_encodings=pos), seed=2).eval()
+    config = tiny_config(mlp_t=False, pos_encodings=pos, L_layers=1, H_cycles=1, L_cycles=1)  # 2 blocks: fast
+    model = EqRModel(config, seed=2).eval()
     graph = OnnxFromModel(model, 17)()
     feeds = _feeds(model, 2)
     with torch.no_grad():
         want = StepGraph(model)(*(torch.from_numpy(feeds[k]) for k in INPUT_NAMES))
-    for precision, proto, atol in (("fp32", graph, 1e-4), ("fp16", to_fp16(graph), 0.2)):
+    half = to_fp16(graph)
+    for precision, proto, atol in (("fp32", graph, 1e-4), ("fp16", half, 0.2)):
         got = session(proto).run(None, feeds)
         for name, a, b in zip(OUTPUT_NAMES[:3], got, want):
             np.testing.assert_allclose(a, b.numpy(), atol=atol, rtol=0, err_msg=f"{precision} {name}")
-    softmax_inputs = [n.input[0] for n in to_fp16(graph).graph.node if n.op_type == "Softmax"]
-    assert softmax_inputs  # attention was exported (and its softmax is among the FP32 ops)
+    assert any(n.op_type == "Softmax" for n in half.graph.node)  # attention was exported
