@@ -114,6 +114,16 @@ class EngineProfile:
         return {name: tuple((b, *tail) for b in self.batch) for name, tail in tails.items()}  # type: ignore[misc]
 
 
+def network_flags(trt) -> int:
+    """STRONGLY_TYPED where the enum has it (TRT 9.1+; a no-op kept for compatibility on 11);
+    EXPLICIT_BATCH on TRT 8; nothing once both are gone (strong typing is then the default)."""
+    flags = trt.NetworkDefinitionCreationFlag
+    for name in ("STRONGLY_TYPED", "EXPLICIT_BATCH"):
+        if hasattr(flags, name):
+            return 1 << int(getattr(flags, name))
+    return 0
+
+
 class EngineFromOnnx:
     """Loader: ONNX bytes -> serialized strongly typed TensorRT plan (bytes), timing cache reused."""
 
@@ -130,10 +140,8 @@ class EngineFromOnnx:
 
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
-        flag_enum = trt.NetworkDefinitionCreationFlag
-        strongly_typed = hasattr(flag_enum, "STRONGLY_TYPED")
-        flags = 1 << int(flag_enum.STRONGLY_TYPED) if strongly_typed else 1 << int(flag_enum.EXPLICIT_BATCH)
-        network = builder.create_network(flags)
+        network = builder.create_network(network_flags(trt))
+        strongly_typed = int(trt.__version__.split(".")[0]) >= 9
         parser = trt.OnnxParser(network, logger)
         if not parser.parse(self.onnx_bytes):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))

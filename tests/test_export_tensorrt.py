@@ -100,3 +100,14 @@ def test_engines_build_for_every_precision_and_load(tmp_path: Path) -> None:
         engine = load_engine(tmp_path / "out" / entry["engine"])
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
         assert {"tokens", "z_H", "z_L", "preds", "residual"} <= names
+
+
+def test_network_flags_follow_the_tensorrt_api_generation() -> None:
+    from types import SimpleNamespace
+
+    def fake(**members: int) -> SimpleNamespace:
+        return SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(**members))
+
+    assert trt_export.network_flags(fake(EXPLICIT_BATCH=0, STRONGLY_TYPED=2)) == 1 << 2  # TRT 10: strongly typed
+    assert trt_export.network_flags(fake(EXPLICIT_BATCH=0)) == 1  # TRT 8: explicit batch, builder flags
+    assert trt_export.network_flags(fake()) == 0  # a TensorRT without either flag: strongly typed by default
