@@ -111,8 +111,10 @@ class Measurement:
 
     @property
     def met(self) -> bool | None:
-        if self.goal is None or not np.isfinite(self.value):
+        if self.goal is None:
             return None
+        if not np.isfinite(self.value):  # e.g. the runtime lost accuracy: there is no equal-accuracy ratio
+            return False
         op, threshold = self.goal
         return self.value >= threshold if op == ">=" else self.value <= threshold
 
@@ -431,7 +433,8 @@ def adaptive_steps(setting: Setting) -> Measurement:
     curve = [float(exact_correct(ref.answers(d, "converged"), puzzles.labels).mean()) for d in range(1, c.depth + 1)]
     reached = [d for d, acc in enumerate(curve, start=1) if acc >= gated_acc]
     budget = reached[0] if reached else None
-    value = mean_steps / budget if budget else float("nan")
+    # No fixed depth up to D matches gating: the budget is > D, so mean_steps / D is an upper bound.
+    value = mean_steps / (budget or c.depth)
     reasons = rt.stats.summary()["stop_reasons"]
     rows = [(d, f"{acc:.3f}", "<- smallest fixed budget at the gated accuracy" if d == budget else "")
             for d, acc in enumerate(curve, start=1)]
@@ -441,9 +444,9 @@ def adaptive_steps(setting: Setting) -> Measurement:
     note = (f"gated: {mean_steps:.2f} mean steps per trajectory at accuracy {gated_acc:.3f} "
             f"(by tier: {by_tier}; stop reasons {reasons}); fixed depths from the official-protocol run above")
     if budget is None:
-        note += f"; no fixed depth <= {c.depth} reaches the gated accuracy"
+        note += f"; no fixed depth <= {c.depth} reaches the gated accuracy, so the value is an upper bound"
     return Measurement("adaptive_steps", value,
-                       {"gated_mean_steps": mean_steps, "fixed_budget": budget if budget else "none",
+                       {"gated_mean_steps": mean_steps, "fixed_budget": budget if budget else f">{c.depth}",
                         "gated_accuracy": gated_acc, "fixed_accuracy_at_budget": curve[budget - 1] if budget else "na"},
                        ("fixed depth", "official-protocol acc", ""), rows, note)
 

@@ -108,6 +108,7 @@ def test_result_line_goal_and_parsing() -> None:
     met = Measurement("reference_vs_runtime", 3.5, {}, ("a",), [])
     assert met.met is True and parse_result_line(met.result_line())[1]["met"] == "1"
     assert Measurement("memory", 100.0, {}, ("a",), []).met is None
+    assert Measurement("reference_vs_runtime", float("nan"), {}, ("a",), []).met is False  # lost accuracy
     assert Measurement("reference_vs_runtime", 1.0, {}, ("a",), [], goal_applies=False).met is None
     with pytest.raises(ValueError):
         parse_result_line("eqr bench 2026")
