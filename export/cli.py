@@ -68,11 +68,13 @@ def _terminate_cleanly() -> Iterator[None]:
 @click.option("--check-steps", type=int, default=32, show_default=True,
               help="Outer steps per checked and calibration trajectory.")
 @click.option("--workspace-mib", type=int, default=4096, show_default=True, help="TensorRT builder workspace limit.")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="CPU threads for the checks; 0 = the cores left idle by the load average.")
 @click.option("--force", is_flag=True, help="Write into an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 def export(model: str, precision: tuple[str, ...], out_dir: str | None, batch: str, opset: int, engine: str,
            calib_data: str | None, weights: str, seed: int, check_batch: int, check_steps: int, workspace_mib: int,
-           force: bool, as_json: bool) -> None:
+           threads: int, force: bool, as_json: bool) -> None:
     """Export MODEL's outer step as ONNX (FP32, FP16, INT8) and, on a GPU, TensorRT engines.
 
     MODEL is an eqr checkpoint, an official EqR checkpoint (.pth), a bundled model name or a
@@ -96,7 +98,7 @@ def export(model: str, precision: tuple[str, ...], out_dir: str | None, batch: s
 
     config = ExportConfig(precision=precision, batch=parse_batch(batch), opset=opset, engine=engine,
                           calib_data=calib_data, force=force, seed=seed, check_batch=check_batch,
-                          check_steps=check_steps, workspace_mib=workspace_mib)
+                          check_steps=check_steps, workspace_mib=workspace_mib, threads=threads)
     loaded = load_model(model, weights=weights)
     with _terminate_cleanly():
         manifest = export_model(loaded, out_dir, config, progress=ClickProgress())

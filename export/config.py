@@ -29,6 +29,7 @@ class ExportConfig:
     check_batch: int = 4  # trajectories (puzzles x random starts) in the export checks
     check_steps: int = 32  # outer steps per checked (and calibration) trajectory
     workspace_mib: int = 4096  # TensorRT builder workspace limit
+    threads: int = 0  # CPU threads for the checks (torch and ONNX Runtime); 0: the idle cores
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.precision if p not in PRECISIONS]
@@ -44,6 +45,8 @@ class ExportConfig:
             raise EqRError(f"--batch {lo}:{opt}:{hi} must satisfy 1 <= MIN <= OPT <= MAX")
         if self.check_batch < 1 or self.check_steps < 1:
             raise EqRError(f"--check-batch and --check-steps must be >= 1, got {self.check_batch}, {self.check_steps}")
+        if self.threads < 0:
+            raise EqRError(f"--threads must be >= 0 (0 picks the idle cores), got {self.threads}")
         if self.workspace_mib < 1:
             raise EqRError(f"--workspace-mib must be >= 1, got {self.workspace_mib}")
 
