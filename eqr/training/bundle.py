@@ -48,9 +48,22 @@ def generate_heldout(args: Sequence[str], seed: int, out: Path) -> Any:
 
 
 def measure(model: EqRModel, inputs: np.ndarray, labels: np.ndarray, tiers: Sequence[str],
-            depths: Sequence[int], seed: int) -> dict[str, Any]:
+            depths: Sequence[int], seed: int, groups: dict[str, Sequence[str]] | None = None) -> dict[str, Any]:
     return evaluate(model, torch.as_tensor(inputs).long(), to_training_labels(labels), depths, seed=seed,
-                    tiers=list(tiers))
+                    tiers=list(tiers), groups=groups)
+
+
+def difficulty_groups(task: Any, inputs: np.ndarray) -> dict[str, list[str]]:
+    """Finer difficulty labels than the tiers where the task has them: maze S-G path length bands."""
+    if not hasattr(task, "path_lengths"):
+        return {}
+    bands = [(1, 3), (4, 6), (7, 10), (11, 16), (17, 10_000)]
+    lengths = [int(x) for x in task.path_lengths(inputs)]
+
+    def label(n: int) -> str:
+        return next((f"{lo}-{hi}" if hi < 10_000 else f"{lo}+" for lo, hi in bands if lo <= n <= hi), "no path")
+
+    return {"path_length": [label(n) for n in lengths]}
 
 
 def claim_from(by_depth: list[dict[str, float]]) -> dict[str, float]:
@@ -105,7 +118,8 @@ def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_s
         heldout = generate_heldout(heldout_args, heldout_seed, Path(tmp))
     task = heldout.task
     tiers = [str(t) for t in task.tier_of(heldout.inputs)]
-    report = measure(model, heldout.inputs, heldout.labels, tiers, depths, seed=heldout_seed)
+    report = measure(model, heldout.inputs, heldout.labels, tiers, depths, seed=heldout_seed,
+                     groups=difficulty_groups(task, heldout.inputs))
     train_config = meta.get("train_config", {})
     chain = run_chain(meta)
     generate_args = list(heldout_args)
@@ -137,6 +151,7 @@ def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_s
         "accuracy_by_depth": report["by_depth"],
         "claim": claim_from(report["by_depth"]),
         "steps_to_stable_by_tier": report["steps_to_stable_by_tier"],
+        "steps_to_stable_by_path_length": report.get("steps_to_stable_by_path_length"),
         "steps_to_stable_max_depth": report["max_depth"],
     }
     metadata = meta | {"task": dict(meta.get("task") or {}) | {"generate_args": generate_args}, "card": card["claim"]}
@@ -187,6 +202,12 @@ def render_card(card: dict[str, Any]) -> str:
               "| tier | n | mean steps | median steps | exact at max depth |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['tier']} | {r['n']} | {r['mean_steps_to_stable']:.2f} | {r['median_steps_to_stable']:.0f} | "
               f"{100 * r['exact_at_max_depth']:.1f}% |" for r in card["steps_to_stable_by_tier"]]
+    if card.get("steps_to_stable_by_path_length"):
+        lines += ["", "By S-G path length (moves):", "",
+                  "| path length | n | mean steps | median steps | exact at max depth |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['tier']} | {r['n']} | {r['mean_steps_to_stable']:.2f} | {r['median_steps_to_stable']:.0f} | "
+                  f"{100 * r['exact_at_max_depth']:.1f}% |"
+                  for r in sorted(card["steps_to_stable_by_path_length"], key=_band_start)]
     if card.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {note}" for note in card["notes"]]
     if tr["curve"]:
@@ -198,6 +219,11 @@ def render_card(card: dict[str, Any]) -> str:
                   + " | ".join(f"{100 * c['exact_by_depth'].get(d, float('nan')):.1f}" for d in depths) + " |"
                   for c in tr["curve"]]
     return "\n".join(lines) + "\n"
+
+
+def _band_start(row: dict[str, Any]) -> int:
+    head = row["tier"].split("-")[0].rstrip("+")
+    return int(head) if head.isdigit() else 10**9
 
 
 @click.command()

@@ -52,8 +52,10 @@ def steps_to_stable(preds: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(model: EqRModel, inputs: torch.Tensor, labels: torch.Tensor, depths: Sequence[int], seed: int,
-             tiers: Sequence[str] | None = None, batch_size: int = 256) -> dict[str, Any]:
-    """Exact and cell accuracy at each depth; steps-to-stable-answer by tier (if tiers are given)."""
+             tiers: Sequence[str] | None = None, batch_size: int = 256,
+             groups: dict[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """Exact and cell accuracy at each depth; steps-to-stable-answer by tier (if tiers are given)
+    and by any other labelling in `groups` (name -> one label per puzzle), e.g. maze path length."""
     depths = sorted(set(int(d) for d in depths))
     preds = trajectory_predictions(model, inputs, depths[-1], seed, batch_size)  # [N, B, L]
     exact = exact_by_step(preds, labels)  # [N, B]
@@ -64,16 +66,23 @@ def evaluate(model: EqRModel, inputs: torch.Tensor, labels: torch.Tensor, depths
         "by_depth": [{"depth": d, "exact": float(exact[d - 1].float().mean()), "cell": float(cell[d - 1].mean())}
                      for d in depths],
     }
+    labellings = dict(groups or {})
     if tiers is not None:
-        stable = steps_to_stable(preds)  # [B]
-        final_correct = exact[-1]
-        by_tier = []
-        for tier in dict.fromkeys(tiers):  # keep first-seen order
-            mask = torch.tensor([t == tier for t in tiers])
-            by_tier.append({"tier": str(tier), "n": int(mask.sum()),
-                            "mean_steps_to_stable": float(stable[mask].float().mean()),
-                            "median_steps_to_stable": float(stable[mask].float().median()),
-                            "exact_at_max_depth": float(final_correct[mask].float().mean())})
-        report["steps_to_stable_by_tier"] = by_tier
+        labellings = {"tier": tiers} | labellings
+    stable = steps_to_stable(preds)  # [B]
+    for name, labels_of_rows in labellings.items():
+        report[f"steps_to_stable_by_{name}"] = _stable_by_group(stable, exact[-1], list(labels_of_rows))
         report["max_depth"] = depths[-1]
     return report
+
+
+def _stable_by_group(stable: torch.Tensor, final_correct: torch.Tensor, labels: list[str]) -> list[dict[str, Any]]:
+    """Mean/median steps-to-stable and final exact accuracy per label (first-seen order)."""
+    rows = []
+    for label in dict.fromkeys(labels):
+        mask = torch.tensor([x == label for x in labels])
+        rows.append({"tier": str(label), "n": int(mask.sum()),
+                     "mean_steps_to_stable": float(stable[mask].float().mean()),
+                     "median_steps_to_stable": float(stable[mask].float().median()),
+                     "exact_at_max_depth": float(final_correct[mask].float().mean())})
+    return rows
