@@ -116,6 +116,7 @@ def accuracy_section(run: dict[str, Any], ref: dict[str, Any], labels: np.ndarra
                   ref["curve"][curve_key("first", 1, max(cfg.depths))]).all(axis=1) if 1 in cfg.breadth else None
     gated_agreement = agreement(run["gated"]["preds"], ref["gated"]["preds"])
     return {"curves": curves, "at_max_depth": headline, "gated_agreement": gated_agreement,
+            "points_per_puzzle": 100.0 / max(len(run["gated"]["preds"]), 1),
             "gated_accuracy": exact_accuracy(run["gated"]["preds"], labels),
             "disagreeing_puzzles": [] if per_puzzle is None else np.flatnonzero(~per_puzzle).tolist()[:50]}
 
@@ -217,7 +218,7 @@ def verdict(section: dict[str, Any], cfg: ReportConfig) -> dict[str, Any]:
         if head["drop"] is not None and head["drop"] > limit:
             failures.append(f"accuracy ({label}, depth {head['depth']}) {head['accuracy']:.1f}% is "
                             f"{head['drop']:.1f} points below FP32's {head['reference_accuracy']:.1f}% "
-                            f"(limit {limit:g})")
+                            f"(limit {limit:g}; one puzzle is {section['accuracy']['points_per_puzzle']:.2g} points)")
         if head["agreement"] < cfg.min_agreement:
             failures.append(f"answers ({label}, depth {head['depth']}) agree with FP32 on "
                             f"{100 * head['agreement']:.1f}% of puzzles (threshold {100 * cfg.min_agreement:.0f}%)")
