@@ -165,3 +165,11 @@ def test_atomic_open_never_creates_the_target_on_failure(tmp_path: Path) -> None
             f.write(b"half")
             raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
+    with atomic_open(tmp_path / "out.bin") as f:
+        f.write(b"x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o666 & ~mask
