@@ -13,8 +13,6 @@ method really moved the activation scales.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
@@ -26,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 
 from eqr.errors import EqRError
-from eqr.io import atomic_write_bytes, atomic_write_text, sha256_file
+from eqr.io import atomic_write_text, sha256_file
 
 if TYPE_CHECKING:
     import onnx
@@ -38,14 +36,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 ONNX_FILES = {"fp32": "model.step.onnx", "fp16": "model.step.fp16.onnx", "int8": "model.step.int8.onnx"}
 ROWS_PER_FEED = 16  # calibration rows per ONNX Runtime call
-# Entropy (KL) search: histogram bins vs the 128 levels of one INT8 sign half.
-ENTROPY_BINS, ENTROPY_QUANTIZED_BINS = 512, 128  # 2048 bins (TensorRT) took ~1 s per tensor in ORT
-PERCENTILE_BINS = 2048
-QDQ_OPTIONS = {
-    "ActivationSymmetric": True,  # TensorRT wants S8S8 with zero points of 0
-    "WeightSymmetric": True,
-    "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # MatMul weights are [in, out]: one scale per out
-}
 
 
 @dataclass(frozen=True)
@@ -56,15 +46,6 @@ class QuantPolicy:
     op_types: tuple[str, ...] = ("MatMul", "Gemm")
     exclude_nodes: tuple[str, ...] = ()  # kept FP32 although their op type is quantized
     percentile: float = 99.999
-
-    def calibrator_options(self) -> dict[str, Any]:
-        """Keyword options of ONNX Runtime's calibrators: symmetric ranges, real histogram settings."""
-        options: dict[str, Any] = {"symmetric": True}
-        if self.method == "entropy":
-            options |= {"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS}
-        if self.method == "percentile":
-            options |= {"num_bins": PERCENTILE_BINS, "percentile": self.percentile}
-        return options
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,53 +128,11 @@ def build_int8(export_dir: str | os.PathLike[str], calib: "CalibSet", policy: Qu
 
 
 def _quantize(source: Path, calib: "CalibSet", target: Path, policy: QuantPolicy) -> None:
-    """FP32 graph -> symmetric S8S8 QDQ graph at `target`, activation ranges from `calib` by `policy.method`.
+    """FP32 graph -> symmetric S8S8 QDQ graph at `target`, activation ranges from `calib` by `policy.method`."""
+    from eqr.export.int8 import quantize_int8
 
-    The ranges are computed here, with the calibrator's histogram settings, and handed to
-    `quantize_static` as a calibration cache: `quantize_static` drops `num_bins`, which makes
-    its entropy calibrator search a single threshold, i.e. return the MinMax range.
-    """
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from eqr.export.int8 import confine_qdq
-
-    calibrate_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                        "percentile": CalibrationMethod.Percentile}[policy.method]
-    with tempfile.TemporaryDirectory(prefix="eqr-int8-") as tmp:
-        prepared, quantized, cache = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx", Path(tmp) / "ranges.json"
-        try:
-            quant_pre_process(str(source), str(prepared))
-        except Exception as e:  # symbolic shape inference fails on some graphs (dynamo exports)
-            log.info("quant_pre_process with symbolic shapes failed (%s); retrying without", e)
-            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        chatter = io.StringIO()  # the histogram calibrators print progress; keep stdout for --json
-        with contextlib.redirect_stdout(chatter):
-            calibrator = create_calibrator(prepared, list(policy.op_types), str(Path(tmp) / "augmented.onnx"),
-                                           calibrate_method, extra_options=policy.calibrator_options())
-            calibrator.collect_data(_FeedReader(calib))
-            save_tensors_data(calibrator.compute_data(), cache)
-        log.debug("onnxruntime calibrator: %s", chatter.getvalue().strip())
-        del calibrator
-        quantize_static(str(prepared), str(quantized), None, quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(policy.op_types), per_channel=True, reduce_range=False,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=list(policy.exclude_nodes), calibrate_method=calibrate_method,
-                        extra_options=QDQ_OPTIONS, calibration_cache_path=str(cache))
-        model = confine_qdq(onnx.load(str(quantized)), policy.op_types)
-        atomic_write_bytes(target, model.SerializeToString())
-
-
-class _FeedReader:
-    """ONNX Runtime's CalibrationDataReader protocol over the calibration states, one pass."""
-
-    def __init__(self, calib: "CalibSet") -> None:
-        self._feeds = iter(calib.feeds(ROWS_PER_FEED))
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._feeds, None)
+    quantize_int8(source, calib.feeds(ROWS_PER_FEED), target, method=policy.method, op_types=policy.op_types,
+                  nodes_to_exclude=policy.exclude_nodes, percentile=policy.percentile)
 
 
 def _quantized_ops(model: "onnx.ModelProto") -> dict[str, int]:

@@ -14,7 +14,7 @@ from eqr.bench import (MEASUREMENTS, Measurement, ReferenceRun, exact_correct, p
                        reference_solve)
 from eqr.cli import cli
 from eqr.export.step_graph import StepGraph
-from eqr.model import EqRModel, LatentState
+from eqr.model import EqRModel
 
 
 def test_bench_smoke_prints_a_parsable_result_line_per_measurement() -> None:

@@ -7,7 +7,7 @@ import torch
 
 from eqr.checkpoint import official_to_eqr
 from eqr.config import ModelConfig
-from eqr.model import EqRModel, LatentState
+from eqr.model import EqRModel
 from official import official_state_dict
 from reference_numpy import outer_step
 
