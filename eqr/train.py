@@ -182,6 +182,8 @@ def train(preset_name: str | None, out: Path, task_name: str | None, size: int |
     if prior is not None:
         metadata["init_from"] = prior
     _run_with_progress(trainer, max_minutes, quiet or not ranks.is_main)
+    if ranks.world > 1:
+        torch.distributed.barrier()  # leave together: a rank tearing gloo down early aborts the others
     if ranks.is_main:
         click.echo(f"{out / CHECKPOINT_NAME}: step {trainer.step}/{train_config.epochs}, "
                    f"wall time {trainer.wall_time_s / 60:.1f} min", err=True)
