@@ -139,6 +139,13 @@ def train(preset_name: str | None, out: Path, task_name: str | None, size: int |
 
     Checkpoints are atomic: killing the process loses at most the steps since the last one.
     Metrics (train and held-out exact accuracy by depth) go to OUT/metrics.jsonl.
+
+    \b
+    Examples:
+      eqr train --preset cpu-sudoku-4x4 --out runs/s4 --max-minutes 30
+      eqr train --out runs/s4 --resume --steps 4000
+      eqr train --preset paper-sudoku --data data/sudoku-extreme --out runs/paper
+      torchrun --nproc_per_node 2 -m eqr.train --preset tiny --out runs/ddp --noise-scale 0
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     ranks = ranks_from_env()
