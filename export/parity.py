@@ -3,7 +3,10 @@
 Reference: `StepGraph` in torch (FP32, noise-free) driven for N steps from random initial
 states; its states at every depth are the teacher-forced inputs of the graph checks.
 - step error: the graph and torch run the same (tokens, z_H[k], z_L[k]); max abs difference
-  per output, over depths k (FP32: all depths; FP16/INT8: a log-spaced subset).
+  per output, over depths k (FP32: all depths; FP16/INT8: a log-spaced subset). The FP32
+  gate reads it in units of each output's RMS where that exceeds 1: the states are unit-RMS
+  (RMSNorm), so they are held to 1e-4 absolute, while trained logits (RMS ~50 on maze-small)
+  carry FP32 round-off of that order times their scale.
 - trajectory (FP16/INT8): the graph drives its own state for N steps from the same z_0; its
   argmax answers are compared with torch's after N steps, and its residual trace gives the
   floor. FP32, equal to torch within 1e-4 at every step, is read from the reference.
@@ -26,7 +29,7 @@ from eqr.export.inputs import Trajectory
 from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES, StepGraph
 from eqr.model import EqRModel
 
-FP32_STEP_ATOL = 1e-4  # the FP32 graph must match torch within this per step, or the export fails
+FP32_STEP_ATOL = 1e-4  # per step, in units of max(1, output RMS): beyond it the export fails
 ROUNDOFF_BOUND = {"fp32": 1e-5, "fp16": 1e-3, "int8": 1e-2}
 TOL_FACTOR = 3.0
 FLOOR_CAP = 5e-2
@@ -85,6 +88,7 @@ def step_errors(step: StepFn, ref: Reference, depths: list[int]) -> dict[str, An
     want = {name: ref.outputs[name][depths].reshape(len(depths) * B, *ref.outputs[name].shape[2:])
             for name in OUTPUT_NAMES}
     per_output = {name: float(np.abs(got[name].astype(np.float64) - want[name]).max()) for name in FLOAT_OUTPUTS}
+    scale = {name: max(1.0, float(np.sqrt(np.mean(np.square(want[name], dtype=np.float64))))) for name in FLOAT_OUTPUTS}
     first = slice(0, B)  # depth depths[0] == 0: the one-step check from random states
     one_step = {name: float(np.abs(got[name][first].astype(np.float64) - want[name][first]).max())
                 for name in FLOAT_OUTPUTS}
@@ -94,6 +98,7 @@ def step_errors(step: StepFn, ref: Reference, depths: list[int]) -> dict[str, An
     return {
         "depths": depths,
         "max_abs": max(per_output.values()),
+        "max_scaled": max(per_output[name] / scale[name] for name in FLOAT_OUTPUTS),  # the FP32 gate
         "max_abs_one_step": max(one_step.values()),
         "max_abs_per_output": per_output,
         "state_rel": max(per_output["z_H_out"], per_output["z_L_out"]) / max(state_scale, 1e-12),

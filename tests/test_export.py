@@ -18,6 +18,7 @@ from conftest import tiny_config
 from eqr.checkpoint import save_checkpoint
 from eqr.cli import cli
 from eqr.errors import EqRError
+from eqr.load import bundled_names
 from eqr.export import ExportConfig, parse_batch
 from eqr.export.config import ONNX_FILES
 from eqr.export.exporter import METADATA_KEY, ExportError, export_model, read_manifest
@@ -318,3 +319,13 @@ def test_attention_models_export_with_the_same_contract(pos: str) -> None:
         for name, a, b in zip(OUTPUT_NAMES[:3], got, want):
             np.testing.assert_allclose(a, b.numpy(), atol=atol, rtol=0, err_msg=f"{precision} {name}")
     assert any(n.op_type == "Softmax" for n in half.graph.node)  # attention was exported
+
+
+@pytest.mark.parametrize("name", bundled_names())
+def test_every_bundled_model_exports_in_fp32(tmp_path: Path, name: str) -> None:
+    """Trained logits are large (RMS ~50 on maze-small): the FP32 gate is scaled to each output."""
+    result = _run("export", name, "--out", str(tmp_path / name), "--engine", "never", *FAST_FLAGS)
+    assert result.exit_code == 0, result.output
+    step_error = read_manifest(tmp_path / name)["precisions"]["fp32"]["parity"]["step_error"]
+    assert step_error["max_scaled"] <= 1e-4
+    assert step_error["max_abs_per_output"]["z_H_out"] <= 1e-4 and step_error["max_abs_per_output"]["z_L_out"] <= 1e-4
