@@ -91,6 +91,8 @@ class OrtBackend(Backend):
         options.inter_op_num_threads = 1
         # Spinning threads starve everything else on a shared or small machine (spec deployment.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # The CPU arena kept ~113 MiB more per batch-256 step as shapes shrank under compaction.
+        options.enable_cpu_mem_arena = False
         return options
 
     def activate_impl(self) -> None:
