@@ -17,6 +17,16 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**(base | overrides))
 
 
+def contracting_model() -> EqRModel:
+    """Block weights x0.1: one attractor per puzzle, residual falls ~0.8x per step."""
+    model = EqRModel(tiny_config(), seed=0).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            for p in block.parameters():
+                p.mul_(0.1)
+    return model
+
+
 @pytest.fixture
 def tiny_model() -> EqRModel:
     return EqRModel(tiny_config(), seed=0).eval()

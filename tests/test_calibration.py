@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import contracting_model, tiny_config
 from eqr.calibration.card import BEGIN, END, record_in_card
 from eqr.calibration.collect import Results, curve_key, curve_keys
 from eqr.calibration.compare import agreement, compare, exact_accuracy
@@ -23,16 +23,6 @@ from eqr.model import EqRModel
 from eqr.runtime import Solver
 from eqr.runtime.backends.base import Backend
 from eqr.runtime.solver import initial_states
-
-
-def contracting_model() -> EqRModel:
-    """Block weights x0.1: one attractor per puzzle, residual falls ~0.8x per step."""
-    model = EqRModel(tiny_config(), seed=0).eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            for p in block.parameters():
-                p.mul_(0.1)
-    return model
 
 
 def test_configs_validate_and_round_trip() -> None:

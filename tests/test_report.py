@@ -9,29 +9,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from conftest import tiny_config
+from conftest import contracting_model
 from eqr.checkpoint import save_checkpoint
 from eqr.cli import cli
-from eqr.model import EqRModel
 
 PUZZLES = 8
 DEPTH = 32
 # Small and fast; torch runs fp32 only, so it is listed under "not run" for fp16/int8.
 REPORT_ARGS = ["--depths", f"4,{DEPTH}", "--breadth", "1,2", "--max-steps", str(DEPTH)]
-
-
-def contracting_model() -> EqRModel:
-    """Block weights x0.1: one attractor per puzzle, residual falls ~0.8x per step."""
-    model = EqRModel(tiny_config(), seed=0).eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            for p in block.parameters():
-                p.mul_(0.1)
-    return model
 
 
 def invoke(*args: str) -> "CliRunner.Result":

@@ -20,7 +20,25 @@ if TYPE_CHECKING:
     from eqr.runtime.artifact import Artifact
 
 
-class TorchBackend(Backend):
+class TorchArrays:
+    """Device arrays as torch tensors on `self.device` (torch and TensorRT backends)."""
+
+    device: torch.device
+
+    def upload(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def download(self, array: torch.Tensor) -> np.ndarray:
+        return array.detach().cpu().numpy()
+
+    def take(self, array: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        return array.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=array.device))
+
+    def concat(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(arrays), dim=0)
+
+
+class TorchBackend(TorchArrays, Backend):
     name = "torch"
 
     def __init__(self, model: EqRModel | None = None, *, loader: str | None = None,
@@ -65,15 +83,3 @@ class TorchBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": str(self.device), "precision": "fp32"}
-
-    def upload(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
-
-    def download(self, array: torch.Tensor) -> np.ndarray:
-        return array.detach().cpu().numpy()
-
-    def take(self, array: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        return array.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=array.device))
-
-    def concat(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(list(arrays), dim=0)

@@ -16,7 +16,7 @@ TensorRT does not allow inputs and outputs to alias, hence the two buffers (spec
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ import torch
 from eqr.errors import EqRError
 from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES
 from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
+from eqr.runtime.backends.torch_backend import TorchArrays
 
 if TYPE_CHECKING:
     from eqr.runtime.artifact import Artifact
@@ -50,7 +51,7 @@ def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
     return table[dtype]
 
 
-class TensorRTBackend(Backend):
+class TensorRTBackend(TorchArrays, Backend):
     name = "tensorrt"
 
     def __init__(self, engine_path: str | Path, *, precision: str = "fp32", batch_size: int | None = None,
@@ -217,17 +218,8 @@ class TensorRTBackend(Backend):
 
     # ------------------------------------------------------------------ device arrays
     def upload(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        tensor = super().upload(array)
         return tensor.to(self.dtypes["z_H"]) if tensor.is_floating_point() else tensor
-
-    def download(self, array: torch.Tensor) -> np.ndarray:
-        return array.detach().cpu().numpy()
-
-    def take(self, array: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        return array.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=array.device))
-
-    def concat(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(list(arrays), dim=0)
 
     def put(self, array: torch.Tensor, rows: np.ndarray, values: torch.Tensor) -> torch.Tensor:
         array[torch.as_tensor(rows, dtype=torch.long, device=array.device)] = values.to(array.dtype)
