@@ -38,7 +38,7 @@ def import_onnxruntime() -> Any:
         import onnxruntime
     except ImportError:
         raise EqRError("onnxruntime is not installed; `pip install onnxruntime` "
-                       "(or `pip install 'eqr[tensorrt]'` for onnxruntime-gpu)") from None
+                       "(or `pip install onnxruntime-gpu` on a CUDA machine, never both)") from None
     return onnxruntime
 
 
