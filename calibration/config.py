@@ -4,9 +4,10 @@ runs and how it judges). Frozen, saved as JSON beside their outputs; fields map 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any
 
+from eqr.config import JsonConfig
 from eqr.errors import EqRError
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -24,7 +25,7 @@ DEFAULT_FD_EPS = {"fp32": 1e-3, "fp16": 1e-2, "int8": 5e-2}
 
 
 @dataclass(frozen=True)
-class CalibConfig:
+class CalibConfig(JsonConfig):
     """Trajectory-aware calibration: P puzzles x K random starts, states recorded at `depths`."""
 
     puzzles: int = 16  # puzzles of the model's task (generated unless --data is given)
@@ -59,16 +60,9 @@ class CalibConfig:
     def max_depth(self) -> int:
         return max(self.depths)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CalibConfig":
-        return _from_dict(cls, data)
-
 
 @dataclass(frozen=True)
-class ReportConfig:
+class ReportConfig(JsonConfig):
     """What `eqr report` runs (every precision x backend on the same puzzles and seeds) and judges."""
 
     precisions: tuple[str, ...] = PRECISIONS
@@ -108,16 +102,6 @@ class ReportConfig:
             return self.max_drop
         return DEFAULT_MAX_DROP.get(precision, 0.0)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ReportConfig":
-        return _from_dict(cls, data)
-
-
-_T = TypeVar("_T")
-
 
 def _freeze_tuples(obj: Any) -> None:
     """JSON round trips turn tuples into lists; store tuples so configs compare equal."""
@@ -125,14 +109,6 @@ def _freeze_tuples(obj: Any) -> None:
         value = getattr(obj, f.name)
         if isinstance(value, list):
             object.__setattr__(obj, f.name, tuple(value))
-
-
-def _from_dict(cls: type[_T], data: dict[str, Any]) -> _T:
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise EqRError(f"unknown {cls.__name__} keys: {', '.join(unknown)} (valid: {', '.join(sorted(names))})")
-    return cls(**data)
 
 
 def parse_ints(text: str, what: str) -> tuple[int, ...]:

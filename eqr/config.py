@@ -16,8 +16,27 @@ POS_ENCODINGS = ("none", "rope", "rope2d")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+_T = TypeVar("_T", bound="JsonConfig")
+
+
+class JsonConfig:
+    """Saved as JSON with `to_dict`; `from_dict` refuses unknown keys (a typo never falls back
+    to a default). Every eqr config dataclass (model, train, solve, export, calib, report) has it."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[_T], data: dict[str, Any]) -> _T:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise EqRError(f"unknown {cls.__name__} keys: {', '.join(unknown)} (valid: {', '.join(sorted(names))})")
+        return cls(**data)
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(JsonConfig):
     """The EqR architecture. Defaults are the official `config/arch/eqr.yaml` values."""
 
     seq_len: int = 81  # S: tokens per puzzle (from the data set, not the arch yaml)
@@ -62,16 +81,9 @@ class ModelConfig:
         """Block applications in one outer step: H_cycles x (L_cycles + 1) x L_layers."""
         return self.H_cycles * (self.L_cycles + 1) * self.L_layers
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        return _from_dict(cls, data)
-
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """The training recipe. Defaults are the official `cfg_pretrain.yaml` / `eqr_sudoku.yaml`."""
 
     global_batch_size: int = 768
@@ -106,24 +118,6 @@ class TrainConfig:
         if self.global_batch_size < 1 or self.epochs < 0:
             raise EqRError(f"global_batch_size must be >= 1 and epochs >= 0, "
                            f"got {self.global_batch_size}, {self.epochs}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return _from_dict(cls, data)
-
-
-_T = TypeVar("_T")
-
-
-def _from_dict(cls: type[_T], data: dict[str, Any]) -> _T:
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise EqRError(f"unknown {cls.__name__} keys: {', '.join(unknown)} (valid: {', '.join(sorted(names))})")
-    return cls(**data)
 
 
 # Official presets (spec 1.8). seq_len / vocab come from the data sets: Sudoku-Extreme 81 / 11,

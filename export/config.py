@@ -1,9 +1,9 @@
 """`ExportConfig`: every choice of one export, one field per `eqr export` flag."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
+from eqr.config import JsonConfig
 from eqr.errors import EqRError
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -16,7 +16,7 @@ MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 20, 17
 
 
 @dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(JsonConfig):
     """What `eqr export` builds. Field names match the flags (`--calib-data` -> calib_data)."""
 
     precision: tuple[str, ...] = ("fp32",)  # graphs to write; fp32 (model.step.onnx) is always written
@@ -54,9 +54,6 @@ class ExportConfig:
     def precisions(self) -> tuple[str, ...]:
         """Graphs in build order: fp32 first (the others derive from it), no duplicates."""
         return tuple(p for p in PRECISIONS if p == "fp32" or p in self.precision)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def parse_batch(text: str) -> tuple[int, int, int]:

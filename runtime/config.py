@@ -5,16 +5,17 @@ The loop (`eqr.runtime.solve`) reads nothing else. Each field maps 1:1 to an `eq
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
+from eqr.config import JsonConfig
 from eqr.errors import EqRError
 
 STATS_LEVELS = ("none", "final", "trace")
 
 
 @dataclass(frozen=True)
-class SolveConfig:
+class SolveConfig(JsonConfig):
     """How long each trajectory runs and when it stops (per sample, never per batch)."""
 
     max_steps: int = 256  # outer-step cap per trajectory
@@ -55,14 +56,3 @@ class SolveConfig:
 
     def replace(self, **changes: Any) -> "SolveConfig":
         return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SolveConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise EqRError(f"unknown SolveConfig keys: {', '.join(unknown)} (valid: {', '.join(sorted(names))})")
-        return cls(**data)
