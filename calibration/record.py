@@ -13,7 +13,8 @@ calib.npz (no pickles; read with np.load(allow_pickle=False)):
     puzzle  int32   [N]        row of the puzzle in the calibration puzzles
     start   int32   [N]        random start (breadth index) of the trajectory
     provenance  str (0-d)      JSON: model hash, data, seeds, depths, config
-The first three arrays are what `eqr export --calib-data` reads.
+`eqr export --calib-data` reads the same files (`read_calib_file`): tokens, z_H and z_L are
+required (depth, puzzle and start default to 0), or tokens alone, to record trajectories from.
 """
 from __future__ import annotations
 
@@ -177,29 +178,62 @@ def save_calib(path: str | os.PathLike[str], calib: CalibSet, force: bool = Fals
     return path
 
 
-def load_calib(path: str | os.PathLike[str], seq_len: int | None = None, hidden_size: int | None = None) -> CalibSet:
-    """Read and check a calib.npz (one-line EqRError naming the file and the fix)."""
+def read_calib_file(path: str | os.PathLike[str], seq_len: int | None = None, hidden_size: int | None = None,
+                    vocab_size: int | None = None, what: str = "") -> CalibSet | np.ndarray:
+    """Read and check a calibration file (one-line EqRError naming the file and the fix):
+    a calib.npz with states -> CalibSet; a puzzles-only .npz ('tokens' or 'inputs' [N, L]) -> the
+    int32 token array, for the caller to record trajectories from. `what` prefixes messages
+    (e.g. "--calib-data")."""
     path = Path(path)
+    where = f"{what} {path}" if what else str(path)
     if not path.is_file():
-        raise EqRError(f"{path}: no such file; record one with `eqr calibrate EXPORT_DIR`")
+        raise EqRError(f"{where}: no such file; record one with `eqr calibrate EXPORT_DIR`")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise EqRError(f"{path}: not a readable calib.npz ({e}); re-run `eqr calibrate --force`") from None
-    missing = [k for k in ("tokens", "z_H", "z_L", "depth") if k not in arrays]
-    if missing:
-        raise EqRError(f"{path}: missing arrays {', '.join(missing)}; re-run `eqr calibrate --force`")
-    N = len(arrays["tokens"])
-    L = arrays["tokens"].shape[1] if arrays["tokens"].ndim == 2 else None
-    expected = (N, seq_len or L, hidden_size or arrays["z_H"].shape[-1])
-    if arrays["z_H"].shape != expected or arrays["z_L"].shape != expected or arrays["depth"].shape != (N,):
-        raise EqRError(f"{path}: z_H {list(arrays['z_H'].shape)} / z_L / depth do not match tokens "
-                       f"{list(arrays['tokens'].shape)} and this model ([N, {seq_len}, {hidden_size}]); "
-                       "re-run `eqr calibrate --force`")
-    provenance = json.loads(str(arrays["provenance"])) if "provenance" in arrays else {}
+        raise EqRError(f"{where}: not a readable calib.npz ({e}); re-run `eqr calibrate --force`") from None
+    key = "tokens" if "tokens" in arrays else "inputs" if "inputs" in arrays else None
+    if key is None:
+        raise EqRError(f"{where}: has {sorted(arrays)}, needs a 'tokens' (or 'inputs') array [N, {seq_len or 'L'}]")
+    tokens = _checked_tokens(arrays[key], f"{where}: '{key}'", seq_len, vocab_size)
+    if ("z_H" in arrays) != ("z_L" in arrays):
+        raise EqRError(f"{where}: give both 'z_H' and 'z_L' or neither")
+    if "z_H" not in arrays:
+        return tokens
+    N, L = tokens.shape
+    D = hidden_size or (arrays["z_H"].shape[-1] if arrays["z_H"].ndim == 3 else 0)
+    for name in ("z_H", "z_L"):
+        value = arrays[name]
+        if value.shape != (N, L, D) or not np.issubdtype(value.dtype, np.floating):
+            raise EqRError(f"{where}: '{name}' has shape {list(value.shape)} ({value.dtype}), expected float "
+                           f"[{N}, {L}, {D}]: the states do not match this model or their tokens; "
+                           "re-run `eqr calibrate --force`")
+        if not np.isfinite(value).all():
+            raise EqRError(f"{where}: '{name}' holds NaN or Inf")
     zeros = np.zeros(N, np.int32)
-    return CalibSet(arrays["tokens"].astype(np.int32), arrays["z_H"].astype(np.float32),
-                    arrays["z_L"].astype(np.float32), arrays["depth"].astype(np.int32),
-                    arrays.get("puzzle", zeros).astype(np.int32), arrays.get("start", zeros).astype(np.int32),
-                    provenance)
+    for name in ("depth", "puzzle", "start"):
+        if arrays.get(name, zeros).shape != (N,):
+            raise EqRError(f"{where}: '{name}' has shape {list(arrays[name].shape)}, expected [{N}]")
+    provenance = json.loads(str(arrays["provenance"])) if "provenance" in arrays else {}
+    return CalibSet(tokens, arrays["z_H"].astype(np.float32), arrays["z_L"].astype(np.float32),
+                    *(arrays.get(name, zeros).astype(np.int32) for name in ("depth", "puzzle", "start")),
+                    provenance=provenance)
+
+
+def load_calib(path: str | os.PathLike[str], seq_len: int | None = None, hidden_size: int | None = None) -> CalibSet:
+    """Read a calib.npz that holds recorded states (see `read_calib_file`)."""
+    calib = read_calib_file(path, seq_len, hidden_size)
+    if not isinstance(calib, CalibSet):
+        raise EqRError(f"{path}: holds puzzles but no recorded states (z_H, z_L); record them with "
+                       "`eqr calibrate EXPORT_DIR --force`")
+    return calib
+
+
+def _checked_tokens(tokens: np.ndarray, where: str, seq_len: int | None, vocab_size: int | None) -> np.ndarray:
+    L = seq_len or (tokens.shape[1] if tokens.ndim == 2 else "L")
+    if tokens.ndim != 2 or tokens.shape[1] != L or len(tokens) == 0:
+        raise EqRError(f"{where} has shape {list(tokens.shape)}, expected [N, {L}] with N >= 1")
+    if not np.issubdtype(tokens.dtype, np.integer) or tokens.min() < 0 or (vocab_size and tokens.max() >= vocab_size):
+        raise EqRError(f"{where} must hold integer token ids 0..{(vocab_size or 2**31) - 1}")
+    return tokens.astype(np.int32)

@@ -23,7 +23,7 @@ class ExportConfig(JsonConfig):
     batch: tuple[int, int, int] = (1, 64, 256)  # TensorRT optimization profile min/opt/max batch
     opset: int = DEFAULT_OPSET
     engine: str = "auto"  # auto: build when TensorRT and a GPU exist; always: fail without; never
-    calib_data: str | None = None  # .npz of calibration inputs for INT8 (see export.calibrate)
+    calib_data: str | None = None  # .npz of calibration inputs for INT8 (see eqr.calibration.record.read_calib_file)
     force: bool = False  # write into an existing output directory
     seed: int = 0  # initial states and task inputs of the checks and the calibration run
     check_batch: int = 4  # trajectories (puzzles x random starts) in the export checks

@@ -28,7 +28,7 @@ import torch
 
 from eqr import __version__
 from eqr.errors import EqRError
-from eqr.export import calibrate, parity
+from eqr.export import parity
 from eqr.export.config import MANIFEST_FILE, ONNX_FILES, ExportConfig
 from eqr.export.inputs import TaskInfo, infer_task, initial_states, task_inputs
 from eqr.io import atomic_write_bytes, atomic_write_text
@@ -241,26 +241,35 @@ def check_precision(precision: str, model_proto, ref: parity.Reference, progress
 # --------------------------------------------------------------------------- the export
 
 
-def calibration_feeds(model: EqRModel, fp32_proto, config: ExportConfig, task: TaskInfo,
+def calibration_feeds(model: EqRModel, config: ExportConfig, task: TaskInfo,
                       progress: Progress) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
-    """INT8 calibration feeds: --calib-data states as given, or FP32 trajectories at all depths."""
-    from eqr.export.onnx_graph import session
+    """INT8 calibration feeds: --calib-data states as given, or the step inputs at every depth of
+    noise-free FP32 trajectories, recorded by the runtime loop (`eqr.calibration.record`)."""
+    from eqr.calibration.record import CalibSet, record_calibration
+    from eqr.runtime.solver import Solver
 
-    g = torch.Generator().manual_seed(config.seed + 1)  # puzzles and starts unseen by the checks
-    data = calibrate.read_calib_npz(config.calib_data, model.config) if config.calib_data else None
-    if data is not None and data["z_H"] is not None:
-        feeds = calibrate.split_feeds(data["tokens"], data["z_H"], data["z_L"])
-        return feeds, {"source": data["path"], "rows": int(len(data["tokens"])), "method": "minmax"}
-    tokens = data["tokens"] if data is not None else task_inputs(task, model, CALIB_BATCH, config.seed + 1).numpy()
-    state = initial_states(model, len(tokens), g)
-    step = parity.ort_step(session(fp32_proto))
-    with progress.bar("int8 calibration trajectories", config.check_steps) as advance:
-        feeds = calibrate.trajectory_feeds(step, tokens, state.z_H.numpy(), state.z_L.numpy(),
-                                           config.check_steps, advance)
-    info = {"source": data["path"] if data is not None else "built-in (task inputs, random initial states)",
-            "trajectories": int(len(tokens)), "depths": config.check_steps,
-            "rows": int(len(tokens) * config.check_steps), "method": "minmax"}
-    return feeds, info
+    data = read_calib_data(config, model)
+    if isinstance(data, CalibSet):
+        return data.feeds(), {"source": config.calib_data, "rows": len(data), "method": "minmax"}
+    # puzzles and starts unseen by the parity checks
+    tokens = data if data is not None else task_inputs(task, model, CALIB_BATCH, config.seed + 1).numpy()
+    with Solver.from_model(model) as solver, \
+            progress.bar("int8 calibration trajectories", len(tokens)) as advance:
+        calib = record_calibration(solver, tokens, starts=1, depths=range(config.check_steps), seed=config.seed + 1,
+                                   progress=advance)
+    info = {"source": config.calib_data or "built-in (task inputs, random initial states)",
+            "trajectories": int(len(tokens)), "depths": config.check_steps, "rows": len(calib), "method": "minmax"}
+    return calib.feeds(), info
+
+
+def read_calib_data(config: ExportConfig, model: EqRModel) -> Any:
+    """--calib-data: a CalibSet (recorded states), a token array (puzzles to record from) or None."""
+    from eqr.calibration.record import read_calib_file
+
+    if not config.calib_data:
+        return None
+    c = model.config
+    return read_calib_file(config.calib_data, c.seq_len, c.hidden_size, c.vocab_size, "--calib-data")
 
 
 def build_graphs(model: EqRModel, config: ExportConfig, task: TaskInfo,
@@ -291,7 +300,7 @@ def build_graphs(model: EqRModel, config: ExportConfig, task: TaskInfo,
             graph = Fp16FromOnnx(graphs["fp32"])()
             extra = {"kept_fp32": "reductions and norm chains, softmax, argmax, output heads"}
         else:
-            feeds, calib_info = calibration_feeds(model, graphs["fp32"], config, task, progress)
+            feeds, calib_info = calibration_feeds(model, config, task, progress)
             graph = Int8FromOnnx(graphs["fp32"], feeds)()
             extra = {"calibration": calib_info, "quantized_ops": quantized_ops(graph),
                      "scheme": "QDQ, symmetric int8 weights (per channel) and activations"}
@@ -320,7 +329,7 @@ def export_model(model: EqRModel, out_dir: str | os.PathLike[str] | None, config
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
     check_out_dir(out, config.force)
     if config.calib_data and "int8" in config.precisions:
-        calibrate.read_calib_npz(config.calib_data, model.config)  # bad input fails before any work
+        read_calib_data(config, model)  # bad input fails before any work
     gpu, trt_version, why_not = engine_support()
     if config.engine == "always" and why_not:
         raise ExportError(f"engine: cannot build TensorRT engines: {why_not}; use --engine auto or never "

@@ -4,8 +4,8 @@ ONNX Runtime's static quantizer in QDQ format, INT8 weights (symmetric, per outp
 and INT8 activations (symmetric), MatMul/Gemm only by default: quantizing every op was both
 slower and far less accurate (deployment spec, INT8). `quant_pre_process` runs first. The
 activation ranges come from calibration feeds: (tokens, z_H, z_L) recorded along FP32
-trajectories at every depth (`eqr.export.calibrate`), or whatever the calibration module
-passes in.
+trajectories at every depth (`eqr.calibration.record`), built in or read from `--calib-data`,
+or whatever `eqr calibrate` passes in.
 """
 from __future__ import annotations
 

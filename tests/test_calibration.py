@@ -17,7 +17,7 @@ from eqr.calibration.compare import agreement, compare, exact_accuracy
 from eqr.calibration.config import CalibConfig, ReportConfig, parse_ints
 from eqr.calibration.contraction import spectral_radius
 from eqr.calibration.quantize import scale_change
-from eqr.calibration.record import RecordingBackend, load_calib, record_calibration, save_calib
+from eqr.calibration.record import RecordingBackend, load_calib, read_calib_file, record_calibration, save_calib
 from eqr.errors import EqRError
 from eqr.model import EqRModel
 from eqr.runtime import Solver
@@ -97,6 +97,11 @@ def test_calib_npz_round_trip_and_errors(tmp_path) -> None:
     (tmp_path / "bad.npz").write_text("nope")
     with pytest.raises(EqRError, match="not a readable"):
         load_calib(tmp_path / "bad.npz")
+    # A puzzles-only file is read as tokens (export records trajectories from it), never as a CalibSet.
+    np.savez(tmp_path / "puzzles.npz", inputs=tokens)
+    np.testing.assert_array_equal(read_calib_file(tmp_path / "puzzles.npz", 16, 16, vocab_size=6), tokens)
+    with pytest.raises(EqRError, match="no recorded states"):
+        load_calib(tmp_path / "puzzles.npz", 16, 16)
 
 
 class LinearBackend(Backend):

@@ -286,6 +286,15 @@ def test_calibration_npz_states_are_used_as_given_and_bad_files_refused(exported
     assert not (tmp_path / "out").exists()
 
 
+def test_calibration_npz_of_puzzles_only_records_their_trajectories(exported, tmp_path: Path) -> None:
+    model = exported[0]
+    np.savez(tmp_path / "puzzles.npz", tokens=_feeds(model, 3)["tokens"])
+    config = ExportConfig(precision=("int8",), engine="never", calib_data=str(tmp_path / "puzzles.npz"), **FAST)
+    calib = export_model(model, tmp_path / "out", config)["precisions"]["int8"]["calibration"]
+    assert calib["source"].endswith("puzzles.npz")
+    assert calib["trajectories"] == 3 and calib["rows"] == 3 * FAST["check_steps"]  # every depth of each
+
+
 def test_config_flags() -> None:
     assert parse_batch("1:8:32") == (1, 8, 32) and parse_batch("16") == (16, 16, 16)
     with pytest.raises(EqRError, match="MIN:OPT:MAX"):
