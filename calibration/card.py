@@ -54,13 +54,18 @@ def record_in_card(report: dict[str, Any], directory: str | os.PathLike[str]) ->
     atomic_write_text(json_path, json.dumps(card, indent=2) + "\n")
     md_path = root / CARD_MD
     text = md_path.read_text() if md_path.is_file() else ""
+    atomic_write_text(md_path, with_precision_section(text, summary))
+    return root
+
+
+def with_precision_section(text: str, summary: dict[str, Any]) -> str:
+    """card.md text with its precision section (between the markers) replaced or appended."""
     section = _markdown(summary)
     if BEGIN in text and END in text:
         text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + section
-    atomic_write_text(md_path, text.rstrip("\n") + "\n")
-    return root
+    return text.rstrip("\n") + "\n"
 
 
 def _markdown(summary: dict[str, Any]) -> str:

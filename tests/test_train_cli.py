@@ -125,8 +125,33 @@ def test_make_bundle_writes_a_measured_card(tmp_path: Path) -> None:
     assert "a note" in (folder / "card.md").read_text()
     model = load_model(folder / "model.pt")
     assert model.metadata["task"]["generate_args"] == args
+    settle = card["steps_to_settle"]  # the runtime's gated steps, per tier, over every puzzle
+    assert sum(row["n"] for row in settle["by_tier"]) == 8 and settle["max_steps"] == 2
+    assert all(1 <= row["mean_steps"] <= 2 for row in settle["by_tier"])
+    assert "Steps the runtime spends, by difficulty" in (folder / "card.md").read_text()
     with pytest.raises(Exception, match="--force"):
         make_bundle(out, "toy", args, 99, [1], "toy", root=tmp_path / "bundled")
+
+
+def test_remeasure_reproduces_the_card_and_keeps_its_precision_section(tmp_path: Path) -> None:
+    from eqr.calibration.card import BEGIN, END
+    from eqr.training.bundle import make_bundle, remeasure
+
+    out = tmp_path / "run"
+    assert _run(*TINY, "--out", str(out), "--steps", "2").exit_code == 0
+    args = ["--task", "sudoku", "--size", "4", "--blanks", "2:4", "--n", "8", "--split", "test"]
+    card = make_bundle(out, "toy", args, heldout_seed=99, depths=[1, 2], summary="toy", root=tmp_path / "bundled")
+    folder = tmp_path / "bundled" / "toy"
+    with (folder / "card.md").open("a") as f:
+        f.write(f"{BEGIN}\nold precision table\n{END}\n")
+    summary = {"puzzles": 8, "depth": 2, "reference": "torch-fp32", "passed": True, "runs": {}}
+    (folder / "card.json").write_text(json.dumps(card | {"precision_report": summary}))
+    again = remeasure("toy", root=tmp_path / "bundled")
+    card = json.loads(json.dumps(card))  # as stored
+    assert again["accuracy_by_depth"] == card["accuracy_by_depth"]  # same seed, same weights: same numbers
+    assert again["steps_to_settle"] == card["steps_to_settle"] and again["training"] == card["training"]
+    text = (folder / "card.md").read_text()
+    assert text.count(BEGIN) == 1 and "old precision table" not in text and "8 puzzles, depth 2" in text
 
 
 def test_init_from_starts_a_new_run_from_earlier_weights_and_keeps_its_history(tmp_path: Path) -> None:

@@ -2,10 +2,12 @@
 
 The held-out set is made by `eqr data generate` (the exact arguments go into the card) with a
 seed no training batch used; the card's numbers are measured on it with the EMA weights:
-exact accuracy by depth, and steps-to-stable-answer by difficulty tier.
+exact accuracy by depth, steps-to-stable-answer by difficulty tier, and the steps the runtime's
+gating spends by difficulty (adaptive compute).
 
-    python -m eqr.training.bundle RUN_DIR NAME --heldout "--task sudoku --size 4 --n 1000 --split test" \\
+    python -m eqr.training.bundle make RUN_DIR NAME --heldout "--task sudoku --size 4 --n 1000 --split test" \\
         --heldout-seed 1000
+    python -m eqr.training.bundle remeasure NAME     # after the evaluation gained a measure
 """
 from __future__ import annotations
 
@@ -51,6 +53,30 @@ def measure(model: EqRModel, inputs: np.ndarray, labels: np.ndarray, tiers: Sequ
             depths: Sequence[int], seed: int, groups: dict[str, Sequence[str]] | None = None) -> dict[str, Any]:
     return evaluate(model, torch.as_tensor(inputs).long(), to_training_labels(labels), depths, seed=seed,
                     tiers=list(tiers), groups=groups)
+
+
+def steps_to_settle(model: EqRModel, inputs: np.ndarray, labels: np.ndarray, groups: dict[str, Sequence[str]],
+                    max_steps: int, seed: int) -> dict[str, Any]:
+    """Outer steps the deployed runtime spends per puzzle under its default gating (residual
+    below the FP32 tol, or the answer unchanged for the window), by each labelling in `groups`:
+    the adaptive-compute measure (easy puzzles should stop earlier), with the gated answer's
+    exact accuracy."""
+    from eqr.runtime.artifact import DEFAULT_TOL
+    from eqr.runtime.solver import Solver
+
+    tol = DEFAULT_TOL["fp32"]
+    with Solver.from_model(model, default_tol=tol) as solver:
+        result = solver.solve(inputs.astype(np.int32), max_steps=max_steps, seed=seed)
+    correct = (result.preds == labels).all(-1)
+    report: dict[str, Any] = {"tol": tol, "window": solver.config().window, "max_steps": max_steps, "exact": float(correct.mean()),
+                              "mean_steps": float(result.steps.mean())}
+    for name, labels_of_rows in groups.items():
+        report[f"by_{name}"] = [
+            {"tier": label, "n": int(mask.sum()), "mean_steps": float(result.steps[mask].mean()),
+             "median_steps": float(np.median(result.steps[mask])), "exact": float(correct[mask].mean())}
+            for label in dict.fromkeys(labels_of_rows)
+            for mask in [np.array([x == label for x in labels_of_rows])]]
+    return report
 
 
 def difficulty_groups(task: Any, inputs: np.ndarray) -> dict[str, list[str]]:
@@ -114,20 +140,12 @@ def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_s
     model.load_state_dict(ckpt.ema)
     model.eval()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        heldout = generate_heldout(heldout_args, heldout_seed, Path(tmp))
-    task = heldout.task
-    tiers = [str(t) for t in task.tier_of(heldout.inputs)]
-    report = measure(model, heldout.inputs, heldout.labels, tiers, depths, seed=heldout_seed,
-                     groups=difficulty_groups(task, heldout.inputs))
     train_config = meta.get("train_config", {})
     chain = run_chain(meta)
-    generate_args = list(heldout_args)
     card = {
         "name": name,
         "summary": summary,
         "notes": list(notes),
-        "task": task.describe(),
         "model": {"parameters": model.num_parameters(), "preset": meta.get("preset"), "config": ckpt.config.to_dict(),
                   "weights": "EMA (rate %s)" % train_config.get("ema_rate")},
         "training": {
@@ -142,18 +160,8 @@ def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_s
             "train_config": train_config,
             "curve": training_curve(run_dir),
         },
-        "heldout": {"generate_args": generate_args, "seed": heldout_seed, "n": len(heldout.inputs),
-                    "data_command": " ".join(["eqr data generate", *map(shlex.quote, generate_args),
-                                              "--seed", str(heldout_seed), "--out", f"heldout/{name}"])},
-        "evaluation": {"noise_scale": ckpt.config.noise_scale, "initial_state_std": ckpt.config.H_init_std,
-                       "breadth": 1, "seed": heldout_seed,
-                       "loop": "eqr.training.evaluate: exactly D outer steps of model.step from a random state"},
-        "accuracy_by_depth": report["by_depth"],
-        "claim": claim_from(report["by_depth"]),
-        "steps_to_stable_by_tier": report["steps_to_stable_by_tier"],
-        "steps_to_stable_by_path_length": report.get("steps_to_stable_by_path_length"),
-        "steps_to_stable_max_depth": report["max_depth"],
-    }
+    } | measure_card(model, name, heldout_args, heldout_seed, depths)
+    generate_args = card["heldout"]["generate_args"]
     metadata = meta | {"task": dict(meta.get("task") or {}) | {"generate_args": generate_args}, "card": card["claim"]}
     target.mkdir(parents=True, exist_ok=True)
     save_checkpoint(target / "model.pt", ckpt.config, ckpt.model, ckpt.ema, metadata)
@@ -162,12 +170,70 @@ def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_s
         raise EqRError(f"{target / 'model.pt'} is {size / 2**20:.1f} MiB, over the 10 MiB bundle limit; "
                        "use a smaller model")
     card["model"]["file_bytes"] = size
-    atomic_write_text(target / CARD_JSON, json.dumps(card, indent=2) + "\n")
-    atomic_write_text(target / CARD_MD, render_card(card))
-    for path in (target / "model.pt", target / CARD_JSON, target / CARD_MD):
-        path.chmod(0o644)  # package data: readable by everyone (temp files are created 0600)
+    _write_card(target, card, render_card(card))
     load_model(target / "model.pt")  # the bundle must load
     return card
+
+
+def measure_card(model: EqRModel, name: str, heldout_args: Sequence[str], heldout_seed: int,
+                 depths: Sequence[int]) -> dict[str, Any]:
+    """The card's measured part, on a held-out set made by `eqr data generate ARGS --seed SEED`:
+    accuracy by depth, steps to a stable answer and the runtime's gated steps by difficulty."""
+    with tempfile.TemporaryDirectory() as tmp:
+        heldout = generate_heldout(heldout_args, heldout_seed, Path(tmp))
+    task = heldout.task
+    tiers = [str(t) for t in task.tier_of(heldout.inputs)]
+    groups = difficulty_groups(task, heldout.inputs)
+    report = measure(model, heldout.inputs, heldout.labels, tiers, depths, seed=heldout_seed, groups=groups)
+    settle = steps_to_settle(model, heldout.inputs, heldout.labels, {"tier": tiers} | groups, max(depths),
+                             heldout_seed)
+    order = {tier: i for i, tier in enumerate(task.tiers)}
+    settle["by_tier"].sort(key=lambda row: order.get(row["tier"], len(order)))
+    generate_args = list(heldout_args)
+    return {
+        "task": task.describe(),
+        "heldout": {"generate_args": generate_args, "seed": heldout_seed, "n": len(heldout.inputs),
+                    "data_command": " ".join(["eqr data generate", *map(shlex.quote, generate_args),
+                                              "--seed", str(heldout_seed), "--out", f"heldout/{name}"])},
+        "evaluation": {"noise_scale": model.config.noise_scale, "initial_state_std": model.config.H_init_std,
+                       "breadth": 1, "seed": heldout_seed,
+                       "loop": "eqr.training.evaluate: exactly D outer steps of model.step from a random state"},
+        "accuracy_by_depth": report["by_depth"],
+        "claim": claim_from(report["by_depth"]),
+        "steps_to_stable_by_tier": report["steps_to_stable_by_tier"],
+        "steps_to_stable_by_path_length": report.get("steps_to_stable_by_path_length"),
+        "steps_to_stable_max_depth": report["max_depth"],
+        "steps_to_settle": settle,
+    }
+
+
+def remeasure(name: str, root: Path | None = None) -> dict[str, Any]:
+    """Re-run the measured part of a bundle's card from its shipped weights (same held-out
+    arguments, seed and depths), e.g. after the evaluation gained a measure. The training
+    record and the precision report section are kept."""
+    from eqr.calibration.card import with_precision_section
+
+    target = (root or bundled_dir()) / name
+    card = json.loads((target / CARD_JSON).read_text(encoding="utf-8"))
+    model = load_model(target / "model.pt")
+    depths = [int(row["depth"]) for row in card["accuracy_by_depth"]]
+    heldout = card["heldout"]
+    card |= measure_card(model, name, heldout["generate_args"], int(heldout["seed"]), depths)
+    ckpt = read_checkpoint(target / "model.pt")
+    if ckpt.metadata.get("card") != card["claim"]:
+        save_checkpoint(target / "model.pt", ckpt.config, ckpt.model, ckpt.ema, ckpt.metadata | {"card": card["claim"]})
+    text = render_card(card)
+    if card.get("precision_report"):
+        text = with_precision_section(text, card["precision_report"])
+    _write_card(target, card, text)
+    return card
+
+
+def _write_card(target: Path, card: dict[str, Any], markdown: str) -> None:
+    atomic_write_text(target / CARD_JSON, json.dumps(card, indent=2) + "\n")
+    atomic_write_text(target / CARD_MD, markdown)
+    for path in (target / "model.pt", target / CARD_JSON, target / CARD_MD):
+        path.chmod(0o644)  # package data: readable by everyone (temp files are created 0600)
 
 
 def render_card(card: dict[str, Any]) -> str:
@@ -208,6 +274,8 @@ def render_card(card: dict[str, Any]) -> str:
         lines += [f"| {r['tier']} | {r['n']} | {r['mean_steps_to_stable']:.2f} | {r['median_steps_to_stable']:.0f} | "
                   f"{100 * r['exact_at_max_depth']:.1f}% |"
                   for r in sorted(card["steps_to_stable_by_path_length"], key=_band_start)]
+    if card.get("steps_to_settle"):
+        lines += _settle_lines(card["steps_to_settle"])
     if card.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {note}" for note in card["notes"]]
     if tr["curve"]:
@@ -221,12 +289,33 @@ def render_card(card: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _settle_lines(settle: dict[str, Any]) -> list[str]:
+    lines = ["", "## Steps the runtime spends, by difficulty (adaptive compute)", "",
+             f"`Solver.solve` with its default gating: a puzzle stops once its relative residual stays below "
+             f"{settle['tol']:g} or its answer is unchanged for {settle['window']} steps (cap {settle['max_steps']}). "
+             f"Gated exact accuracy {100 * settle['exact']:.1f}%, {settle['mean_steps']:.2f} steps per puzzle.", ""]
+    for key, heading in (("by_tier", "tier"), ("by_path_length", "path length")):
+        rows = settle.get(key)
+        if rows:
+            lines += [f"| {heading} | n | mean steps | median steps | exact |", "|---|---:|---:|---:|---:|"]
+            lines += [f"| {r['tier']} | {r['n']} | {r['mean_steps']:.2f} | {r['median_steps']:.0f} | "
+                      f"{100 * r['exact']:.1f}% |" for r in sorted(rows, key=_band_start)]
+            lines.append("")
+    return lines[:-1]
+
+
 def _band_start(row: dict[str, Any]) -> int:
     head = row["tier"].split("-")[0].rstrip("+")
     return int(head) if head.isdigit() else 10**9
 
 
-@click.command()
+@click.group()
+def main() -> None:
+    """Bundle a training run as a model shipped inside the package, with a measured model card."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+@main.command("make")
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.argument("name")
 @click.option("--heldout", required=True, help="`eqr data generate` arguments of the held-out set, less --seed/--out.")
@@ -235,19 +324,30 @@ def _band_start(row: dict[str, Any]) -> int:
 @click.option("--summary", default="", help="One paragraph for the card.")
 @click.option("--note", "notes", multiple=True, help="A line for the card's Notes section (repeatable).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
-def main(run_dir: Path, name: str, heldout: str, heldout_seed: int, depths: str, summary: str, notes: tuple[str, ...],
+def make(run_dir: Path, name: str, heldout: str, heldout_seed: int, depths: str, summary: str, notes: tuple[str, ...],
          force: bool) -> None:
     """Bundle RUN_DIR's EMA model as eqr/bundled/NAME with a measured model card.
 
     \b
     Example:
-      python -m eqr.training.bundle runs/sudoku4 sudoku-small \\
+      python -m eqr.training.bundle make runs/sudoku4 sudoku-small \\
           --heldout "--task sudoku --size 4 --blanks 4:16 --n 1000 --split test" --heldout-seed 1000
     """
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     card = make_bundle(run_dir, name, shlex.split(heldout), heldout_seed, [int(d) for d in depths.split(",")],
                        summary, notes, force)
     click.echo(render_card(card))
+
+
+@main.command("remeasure")
+@click.argument("name")
+def remeasure_command(name: str) -> None:
+    """Re-measure bundled model NAME's card from its shipped weights (same held-out set and depths).
+
+    \b
+    Example:
+      python -m eqr.training.bundle remeasure sudoku-small
+    """
+    click.echo(render_card(remeasure(name)))
 
 
 if __name__ == "__main__":
