@@ -1,7 +1,6 @@
 """The puzzles calibration and reports run on: a data set (--data) or the model's task (--generate N)."""
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from eqr.errors import EqRError
+from eqr.io import read_npz
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,7 @@ def _read_data(data: str) -> PuzzleSet:
         dataset = load_dataset(path, "test")
         return PuzzleSet(dataset.inputs, dataset.labels, {"data": str(dataset.path)})
     if path.suffix == ".npz" and path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise EqRError(f"--data {data}: not a readable .npz ({e})") from None
+        arrays = read_npz(path, f"--data {data}")
         key = "inputs" if "inputs" in arrays else "tokens" if "tokens" in arrays else None
         if key is None:
             raise EqRError(f"--data {data}: has {sorted(arrays)}; needs 'inputs' [P, L] (and 'labels' for accuracy)")

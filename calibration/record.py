@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from eqr.errors import EqRError
-from eqr.io import atomic_open
+from eqr.io import atomic_open, read_npz
 from eqr.runtime.backends.base import Backend
 
 log = logging.getLogger(__name__)
@@ -188,11 +187,7 @@ def read_calib_file(path: str | os.PathLike[str], seq_len: int | None = None, hi
     where = f"{what} {path}" if what else str(path)
     if not path.is_file():
         raise EqRError(f"{where}: no such file; record one with `eqr calibrate EXPORT_DIR`")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise EqRError(f"{where}: not a readable calib.npz ({e}); re-run `eqr calibrate --force`") from None
+    arrays = read_npz(path, where, "re-run `eqr calibrate --force`")
     key = "tokens" if "tokens" in arrays else "inputs" if "inputs" in arrays else None
     if key is None:
         raise EqRError(f"{where}: has {sorted(arrays)}, needs a 'tokens' (or 'inputs') array [N, {seq_len or 'L'}]")

@@ -1,12 +1,17 @@
-"""Atomic file writes and file hashing, shared by checkpoints, exports and reports."""
+"""Atomic file writes, file hashing and safe .npz reads, shared by checkpoints, exports and reports."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+import numpy as np
+
+from eqr.errors import EqRError
 
 
 @contextlib.contextmanager
@@ -55,3 +60,13 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_npz(path: str | os.PathLike[str], where: str, fix: str = "") -> dict[str, np.ndarray]:
+    """Every array of an .npz, read without pickles (one-line EqRError `where: ...; fix` if unreadable)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise EqRError(f"{where}: not a readable .npz ({e}){'; ' + fix if fix else ''}") from None
+    return arrays
