@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from eqr.export.config import MANIFEST_FILE, ONNX_FILES, ExportConfig
 from eqr.export.inputs import TaskInfo, infer_task, initial_states, task_inputs
 from eqr.io import atomic_write_bytes, atomic_write_text
 from eqr.model import EqRModel
+
+if TYPE_CHECKING:
+    from eqr.calibration.record import CalibSet
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +265,7 @@ def calibration_feeds(model: EqRModel, config: ExportConfig, task: TaskInfo,
     return calib.feeds(), info
 
 
-def read_calib_data(config: ExportConfig, model: EqRModel) -> Any:
+def read_calib_data(config: ExportConfig, model: EqRModel) -> "CalibSet | np.ndarray | None":
     """--calib-data: a CalibSet (recorded states), a token array (puzzles to record from) or None."""
     from eqr.calibration.record import read_calib_file
 
