@@ -68,8 +68,8 @@ def steps_to_settle(model: EqRModel, inputs: np.ndarray, labels: np.ndarray, gro
     with Solver.from_model(model, default_tol=tol) as solver:
         result = solver.solve(inputs.astype(np.int32), max_steps=max_steps, seed=seed)
     correct = (result.preds == labels).all(-1)
-    report: dict[str, Any] = {"tol": tol, "window": solver.config().window, "max_steps": max_steps, "exact": float(correct.mean()),
-                              "mean_steps": float(result.steps.mean())}
+    report: dict[str, Any] = {"tol": tol, "window": solver.config().window, "max_steps": max_steps,
+                              "exact": float(correct.mean()), "mean_steps": float(result.steps.mean())}
     for name, labels_of_rows in groups.items():
         report[f"by_{name}"] = [
             {"tier": label, "n": int(mask.sum()), "mean_steps": float(result.steps[mask].mean()),
@@ -136,10 +136,7 @@ def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_s
     target = (root or bundled_dir()) / name
     if (target / "model.pt").exists() and not force:
         raise EqRError(f"{target} already holds a bundled model; pass --force to replace it")
-    model = EqRModel(ckpt.config)
-    model.load_state_dict(ckpt.ema)
-    model.eval()
-
+    model = ema_model(ckpt)
     train_config = meta.get("train_config", {})
     chain = run_chain(meta)
     card = {
@@ -173,6 +170,13 @@ def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_s
     _write_card(target, card, render_card(card))
     load_model(target / "model.pt")  # the bundle must load
     return card
+
+
+def ema_model(ckpt: Any) -> EqRModel:
+    """The checkpoint's EMA weights in an eval-mode model (what bundles ship and cards measure)."""
+    model = EqRModel(ckpt.config)
+    model.load_state_dict(ckpt.ema)
+    return model.eval()
 
 
 def measure_card(model: EqRModel, name: str, heldout_args: Sequence[str], heldout_seed: int,
@@ -215,11 +219,10 @@ def remeasure(name: str, root: Path | None = None) -> dict[str, Any]:
 
     target = (root or bundled_dir()) / name
     card = json.loads((target / CARD_JSON).read_text(encoding="utf-8"))
-    model = load_model(target / "model.pt")
+    ckpt = read_checkpoint(target / "model.pt")
     depths = [int(row["depth"]) for row in card["accuracy_by_depth"]]
     heldout = card["heldout"]
-    card |= measure_card(model, name, heldout["generate_args"], int(heldout["seed"]), depths)
-    ckpt = read_checkpoint(target / "model.pt")
+    card |= measure_card(ema_model(ckpt), name, heldout["generate_args"], int(heldout["seed"]), depths)
     if ckpt.metadata.get("card") != card["claim"]:
         save_checkpoint(target / "model.pt", ckpt.config, ckpt.model, ckpt.ema, ckpt.metadata | {"card": card["claim"]})
     text = render_card(card)
