@@ -244,14 +244,14 @@ def check_precision(precision: str, model_proto, ref: parity.Reference, progress
 # --------------------------------------------------------------------------- the export
 
 
-def calibration_feeds(model: EqRModel, config: ExportConfig, task: TaskInfo,
+def calibration_feeds(model: EqRModel, config: ExportConfig, task: TaskInfo, data: "CalibSet | np.ndarray | None",
                       progress: Progress) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
-    """INT8 calibration feeds: --calib-data states as given, or the step inputs at every depth of
-    noise-free FP32 trajectories, recorded by the runtime loop (`eqr.calibration.record`)."""
+    """INT8 calibration feeds: --calib-data states as given (`data`, see `read_calib_data`), or the
+    step inputs at every depth of noise-free FP32 trajectories of `data`'s puzzles (or built-in
+    ones), recorded by the runtime loop (`eqr.calibration.record`)."""
     from eqr.calibration.record import CalibSet, record_calibration
     from eqr.runtime.solver import Solver
 
-    data = read_calib_data(config, model)
     if isinstance(data, CalibSet):
         return data.feeds(), {"source": config.calib_data, "rows": len(data), "method": "minmax"}
     # puzzles and starts unseen by the parity checks
@@ -275,7 +275,7 @@ def read_calib_data(config: ExportConfig, model: EqRModel) -> "CalibSet | np.nda
     return read_calib_file(config.calib_data, c.seq_len, c.hidden_size, c.vocab_size, "--calib-data")
 
 
-def build_graphs(model: EqRModel, config: ExportConfig, task: TaskInfo,
+def build_graphs(model: EqRModel, config: ExportConfig, task: TaskInfo, calib_data: "CalibSet | np.ndarray | None",
                  progress: Progress) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """-> ({precision: ModelProto}, {precision: manifest entry}) with every check run."""
     from eqr.export.fp16 import Fp16FromOnnx
@@ -303,7 +303,7 @@ def build_graphs(model: EqRModel, config: ExportConfig, task: TaskInfo,
             graph = Fp16FromOnnx(graphs["fp32"])()
             extra = {"kept_fp32": "reductions and norm chains, softmax, argmax, output heads"}
         else:
-            feeds, calib_info = calibration_feeds(model, config, task, progress)
+            feeds, calib_info = calibration_feeds(model, config, task, calib_data, progress)
             graph = Int8FromOnnx(graphs["fp32"], feeds)()
             extra = {"calibration": calib_info, "quantized_ops": quantized_ops(graph),
                      "scheme": "QDQ, symmetric int8 weights (per channel) and activations"}
@@ -331,8 +331,7 @@ def export_model(model: EqRModel, out_dir: str | os.PathLike[str] | None, config
     progress = progress or Progress()
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
     check_out_dir(out, config.force)
-    if config.calib_data and "int8" in config.precisions:
-        read_calib_data(config, model)  # bad input fails before any work
+    calib_data = read_calib_data(config, model) if "int8" in config.precisions else None  # fails before any work
     gpu, trt_version, why_not = engine_support()
     if config.engine == "always" and why_not:
         raise ExportError(f"engine: cannot build TensorRT engines: {why_not}; use --engine auto or never "
@@ -341,7 +340,7 @@ def export_model(model: EqRModel, out_dir: str | os.PathLike[str] | None, config
     task = infer_task(model)
     manifest = base_manifest(model, config, task)
     with staging_dir(out) as stage, cpu_threads(config.threads):
-        graphs, manifest["precisions"] = build_graphs(model, config, task, progress)
+        graphs, manifest["precisions"] = build_graphs(model, config, task, calib_data, progress)
         progress.stage("write ONNX files and manifest")
         manifest_text = json.dumps(manifest, indent=2) + "\n"
         for precision, graph in graphs.items():
