@@ -230,5 +230,6 @@ def _checked_tokens(tokens: np.ndarray, where: str, seq_len: int | None, vocab_s
     if tokens.ndim != 2 or tokens.shape[1] != L or len(tokens) == 0:
         raise EqRError(f"{where} has shape {list(tokens.shape)}, expected [N, {L}] with N >= 1")
     if not np.issubdtype(tokens.dtype, np.integer) or tokens.min() < 0 or (vocab_size and tokens.max() >= vocab_size):
-        raise EqRError(f"{where} must hold integer token ids 0..{(vocab_size or 2**31) - 1}")
+        ids = f"0..{vocab_size - 1}" if vocab_size else "(non-negative)"
+        raise EqRError(f"{where} must hold integer token ids {ids}")
     return tokens.astype(np.int32)
