@@ -114,7 +114,9 @@ class CalibSet:
 
     def feeds(self, rows: int = 16) -> list[dict[str, np.ndarray]]:
         """The states as ONNX feeds of at most `rows` rows (for `quantize_int8`)."""
-        return [{"tokens": self.tokens[i:i + rows], "z_H": self.z_H[i:i + rows], "z_L": self.z_L[i:i + rows]}
+        from eqr.export.step_graph import graph_feeds
+
+        return [graph_feeds(self.tokens[i:i + rows], self.z_H[i:i + rows], self.z_L[i:i + rows])
                 for i in range(0, len(self), rows)]
 
     def select(self, index: np.ndarray) -> "CalibSet":

@@ -3,7 +3,8 @@
 Kept FP32 (deployment spec, FP16): every reduction with the ops that feed and finish it (the
 RMSNorm sum of squares, its eps and rsqrt; the residual norms), softmax, argmax, and the
 output heads (logits, preds, residual, logit_delta, q_halt: they read the FP16 state cast up,
-so the convergence scores are not rounded to FP16). Conversion uses ONNX Runtime's own
+so the convergence scores are not rounded to FP16), and the `done` select of the state outputs
+(a frozen row's FP32 state passes through unrounded). Conversion uses ONNX Runtime's own
 converter (the only one whose graphs ONNX Runtime loaded), then a topological re-sort, which
 `keep_io_types` needs.
 """
@@ -44,6 +45,7 @@ def fp32_nodes(model: "onnx.ModelProto", keep_fp32_ops: Iterable[str] = FP32_OP_
     for reduce in (n for n in nodes if n.op_type.startswith("Reduce")):
         keep |= _norm_chain(reduce, producer, consumers)
     keep |= _head_nodes(model, producer)
+    keep |= {n.name for n in nodes if n.op_type == "Where" and {"z_H", "z_L"} & set(n.input)}  # done rows: bit-exact
     return sorted(keep)
 
 

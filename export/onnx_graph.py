@@ -52,7 +52,8 @@ class OnnxFromModel:
         buffer = io.BytesIO()
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
-            torch.onnx.export(graph, (tokens, state.z_H.float(), state.z_L.float()), buffer, dynamo=False,
+            done = torch.zeros(example_batch, dtype=torch.bool)
+            torch.onnx.export(graph, (tokens, state.z_H.float(), state.z_L.float(), done), buffer, dynamo=False,
                               opset_version=self.opset, input_names=list(INPUT_NAMES),
                               output_names=list(OUTPUT_NAMES), do_constant_folding=True,
                               dynamic_axes={name: {0: BATCH_DIM} for name in INPUT_NAMES + OUTPUT_NAMES})
@@ -151,7 +152,8 @@ def check_io_contract(model: "onnx.ModelProto", config_seq_len: int, hidden: int
 def io_contract(seq_len: int, hidden: int, vocab: int) -> dict[str, list[dict[str, Any]]]:
     """The fixed I/O of every step graph (names, dtypes, shapes; "B" is the dynamic batch)."""
     B, L, D, V = BATCH_DIM, seq_len, hidden, vocab
-    inputs = [("tokens", "int32", [B, L]), ("z_H", "float32", [B, L, D]), ("z_L", "float32", [B, L, D])]
+    inputs = [("tokens", "int32", [B, L]), ("z_H", "float32", [B, L, D]), ("z_L", "float32", [B, L, D]),
+              ("done", "bool", [B])]
     outputs = [("z_H_out", "float32", [B, L, D]), ("z_L_out", "float32", [B, L, D]),
                ("logits", "float32", [B, L, V]), ("preds", "int32", [B, L]), ("residual", "float32", [B]),
                ("logit_delta", "float32", [B]), ("q_halt", "float32", [B])]
@@ -204,7 +206,7 @@ def lint(model_bytes: bytes, seq_len: int, hidden: int, vocab: int) -> dict[str,
         path, report_path = Path(tmp) / "model.onnx", Path(tmp) / "lint.json"
         path.write_bytes(model_bytes)
         # Lint runs the graph once: give it valid token ids and a concrete batch of one.
-        shapes = [f"tokens:[1,{seq_len}]", f"z_H:[1,{seq_len},{hidden}]", f"z_L:[1,{seq_len},{hidden}]"]
+        shapes = [f"tokens:[1,{seq_len}]", f"z_H:[1,{seq_len},{hidden}]", f"z_L:[1,{seq_len},{hidden}]", "done:[1]"]
         args = ["check", "lint", str(path), "-o", str(report_path), "--val-range", f"tokens:[0,{vocab - 1}]",
                 "--input-shapes", *shapes]
         with _quiet_polygraphy(), warnings.catch_warnings():

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from eqr.export.inputs import Trajectory
-from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES, StepGraph
+from eqr.export.step_graph import OUTPUT_NAMES, StepGraph, graph_feeds
 from eqr.model import EqRModel
 
 FP32_STEP_ATOL = 1e-4  # per step, in units of max(1, output RMS): beyond it the export fails
@@ -43,7 +43,7 @@ StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray], Outputs]  # (tokens, z_H
 def ort_step(session) -> StepFn:
     """An ONNX Runtime session as a step function with the I/O contract's names."""
     def step(tokens: np.ndarray, z_H: np.ndarray, z_L: np.ndarray) -> Outputs:
-        values = session.run(list(OUTPUT_NAMES), {"tokens": tokens, "z_H": z_H, "z_L": z_L})
+        values = session.run(list(OUTPUT_NAMES), graph_feeds(tokens, z_H, z_L))
         return dict(zip(OUTPUT_NAMES, values))
     return step
 
@@ -173,4 +173,4 @@ def check_depths(steps: int, every_depth: bool) -> list[int]:
 
 
 def feeds_of(tokens: np.ndarray, z_H: np.ndarray, z_L: np.ndarray) -> dict[str, np.ndarray]:
-    return dict(zip(INPUT_NAMES, (tokens.astype(np.int32), z_H.astype(np.float32), z_L.astype(np.float32))))
+    return graph_feeds(tokens, z_H, z_L)

@@ -3,20 +3,27 @@
 Every backend (torch, ONNX Runtime, TensorRT) runs exactly this computation, so host loops
 read only O(B) convergence scalars and O(B*L) predictions per step.
 
-inputs   tokens int32 [B, L]; z_H, z_L float32 [B, L, D]
+inputs   tokens int32 [B, L]; z_H, z_L float32 [B, L, D]; done bool [B]
 outputs  z_H_out, z_L_out float32 [B, L, D]; logits float32 [B, L, V]; preds int32 [B, L];
          residual float32 [B]    = ||(z_H, z_L)_out - (z_H, z_L)_in|| / ||(z_H, z_L)_in||
          logit_delta float32 [B] = mean over positions of ||logits(z_H_out) - logits(z_H_in)||_2
          q_halt float32 [B]
+
+`done` freezes rows: where done[b], z_H_out[b], z_L_out[b] are z_H[b], z_L[b] bit for bit (and
+residual[b] is 0); the other outputs of such a row are unspecified. Backends with static shapes
+(CUDA-graph replay) feed their frozen-slot mask there, so no kernel outside the graph is needed;
+every other backend feeds all False (the loop compacts settled rows away instead).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from eqr.model import EqRModel, LatentState
 
-INPUT_NAMES = ("tokens", "z_H", "z_L")
+STEP_FEEDS = ("tokens", "z_H", "z_L")  # what the loop hands a backend's step
+INPUT_NAMES = (*STEP_FEEDS, "done")  # the graph's inputs
 OUTPUT_NAMES = ("z_H_out", "z_L_out", "logits", "preds", "residual", "logit_delta", "q_halt")
 
 
@@ -27,9 +34,13 @@ class StepGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: torch.Tensor, z_H: torch.Tensor, z_L: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, tokens: torch.Tensor, z_H: torch.Tensor, z_L: torch.Tensor,
+                done: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         out = self.model.step(LatentState(z_H, z_L), tokens, noise=0.0)
         z_H_out, z_L_out = out.state.z_H.float(), out.state.z_L.float()
+        if done is not None:  # frozen rows keep their state
+            held = done.view(-1, 1, 1)  # [B, 1, 1]
+            z_H_out, z_L_out = torch.where(held, z_H, z_H_out), torch.where(held, z_L, z_L_out)
         logits = out.logits.float()  # [B, L, V]
         logits_in = self.model.lm_head(z_H.to(self.model.dtype)).float()  # [B, L, V]
         delta = torch.cat(((z_H_out - z_H).flatten(1), (z_L_out - z_L).flatten(1)), dim=1)  # [B, 2*L*D]
@@ -38,3 +49,11 @@ class StepGraph(nn.Module):
         logit_delta = (logits - logits_in).norm(dim=-1).mean(dim=-1)  # [B]
         preds = logits.argmax(dim=-1).to(torch.int32)  # [B, L]
         return z_H_out, z_L_out, logits, preds, residual, logit_delta, out.q_halt.float()
+
+
+def graph_feeds(tokens: np.ndarray, z_H: np.ndarray, z_L: np.ndarray,
+                done: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """numpy feeds of a step graph (ONNX Runtime sessions, calibration): done defaults to all False."""
+    done = np.zeros(len(tokens), bool) if done is None else np.asarray(done, bool)
+    return dict(zip(INPUT_NAMES, (np.ascontiguousarray(tokens, np.int32), np.ascontiguousarray(z_H, np.float32),
+                                  np.ascontiguousarray(z_L, np.float32), done)))

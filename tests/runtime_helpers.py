@@ -33,7 +33,8 @@ def contractive_model(seed: int = 0, **overrides) -> EqRModel:
 def export_onnx(model: EqRModel, path: Path) -> Path:
     """The step graph as ONNX, dynamic batch axis (what `eqr export` writes as model.step.onnx)."""
     L, D = model.config.seq_len, model.config.hidden_size
-    example = (torch.ones(2, L, dtype=torch.int32), torch.zeros(2, L, D), torch.zeros(2, L, D))
+    example = (torch.ones(2, L, dtype=torch.int32), torch.zeros(2, L, D), torch.zeros(2, L, D),
+               torch.zeros(2, dtype=torch.bool))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(StepGraph(model), example, str(path), input_names=list(INPUT_NAMES),

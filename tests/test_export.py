@@ -25,7 +25,7 @@ from eqr.export.exporter import METADATA_KEY, ExportError, export_model, read_ma
 from eqr.export.inputs import infer_task, task_inputs
 from eqr.export.onnx_graph import session
 from eqr.export.parity import ROUNDOFF_BOUND, check_depths, recommended_tol
-from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES, StepGraph
+from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES, StepGraph, graph_feeds
 from eqr.model import EqRModel
 from official import write_official_checkpoint
 
@@ -42,7 +42,7 @@ def _feeds(model: EqRModel, batch: int, seed: int = 3) -> dict[str, np.ndarray]:
     g = torch.Generator().manual_seed(seed)
     state = model.initial_state(batch, generator=g)
     tokens = torch.randint(1, model.config.vocab_size, (batch, model.config.seq_len), generator=g, dtype=torch.int32)
-    return {"tokens": tokens.numpy(), "z_H": state.z_H.numpy(), "z_L": state.z_L.numpy()}
+    return graph_feeds(tokens.numpy(), state.z_H.numpy(), state.z_L.numpy())
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_every_graph_runs_in_onnxruntime_with_the_io_contract_at_any_batch(expor
         sess = session(str(out / name))
         assert [i.name for i in sess.get_inputs()] == list(INPUT_NAMES)
         assert [(i.type, i.shape[0]) for i in sess.get_inputs()] == [("tensor(int32)", "B"), ("tensor(float)", "B"),
-                                                                     ("tensor(float)", "B")]
+                                                                     ("tensor(float)", "B"), ("tensor(bool)", "B")]
         values = dict(zip(OUTPUT_NAMES, sess.run(None, _feeds(model, 3))))
         assert list(values) == [o.name for o in sess.get_outputs()], precision
         for key, (dtype, shape) in want.items():
@@ -338,3 +338,18 @@ def test_every_bundled_model_exports_in_fp32(tmp_path: Path, name: str) -> None:
     step_error = read_manifest(tmp_path / name)["precisions"]["fp32"]["parity"]["step_error"]
     assert step_error["max_scaled"] <= 1e-4
     assert step_error["max_abs_per_output"]["z_H_out"] <= 1e-4 and step_error["max_abs_per_output"]["z_L_out"] <= 1e-4
+
+
+def test_done_rows_keep_their_state_bit_for_bit_in_every_graph(exported) -> None:
+    model, out, _ = exported
+    feeds = _feeds(model, 4, seed=5)
+    feeds["done"] = np.array([True, False, True, False])
+    for precision, name in ONNX_FILES.items():
+        got = dict(zip(OUTPUT_NAMES, session(str(out / name)).run(None, feeds)))
+        for state in ("z_H", "z_L"):
+            np.testing.assert_array_equal(got[f"{state}_out"][[0, 2]], feeds[state][[0, 2]], err_msg=precision)
+            assert not np.array_equal(got[f"{state}_out"][[1, 3]], feeds[state][[1, 3]]), precision  # live rows move
+        assert (got["residual"][[0, 2]] == 0).all() and (got["residual"][[1, 3]] > 0).all(), precision
+    with torch.no_grad():
+        torch_out = StepGraph(model)(*(torch.from_numpy(feeds[k]) for k in INPUT_NAMES))
+    np.testing.assert_array_equal(torch_out[0].numpy()[[0, 2]], feeds["z_H"][[0, 2]])

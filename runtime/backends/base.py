@@ -1,7 +1,8 @@
 """`Backend`: a Polygraphy-style runner for the deployable step (export/step_graph.py I/O contract).
 
 A backend runs one outer step on a batch: `step(feeds) -> outputs`, both keyed by the ONNX names
-(`INPUT_NAMES`, `OUTPUT_NAMES`). Values are the backend's own device arrays (torch tensors,
+(`STEP_FEEDS`, `OUTPUT_NAMES`). The graph's fourth input, `done`, is the backend's own: static-shape
+backends feed the mask `freeze` set, the others all False. Values are the backend's own device arrays (torch tensors,
 ONNX Runtime OrtValues, CUDA buffers); the loop moves data only through the array helpers below,
 so the full state never visits the host inside the loop: per step it downloads O(B) scalars and
 the O(B*L) predictions.
@@ -23,7 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES
+from eqr.export.step_graph import OUTPUT_NAMES, STEP_FEEDS
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ class Backend(ABC):
         """One outer step on the batch in `feeds` -> the seven contract outputs (device arrays)."""
         if not self.is_active:
             raise RuntimeError(f"{self.name} backend is not active; call activate() or use `with backend:`")
-        if set(feeds) != set(INPUT_NAMES):
-            raise ValueError(f"step feeds must be exactly {', '.join(INPUT_NAMES)}; got {', '.join(sorted(feeds))}")
+        if set(feeds) != set(STEP_FEEDS):
+            raise ValueError(f"step feeds must be exactly {', '.join(STEP_FEEDS)}; got {', '.join(sorted(feeds))}")
         start = time.perf_counter()
         outputs = self.step_impl(feeds)
         self.inference_time = time.perf_counter() - start

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from eqr.errors import EqRError
-from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES
+from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES, STEP_FEEDS
 from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
 
 if TYPE_CHECKING:
@@ -60,6 +60,7 @@ class OrtBackend(Backend):
         self.device = "cpu"
         self._pairs: dict[str, list[Any]] = {}  # state name -> its two ping-pong OrtValues
         self._ops: dict[tuple[str, int, int, int], Any] = {}  # (op, onnx dtype, arity, rank) -> session
+        self._not_done: dict[int, Any] = {}  # batch size -> all-False `done` OrtValue (rows are compacted instead)
 
     @classmethod
     def unavailable_reason(cls, artifact: "Artifact", precision: str) -> str | None:
@@ -135,6 +136,7 @@ class OrtBackend(Backend):
     def deactivate_impl(self) -> None:
         self._pairs.clear()
         self._ops.clear()
+        self._not_done.clear()
         self._binding = None
         self.session = None
 
@@ -159,8 +161,9 @@ class OrtBackend(Backend):
         binding = self._binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
-        for name in INPUT_NAMES:
+        for name in STEP_FEEDS:
             binding.bind_ortvalue_input(name, feeds[name])
+        binding.bind_ortvalue_input("done", self._done_for(feeds["tokens"].shape()[0]))
         states = {STATE_OUTPUTS[s]: self._output_buffer(s, feeds[s]) for s in STATE_NAMES}
         for name in OUTPUT_NAMES:
             if name in states:
@@ -172,6 +175,12 @@ class OrtBackend(Backend):
         outputs = dict(zip(OUTPUT_NAMES, values))
         outputs.update(states)  # keep our own buffer objects so the next step can tell them apart
         return outputs
+
+    def _done_for(self, B: int) -> Any:
+        if B not in self._not_done:
+            ort = import_onnxruntime()
+            self._not_done[B] = ort.OrtValue.ortvalue_from_numpy(np.zeros(B, bool), self.device, 0)
+        return self._not_done[B]
 
     # ------------------------------------------------------------------ device arrays
     def upload(self, array: np.ndarray) -> Any:
