@@ -113,7 +113,7 @@ def to_fp16(model: "onnx.ModelProto", keep_fp32_ops: Iterable[str] = FP32_OP_TYP
 
 
 def drop_cast_round_trips(model: "onnx.ModelProto") -> "onnx.ModelProto":
-    """Remove FP32 -> FP16 -> FP32 Cast pairs between two FP32 nodes.
+    """Remove FP32 -> FP16 -> FP32 Cast pairs between two FP32 nodes (or an FP32 node and an output).
 
     The converter casts every blocked node's output to FP16 and back again for a blocked
     consumer: x^2 feeding the RMSNorm mean would overflow above |x| = 256 on that round trip.
@@ -130,7 +130,10 @@ def drop_cast_round_trips(model: "onnx.ModelProto") -> "onnx.ModelProto":
         if source.dtype is not None and np.dtype(source.dtype) != np.float32:
             continue
         result = back.outputs[0]
-        if result in graph.outputs:
+        if result in graph.outputs:  # an FP32 node feeding an output (the done select): it becomes the output
+            index, name = graph.outputs.index(result), result.name
+            result.name, source.name = f"{name}_rounded", name
+            graph.outputs[index] = source
             continue
         for user in list(result.outputs):
             for i, tensor in enumerate(user.inputs):
