@@ -68,13 +68,15 @@ def _terminate_cleanly() -> Iterator[None]:
 @click.option("--check-steps", type=int, default=32, show_default=True,
               help="Outer steps per checked and calibration trajectory.")
 @click.option("--workspace-mib", type=int, default=4096, show_default=True, help="TensorRT builder workspace limit.")
+@click.option("--dla-core", type=int, default=None, metavar="N",
+              help="Jetson: build the fp16/int8 engines for DLA core N (GPU fallback; needs a single --batch).")
 @click.option("--threads", type=int, default=0, show_default=True,
               help="CPU threads for the checks; 0 = the cores left idle by the load average.")
 @click.option("--force", is_flag=True, help="Write into an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 def export(model: str, precision: tuple[str, ...], out_dir: str | None, batch: str, opset: int, engine: str,
            calib_data: str | None, weights: str, seed: int, check_batch: int, check_steps: int, workspace_mib: int,
-           threads: int, force: bool, as_json: bool) -> None:
+           dla_core: int | None, threads: int, force: bool, as_json: bool) -> None:
     """Export MODEL's outer step as ONNX (FP32, FP16, INT8) and, on a GPU, TensorRT engines.
 
     MODEL is an eqr checkpoint, an official EqR checkpoint (.pth), a bundled model name or a
@@ -88,6 +90,7 @@ def export(model: str, precision: tuple[str, ...], out_dir: str | None, batch: s
       eqr export sudoku-small --precision fp16 --precision int8 --out sudoku-trt
       eqr export step_50000.pth --precision int8 --calib-data calib.npz --batch 1:128:512
       eqr export paper-sudoku --engine never --json > manifest.json
+      eqr export sudoku-small --precision int8 --batch 32 --dla-core 0   # Jetson DLA
 
     \b
     Exit status: 0 exported; 1 a check or the engine build failed (or --engine always
@@ -98,7 +101,7 @@ def export(model: str, precision: tuple[str, ...], out_dir: str | None, batch: s
 
     config = ExportConfig(precision=precision, batch=parse_batch(batch), opset=opset, engine=engine,
                           calib_data=calib_data, force=force, seed=seed, check_batch=check_batch,
-                          check_steps=check_steps, workspace_mib=workspace_mib, threads=threads)
+                          check_steps=check_steps, workspace_mib=workspace_mib, threads=threads, dla_core=dla_core)
     loaded = load_model(model, weights=weights)
     with _terminate_cleanly():
         manifest = export_model(loaded, out_dir, config, progress=ClickProgress())

@@ -30,6 +30,7 @@ class ExportConfig(JsonConfig):
     check_steps: int = 32  # outer steps per checked (and calibration) trajectory
     workspace_mib: int = 4096  # TensorRT builder workspace limit
     threads: int = 0  # CPU threads for the checks (torch and ONNX Runtime); 0: the idle cores
+    dla_core: int | None = None  # build the fp16/int8 engines for this DLA core (GPU fallback; static batch)
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.precision if p not in PRECISIONS]
@@ -49,6 +50,20 @@ class ExportConfig(JsonConfig):
             raise EqRError(f"--threads must be >= 0 (0 picks the idle cores), got {self.threads}")
         if self.workspace_mib < 1:
             raise EqRError(f"--workspace-mib must be >= 1, got {self.workspace_mib}")
+        if self.dla_core is not None:
+            self._check_dla()
+
+    def _check_dla(self) -> None:
+        """DLA runs FP16 and INT8 with static shapes only (docs/jetson.md)."""
+        if self.dla_core < 0:
+            raise EqRError(f"--dla-core must be a DLA core index >= 0, got {self.dla_core}")
+        lo, opt, hi = self.batch
+        if lo != hi:
+            raise EqRError(f"--dla-core: DLA needs static shapes; give one batch size (--batch {opt}), not {lo}:{opt}:{hi}")
+        if not {"fp16", "int8"} & set(self.precision):
+            raise EqRError("--dla-core: DLA runs fp16 and int8 engines only; add --precision fp16 or --precision int8")
+        if self.engine == "never":
+            raise EqRError("--dla-core builds engines; it cannot go with --engine never")
 
     @property
     def precisions(self) -> tuple[str, ...]:

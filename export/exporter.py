@@ -401,8 +401,9 @@ def build_engines(stage: Path, config: ExportConfig, gpu, trt_version, why_not: 
     for precision in config.precisions:
         progress.stage(f"{precision}: TensorRT {trt_version} engine for {gpu.tag}")
         try:
+            dla_core = config.dla_core if precision in ("fp16", "int8") else None  # fp32 stays on the GPU
             engines[precision] = build_engine(stage / ONNX_FILES[precision], stage, precision, gpu, trt_version,
-                                              profile, config.workspace_mib)
+                                              profile, config.workspace_mib, dla_core)
         except RuntimeError as e:
             raise ExportError(f"engine: {e}") from None
         progress.done(f"{precision}: wrote {engines[precision]['engine']}")

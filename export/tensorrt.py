@@ -1,98 +1,60 @@
-"""TensorRT engines from the step graphs: strongly typed builds, named and checked by a sidecar.
+"""TensorRT engines from the step graphs, built through Polygraphy's loaders.
 
-Precision lives in the ONNX graph (FP16 casts, INT8 Q/DQ), so the build is strongly typed on
-TensorRT 10 (the STRONGLY_TYPED network flag) and 11 (always strongly typed; the flag is a
-deprecated no-op there); FP16/INT8 builder flags are used only on TensorRT 8, which has no
-strong typing. Engines are tied to the TensorRT version and the GPU: the file name says both,
-and a sidecar `<engine>.json` (no header inside the plan, so trtexec and C++ loaders read it
-as is) lets `check_engine` refuse a mismatched engine before TensorRT does.
+`NetworkFromOnnxBytes(strongly_typed=True)` -> `CreateConfig` (one `Profile`, the workspace
+limit, the machine's timing cache) -> `EngineBytesFromNetwork`, which merges the new timings into
+the cache file under a file lock. Polygraphy tracks every TensorRT release's API, so this file
+only states what eqr wants. TensorRT 10.1 or newer: precision lives in the ONNX graph (FP16
+casts, INT8 Q/DQ), so the network is strongly typed and no precision builder flag is set (TF32
+stays off for FP32: it would round matmuls to 10 mantissa bits, and the FP32 residual floor and
+tol with them). TensorRT 11 removed the precision flags and types every network strongly.
 
-`tensorrt` is imported only inside functions; the GPU is queried through the CUDA driver
-(libcuda), so no CUDA Python package is needed.
+DLA (`eqr export --dla-core N`, Jetson AGX Orin / Xavier): FP16 and INT8 engines only, static
+shapes (`--batch N`), layers the DLA cannot run fall back to the GPU. TensorRT 10's DLA builds
+are weakly typed with the FP16 (and INT8) flags; on 11 the strongly typed graph decides
+(docs/jetson.md). The FP32 engine stays a GPU engine.
+
+Engine names, sidecars and the machine checks live in `eqr.trt_engine` (the runtime reads them
+too); they are re-exported here.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from eqr.errors import EqRError
 from eqr.io import atomic_write_bytes, atomic_write_text, sha256_file
+from eqr.trt_engine import (  # noqa: F401  (re-exported: export's public engine API)
+    INSTALL_HINT, SIDECAR_FORMAT, SIDECAR_VERSION, GpuInfo, check_engine, cuda_gpu, engine_filename, gpu_tag,
+    sidecar_path, tensorrt_version, trt_logger,
+)
 
 log = logging.getLogger(__name__)
 
-SIDECAR_FORMAT = "eqr-engine"
-SIDECAR_VERSION = 1
-INSTALL_HINT = "pip install 'eqr[tensorrt]' on a CUDA machine (JetPack ships it on Jetson)"
+MIN_TENSORRT = (10, 1)  # create_execution_context(strategy), set_device_memory(ptr, size), *_v2 sizes
 
 
-@dataclass(frozen=True)
-class GpuInfo:
-    name: str  # e.g. "NVIDIA H100 80GB HBM3"
-    compute_capability: str  # e.g. "9.0"
-
-    @property
-    def tag(self) -> str:
-        return gpu_tag(self.name, self.compute_capability)
-
-
-def gpu_tag(name: str, compute_capability: str) -> str:
-    """'NVIDIA H100 80GB HBM3', '9.0' -> 'h100-80gb-hbm3-sm90' (safe in file names)."""
-    words = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    words = re.sub(r"^(nvidia-)?(geforce-)?", "", words) or "gpu"
-    return f"{words}-sm{compute_capability.replace('.', '')}"
-
-
-def engine_filename(precision: str, tag: str, trt_version: str) -> str:
-    """model.step.<precision>.<gpu tag>.trt<version>.engine"""
-    return f"model.step.{precision}.{tag}.trt{trt_version}.engine"
-
-
-def sidecar_path(engine_path: str | os.PathLike[str]) -> Path:
-    return Path(f"{engine_path}.json")
-
-
-def cuda_gpu() -> GpuInfo | None:
-    """Device 0 through the CUDA driver API, or None without a driver or device."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    count, device = ctypes.c_int(0), ctypes.c_int(0)
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
-        return None
-    if cuda.cuDeviceGet(ctypes.byref(device), 0) != 0:
-        return None
-    name = ctypes.create_string_buffer(256)
-    major, minor = ctypes.c_int(0), ctypes.c_int(0)
-    cuda.cuDeviceGetName(name, 256, device)
-    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
-    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device)  # ..._MINOR
-    return GpuInfo(name.value.decode(errors="replace"), f"{major.value}.{minor.value}")
-
-
-def tensorrt_version() -> str | None:
-    try:
-        import tensorrt
-    except Exception:  # ImportError, or a broken install missing its libraries
-        return None
-    return str(tensorrt.__version__)
-
-
-def engine_support() -> tuple[GpuInfo | None, str | None, str]:
+def engine_support(device: int = 0) -> tuple[GpuInfo | None, str | None, str]:
     """(gpu, tensorrt version, why not): both set and an empty reason when engines can be built."""
     version = tensorrt_version()
-    gpu = cuda_gpu()
+    gpu = cuda_gpu(device)
     if version is None:
         return gpu, None, f"tensorrt is not installed ({INSTALL_HINT})"
+    if version_tuple(version) < MIN_TENSORRT:
+        return gpu, version, (f"tensorrt {version} is too old: eqr builds strongly typed engines with TensorRT "
+                              f"{'.'.join(map(str, MIN_TENSORRT))} or newer")
     if gpu is None:
-        return None, version, f"no CUDA device found (tensorrt {version} is installed)"
+        return None, version, f"no CUDA device {device} found (tensorrt {version} is installed)"
     return gpu, version, ""
+
+
+def version_tuple(version: str) -> tuple[int, int]:
+    """'10.3.0.30' -> (10, 3)."""
+    parts = [int(p) if p.isdigit() else 0 for p in version.split(".")[:2]] + [0, 0]
+    return parts[0], parts[1]
 
 
 def timing_cache_path(tag: str, trt_version: str) -> Path:
@@ -110,125 +72,124 @@ class EngineProfile:
     hidden: int
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-        tails = {"tokens": (self.seq_len,), "z_H": (self.seq_len, self.hidden), "z_L": (self.seq_len, self.hidden)}
+        tails = {"tokens": (self.seq_len,), "z_H": (self.seq_len, self.hidden), "z_L": (self.seq_len, self.hidden),
+                 "done": ()}
         return {name: tuple((b, *tail) for b in self.batch) for name, tail in tails.items()}  # type: ignore[misc]
 
 
-def network_flags(trt) -> int:
-    """STRONGLY_TYPED where the enum has it (TRT 9.1+; a no-op kept for compatibility on 11);
-    EXPLICIT_BATCH on TRT 8; nothing once both are gone (strong typing is then the default)."""
-    flags = trt.NetworkDefinitionCreationFlag
-    for name in ("STRONGLY_TYPED", "EXPLICIT_BATCH"):
-        if hasattr(flags, name):
-            return 1 << int(getattr(flags, name))
-    return 0
+@dataclass(frozen=True)
+class BuildPlan:
+    """How one engine is built: network typing, Polygraphy `CreateConfig` options, DLA core."""
+
+    strongly_typed: bool
+    config: dict[str, Any]
+    dla_core: int | None
+
+
+def build_plan(precision: str, trt_major: int, dla_core: int | None = None) -> BuildPlan:
+    """Network typing and builder options of a `precision` engine on TensorRT `trt_major`."""
+    if dla_core is None or precision == "fp32":
+        return BuildPlan(True, {"tf32": False}, None)
+    if precision not in ("fp16", "int8"):
+        raise EqRError(f"--dla-core: DLA runs fp16 and int8 engines only, not {precision}")
+    if trt_major >= 11:  # precision flags removed: the strongly typed graph decides
+        return BuildPlan(True, {"tf32": False, "use_dla": True, "allow_gpu_fallback": True}, dla_core)
+    return BuildPlan(False, {"tf32": False, "fp16": True, "int8": precision == "int8", "use_dla": True,
+                             "allow_gpu_fallback": True}, dla_core)
 
 
 class EngineFromOnnx:
-    """Loader: ONNX bytes -> serialized strongly typed TensorRT plan (bytes), timing cache reused."""
+    """Loader: ONNX bytes -> serialized TensorRT plan (bytes), through Polygraphy's loaders."""
 
     def __init__(self, onnx_bytes: bytes, precision: str, profile: EngineProfile, workspace_mib: int,
-                 cache_path: Path | None) -> None:
+                 cache_path: Path | None, dla_core: int | None = None) -> None:
         self.onnx_bytes = onnx_bytes
         self.precision = precision
         self.profile = profile
         self.workspace_mib = workspace_mib
         self.cache_path = cache_path
+        self.dla_core = dla_core
 
     def __call__(self) -> bytes:
         import tensorrt as trt
+        from polygraphy.backend.trt import (
+            CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxBytes, PostprocessConfig, Profile,
+        )
+        from polygraphy.exception import PolygraphyException
 
-        logger = trt.Logger(trt.Logger.WARNING)
-        builder = trt.Builder(logger)
-        network = builder.create_network(network_flags(trt))
-        strongly_typed = int(trt.__version__.split(".")[0]) >= 9
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse(self.onnx_bytes):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"TensorRT could not parse the {self.precision} graph: {errors}")
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_mib << 20)
-        if self.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-            # TF32 matmuls round to 10 mantissa bits: the FP32 residual floor (and tol) would be FP16's.
-            config.clear_flag(trt.BuilderFlag.TF32)
-        if not strongly_typed:  # TensorRT 8: no strong typing, precision by builder flags
-            if self.precision in ("fp16", "int8"):
-                config.set_flag(trt.BuilderFlag.FP16)
-            if self.precision == "int8":
-                config.set_flag(trt.BuilderFlag.INT8)
-        profile = builder.create_optimization_profile()
+        from eqr.export.onnx_graph import _quiet_polygraphy
+
+        plan = build_plan(self.precision, version_tuple(trt.__version__)[0], self.dla_core)
+        profile = Profile()
         for name, (lo, opt, hi) in self.profile.shapes().items():
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-        cached = self.cache_path.read_bytes() if self.cache_path and self.cache_path.is_file() else b""
-        config.set_timing_cache(config.create_timing_cache(cached), ignore_mismatch=False)
-        plan = builder.build_serialized_network(network, config)
-        if plan is None:
-            raise RuntimeError(f"TensorRT failed to build the {self.precision} engine (see the log above)")
-        if self.cache_path:
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.cache_path, bytes(config.get_timing_cache().serialize()))
-        return bytes(plan)
+            profile.add(name, lo, opt, hi)
+        cache = self.cache_path
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+        config = CreateConfig(profiles=[profile], memory_pool_limits={trt.MemoryPoolType.WORKSPACE: self.workspace_mib << 20},
+                              load_timing_cache=str(cache) if cache is not None and cache.is_file() else None,
+                              **plan.config)
+        config = PostprocessConfig(config, lambda builder, network, cfg: finish_config(trt, builder, cfg, plan.dla_core))
+        network = NetworkFromOnnxBytes(self.onnx_bytes, strongly_typed=plan.strongly_typed)
+        trt_logger()  # Polygraphy's logger is the process's one (eqr.trt_engine)
+        try:
+            with _quiet_polygraphy():
+                return bytes(EngineBytesFromNetwork(network, config=config,
+                                                    save_timing_cache=None if cache is None else str(cache))())
+        except PolygraphyException as e:
+            raise RuntimeError(f"TensorRT could not build the {self.precision} engine: {str(e).strip().splitlines()[-1]}") from None
+
+
+def finish_config(trt: Any, builder: Any, config: Any, dla_core: int | None) -> None:
+    """What `CreateConfig` leaves open: a refused timing cache (another TensorRT or GPU wrote the
+    file) is replaced by an empty one, checked, instead of failing after a good build; and the DLA
+    core is the one asked for (CreateConfig picks core 0)."""
+    if config.get_timing_cache() is None:
+        log.warning("the TensorRT timing cache was refused (written by another TensorRT or GPU); starting an empty one")
+        if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+            raise RuntimeError("TensorRT refused an empty timing cache")
+    if dla_core is not None:
+        cores = int(builder.num_DLA_cores)
+        if dla_core >= cores:
+            raise EqRError(f"--dla-core {dla_core}: this device has {cores} DLA core(s)"
+                           + (f" (0..{cores - 1})" if cores else "; drop --dla-core"))
+        config.DLA_core = dla_core
 
 
 def sidecar(precision: str, gpu: GpuInfo, trt_version: str, onnx_name: str, onnx_sha256: str,
-            profile: EngineProfile, workspace_mib: int) -> dict[str, Any]:
+            profile: EngineProfile, workspace_mib: int, plan: BuildPlan | None = None) -> dict[str, Any]:
+    plan = plan or build_plan(precision, version_tuple(trt_version)[0])
     return {
         "format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "precision": precision,
         "tensorrt": trt_version, "gpu": asdict(gpu) | {"tag": gpu.tag},
         "onnx": onnx_name, "onnx_sha256": onnx_sha256,
         "batch": dict(zip(("min", "opt", "max"), profile.batch)), "workspace_mib": workspace_mib,
-        "strongly_typed": trt_version.split(".")[0] not in ("8",), "tf32": precision != "fp32",
+        "strongly_typed": plan.strongly_typed, "tf32": False, "dla_core": plan.dla_core,
     }
 
 
 def build_engine(onnx_path: Path, out_dir: Path, precision: str, gpu: GpuInfo, trt_version: str,
-                 profile: EngineProfile, workspace_mib: int) -> dict[str, Any]:
+                 profile: EngineProfile, workspace_mib: int, dla_core: int | None = None) -> dict[str, Any]:
     """Build, write the engine and its sidecar (atomically) -> the manifest's engine entry."""
-    name = engine_filename(precision, gpu.tag, trt_version)
-    plan = EngineFromOnnx(onnx_path.read_bytes(), precision, profile, workspace_mib,
-                          timing_cache_path(gpu.tag, trt_version))()
-    meta = sidecar(precision, gpu, trt_version, onnx_path.name, sha256_file(onnx_path), profile, workspace_mib)
-    atomic_write_bytes(out_dir / name, plan)
+    plan = build_plan(precision, version_tuple(trt_version)[0], dla_core)
+    name = engine_filename(precision, gpu.tag, trt_version, plan.dla_core)
+    engine = EngineFromOnnx(onnx_path.read_bytes(), precision, profile, workspace_mib,
+                            timing_cache_path(gpu.tag, trt_version), plan.dla_core)()
+    meta = sidecar(precision, gpu, trt_version, onnx_path.name, sha256_file(onnx_path), profile, workspace_mib, plan)
+    atomic_write_bytes(out_dir / name, engine)
     atomic_write_text(sidecar_path(out_dir / name), json.dumps(meta, indent=2) + "\n")
     return {"engine": name, "precision": precision, "sidecar": sidecar_path(name).name, "tensorrt": trt_version,
-            "gpu": gpu.tag}
+            "gpu": gpu.tag, "dla_core": plan.dla_core}
 
 
-def check_engine(engine_path: str | os.PathLike[str], trt_version: str | None = None,
-                 gpu: GpuInfo | None = None) -> dict[str, Any]:
-    """Refuse (EqRError) an engine whose sidecar names another TensorRT version or GPU, or whose
-    ONNX source changed since the build; returns the sidecar. Defaults: this machine."""
-    engine = Path(engine_path)
-    meta_path = sidecar_path(engine)
-    rebuild = f"rebuild it: eqr export MODEL --precision <p> --out {engine.parent} --engine always --force"
-    if not engine.is_file():
-        raise EqRError(f"{engine}: no such engine file; {rebuild}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        raise EqRError(f"{engine}: missing or unreadable sidecar {meta_path.name}; {rebuild}") from None
-    if meta.get("format") != SIDECAR_FORMAT:
-        raise EqRError(f"{meta_path}: not an eqr engine sidecar; {rebuild}")
-    trt_version = trt_version if trt_version is not None else tensorrt_version()
-    gpu = gpu if gpu is not None else cuda_gpu()
-    if trt_version is not None and meta.get("tensorrt") != trt_version:
-        raise EqRError(f"{engine}: built with TensorRT {meta.get('tensorrt')}, this machine has {trt_version}; {rebuild}")
-    built_on = (meta.get("gpu") or {}).get("tag")
-    if gpu is not None and built_on != gpu.tag:
-        raise EqRError(f"{engine}: built for GPU {built_on}, this machine has {gpu.tag}; {rebuild}")
-    source = engine.parent / str(meta.get("onnx", ""))
-    if source.is_file() and meta.get("onnx_sha256") and sha256_file(source) != meta["onnx_sha256"]:
-        raise EqRError(f"{engine}: {source.name} changed since the engine was built; {rebuild}")
-    return meta
-
-
-def load_engine(engine_path: str | os.PathLike[str]):
+def load_engine(engine_path: str | Path, device: int = 0):
     """Check the sidecar, then deserialize (tensorrt.ICudaEngine) for this machine's TensorRT."""
     import tensorrt as trt
 
-    check_engine(engine_path)
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    meta = check_engine(engine_path, device=device)
+    runtime = trt.Runtime(trt_logger())
+    if meta.get("dla_core") is not None:
+        runtime.DLA_core = int(meta["dla_core"])
     engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
     if engine is None:
         raise EqRError(f"{engine_path}: TensorRT refused the plan (version or GPU mismatch); rebuild it with eqr export")

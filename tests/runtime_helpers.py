@@ -61,11 +61,9 @@ class StaticTorchBackend(TorchBackend):
 
     def step_impl(self, feeds):
         assert feeds["tokens"].shape[0] == self.batch  # the batch shape never changes
-        outputs = super().step_impl(feeds)
-        done = torch.as_tensor(self.frozen).view(-1, 1, 1)  # (B,) -> (B, 1, 1)
-        for state, out in (("z_H", "z_H_out"), ("z_L", "z_L_out")):
-            outputs[out] = torch.where(done, feeds[state], outputs[out])
-        return outputs
+        with torch.no_grad():  # the graph's own done input freezes rows (no inference tensors: put() writes in place)
+            outputs = self.graph(feeds["tokens"], feeds["z_H"], feeds["z_L"], torch.as_tensor(self.frozen))
+        return dict(zip(OUTPUT_NAMES, outputs))
 
     def put(self, array, rows, values):
         array[torch.as_tensor(rows)] = values

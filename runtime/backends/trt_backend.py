@@ -1,37 +1,55 @@
-"""Native TensorRT backend (TRT 10/11 Python API): device-resident ping-pong state buffers,
-`execute_async_v3` on its own CUDA stream, and CUDA-graph replay when the batch shape is static.
+"""Native TensorRT backend (TRT 10/11 Python API) on cuda-python: no torch.
 
-Device memory is torch CUDA tensors (torch is a core dependency; on Jetson use NVIDIA's torch
-wheel). TensorRT itself is imported lazily: `import eqr` never needs it, and the tests skip
-this backend without a GPU.
+Device and pinned host memory, copies, the stream, and CUDA graphs all go through
+`cuda.bindings.runtime` (cuda-python; `cuda.cudart` on releases before 12.6). TensorRT and
+cuda-python are imported lazily: `import eqr` never needs them, and the tests skip this backend
+without a GPU.
+
+Every copy the loop asks for (uploads, row gathers, slot refills, the done mask) and every engine
+run is issued on the backend's one stream, so stream order alone makes each step read finished
+inputs. The four outputs the loop reads every step (preds, residual, logit_delta, q_halt) are
+copied into pinned host buffers on that stream after the engine runs; the step then waits for
+the stream once.
 
 Two modes:
-- cuda_graphs=True (static shapes): one fixed batch of `batch_size` slots. Two graphs are
-  captured, A (state buffer 0 -> 1) and B (1 -> 0), each also applying a done mask so frozen
-  rows keep their state; the loop freezes settled rows and refills slots instead of compacting.
-- cuda_graphs=False (dynamic shapes): `set_input_shape` per call, so compaction shrinks the work;
-  state output buffers ping-pong per batch size.
-TensorRT does not allow inputs and outputs to alias, hence the two buffers (spec deployment.md).
+- cuda_graphs=True (static shapes; static_shapes=True alone runs the same without graphs): one fixed batch of `batch_size` slots and two CUDA graphs,
+  A (state buffer 0 -> 1) and B (1 -> 0). TensorRT documents re-binding a context's addresses
+  after a capture as undefined, so each graph has its own execution context, bound once; the two
+  share one USER_MANAGED scratch allocation (they never run at the same time: one stream). Each
+  context runs once before its capture (TensorRT allocates and selects lazily on the first
+  run), and capture is thread-local so another thread's CUDA calls cannot invalidate it. Frozen
+  rows keep their state through the graph's own `done` input (export/step_graph.py); the loop
+  freezes settled rows and refills slots instead of compacting.
+- cuda_graphs=False (dynamic shapes): one context, `set_input_shape` per call, so compaction
+  shrinks the work; state output buffers ping-pong per batch size; `done` is all False.
+TensorRT does not allow inputs and outputs to alias, hence the two state buffers.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
-from collections.abc import Mapping
+import sys
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from eqr.errors import EqRError
-from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES
+from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES, STEP_FEEDS
 from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
-from eqr.runtime.backends.torch_backend import TorchArrays
+from eqr.trt_engine import check_engine, trt_logger
 
 if TYPE_CHECKING:
     from eqr.runtime.artifact import Artifact
 
 log = logging.getLogger(__name__)
+
+ALIGNMENT = 256  # bytes: TensorRT's requirement for I/O tensor addresses and context memory
+HOST_OUTPUTS = ("preds", "residual", "logit_delta", "q_halt")  # read by the loop every step
 
 
 def import_tensorrt() -> Any:
@@ -43,29 +61,138 @@ def import_tensorrt() -> Any:
     return tensorrt
 
 
-def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
-             trt.int64: torch.int64, trt.bool: torch.bool}
+def import_cudart() -> Any:
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime  # cuda-python < 12.6
+        except ImportError:
+            raise EqRError("cuda-python is not installed; `pip install 'eqr[tensorrt]'` "
+                           "(or `pip install cuda-python` matching the CUDA driver)") from None
+    return runtime
+
+
+def cuda_check(result: Any, what: str) -> Any:
+    """cuda-python returns (cudaError_t, *values): raise on an error, else the value(s)."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        cudart = import_cudart()
+        text = cudart.cudaGetErrorString(err)
+        text = text[1] if isinstance(text, tuple) else text
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        raise EqRError(f"CUDA error in {what}: {text} ({int(err)})")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _numpy_dtype(trt: Any, dtype: Any) -> np.dtype:
+    table = {trt.float32: np.float32, trt.float16: np.float16, trt.int32: np.int32, trt.int64: np.int64,
+             trt.bool: np.bool_}
     if dtype not in table:
         raise EqRError(f"engine tensor dtype {dtype} is not supported by the eqr runtime; rebuild the engine")
-    return table[dtype]
+    return np.dtype(table[dtype])
 
 
-class TensorRTBackend(TorchArrays, Backend):
+# --------------------------------------------------------------------------- device memory
+
+
+class _Allocation:
+    """cudaMalloc'd (or cudaMallocHost'd) bytes, freed when the last holder lets go."""
+
+    def __init__(self, nbytes: int, pinned: bool = False) -> None:
+        cudart = import_cudart()
+        size = max(int(nbytes), 1)
+        alloc, free = (cudart.cudaMallocHost, cudart.cudaFreeHost) if pinned else (cudart.cudaMalloc, cudart.cudaFree)
+        self.ptr = int(cuda_check(alloc(size), "cudaMallocHost" if pinned else "cudaMalloc"))
+        self.nbytes = size
+        self._free = weakref.finalize(self, free, self.ptr)
+
+    def free(self) -> None:
+        self._free()
+
+
+@dataclass
+class DeviceArray:
+    """A C-contiguous device buffer: the TensorRT backend's array type.
+
+    `host` is a pinned mirror the step fills (the per-step host outputs); `download` then reads
+    it instead of copying again. Views share their parent's allocation."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    owner: _Allocation
+    host: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def rows(self, n: int) -> "DeviceArray":
+        """The first n rows (a view: same pointer, still contiguous and aligned)."""
+        host = None if self.host is None else self.host[:n]
+        return DeviceArray(self.ptr, (n, *self.shape[1:]), self.dtype, self.owner, host)
+
+
+def device_array(shape: Sequence[int], dtype: Any) -> DeviceArray:
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    allocation = _Allocation(nbytes)
+    return DeviceArray(allocation.ptr, tuple(int(s) for s in shape), dtype, allocation)
+
+
+def pinned_array(shape: Sequence[int], dtype: Any) -> tuple[np.ndarray, _Allocation]:
+    """A numpy array over page-locked host memory (copies captured in a CUDA graph need it)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    allocation = _Allocation(nbytes, pinned=True)
+    raw = (ctypes.c_uint8 * allocation.nbytes).from_address(allocation.ptr)
+    return np.ctypeslib.as_array(raw)[:nbytes].view(dtype).reshape(shape), allocation
+
+
+def row_runs(dst_rows: np.ndarray, src_rows: np.ndarray) -> list[tuple[int, int, int]]:
+    """(first dst row, first src row, count) for each run consecutive on both sides: a row
+    gather or scatter as few contiguous copies."""
+    runs: list[tuple[int, int, int]] = []
+    for d, s in zip(np.asarray(dst_rows, np.int64).tolist(), np.asarray(src_rows, np.int64).tolist()):
+        if runs and runs[-1][0] + runs[-1][2] == d and runs[-1][1] + runs[-1][2] == s:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((d, s, 1))
+    return runs
+
+
+# --------------------------------------------------------------------------- the backend
+
+
+class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, engine_path: str | Path, *, precision: str = "fp32", batch_size: int | None = None,
-                 cuda_graphs: bool = True, device: int = 0) -> None:
+                 cuda_graphs: bool = True, device: int = 0, static_shapes: bool | None = None) -> None:
+        """static_shapes defaults to cuda_graphs; static_shapes=True with cuda_graphs=False runs the
+        same fixed slots and bound contexts with a plain enqueue per step (what graph replay must
+        equal bit for bit)."""
         super().__init__()
         self.engine_path = Path(engine_path)
         self.precision = precision
         self.requested_batch = batch_size
         self.cuda_graphs = cuda_graphs
-        self.static_shapes = cuda_graphs
-        self.device = torch.device("cuda", device)
+        self.static_shapes = cuda_graphs if static_shapes is None else static_shapes
+        if cuda_graphs and not self.static_shapes:
+            raise ValueError("CUDA-graph replay needs static shapes")
+        self.device = int(device)
         self.batch_size: int | None = None  # static slot count, fixed at activate()
-        self._pairs: dict[str, list[torch.Tensor]] = {}  # state -> ping-pong buffers (current shape)
-        self._outs: dict[str, torch.Tensor] = {}  # non-state outputs (current shape)
+        self._pairs: dict[str, list[DeviceArray]] = {}  # state -> ping-pong buffers (current shape)
+        self._outs: dict[str, DeviceArray] = {}  # non-state outputs (current shape)
+        self._graphs: list[tuple[Any, dict[str, DeviceArray]]] = []  # (graph exec, outputs) per source
+        self._keep: list[Any] = []  # pinned buffers and scratch memory, freed at deactivate
 
     @classmethod
     def unavailable_reason(cls, artifact: "Artifact", precision: str) -> str | None:
@@ -75,8 +202,13 @@ class TensorRTBackend(TorchArrays, Backend):
             import tensorrt  # noqa: F401
         except ImportError:
             return "tensorrt is not installed (pip install 'eqr[tensorrt]')"
-        if not torch.cuda.is_available():
-            return "no CUDA device visible to torch"
+        try:
+            cudart = import_cudart()
+        except EqRError as e:
+            return str(e)
+        err, count = cudart.cudaGetDeviceCount()
+        if int(err) != 0 or count < 1:
+            return "no CUDA device visible to the CUDA runtime"
         return None
 
     @classmethod
@@ -86,144 +218,294 @@ class TensorRTBackend(TorchArrays, Backend):
                    cuda_graphs=cuda_graphs, device=device)
 
     # ------------------------------------------------------------------ lifecycle
+    def _use_device(self) -> None:
+        """Make this backend's GPU current for the calling thread (the scheduler steps from its own)."""
+        cuda_check(self.cudart.cudaSetDevice(self.device), f"cudaSetDevice({self.device})")
+
     def activate_impl(self) -> None:
         trt = import_tensorrt()
-        from eqr.export.tensorrt import check_engine
-
-        check_engine(self.engine_path)  # sidecar: same TensorRT, same GPU, unchanged ONNX; else "rebuild"
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
-        if self.engine is None:
-            raise EqRError(f"{self.engine_path}: TensorRT {trt.__version__} cannot load this engine (built for another "
-                           "TensorRT version or GPU); rebuild it with `eqr export --engine` on this machine")
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        if sorted(names) != sorted((*INPUT_NAMES, *OUTPUT_NAMES)):
-            raise EqRError(f"{self.engine_path}: I/O tensors {names} are not the eqr step contract; rebuild the engine")
-        self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
-        self.profile = [int(s[0]) for s in self.engine.get_tensor_profile_shape("tokens", 0)]  # min, opt, max batch
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream(self.device)
-        self.max_batch = self.profile[2]
-        if self.cuda_graphs:
-            self.batch_size = self.max_batch = min(self.requested_batch or self.profile[1], self.profile[2])
-            self._capture_graphs()
+        self.cudart = import_cudart()
+        meta = check_engine(self.engine_path, device=self.device)  # same TensorRT, same GPU, unchanged ONNX
+        self._use_device()  # TensorRT deserializes and creates contexts on the current device
+        with contextlib.redirect_stdout(sys.stderr):  # Polygraphy's TensorRT logger prints; stdout is for results
+            self.runtime = trt.Runtime(trt_logger())
+            if meta.get("dla_core") is not None:
+                self.runtime.DLA_core = int(meta["dla_core"])
+            self.engine = self.runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+            if self.engine is None:
+                raise EqRError(f"{self.engine_path}: TensorRT {trt.__version__} cannot load this engine (built for "
+                               "another TensorRT version or GPU); rebuild it with `eqr export --engine` on this machine")
+            names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+            if sorted(names) != sorted((*INPUT_NAMES, *OUTPUT_NAMES)):
+                raise EqRError(f"{self.engine_path}: I/O tensors {names} are not the eqr step contract; rebuild the "
+                               "engine with `eqr export --engine always --force`")
+            self.dtypes = {n: _numpy_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
+            self.profile = [int(s[0]) for s in self.engine.get_tensor_profile_shape("tokens", 0)]  # min, opt, max
+            self.seq_len = int(self.engine.get_tensor_shape("tokens")[1])
+            self.hidden = int(self.engine.get_tensor_shape("z_H")[2])
+            self.vocab = int(self.engine.get_tensor_shape("logits")[2])
+            self.stream = cuda_check(self.cudart.cudaStreamCreateWithFlags(self.cudart.cudaStreamNonBlocking),
+                                     "cudaStreamCreateWithFlags")
+            self.max_batch = self.profile[2]
+            self._host, self._host_memory = self._pinned_outputs(self.max_batch)
+            if self.static_shapes:
+                self.batch_size = self.max_batch = min(self.requested_batch or self.profile[1], self.profile[2])
+                self._static_slots(trt)
+            else:
+                self.context = self._context(trt, trt.ExecutionContextAllocationStrategy.STATIC)
+                self._done = self._zeroed((self.max_batch,), np.bool_)  # all False: compaction, not freezing
 
     def deactivate_impl(self) -> None:
-        self._graphs = None
-        self._pairs.clear()
-        self._outs.clear()
+        cudart = getattr(self, "cudart", None)
+        if cudart is not None and getattr(self, "stream", None) is not None:
+            cudart.cudaStreamSynchronize(self.stream)
+        for graph_exec, _ in self._graphs:
+            if graph_exec is not None:
+                cudart.cudaGraphExecDestroy(graph_exec)
+        self._graphs = []
+        self._contexts: list[Any] = []
         self.context = None
         self.engine = None
         self.runtime = None
+        for held in (*self._keep, *[a.owner for pair in self._pairs.values() for a in pair],
+                     *[a.owner for a in self._outs.values()]):
+            held.free()
+        self._keep.clear()
+        self._pairs.clear()
+        self._outs.clear()
+        if cudart is not None and getattr(self, "stream", None) is not None:
+            cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "device": str(self.device), "precision": self.precision,
-                "engine": str(self.engine_path), "cuda_graphs": self.cuda_graphs, "batch_size": self.batch_size}
+        return {"backend": self.name, "device": f"cuda:{self.device}", "precision": self.precision,
+                "engine": str(self.engine_path), "cuda_graphs": self.cuda_graphs, "static_shapes": self.static_shapes,
+                "batch_size": self.batch_size}
 
-    # ------------------------------------------------------------------ buffers
-    def _buffers_for(self, B: int, L: int) -> None:
+    # ------------------------------------------------------------------ contexts and buffers
+    def _context(self, trt: Any, strategy: Any) -> Any:
+        context = self.engine.create_execution_context(strategy)
+        if context is None:
+            raise EqRError(f"{self.engine_path}: TensorRT could not create an execution context (out of GPU memory?)")
+        return context
+
+    def _zeroed(self, shape: Sequence[int], dtype: Any) -> DeviceArray:
+        array = device_array(shape, dtype)
+        cuda_check(self.cudart.cudaMemsetAsync(array.ptr, 0, array.nbytes, self.stream), "cudaMemsetAsync")
+        self._keep.append(array.owner)
+        return array
+
+    def _pinned_outputs(self, B: int) -> tuple[dict[str, np.ndarray], list[_Allocation]]:
+        shapes = {"preds": (B, self.seq_len), "residual": (B,), "logit_delta": (B,), "q_halt": (B,)}
+        host, memory = {}, []
+        for name, shape in shapes.items():
+            host[name], allocation = pinned_array(shape, self.dtypes[name])
+            memory.append(allocation)
+        self._keep.extend(memory)
+        return host, memory
+
+    def _buffers_for(self, B: int) -> None:
         """(Re)allocate ping-pong state buffers and output buffers for batch size B."""
         pair = self._pairs.get("z_H")
         if pair is not None and pair[0].shape[0] == B:
             return
-        D = self._hidden
+        L, D, V = self.seq_len, self.hidden, self.vocab
         for state in STATE_NAMES:
             dtype = self.dtypes[STATE_OUTPUTS[state]]
-            self._pairs[state] = [torch.empty((B, L, D), dtype=dtype, device=self.device) for _ in range(2)]
-        V = self._vocab
+            self._pairs[state] = [device_array((B, L, D), dtype) for _ in range(2)]
         shapes = {"logits": (B, L, V), "preds": (B, L), "residual": (B,), "logit_delta": (B,), "q_halt": (B,)}
-        self._outs = {n: torch.empty(s, dtype=self.dtypes[n], device=self.device) for n, s in shapes.items()}
+        self._outs = {n: device_array(s, self.dtypes[n]) for n, s in shapes.items()}
+        for name in HOST_OUTPUTS:
+            self._outs[name].host = self._host[name][:B]
 
-    @property
-    def _hidden(self) -> int:
-        return int(self.engine.get_tensor_shape("z_H")[2])
-
-    @property
-    def _vocab(self) -> int:
-        return int(self.engine.get_tensor_shape("logits")[2])
-
-    def _bind(self, tokens: torch.Tensor, source: int) -> dict[str, torch.Tensor]:
-        """Point the context at tokens, state buffer `source` (in) and 1 - source (out)."""
+    def _bind(self, context: Any, tokens: DeviceArray, done: DeviceArray, source: int) -> dict[str, DeviceArray]:
+        """Point `context` at tokens, done, state buffer `source` (in) and 1 - source (out); every
+        TensorRT setter's answer is checked (a refused shape or address would run on stale ones)."""
         B = tokens.shape[0]
-        for name in INPUT_NAMES:
-            self.context.set_input_shape(name, tuple(self._pairs["z_H"][0].shape) if name != "tokens" else (B, tokens.shape[1]))
-        outputs = dict(self._outs)
-        self.context.set_tensor_address("tokens", tokens.data_ptr())
-        for state in STATE_NAMES:
-            self.context.set_tensor_address(state, self._pairs[state][source].data_ptr())
-            out = self._pairs[state][1 - source]
-            self.context.set_tensor_address(STATE_OUTPUTS[state], out.data_ptr())
-            outputs[STATE_OUTPUTS[state]] = out
-        for name, buffer in self._outs.items():
-            self.context.set_tensor_address(name, buffer.data_ptr())
+        inputs = {"tokens": tokens, "done": done} | {s: self._pairs[s][source] for s in STATE_NAMES}
+        outputs = dict(self._outs) | {STATE_OUTPUTS[s]: self._pairs[s][1 - source] for s in STATE_NAMES}
+        for name, array in inputs.items():
+            if array.shape[0] != B:
+                raise ValueError(f"{name} has {array.shape[0]} rows, tokens {B}")
+            if not context.set_input_shape(name, array.shape):
+                raise EqRError(f"{self.engine_path}: TensorRT refused input shape {name}{list(array.shape)} (profile "
+                               f"batch {self.profile[0]}..{self.profile[2]}); rebuild with a wider --batch")
+        for name, array in (inputs | outputs).items():
+            self._check_pointer(name, array)
+            if not context.set_tensor_address(name, array.ptr):
+                raise EqRError(f"{self.engine_path}: TensorRT refused the address of {name}")
         return outputs
 
-    def _enqueue(self) -> None:
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.engine_path}")
+    def _check_pointer(self, name: str, array: Any) -> None:
+        if not isinstance(array, DeviceArray):
+            raise TypeError(f"{name}: expected a TensorRT backend DeviceArray (upload it first), got {type(array)}")
+        if array.ptr % ALIGNMENT:
+            raise ValueError(f"{name}: device address {array.ptr:#x} is not {ALIGNMENT}-byte aligned")
+        if self.dtypes[name] != array.dtype:
+            raise ValueError(f"{name}: dtype {array.dtype} but the engine wants {self.dtypes[name]}")
 
-    def _capture_graphs(self) -> None:
-        """Static batch: capture graph A (buffer 0 -> 1) and B (1 -> 0), each with the done-mask freeze."""
-        B, L = self.batch_size, int(self.engine.get_tensor_shape("tokens")[1])
+    def _enqueue(self, context: Any, outputs: Mapping[str, DeviceArray]) -> None:
+        """The engine run, then the per-step host outputs into pinned memory, all on the stream."""
+        if not context.execute_async_v3(int(self.stream)):
+            raise EqRError(f"TensorRT execute_async_v3 failed for {self.engine_path} (see the TensorRT log above)")
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for name in HOST_OUTPUTS:
+            array = outputs[name]
+            assert array.host is not None  # _buffers_for attaches the pinned mirrors
+            cuda_check(self.cudart.cudaMemcpyAsync(array.host.ctypes.data, array.ptr, array.nbytes, kind, self.stream),
+                       f"cudaMemcpyAsync({name})")
+
+    def _static_slots(self, trt: Any) -> None:
+        """Static batch: context A (buffer 0 -> 1) and B (1 -> 0) sharing one scratch allocation,
+        each bound once and run once, then (with cuda_graphs) captured as graphs A and B."""
+        B, L = int(self.max_batch), self.seq_len
         if L < 0:
             raise EqRError(f"{self.engine_path}: sequence length must be static for CUDA-graph replay")
-        self._buffers_for(B, L)
-        self._tokens = torch.zeros((B, L), dtype=torch.int32, device=self.device)
-        self._done = torch.zeros((B, 1, 1), dtype=torch.bool, device=self.device)
-        self._graphs: list[tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = []
-        for source in (0, 1):
-            outputs = self._bind(self._tokens, source)
-            with torch.cuda.stream(self.stream):
-                self._enqueue()  # warm-up outside capture: TensorRT allocates lazily on the first run
-            self.stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.stream):
-                self._enqueue()
-                for state in STATE_NAMES:
-                    held, new = self._pairs[state][source], self._pairs[state][1 - source]
-                    torch.where(self._done, held, new, out=new)  # frozen rows keep their state
-            self._graphs.append((graph, outputs))
+        self._buffers_for(B)
+        for pair in self._pairs.values():
+            for array in pair:  # defined values, so the warm-up runs read no garbage
+                cuda_check(self.cudart.cudaMemsetAsync(array.ptr, 0, array.nbytes, self.stream), "cudaMemsetAsync")
+        self._tokens = self._zeroed((B, L), np.int32)
+        self._done = self._zeroed((B,), np.bool_)
+        contexts = [self._context(trt, trt.ExecutionContextAllocationStrategy.USER_MANAGED) for _ in range(2)]
+        bound = [self._bind(c, self._tokens, self._done, source) for source, c in enumerate(contexts)]  # once each
+        size = max(int(self.engine.device_memory_size_v2), *(int(c.update_device_memory_size_for_shapes())
+                                                              for c in contexts))
+        scratch = _Allocation(size)
+        if scratch.ptr % ALIGNMENT:
+            raise EqRError(f"cudaMalloc returned {scratch.ptr:#x}, not {ALIGNMENT}-byte aligned")
+        self._keep.append(scratch)
+        for context, outputs in zip(contexts, bound):
+            context.set_device_memory(scratch.ptr, scratch.nbytes)
+            self._enqueue(context, outputs)  # warm-up outside capture
+            cuda_check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+            self._graphs.append((self._capture(context, outputs) if self.cuda_graphs else None, outputs))
+        self._contexts = contexts  # keep them alive as long as their graphs
+
+    def _capture(self, context: Any, outputs: Mapping[str, DeviceArray]) -> Any:
+        cudart = self.cudart
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        cuda_check(cudart.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
+        try:
+            self._enqueue(context, outputs)
+        finally:
+            graph = cuda_check(cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
+        try:
+            return cuda_check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        finally:
+            cudart.cudaGraphDestroy(graph)  # the executable graph keeps what it needs
 
     # ------------------------------------------------------------------ the step
     def step_impl(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)  # uploads/gathers happened on torch's current stream
+        self._use_device()
+        for name in STEP_FEEDS:
+            self._check_pointer(name, feeds[name])
         source = self._source_of(feeds)
-        if self.cuda_graphs:
-            graph, outputs = self._graphs[source]
-            with torch.cuda.stream(self.stream):
-                graph.replay()
+        if self.static_shapes:
+            graph_exec, outputs = self._graphs[source]
+            if graph_exec is not None:
+                cuda_check(self.cudart.cudaGraphLaunch(graph_exec, self.stream), "cudaGraphLaunch")
+            else:
+                self._enqueue(self._contexts[source], outputs)
         else:
-            outputs = self._bind(feeds["tokens"], source)
-            with torch.cuda.stream(self.stream):
-                self._enqueue()
-        current.wait_stream(self.stream)
-        self.stream.synchronize()  # honest per-step timing; the host reads the residual next anyway
+            B = feeds["tokens"].shape[0]
+            outputs = self._bind(self.context, feeds["tokens"], self._done.rows(B), source)
+            self._enqueue(self.context, outputs)
+        cuda_check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")  # honest timing
         return outputs
 
     def _source_of(self, feeds: Mapping[str, Any]) -> int:
-        """Index of the ping-pong buffer holding the input state, copying foreign feeds into buffer 0."""
+        """Index of the ping-pong buffer holding the input state, copying foreign feeds into buffer 0
+        (and, with graphs, foreign tokens into the captured tokens buffer), all on the stream."""
         z_H = feeds["z_H"]
-        if not self.cuda_graphs:
-            self._buffers_for(z_H.shape[0], z_H.shape[1])
-        elif feeds["tokens"].data_ptr() != self._tokens.data_ptr():
-            self._tokens.copy_(feeds["tokens"])
+        if not self.static_shapes:
+            self._buffers_for(z_H.shape[0])
+        elif feeds["tokens"].ptr != self._tokens.ptr:
+            self._copy(self._tokens, feeds["tokens"])
         for source in (0, 1):
-            if all(feeds[s].data_ptr() == self._pairs[s][source].data_ptr() for s in STATE_NAMES):
+            if all(feeds[s].ptr == self._pairs[s][source].ptr for s in STATE_NAMES):
                 return source
         for state in STATE_NAMES:
-            self._pairs[state][0].copy_(feeds[state])
+            self._copy(self._pairs[state][0], feeds[state])
         return 0
 
-    # ------------------------------------------------------------------ device arrays
-    def upload(self, array: np.ndarray) -> torch.Tensor:
-        tensor = super().upload(array)
-        return tensor.to(self.dtypes["z_H"]) if tensor.is_floating_point() else tensor
+    def _copy(self, dst: DeviceArray, src: DeviceArray) -> None:
+        if dst.shape != src.shape or dst.dtype != src.dtype:
+            raise ValueError(f"shape/dtype mismatch: {src.shape} {src.dtype} into {dst.shape} {dst.dtype}")
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        cuda_check(self.cudart.cudaMemcpyAsync(dst.ptr, src.ptr, src.nbytes, kind, self.stream), "cudaMemcpyAsync")
 
-    def put(self, array: torch.Tensor, rows: np.ndarray, values: torch.Tensor) -> torch.Tensor:
-        array[torch.as_tensor(rows, dtype=torch.long, device=array.device)] = values.to(array.dtype)
+    # ------------------------------------------------------------------ device arrays
+    def upload(self, array: np.ndarray) -> DeviceArray:
+        self._use_device()
+        if np.issubdtype(array.dtype, np.floating):
+            array = array.astype(self.dtypes["z_H"], copy=False)
+        elif array.dtype != np.bool_:
+            array = array.astype(np.int32, copy=False)
+        host = np.ascontiguousarray(array)
+        out = device_array(host.shape, host.dtype)
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        cuda_check(self.cudart.cudaMemcpyAsync(out.ptr, host.ctypes.data, out.nbytes, kind, self.stream),
+                   "cudaMemcpyAsync(upload)")
+        # Pageable source: wait, so `host` may be freed. Uploads happen on admission, not per step.
+        cuda_check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return out
+
+    def download(self, array: DeviceArray) -> np.ndarray:
+        if array.host is not None:  # filled by the step, which waited for the stream
+            return array.host.copy()
+        self._use_device()
+        out = np.empty(array.shape, array.dtype)
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        cuda_check(self.cudart.cudaMemcpyAsync(out.ctypes.data, array.ptr, array.nbytes, kind, self.stream),
+                   "cudaMemcpyAsync(download)")
+        cuda_check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return out
+
+    def take(self, array: DeviceArray, rows: np.ndarray) -> DeviceArray:
+        """Rows gathered with one device-to-device copy per run of consecutive rows."""
+        self._use_device()
+        rows = np.asarray(rows, np.int64)
+        out = device_array((len(rows), *array.shape[1:]), array.dtype)
+        self._copy_rows(out, np.arange(len(rows)), array, rows)
+        return out
+
+    def concat(self, arrays: Sequence[DeviceArray]) -> DeviceArray:
+        arrays = list(arrays)
+        if len(arrays) == 1:
+            return arrays[0]
+        self._use_device()
+        out = device_array((sum(a.shape[0] for a in arrays), *arrays[0].shape[1:]), arrays[0].dtype)
+        kind, offset = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, 0
+        for a in arrays:
+            cuda_check(self.cudart.cudaMemcpyAsync(out.ptr + offset, a.ptr, a.nbytes, kind, self.stream),
+                       "cudaMemcpyAsync(concat)")
+            offset += a.nbytes
+        return out
+
+    def put(self, array: DeviceArray, rows: np.ndarray, values: DeviceArray) -> DeviceArray:
+        self._use_device()
+        if values.dtype != array.dtype:
+            raise ValueError(f"put: values are {values.dtype}, the array is {array.dtype}")
+        self._copy_rows(array, np.asarray(rows, np.int64), values, np.arange(len(rows)))
         return array
 
+    def _copy_rows(self, dst: DeviceArray, dst_rows: np.ndarray, src: DeviceArray, src_rows: np.ndarray) -> None:
+        """dst[dst_rows[i]] = src[src_rows[i]] on the stream, one copy per run."""
+        step, kind = src.row_bytes, self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        if step != dst.row_bytes:
+            raise ValueError(f"row sizes differ: {src.shape} vs {dst.shape}")
+        for d, s, count in row_runs(dst_rows, src_rows):
+            cuda_check(self.cudart.cudaMemcpyAsync(dst.ptr + d * step, src.ptr + s * step, count * step, kind,
+                                                   self.stream), "cudaMemcpyAsync(rows)")
+
     def freeze(self, done: np.ndarray) -> None:
-        self._done.copy_(torch.from_numpy(done.astype(bool)).view(-1, 1, 1))  # (B,) -> (B, 1, 1)
+        """The graphs' `done` input: rows with done[b] keep their state from the next step on."""
+        self._use_device()
+        host = np.ascontiguousarray(done, np.bool_)
+        if host.shape != self._done.shape:
+            raise ValueError(f"freeze: mask of shape {host.shape} for {self._done.shape[0]} slots")
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        cuda_check(self.cudart.cudaMemcpyAsync(self._done.ptr, host.ctypes.data, host.nbytes, kind, self.stream),
+                   "cudaMemcpyAsync(done)")
+        cuda_check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")  # pageable source

@@ -1,0 +1,155 @@
+"""TensorRT engine files as export writes and the runtime reads them: names, the sidecar check,
+the GPU's identity, and the process's one `trt.Logger`.
+
+Bottom floor (export and runtime both read it): imports neither torch nor TensorRT at import
+time. Engines are tied to the TensorRT version and the GPU: the file name says both, and a
+sidecar `<engine>.json` (no header inside the plan, so trtexec and C++ loaders read it as is)
+lets `check_engine` refuse a mismatched engine before TensorRT does. The GPU is queried through
+the CUDA driver (libcuda) with ctypes, so neither torch nor a CUDA Python package is needed.
+
+Jetson modules share one name per generation ("Orin" is an AGX Orin, an Orin NX and an Orin
+Nano alike, all SM 8.7) but not their SM counts, and an engine tuned for 16 SMs is not the one
+for 4: on integrated GPUs the tag carries the SM count too (docs/jetson.md).
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eqr.errors import EqRError
+from eqr.io import sha256_file
+
+log = logging.getLogger(__name__)
+
+SIDECAR_FORMAT = "eqr-engine"
+SIDECAR_VERSION = 2  # 2: gpu sm_count / integrated, dla_core
+INSTALL_HINT = "pip install 'eqr[tensorrt]' on a CUDA machine (JetPack ships it on Jetson)"
+# CUdevice_attribute values (cuda.h)
+_MULTIPROCESSOR_COUNT, _INTEGRATED, _CC_MAJOR, _CC_MINOR = 16, 18, 75, 76
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str  # e.g. "NVIDIA H100 80GB HBM3", "Orin"
+    compute_capability: str  # e.g. "9.0"
+    sm_count: int = 0  # streaming multiprocessors (0: unknown)
+    integrated: bool = False  # Jetson / DRIVE: the GPU shares the SoC's memory
+
+    @property
+    def tag(self) -> str:
+        return gpu_tag(self.name, self.compute_capability, self.sm_count if self.integrated else 0)
+
+
+def gpu_tag(name: str, compute_capability: str, sm_count: int = 0) -> str:
+    """'NVIDIA H100 80GB HBM3', '9.0' -> 'h100-80gb-hbm3-sm90'; 'Orin', '8.7', 8 -> 'orin-8sm-sm87'."""
+    words = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    words = re.sub(r"^(nvidia-)?(geforce-)?", "", words) or "gpu"
+    sms = f"-{sm_count}sm" if sm_count else ""
+    return f"{words}{sms}-sm{compute_capability.replace('.', '')}"
+
+
+def engine_filename(precision: str, tag: str, trt_version: str, dla_core: int | None = None) -> str:
+    """model.step.<precision>.<gpu tag>[.dla<N>].trt<version>.engine"""
+    dla = "" if dla_core is None else f".dla{dla_core}"
+    return f"model.step.{precision}.{tag}{dla}.trt{trt_version}.engine"
+
+
+def sidecar_path(engine_path: str | os.PathLike[str]) -> Path:
+    return Path(f"{engine_path}.json")
+
+
+def cuda_gpu(device: int = 0) -> GpuInfo | None:
+    """CUDA device `device` through the driver API, or None without a driver or that device."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    count, handle = ctypes.c_int(0), ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or not 0 <= device < count.value:
+        return None
+    if cuda.cuDeviceGet(ctypes.byref(handle), device) != 0:
+        return None
+    name = ctypes.create_string_buffer(256)
+    cuda.cuDeviceGetName(name, 256, handle)
+
+    def attribute(code: int) -> int:
+        value = ctypes.c_int(0)
+        cuda.cuDeviceGetAttribute(ctypes.byref(value), code, handle)
+        return value.value
+
+    return GpuInfo(name.value.decode(errors="replace"), f"{attribute(_CC_MAJOR)}.{attribute(_CC_MINOR)}",
+                   attribute(_MULTIPROCESSOR_COUNT), bool(attribute(_INTEGRATED)))
+
+
+def tensorrt_version() -> str | None:
+    try:
+        import tensorrt
+    except Exception:  # ImportError, or a broken install missing its libraries
+        return None
+    return str(tensorrt.__version__)
+
+
+_LOGGER: Any = None
+
+
+def trt_logger() -> Any:
+    """The process's one TensorRT logger (TensorRT keeps the first logger a builder or runtime is
+    given and warns about every other one). Builds go through Polygraphy's loaders, which log to
+    Polygraphy's global logger: where Polygraphy is installed that logger is the one; on an edge
+    runtime without Polygraphy it is a `trt.Logger` at WARNING."""
+    global _LOGGER
+    if _LOGGER is None:
+        try:
+            from polygraphy.backend.trt import get_trt_logger
+        except ImportError:
+            import tensorrt as trt
+
+            _LOGGER = trt.Logger(trt.Logger.WARNING)
+        else:
+            _LOGGER = get_trt_logger()
+    return _LOGGER
+
+
+def read_sidecar(engine_path: str | os.PathLike[str]) -> dict[str, Any]:
+    engine = Path(engine_path)
+    meta_path = sidecar_path(engine)
+    if not engine.is_file():
+        raise EqRError(f"{engine}: no such engine file; {rebuild_hint(engine)}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        raise EqRError(f"{engine}: missing or unreadable sidecar {meta_path.name}; {rebuild_hint(engine)}") from None
+    if meta.get("format") != SIDECAR_FORMAT:
+        raise EqRError(f"{meta_path}: not an eqr engine sidecar; {rebuild_hint(engine)}")
+    return meta
+
+
+def rebuild_hint(engine: Path) -> str:
+    return f"rebuild it: eqr export MODEL --precision <p> --out {engine.parent} --engine always --force"
+
+
+def check_engine(engine_path: str | os.PathLike[str], trt_version: str | None = None,
+                 gpu: GpuInfo | None = None, device: int = 0) -> dict[str, Any]:
+    """Refuse (EqRError) an engine whose sidecar names another TensorRT version or GPU, or whose
+    ONNX source changed since the build; returns the sidecar. Defaults: this machine's TensorRT
+    and CUDA device `device`."""
+    engine = Path(engine_path)
+    meta = read_sidecar(engine)
+    rebuild = rebuild_hint(engine)
+    trt_version = trt_version if trt_version is not None else tensorrt_version()
+    gpu = gpu if gpu is not None else cuda_gpu(device)
+    if trt_version is not None and meta.get("tensorrt") != trt_version:
+        raise EqRError(f"{engine}: built with TensorRT {meta.get('tensorrt')}, this machine has {trt_version}; {rebuild}")
+    built_on = (meta.get("gpu") or {}).get("tag")
+    if gpu is not None and built_on != gpu.tag:
+        raise EqRError(f"{engine}: built for GPU {built_on}, CUDA device {device} is {gpu.tag}; {rebuild}")
+    source = engine.parent / str(meta.get("onnx", ""))
+    if source.is_file() and meta.get("onnx_sha256") and sha256_file(source) != meta["onnx_sha256"]:
+        raise EqRError(f"{engine}: {source.name} changed since the engine was built; {rebuild}")
+    return meta
