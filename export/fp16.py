@@ -14,7 +14,7 @@ import logging
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
@@ -96,8 +96,10 @@ def name_nodes(model: "onnx.ModelProto") -> None:
         seen.add(node.name)
 
 
-def to_fp16(model: "onnx.ModelProto", keep_fp32_ops: Iterable[str] = FP32_OP_TYPES) -> "onnx.ModelProto":
-    """The FP16 version of an FP32 step graph, I/O types unchanged."""
+def to_fp16(model: "onnx.ModelProto", keep_fp32_ops: Iterable[str] = FP32_OP_TYPES,
+            keep_nodes: Callable[["onnx.ModelProto"], Iterable[str]] | None = None) -> "onnx.ModelProto":
+    """The FP16 version of an FP32 step graph, I/O types unchanged. keep_nodes(model) names more
+    nodes to keep in FP32 (the INT8 graph's Q/DQ pairs and the layers they feed)."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -105,7 +107,7 @@ def to_fp16(model: "onnx.ModelProto", keep_fp32_ops: Iterable[str] = FP32_OP_TYP
 
     model = onnx.ModelProto.FromString(model.SerializeToString())  # never modify the caller's graph
     name_nodes(model)
-    blocked = fp32_nodes(model, keep_fp32_ops)
+    blocked = sorted(set(fp32_nodes(model, keep_fp32_ops)) | set(keep_nodes(model) if keep_nodes else ()))
     log.info("fp16: %d of %d nodes kept in fp32", len(blocked), len(model.graph.node))
     converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked,
                                          op_block_list=list(keep_fp32_ops), disable_shape_infer=False)

@@ -1,8 +1,14 @@
 """INT8 step graph: explicit symmetric Q/DQ for a strongly typed TensorRT build.
 
 ONNX Runtime's static quantizer in QDQ format, INT8 weights (symmetric, per output channel)
-and INT8 activations (symmetric), MatMul/Gemm only by default: quantizing every op was both
-slower and far less accurate (deployment spec, INT8). `quant_pre_process` runs first. The
+and INT8 activations (symmetric), MatMul/Gemm with constant weights only by default: quantizing
+every op was both slower and far less accurate, and the activation-by-activation products of
+attention (QK^T, PV) have no weight to quantize per channel. `quant_pre_process` runs first.
+
+A strongly typed build runs every layer in the type the graph gives it, so an INT8 graph that is
+FP32 outside its Q/DQ pairs would run FP32 there: the graph outside the Q/DQ pairs and the
+layers they feed is converted to FP16 (export/fp16.py, with its FP32 norms, heads and done
+select), so the INT8 engine is FP16 everywhere the FP16 engine is, plus INT8 matmuls. The
 activation ranges come from calibration feeds: (tokens, z_H, z_L) recorded along FP32
 trajectories at every depth (`eqr.calibration.record`), built in or read from `--calib-data`,
 or whatever `eqr calibrate` passes in.
@@ -19,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from eqr.export.fp16 import name_nodes, to_fp16
 from eqr.io import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -97,14 +104,39 @@ def quantize_int8(onnx_path: str | os.PathLike[str], calib_feeds: Iterable[Feed]
             save_tensors_data(calibrator.compute_data(), cache)
         log.debug("onnxruntime calibrator: %s", chatter.getvalue().strip())
         del calibrator
+        excluded = list(nodes_to_exclude) + activation_matmuls(prepared)
         quantize_static(str(prepared), str(quantized), None, quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=op_types, per_channel=True, reduce_range=False,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=list(nodes_to_exclude), calibrate_method=calibrate_method,
+                        nodes_to_exclude=excluded, calibrate_method=calibrate_method,
                         extra_options=QDQ_OPTIONS, calibration_cache_path=str(cache))
-        model = confine_qdq(onnx.load(str(quantized)), op_types)
+        model = to_fp16(confine_qdq(onnx.load(str(quantized)), op_types), keep_nodes=qdq_nodes)
         atomic_write_bytes(out_path, model.SerializeToString())
     return Path(out_path)
+
+
+def activation_matmuls(path: Path) -> list[str]:
+    """Names of the MatMul/Gemm nodes of the graph at `path` whose B is not a constant (attention's
+    products of two activations), which stay unquantized; unnamed nodes get names first (the
+    graph is rewritten in place), since the quantizer excludes nodes by name."""
+    import onnx
+
+    model = onnx.load(str(path))
+    if any(not n.name for n in model.graph.node):
+        name_nodes(model)
+        onnx.save(model, str(path))
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] not in constants]
+
+
+def qdq_nodes(model: "onnx.ModelProto") -> set[str]:
+    """The Q/DQ nodes and the layers reading a dequantized tensor: they stay FP32 in the INT8
+    graph (TensorRT fuses DQ -> MatMul into an INT8 kernel; a Cast between them would not fuse)."""
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    dequantized = {o for n in qdq if n.op_type == "DequantizeLinear" for o in n.output}
+    readers = {n.name for n in model.graph.node if dequantized & set(n.input)}
+    return {n.name for n in qdq} | readers
 
 
 def confine_qdq(model: "onnx.ModelProto", op_types: Iterable[str]) -> "onnx.ModelProto":

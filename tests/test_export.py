@@ -353,3 +353,41 @@ def test_done_rows_keep_their_state_bit_for_bit_in_every_graph(exported) -> None
     with torch.no_grad():
         torch_out = StepGraph(model)(*(torch.from_numpy(feeds[k]) for k in INPUT_NAMES))
     np.testing.assert_array_equal(torch_out[0].numpy()[[0, 2]], feeds["z_H"][[0, 2]])
+
+
+def test_int8_graph_is_fp16_outside_qdq_quantizes_only_weight_matmuls_and_stays_accurate() -> None:
+    """A strongly typed build runs each layer in the graph's type: outside the Q/DQ pairs that
+    must be FP16 (not FP32), and only MatMuls with constant weights carry Q/DQ (attention's
+    activation products stay FP16). Checked on the CPU: a valid graph, close to FP32."""
+    import onnx
+
+    from eqr.export.int8 import Int8FromOnnx, quantized_ops
+    from eqr.export.onnx_graph import OnnxFromModel
+
+    config = tiny_config(mlp_t=False, pos_encodings="rope", L_layers=1, H_cycles=1, L_cycles=1)
+    model = EqRModel(config, seed=2).eval()
+    fp32 = OnnxFromModel(model, 17)()
+    calib = [_feeds(model, 8, seed=s) for s in range(3)]
+    int8 = Int8FromOnnx(fp32, calib)()
+    onnx.checker.check_model(int8)
+    typed = onnx.shape_inference.infer_shapes(int8)
+    elem = {v.name: v.type.tensor_type.elem_type for v in [*typed.graph.value_info, *typed.graph.output]}
+    initializers = {i.name for i in int8.graph.initializer}
+    producer = {o: n for n in int8.graph.node for o in n.output}
+    dequantized = {o for n in int8.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    for node in int8.graph.node:
+        if node.op_type == "MatMul" and dequantized & set(node.input):  # a quantized matmul: B is a weight
+            weight = producer[node.input[1]]
+            assert weight.op_type == "DequantizeLinear" and weight.input[0] in initializers, node.name
+    attention = [n for n in int8.graph.node if n.op_type == "MatMul" and not dequantized & set(n.input)]
+    assert attention and all(elem[n.output[0]] == onnx.TensorProto.FLOAT16 for n in attention)  # QK^T, PV: FP16
+    elementwise = [n for n in int8.graph.node if n.op_type in ("Sigmoid", "Transpose", "Slice", "Neg")]
+    assert elementwise and all(elem[n.output[0]] == onnx.TensorProto.FLOAT16 for n in elementwise)
+    assert quantized_ops(int8).get("MatMul", 0) >= 4
+    feeds = _feeds(model, 6, seed=9)
+    want = dict(zip(OUTPUT_NAMES, session(fp32).run(None, feeds)))
+    got = dict(zip(OUTPUT_NAMES, session(int8).run(None, feeds)))
+    assert got["z_H_out"].dtype == np.float32  # the I/O contract is unchanged
+    scale = float(np.abs(want["z_H_out"]).max())
+    assert float(np.abs(got["z_H_out"] - want["z_H_out"]).max()) < 0.15 * scale
+    assert (got["preds"] == want["preds"]).mean() >= 0.9
