@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -173,13 +174,15 @@ def build_engine(onnx_path: Path, out_dir: Path, precision: str, gpu: GpuInfo, t
     """Build, write the engine and its sidecar (atomically) -> the manifest's engine entry."""
     plan = build_plan(precision, version_tuple(trt_version)[0], dla_core)
     name = engine_filename(precision, gpu.tag, trt_version, plan.dla_core)
+    start = time.perf_counter()
     engine = EngineFromOnnx(onnx_path.read_bytes(), precision, profile, workspace_mib,
                             timing_cache_path(gpu.tag, trt_version), plan.dla_core)()
+    seconds = time.perf_counter() - start
     meta = sidecar(precision, gpu, trt_version, onnx_path.name, sha256_file(onnx_path), profile, workspace_mib, plan)
     atomic_write_bytes(out_dir / name, engine)
     atomic_write_text(sidecar_path(out_dir / name), json.dumps(meta, indent=2) + "\n")
     return {"engine": name, "precision": precision, "sidecar": sidecar_path(name).name, "tensorrt": trt_version,
-            "gpu": gpu.tag, "dla_core": plan.dla_core}
+            "gpu": gpu.tag, "dla_core": plan.dla_core, "build_seconds": round(seconds, 1)}
 
 
 def load_engine(engine_path: str | Path, device: int = 0):
