@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from eqr.artifact import engine_file
 from eqr.errors import EqRError
 from eqr.io import atomic_write_bytes, atomic_write_text, sha256_file
 
@@ -46,11 +47,6 @@ def gpu_tag(name: str, compute_capability: str) -> str:
     words = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     words = re.sub(r"^(nvidia-)?(geforce-)?", "", words) or "gpu"
     return f"{words}-sm{compute_capability.replace('.', '')}"
-
-
-def engine_filename(precision: str, tag: str, trt_version: str) -> str:
-    """model.step.<precision>.<gpu tag>.trt<version>.engine"""
-    return f"model.step.{precision}.{tag}.trt{trt_version}.engine"
 
 
 def sidecar_path(engine_path: str | os.PathLike[str]) -> Path:
@@ -185,7 +181,7 @@ def sidecar(precision: str, gpu: GpuInfo, trt_version: str, onnx_name: str, onnx
 def build_engine(onnx_path: Path, out_dir: Path, precision: str, gpu: GpuInfo, trt_version: str,
                  profile: EngineProfile, workspace_mib: int) -> dict[str, Any]:
     """Build, write the engine and its sidecar (atomically) -> the manifest's engine entry."""
-    name = engine_filename(precision, gpu.tag, trt_version)
+    name = engine_file(precision, gpu.tag, trt_version)
     plan = EngineFromOnnx(onnx_path.read_bytes(), precision, profile, workspace_mib,
                           timing_cache_path(gpu.tag, trt_version))()
     meta = sidecar(precision, gpu, trt_version, onnx_path.name, sha256_file(onnx_path), profile, workspace_mib)

@@ -18,20 +18,24 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from eqr.artifact import precision_row, recommended_tol
 from eqr.errors import EqRError
-from eqr.model import EqRModel, trunc_normal
+from eqr.model import trunc_normal
 from eqr.runtime.aggregate import get_aggregator, vote_share
-from eqr.runtime.artifact import PRECISIONS, Artifact, load_artifact
+from eqr.runtime.artifact import Artifact, load_artifact
 from eqr.runtime.backends.base import Backend
 from eqr.runtime.backends.registry import AUTO, create_backend
 from eqr.runtime.config import SolveConfig
 from eqr.runtime.solve import solve
 from eqr.runtime.stats import SolveStats
+
+if TYPE_CHECKING:
+    from eqr.model import EqRModel
 
 
 def trajectory_seed(seed: int, puzzle: int, breadth: int) -> int:
@@ -94,19 +98,20 @@ class Solver:
         self.precision = precision
 
     @classmethod
-    def load(cls, artifact: str | os.PathLike[str] | Artifact, backend: str = AUTO, precision: str = "fp32",
+    def load(cls, artifact: str | os.PathLike[str] | Artifact, backend: str = AUTO, precision: str | None = None,
              batch_size: int | None = None, **backend_options: Any) -> "Solver":
         """ARTIFACT: export dir, ONNX file, engine, checkpoint, bundled name or preset.
-        Heavy work (loading weights, building sessions) happens on first use, not here."""
-        if precision not in PRECISIONS:
-            raise EqRError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        precision None: the one a single .onnx or engine file holds (model.step.int8.onnx: int8),
+        else fp32. Heavy work (loading weights, building sessions) happens on first use, not here."""
         art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+        precision = precision_row(precision).name if precision else art.precision or "fp32"
         runner = create_backend(backend, art, precision, batch_size=batch_size, **backend_options)
         return cls(runner, art.seq_len, art.hidden_size, art.init_std, art.default_tol(precision), art,
                    batch_size, precision)
 
     @classmethod
-    def from_model(cls, model: EqRModel, batch_size: int | None = None, default_tol: float | None = 1e-3) -> "Solver":
+    def from_model(cls, model: "EqRModel", batch_size: int | None = None,
+                   default_tol: float | None = recommended_tol("fp32")["tol"]) -> "Solver":
         """A torch-backend solver for a model in memory (tests, notebooks, training evaluation)."""
         from eqr.runtime.backends.torch_backend import TorchBackend
 

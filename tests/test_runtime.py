@@ -96,20 +96,25 @@ def test_array_helpers_gather_and_concat_on_the_device(onnx_path, model):
                                           np.concatenate([rows, rows[:1]]))
 
 
+def foreign(onnx_path):
+    """The test graph has no eqr metadata: a foreign .onnx, described by what flags would give."""
+    return load_artifact(onnx_path, init_std=(1.0, 1.0), tol=1e-3)
+
+
 def test_registry_lists_backends_and_auto_picks_an_available_one(onnx_path, tmp_path):
     assert backend_names() == ["tensorrt", "onnxruntime", "torch"]
-    backend = create_backend("auto", load_artifact(onnx_path), "fp32")
+    backend = create_backend("auto", foreign(onnx_path), "fp32")
     assert backend.name == "onnxruntime"  # no TensorRT here; an ONNX file has no torch weights
     with pytest.raises(EqRError, match="unknown backend 'tpu'"):
-        create_backend("tpu", load_artifact(onnx_path), "fp32")
+        create_backend("tpu", foreign(onnx_path), "fp32")
     with pytest.raises(EqRError, match="torch backend runs fp32 only|needs the model's weights"):
-        create_backend("torch", load_artifact(onnx_path), "fp16")
+        create_backend("torch", foreign(onnx_path), "fp16")
 
 
 def test_tensorrt_backend_reports_why_it_is_unavailable(onnx_path):
     from eqr.runtime.backends.trt_backend import TensorRTBackend
 
-    reason = TensorRTBackend.unavailable_reason(load_artifact(onnx_path), "fp32")
+    reason = TensorRTBackend.unavailable_reason(foreign(onnx_path), "fp32")
     assert reason is not None and "engine" in reason.lower() or "tensorrt" in reason.lower()
 
 

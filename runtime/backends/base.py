@@ -1,4 +1,4 @@
-"""`Backend`: a Polygraphy-style runner for the deployable step (export/step_graph.py I/O contract).
+"""`Backend`: a Polygraphy-style runner for the deployable step (the I/O contract of eqr.artifact).
 
 A backend runs one outer step on a batch: `step(feeds) -> outputs`, both keyed by the ONNX names
 (`INPUT_NAMES`, `OUTPUT_NAMES`). Values are the backend's own device arrays (torch tensors,
@@ -23,12 +23,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES
+from eqr.artifact import INPUT_NAMES, OUTPUT_NAMES, STATE_OUTPUTS
 
 log = logging.getLogger(__name__)
 
-STATE_NAMES = ("z_H", "z_L")
-STATE_OUTPUTS = {"z_H": "z_H_out", "z_L": "z_L_out"}
+STATE_NAMES = tuple(STATE_OUTPUTS)
 
 
 class Backend(ABC):

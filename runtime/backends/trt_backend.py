@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from eqr.artifact import INPUT_NAMES, OUTPUT_NAMES
 from eqr.errors import EqRError
-from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES
 from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
 from eqr.runtime.backends.torch_backend import TorchArrays
 

@@ -1,7 +1,8 @@
-"""The deployable step: one noise-free outer step with the fixed I/O contract of `model.step.onnx`.
+"""The deployable step: one noise-free outer step with the I/O contract of `model.step.onnx`.
 
 Every backend (torch, ONNX Runtime, TensorRT) runs exactly this computation, so host loops
-read only O(B) convergence scalars and O(B*L) predictions per step.
+read only O(B) convergence scalars and O(B*L) predictions per step. The names and dtypes are
+`eqr.artifact.INPUTS` and `OUTPUTS`:
 
 inputs   tokens int32 [B, L]; z_H, z_L float32 [B, L, D]
 outputs  z_H_out, z_L_out float32 [B, L, D]; logits float32 [B, L, V]; preds int32 [B, L];
@@ -15,9 +16,6 @@ import torch
 from torch import nn
 
 from eqr.model import EqRModel, LatentState
-
-INPUT_NAMES = ("tokens", "z_H", "z_L")
-OUTPUT_NAMES = ("z_H_out", "z_L_out", "logits", "preds", "residual", "logit_delta", "q_halt")
 
 
 class StepGraph(nn.Module):
