@@ -4,9 +4,10 @@
     result = solver.solve(tokens, max_steps=256, tol=None, breadth=8, aggregate="converged", seed=0)
     result.preds, result.steps, result.converged, result.residual, result.agreement
 
-Initial states follow `EqRModel.initial_state` (compensated truncated normal, spec 1.7) but
-each trajectory (puzzle i, breadth k) draws from its own generator seeded by (seed, i, k), so
-an answer does not depend on batch composition, batch size or backend.
+Initial states have the distribution of `EqRModel.initial_state` (the compensated truncated
+normal of eqr.artifact, with the manifest's init_std) but are drawn by numpy, so the runtime
+needs no torch: each trajectory (puzzle i, breadth k) has its own generator seeded by
+(seed, i, k), so an answer does not depend on batch composition, batch size or backend.
 
 Inference is noise-free: the exported step has no noise input, so every backend computes the
 same map and the residual can actually fall to a tolerance. The official evaluation keeps
@@ -21,11 +22,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from eqr.artifact import precision_row, recommended_tol
+from eqr.artifact import INIT_SCALE, INIT_TRUNCATION, precision_row, recommended_tol
 from eqr.errors import EqRError
-from eqr.model import trunc_normal
 from eqr.runtime.aggregate import get_aggregator, vote_share
 from eqr.runtime.artifact import Artifact, load_artifact
 from eqr.runtime.backends.base import Backend
@@ -38,20 +37,30 @@ if TYPE_CHECKING:
     from eqr.model import EqRModel
 
 
-def trajectory_seed(seed: int, puzzle: int, breadth: int) -> int:
-    """A 63-bit generator seed for trajectory (puzzle, breadth) of run `seed`."""
-    return int(np.random.SeedSequence([seed, puzzle, breadth]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+def truncated_normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
+    """float32 `shape` of INIT_SCALE * std * t, t ~ N(0, 1) given |t| <= INIT_TRUNCATION (by rejection)."""
+    n = int(np.prod(shape))
+    out = np.empty(n, np.float32)
+    filled = 0
+    while filled < n:  # ~4.6% of draws fall outside +-2; one pass almost always suffices
+        need = n - filled
+        draw = rng.standard_normal(need + need // 16 + 16, dtype=np.float32)
+        kept = draw[np.abs(draw) <= INIT_TRUNCATION][:need]
+        out[filled:filled + len(kept)] = kept
+        filled += len(kept)
+    return (out * np.float32(INIT_SCALE * std)).reshape(shape)
 
 
 def initial_states(seq_len: int, hidden_size: int, init_std: tuple[float, float], seed: int,
                    puzzles: np.ndarray, breadths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """z_H, z_L float32 [R, L, D] for trajectories (puzzles[r], breadths[r]); z_H drawn before z_L."""
+    """z_H, z_L float32 [R, L, D] for trajectories (puzzles[r], breadths[r]); z_H drawn before z_L,
+    each trajectory from numpy's default generator (PCG64) seeded by SeedSequence([seed, i, k])."""
     z_H = np.empty((len(puzzles), seq_len, hidden_size), np.float32)  # (R, L, D)
     z_L = np.empty_like(z_H)
     for r, (i, k) in enumerate(zip(puzzles.tolist(), breadths.tolist())):
-        generator = torch.Generator().manual_seed(trajectory_seed(seed, i, k))
-        z_H[r] = trunc_normal((seq_len, hidden_size), init_std[0], generator).numpy()
-        z_L[r] = trunc_normal((seq_len, hidden_size), init_std[1], generator).numpy()
+        rng = np.random.default_rng(np.random.SeedSequence([seed, i, k]))
+        z_H[r] = truncated_normal(rng, (seq_len, hidden_size), init_std[0])
+        z_L[r] = truncated_normal(rng, (seq_len, hidden_size), init_std[1])
     return z_H, z_L
 
 

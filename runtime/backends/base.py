@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -93,6 +93,11 @@ class Backend(ABC):
     def describe(self) -> dict[str, Any]:
         """JSON-able description for reports: backend name plus backend-specific details."""
         return {"backend": self.name}
+
+    def thread_setup(self) -> Callable[[], None]:
+        """Called in the caller's thread: a function that gives another thread (a scheduler's
+        worker) the caller's per-thread settings. Only engines with such settings override it."""
+        return lambda: None
 
     @abstractmethod
     def activate_impl(self) -> None: ...

@@ -7,7 +7,7 @@ deployment.md); lower precisions run through ONNX Runtime or TensorRT.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,12 @@ class TorchArrays:
 
     def concat(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.cat(list(arrays), dim=0)
+
+    def thread_setup(self) -> Callable[[], None]:
+        """torch's thread count is per thread: a new thread would use every core (~100x slower
+        on a busy machine), so the worker takes the caller's."""
+        threads = torch.get_num_threads()
+        return lambda: torch.set_num_threads(threads)
 
 
 class TorchBackend(TorchArrays, Backend):
