@@ -13,6 +13,7 @@ Checkpoints, bundled names and presets resolve through the torch backend (they n
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from eqr.artifact import (ENGINE_SUFFIXES, MANIFEST_FILE, MANIFEST_FORMAT, METAD
                           check_manifest, embedded_manifest, precision_of, read_manifest, recommended_tol)
 from eqr.config import ModelConfig
 from eqr.errors import EqRError
+from eqr.tasks import DEFAULT_SIZES, TASKS, Task, get_task
 
 
 def unmeasured_tols() -> dict[str, float]:
@@ -32,7 +34,7 @@ def unmeasured_tols() -> dict[str, float]:
 class Artifact:
     """A deployable model, whatever its container."""
 
-    kind: str  # "export" | "onnx" | "engine" | "checkpoint" (files, bundled names and presets)
+    kind: str  # "export" | "onnx" | "engine" | "checkpoint" (files, bundled names, presets) | "model" (in memory)
     location: str  # as the user gave it
     seq_len: int  # L
     hidden_size: int  # D
@@ -207,3 +209,35 @@ def _from_checkpoint(location: str) -> Artifact:
         raise EqRError(f"{location}: not an export directory, .onnx or engine file here; checkpoints, bundled "
                        "models and presets run on torch: pip install 'eqr[export]'") from None
     return checkpoint_artifact(location)
+
+
+def resolve_task(artifact: Artifact, override: str | None = None) -> Task:
+    """The puzzle task of an artifact: `override` ("NAME[:SIZE]", e.g. --task), the one its
+    manifest or checkpoint records, or the only task whose layout fits its L and V."""
+    if override:
+        name, _, size = override.partition(":")
+        task = get_task(name, int(size) if size.isdigit() else None)
+    elif artifact.task and artifact.task.get("name") in TASKS:
+        task = get_task(artifact.task["name"], artifact.task.get("size"))
+    else:
+        side = math.isqrt(artifact.seq_len)
+        matches = [t for t in _tasks_of_side(side) if side * side == artifact.seq_len
+                   and (t.seq_len, t.vocab_size) == (artifact.seq_len, artifact.vocab_size)]
+        if not matches:
+            raise EqRError(f"{artifact.location}: cannot tell the puzzle task of a model with {artifact.seq_len} tokens "
+                           f"and vocab {artifact.vocab_size}; pass --task NAME[:SIZE] ({', '.join(DEFAULT_SIZES)})")
+        task = matches[0]
+    if (task.seq_len, task.vocab_size) != (artifact.seq_len, artifact.vocab_size):
+        raise EqRError(f"task {task!r} has {task.seq_len} tokens / vocab {task.vocab_size}, but {artifact.location} "
+                       f"expects {artifact.seq_len} / {artifact.vocab_size}; pass the matching --task")
+    return task
+
+
+def _tasks_of_side(side: int) -> list[Task]:
+    tasks = []
+    for name in TASKS:
+        try:
+            tasks.append(get_task(name, side))
+        except EqRError:  # no such size for this task
+            pass
+    return tasks

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from typing import Any
@@ -13,34 +12,10 @@ import numpy as np
 from eqr.artifact import PRECISIONS
 from eqr.errors import EqRError
 from eqr.runtime.aggregate import aggregator_names
-from eqr.runtime.artifact import Artifact
 from eqr.runtime.backends.registry import AUTO, backend_names
 from eqr.runtime.config import SolveConfig
 
 FORMATS = ("text", "csv", "hrm")
-
-
-def resolve_task(artifact: Artifact, override: str | None) -> Any:
-    """The task whose text format the puzzles use: --task, the artifact's, or inferred from L and V."""
-    from eqr.tasks import DEFAULT_SIZES, TASKS, get_task
-
-    if override:
-        name, _, size = override.partition(":")
-        task = get_task(name, int(size) if size.isdigit() else None)
-    elif artifact.task and artifact.task.get("name") in TASKS:
-        task = get_task(artifact.task["name"], artifact.task.get("size"))
-    else:
-        side = math.isqrt(artifact.seq_len)
-        matches = [t for t in _tasks_of_side(side) if side * side == artifact.seq_len
-                   and (t.seq_len, t.vocab_size) == (artifact.seq_len, artifact.vocab_size)]
-        if not matches:
-            raise EqRError(f"{artifact.location}: cannot tell the puzzle task of a model with {artifact.seq_len} tokens "
-                           f"and vocab {artifact.vocab_size}; pass --task NAME[:SIZE] ({', '.join(DEFAULT_SIZES)})")
-        task = matches[0]
-    if (task.seq_len, task.vocab_size) != (artifact.seq_len, artifact.vocab_size):
-        raise EqRError(f"task {task!r} has {task.seq_len} tokens / vocab {task.vocab_size}, but {artifact.location} "
-                       f"expects {artifact.seq_len} / {artifact.vocab_size}; pass the matching --task")
-    return task
 
 
 def parse_init_std(text: str | None) -> tuple[float, float] | None:
@@ -54,18 +29,6 @@ def parse_init_std(text: str | None) -> tuple[float, float] | None:
     if len(values) not in (1, 2) or not all(v >= 0 for v in values):
         raise EqRError(f"--init-std {text!r}: give one std, or two (z_H,z_L), each >= 0")
     return (values[0], values[-1])
-
-
-def _tasks_of_side(side: int) -> list[Any]:
-    from eqr.tasks import TASKS, get_task
-
-    tasks = []
-    for name in TASKS:
-        try:
-            tasks.append(get_task(name, side))
-        except EqRError:  # no such size for this task
-            pass
-    return tasks
 
 
 @click.command()
@@ -119,7 +82,7 @@ def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: 
       eqr solve export/ -i test.csv --format csv --breadth 8 --aggregate converged --agree 3
       eqr solve ckpt.pt -i data/sudoku --format hrm --fixed-depth 16 --json
     """
-    from eqr.runtime.artifact import load_artifact
+    from eqr.runtime.artifact import load_artifact, resolve_task
     from eqr.runtime.solver import Solver
     from eqr.tasks.io import read_puzzles
 

@@ -1,8 +1,10 @@
 """`Solver`: puzzles -> K seeded trajectories each -> `solve` -> one aggregated answer per puzzle.
 
     solver = Solver.load("maze-small-eqr/", backend="auto", precision="fp32")
+    tokens = solver.task.parse(lines)  # the artifact's task reads its text format: int32 [P, L]
     result = solver.solve(tokens, max_steps=256, tol=None, breadth=8, aggregate="converged", seed=0)
     result.preds, result.steps, result.converged, result.residual, result.agreement
+    answers = solver.task.format(result.preds)
 
 Initial states have the distribution of `EqRModel.initial_state` (the compensated truncated
 normal of eqr.artifact, with the manifest's init_std) but are drawn by numpy, so the runtime
@@ -26,7 +28,7 @@ import numpy as np
 from eqr.artifact import INIT_SCALE, INIT_TRUNCATION, precision_row, recommended_tol
 from eqr.errors import EqRError
 from eqr.runtime.aggregate import get_aggregator, vote_share
-from eqr.runtime.artifact import Artifact, load_artifact
+from eqr.runtime.artifact import Artifact, load_artifact, resolve_task
 from eqr.runtime.backends.base import Backend
 from eqr.runtime.backends.registry import AUTO, create_backend
 from eqr.runtime.config import SolveConfig
@@ -35,6 +37,7 @@ from eqr.runtime.stats import SolveStats
 
 if TYPE_CHECKING:
     from eqr.model import EqRModel
+    from eqr.tasks import Task
 
 
 def truncated_normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
@@ -105,6 +108,17 @@ class Solver:
         self.artifact = artifact
         self.batch_size = batch_size  # working-batch cap; None: all rows at once
         self.precision = precision
+        self._task: "Task | None" = None
+
+    @property
+    def task(self) -> "Task":
+        """The puzzle task the model was exported for (its manifest's, else the one its sizes fit):
+        `task.parse(lines)` -> int32 [P, L] tokens, `task.format(preds)` -> one text line each."""
+        if self._task is None:
+            if self.artifact is None:
+                raise EqRError("this Solver has no artifact to read its task from; use eqr.tasks.get_task")
+            self._task = resolve_task(self.artifact)
+        return self._task
 
     @classmethod
     def load(cls, artifact: str | os.PathLike[str] | Artifact, backend: str = AUTO, precision: str | None = None,
@@ -125,8 +139,11 @@ class Solver:
         from eqr.runtime.backends.torch_backend import TorchBackend
 
         c = model.config
+        task = model.metadata.get("task") if isinstance(getattr(model, "metadata", None), dict) else None
+        artifact = Artifact("model", "the model in memory", c.seq_len, c.hidden_size, c.vocab_size,
+                            (c.H_init_std, c.L_init_std), c, task if isinstance(task, dict) else None)
         return cls(TorchBackend(model), c.seq_len, c.hidden_size, (c.H_init_std, c.L_init_std), default_tol,
-                   batch_size=batch_size)
+                   artifact, batch_size=batch_size)
 
     def __enter__(self) -> "Solver":
         self.backend.activate()

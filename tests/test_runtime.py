@@ -335,10 +335,8 @@ def test_gating_keeps_fixed_depth_accuracy_and_breadth_does_not_hurt(name, model
             labels = deep.solve(puzzles, fixed_depth=96, seed=100).preds
         depth = 32
     else:
-        from eqr.runtime.cli import resolve_task
-
         solver = Solver.load(name, backend="torch")
-        task = resolve_task(solver.artifact, None)
+        task = solver.task
         generated = task.generate(32, seed=12345)
         puzzles, labels = generated.inputs.astype(np.int32), generated.labels
         depth = max(PAPER_EVAL_DEPTH, solver.artifact.config.halt_max_steps)
@@ -351,3 +349,22 @@ def test_gating_keeps_fixed_depth_accuracy_and_breadth_does_not_hurt(name, model
     assert accuracy(gated) >= accuracy(fixed)
     assert gated.steps.sum() < fixed.steps.sum()
     assert accuracy(wide) >= accuracy(single)
+
+
+def test_solver_knows_its_task_from_the_artifact(model, tmp_path):
+    from eqr.checkpoint import save_checkpoint
+    from eqr.tasks import get_task
+
+    save_checkpoint(tmp_path / "tiny.pt", model.config, model.state_dict(), metadata={"task": {"name": "sudoku", "size": 4}})
+    task = get_task("sudoku", 4)
+    lines = task.format(task.generate(3, seed=5).inputs)
+    with Solver.load(tmp_path / "tiny.pt") as solver:
+        assert (solver.task.name, solver.task.size) == ("sudoku", 4)
+        tokens = solver.task.parse(lines)
+        assert tokens.shape == (3, 16) and tokens.dtype == np.int32
+        answers = solver.task.format(solver.solve(tokens).preds)
+    assert len(answers) == 3 and all(len(a) == 16 for a in answers)
+    assert task.parse(task.format(tokens)).tolist() == tokens.tolist()  # format and parse round-trip
+    with pytest.raises(EqRError, match="line 1: "):
+        task.parse([lines[0], "12.3"])
+    assert Solver.from_model(model).task.name == "sudoku"  # 16 tokens, vocab 6: only 4x4 Sudoku fits
