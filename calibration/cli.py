@@ -98,9 +98,9 @@ def calibrate(export_dir: str, data: str | None, puzzles: int, starts: int, dept
 
 def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig, quiet: bool = False) -> dict[str, Any]:
     """The work of `eqr calibrate`; returns the manifest entries it wrote."""
-    from eqr.artifact import CALIB_FILE, read_manifest, update_manifest
+    from eqr.artifact import CALIB_FILE, read_manifest, update_manifest, with_precision
     from eqr.calibration.data import load_puzzles
-    from eqr.calibration.quantize import QuantPolicy, build_fp16, build_int8, fp32_onnx
+    from eqr.calibration.quantize import QuantPolicy, build_fp16, build_int8, embed_manifest, fp32_onnx
     from eqr.calibration.record import record_calibration, save_calib
     from eqr.io import sha256_file
     from eqr.runtime import Solver
@@ -135,6 +135,12 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig, quiet: bo
             calibration = {"file": CALIB_FILE, "states": len(calib), "sha256": sha256_file(root / CALIB_FILE),
                            "puzzles": len(puzzles), "starts": cfg.starts, "depths": list(cfg.depths),
                            "seed": cfg.seed, "data": puzzles.source}
+            # The graph describes itself (a copy of it runs like this directory); its own hash
+            # cannot be inside it, so manifest.json records that after the metadata is written.
+            embedded = {k: v for k, v in entry.items() if k != "sha256"}
+            embed_manifest(root / entry["onnx"], with_precision(read_manifest(export_dir), precision, embedded,
+                                                                calibration), precision)
+            entry["sha256"] = sha256_file(root / entry["onnx"])
             update_manifest(export_dir, precision, entry, calibration)
             entries[precision] = entry
             advance(1)

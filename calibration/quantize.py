@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
-from eqr.artifact import MANIFEST_FILE, PRECISIONS, read_manifest
+from eqr.artifact import MANIFEST_FILE, PRECISIONS, graph_metadata, read_manifest
 from eqr.errors import EqRError
-from eqr.io import sha256_file
+from eqr.io import atomic_write_bytes, sha256_file
 
 if TYPE_CHECKING:
     import onnx
@@ -60,6 +60,18 @@ def fp32_onnx(export_dir: str | os.PathLike[str]) -> Path:
     if not path.is_file():
         raise EqRError(f"{path}: the FP32 step graph is missing; re-run `eqr export`")
     return path
+
+
+def embed_manifest(path: str | os.PathLike[str], manifest: dict[str, Any], precision: str) -> None:
+    """Give a built graph its own metadata (the manifest and its precision) in place of the
+    FP32 graph's, which the FP16 converter and the INT8 quantizer carry over."""
+    import onnx
+
+    from eqr.export.onnx_graph import set_metadata
+
+    model = onnx.load(str(path))
+    set_metadata(model, graph_metadata(manifest, precision))
+    atomic_write_bytes(path, model.SerializeToString())
 
 
 def _target(export_dir: str | os.PathLike[str], precision: str, force: bool) -> Path:

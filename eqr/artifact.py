@@ -159,14 +159,21 @@ def write_manifest(directory: str | os.PathLike[str], manifest: dict[str, Any]) 
     atomic_write_text(Path(directory) / MANIFEST_FILE, manifest_text(manifest))
 
 
-def update_manifest(directory: str | os.PathLike[str], precision: str, entry: dict[str, Any],
-                    calibration: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Set manifest["precisions"][precision] (merged over what was there), atomically."""
-    data = read_manifest(directory)
+def with_precision(manifest: dict[str, Any], precision: str, entry: dict[str, Any],
+                   calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A copy of `manifest` with `entry` merged over manifest["precisions"][precision]."""
+    data = json.loads(json.dumps(manifest))
     precisions = data.setdefault("precisions", {})
     precisions[precision] = dict(precisions.get(precision) or {}) | entry
     if calibration is not None:
         data["calibration"] = calibration
+    return data
+
+
+def update_manifest(directory: str | os.PathLike[str], precision: str, entry: dict[str, Any],
+                    calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Set manifest["precisions"][precision] (merged over what was there), atomically."""
+    data = with_precision(read_manifest(directory), precision, entry, calibration)
     write_manifest(directory, data)
     return data
 

@@ -368,3 +368,36 @@ def test_solver_knows_its_task_from_the_artifact(model, tmp_path):
     with pytest.raises(EqRError, match="line 1: "):
         task.parse([lines[0], "12.3"])
     assert Solver.from_model(model).task.name == "sudoku"  # 16 tokens, vocab 6: only 4x4 Sudoku fits
+
+
+def test_a_step_graph_copied_out_of_its_export_behaves_like_the_directory(tmp_path):
+    """Each graph carries its manifest and precision: a copy (even renamed) has the export's init
+    std, tol and task, gives its answers for a seed, and model.step.int8.onnx runs int8."""
+    import shutil
+
+    from eqr.calibration.record import int8_calibration
+    from eqr.export import ExportConfig, export_model
+
+    config = ExportConfig(precision=("int8",), engine="never", check_batch=2, check_steps=6)
+    model = contractive_model()
+    model.metadata = {"task": {"name": "sudoku", "size": 4}}
+    export_model(model, tmp_path / "tiny-eqr", config, calibrate=int8_calibration(model, config))
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(tmp_path / "tiny-eqr" / "model.step.int8.onnx", alone / "model.step.int8.onnx")
+    shutil.copy(tmp_path / "tiny-eqr" / "model.step.int8.onnx", alone / "renamed.onnx")
+    shutil.copy(tmp_path / "tiny-eqr" / "model.step.onnx", alone / "model.step.onnx")
+    directory = load_artifact(tmp_path / "tiny-eqr")
+    for name, precision in (("model.step.onnx", "fp32"), ("model.step.int8.onnx", "int8"), ("renamed.onnx", "int8")):
+        copy = load_artifact(alone / name)
+        assert (copy.kind, copy.precision, set(copy.onnx)) == ("onnx", precision, {precision})
+        assert (copy.init_std, copy.tol[precision], copy.task) == (directory.init_std, directory.tol[precision],
+                                                                    directory.task)
+    puzzles = random_puzzles(4, seed=21)
+    for name, precision in (("model.step.onnx", "fp32"), ("model.step.int8.onnx", "int8")):
+        with Solver.load(alone / name, threads=1) as copy, \
+                Solver.load(tmp_path / "tiny-eqr", precision=precision, threads=1) as whole:
+            assert (copy.precision, copy.default_tol) == (precision, whole.default_tol)
+            a, b = copy.solve(puzzles, breadth=2, seed=4), whole.solve(puzzles, breadth=2, seed=4)
+        np.testing.assert_array_equal(a.preds, b.preds)
+        np.testing.assert_array_equal(a.steps, b.steps)
