@@ -11,7 +11,8 @@ from typing import Any
 import click
 import numpy as np
 
-from eqr.calibration.config import METHODS, PRECISIONS, CalibConfig, ReportConfig, parse_ints, parse_names
+from eqr.artifact import PRECISIONS
+from eqr.calibration.config import METHODS, CalibConfig, ReportConfig, parse_ints, parse_names
 from eqr.errors import EqRError
 
 
@@ -97,16 +98,18 @@ def calibrate(export_dir: str, data: str | None, puzzles: int, starts: int, dept
 
 def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig, quiet: bool = False) -> dict[str, Any]:
     """The work of `eqr calibrate`; returns the manifest entries it wrote."""
+    from eqr.artifact import CALIB_FILE, read_manifest, update_manifest, with_precision
     from eqr.calibration.data import load_puzzles
-    from eqr.calibration.quantize import ONNX_FILES, QuantPolicy, build_fp16, build_int8, read_manifest, update_manifest
-    from eqr.calibration.record import CALIB_FILE, record_calibration, save_calib
+    from eqr.calibration.quantize import QuantPolicy, build_fp16, build_int8, embed_manifest, fp32_onnx
+    from eqr.calibration.record import record_calibration, save_calib
     from eqr.io import sha256_file
     from eqr.runtime import Solver
 
     artifact = _export_artifact(export_dir)
     manifest = read_manifest(export_dir)
+    fp32_onnx(export_dir)  # the graph the others derive from must be there
     root = Path(export_dir)
-    targets = [root / CALIB_FILE] + [root / ONNX_FILES[p] for p in cfg.precisions]
+    targets = [root / CALIB_FILE] + [root / PRECISIONS[p].onnx for p in cfg.precisions]
     existing = [str(t) for t in targets if t.exists()]
     if existing and not cfg.force:
         raise EqRError(f"{', '.join(existing)} exist; pass --force to replace them")
@@ -132,6 +135,12 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig, quiet: bo
             calibration = {"file": CALIB_FILE, "states": len(calib), "sha256": sha256_file(root / CALIB_FILE),
                            "puzzles": len(puzzles), "starts": cfg.starts, "depths": list(cfg.depths),
                            "seed": cfg.seed, "data": puzzles.source}
+            # The graph describes itself (a copy of it runs like this directory); its own hash
+            # cannot be inside it, so manifest.json records that after the metadata is written.
+            embedded = {k: v for k, v in entry.items() if k != "sha256"}
+            embed_manifest(root / entry["onnx"], with_precision(read_manifest(export_dir), precision, embedded,
+                                                                calibration), precision)
+            entry["sha256"] = sha256_file(root / entry["onnx"])
             update_manifest(export_dir, precision, entry, calibration)
             entries[precision] = entry
             advance(1)
@@ -140,7 +149,7 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig, quiet: bo
 
 def measured_tol(export_dir: str, precision: str, onnx_name: str, inputs: np.ndarray, cfg: CalibConfig) -> dict[str, Any]:
     """The export's tol rule applied to the residual floor this graph reaches on the calibration puzzles."""
-    from eqr.export.parity import recommended_tol
+    from eqr.artifact import recommended_tol
     from eqr.runtime import Solver
     from eqr.runtime.backends.ort_backend import OrtBackend
 
@@ -202,7 +211,7 @@ def report(ctx: click.Context, export_dir: str, data: str | None, puzzles: int, 
     """
     from eqr.runtime.backends.registry import backend_names
 
-    cfg = ReportConfig(precisions=parse_names(precisions, "--precisions", PRECISIONS),
+    cfg = ReportConfig(precisions=parse_names(precisions, "--precisions", tuple(PRECISIONS)),
                        backends=parse_names(backends, "--backends", backend_names()),
                        depths=tuple(sorted(set(parse_ints(depths, "--depths")))),
                        breadth=tuple(sorted(set(parse_ints(breadth, "--breadth")))), puzzles=puzzles, seed=seed,
@@ -261,7 +270,8 @@ def run_report(export_dir: str, data: str | None, cfg: ReportConfig, calib_path:
 def _report_calib(artifact: Any, export_dir: str, calib_path: str | None, puzzles: Any, cfg: ReportConfig,
                   quiet: bool) -> Any:
     """--calib, else EXPORT_DIR/calib.npz, else a fresh small recording on the report's puzzles."""
-    from eqr.calibration.record import CALIB_FILE, load_calib, record_calibration
+    from eqr.artifact import CALIB_FILE
+    from eqr.calibration.record import load_calib, record_calibration
     from eqr.runtime import Solver
 
     path = Path(calib_path) if calib_path else Path(export_dir) / CALIB_FILE

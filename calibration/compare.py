@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from eqr.artifact import recommended_tol
 from eqr.calibration.collect import Results, curve_key, curve_keys
 from eqr.calibration.config import ReportConfig
 
@@ -156,7 +157,7 @@ def convergence_section(run: dict[str, Any], fp32_tol: float, cfg: ReportConfig)
         "mean_steps": float(nstep.mean()), "median_steps": float(np.median(nstep)),
         "steps_histogram": {"counts": hist.tolist(), "edges": edges.tolist()},
         "residual_floor_median": floor_p50, "residual_floor_p90": floor_p90,
-        "recommended_tol": recommended_tol(run["precision"], floor_p90),
+        "recommended_tol": recommended_tol(run["precision"], floor_p90)["tol"],
         "reaches_own_tol": reaches(run["tol"]), "reaches_fp32_tol": reaches(fp32_tol), "fp32_tol": fp32_tol,
         "residual_curve": _median_curve(trace), "warnings": []}
     if run["precision"] != "fp32" and section["reaches_fp32_tol"] < 0.5:
@@ -168,13 +169,6 @@ def convergence_section(run: dict[str, Any], fp32_tol: float, cfg: ReportConfig)
             f"tol {run['tol']:g} is reached by only {100 * section['reaches_own_tol']:.0f}% of trajectories "
             f"(residual floor {floor_p50:.3g}); set this precision's tol to {section['recommended_tol']:.3g}")
     return section
-
-
-def recommended_tol(precision: str, floor: float) -> float:
-    """The export's rule (3 x the residual floor, at least the precision's round-off bound)."""
-    from eqr.export.parity import recommended_tol as export_rule
-
-    return float(export_rule(precision, floor)["tol"])
 
 
 def _median_curve(trace: np.ndarray) -> list[float | None]:

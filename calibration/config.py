@@ -7,10 +7,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from eqr.artifact import PRECISIONS
 from eqr.config import JsonConfig
 from eqr.errors import EqRError
 
-PRECISIONS = ("fp32", "fp16", "int8")
 METHODS = ("minmax", "entropy", "percentile")
 # Default INT8 policy: only the matrix products (weights per channel + their input activations);
 # residual adds, damping, norms, the state path and every output stay in higher precision.
@@ -65,7 +65,7 @@ class CalibConfig(JsonConfig):
 class ReportConfig(JsonConfig):
     """What `eqr report` runs (every precision x backend on the same puzzles and seeds) and judges."""
 
-    precisions: tuple[str, ...] = PRECISIONS
+    precisions: tuple[str, ...] = tuple(PRECISIONS)
     backends: tuple[str, ...] = ("onnxruntime", "torch")  # torch runs fp32 only; pairs it cannot run are skipped
     depths: tuple[int, ...] = DEFAULT_DEPTHS  # fixed-depth accuracy curve
     breadth: tuple[int, ...] = (1, 8)  # K trajectories per puzzle (vote and converged aggregation)

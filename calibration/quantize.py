@@ -1,4 +1,4 @@
-"""Precision graphs for an export dir: the INT8 quantization policy, its methods, FP16, the manifest.
+"""Precision graphs for an export dir: the INT8 quantization policy, its methods, FP16.
 
 The INT8 graph is explicit symmetric Q/DQ (ONNX Runtime's static quantizer in QDQ format via
 `eqr.export.int8.quantize_int8`: INT8 weights per output channel, INT8 activations, opset <= 20).
@@ -13,7 +13,6 @@ method really moved the activation scales.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -23,8 +22,9 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
+from eqr.artifact import MANIFEST_FILE, PRECISIONS, graph_metadata, read_manifest
 from eqr.errors import EqRError
-from eqr.io import atomic_write_text, sha256_file
+from eqr.io import atomic_write_bytes, sha256_file
 
 if TYPE_CHECKING:
     import onnx
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-ONNX_FILES = {"fp32": "model.step.onnx", "fp16": "model.step.fp16.onnx", "int8": "model.step.int8.onnx"}
 ROWS_PER_FEED = 16  # calibration rows per ONNX Runtime call
 
 
@@ -51,40 +49,33 @@ class QuantPolicy:
         return asdict(self)
 
 
-# --------------------------------------------------------------------------- manifest
-
-
-def read_manifest(export_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The export's manifest (eqr.export's reader), which must list the FP32 graph."""
-    from eqr.export import read_manifest as read_export_manifest
-
-    data = read_export_manifest(export_dir)
-    if "fp32" not in (data.get("precisions") or {}):
-        raise EqRError(f"{Path(export_dir) / MANIFEST}: no precisions.fp32 entry; re-run `eqr export --force`")
-    return data
-
-
-def update_manifest(export_dir: str | os.PathLike[str], precision: str, entry: dict[str, Any],
-                    calibration: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Set manifest["precisions"][precision] (merged over what was there), atomically."""
-    data = read_manifest(export_dir)
-    data["precisions"][precision] = dict(data["precisions"].get(precision) or {}) | entry
-    if calibration is not None:
-        data["calibration"] = calibration
-    atomic_write_text(Path(export_dir) / MANIFEST, json.dumps(data, indent=2) + "\n")
-    return data
+# --------------------------------------------------------------------------- files
 
 
 def fp32_onnx(export_dir: str | os.PathLike[str]) -> Path:
-    entry = read_manifest(export_dir)["precisions"]["fp32"]
-    path = Path(export_dir) / entry.get("onnx", ONNX_FILES["fp32"])
+    entry = (read_manifest(export_dir).get("precisions") or {}).get("fp32")
+    if not entry:
+        raise EqRError(f"{Path(export_dir) / MANIFEST_FILE}: no precisions.fp32 entry; re-run `eqr export --force`")
+    path = Path(export_dir) / entry.get("onnx", PRECISIONS["fp32"].onnx)
     if not path.is_file():
         raise EqRError(f"{path}: the FP32 step graph is missing; re-run `eqr export`")
     return path
 
 
+def embed_manifest(path: str | os.PathLike[str], manifest: dict[str, Any], precision: str) -> None:
+    """Give a built graph its own metadata (the manifest and its precision) in place of the
+    FP32 graph's, which the FP16 converter and the INT8 quantizer carry over."""
+    import onnx
+
+    from eqr.export.onnx_graph import set_metadata
+
+    model = onnx.load(str(path))
+    set_metadata(model, graph_metadata(manifest, precision))
+    atomic_write_bytes(path, model.SerializeToString())
+
+
 def _target(export_dir: str | os.PathLike[str], precision: str, force: bool) -> Path:
-    path = Path(export_dir) / ONNX_FILES[precision]
+    path = Path(export_dir) / PRECISIONS[precision].onnx
     if path.exists() and not force:
         raise EqRError(f"{path} exists; pass --force to rebuild it")
     return path

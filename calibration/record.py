@@ -14,7 +14,8 @@ calib.npz (no pickles; read with np.load(allow_pickle=False)):
     start   int32   [N]        random start (breadth index) of the trajectory
     provenance  str (0-d)      JSON: model hash, data, seeds, depths, config
 `eqr export --calib-data` reads the same files (`read_calib_file`): tokens, z_H and z_L are
-required (depth, puzzle and start default to 0), or tokens alone, to record trajectories from.
+required (depth, puzzle and start default to 0), or tokens alone, to record trajectories from;
+`int8_calibration` is what eqr export hands its INT8 build.
 """
 from __future__ import annotations
 
@@ -24,17 +25,23 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from eqr.artifact import graph_feeds
 from eqr.errors import EqRError
 from eqr.io import atomic_open, read_npz
 from eqr.runtime.backends.base import Backend
 
+if TYPE_CHECKING:
+    from eqr.export.config import ExportConfig
+    from eqr.export.exporter import Calibrate
+    from eqr.model import EqRModel
+
 log = logging.getLogger(__name__)
 
-CALIB_FILE = "calib.npz"
+EXPORT_CALIB_PUZZLES = 4  # eqr export's built-in calibration: puzzles, each recorded at every depth
 
 
 class RecordingBackend(Backend):
@@ -114,8 +121,6 @@ class CalibSet:
 
     def feeds(self, rows: int = 16) -> list[dict[str, np.ndarray]]:
         """The states as ONNX feeds of at most `rows` rows (for `quantize_int8`)."""
-        from eqr.export.step_graph import graph_feeds
-
         return [graph_feeds(self.tokens[i:i + rows], self.z_H[i:i + rows], self.z_L[i:i + rows])
                 for i in range(0, len(self), rows)]
 
@@ -235,3 +240,29 @@ def _checked_tokens(tokens: np.ndarray, where: str, seq_len: int | None, vocab_s
         ids = f"0..{vocab_size - 1}" if vocab_size else "(non-negative)"
         raise EqRError(f"{where} must hold integer token ids {ids}")
     return tokens.astype(np.int32)
+
+
+def int8_calibration(model: "EqRModel", config: "ExportConfig") -> "Calibrate":
+    """The INT8 calibration of `eqr export`: --calib-data, read and checked now (before any export
+    work), then at build time its recorded states as given, or the step inputs at every depth of
+    noise-free FP32 trajectories of its puzzles (or of built-in task puzzles), recorded here."""
+    c = model.config
+    data = read_calib_file(config.calib_data, c.seq_len, c.hidden_size, c.vocab_size, "--calib-data") \
+        if config.calib_data else None
+
+    def calibrate(fp32: "EqRModel", task: Any, progress: Any) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+        from eqr.export.inputs import task_inputs
+        from eqr.runtime.solver import Solver
+
+        if isinstance(data, CalibSet):
+            return data.feeds(), {"source": config.calib_data, "rows": len(data), "method": "minmax"}
+        # puzzles and starts unseen by the export's parity checks
+        tokens = data if data is not None else task_inputs(task, fp32, EXPORT_CALIB_PUZZLES, config.seed + 1).numpy()
+        with Solver.from_model(fp32) as solver, progress.bar("int8 calibration trajectories", len(tokens)) as advance:
+            calib = record_calibration(solver, tokens, starts=1, depths=range(config.check_steps),
+                                       seed=config.seed + 1, progress=advance)
+        info = {"source": config.calib_data or "built-in (task inputs, random initial states)",
+                "trajectories": int(len(tokens)), "depths": config.check_steps, "rows": len(calib), "method": "minmax"}
+        return calib.feeds(), info
+
+    return calibrate

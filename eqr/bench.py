@@ -710,13 +710,15 @@ MEASURE: dict[str, Callable[[Setting], Measurement]] = {
 
 def export_for_bench(model: Any, out_dir: Path, precisions: tuple[str, ...], paper: bool) -> list[str]:
     """Export fp32 (+ fp16, int8 where they pass the export checks) into out_dir; -> notes on skips."""
+    from eqr.calibration.record import int8_calibration
     from eqr.export import ExportConfig, export_model
     from eqr.export.exporter import ExportError
 
     checks = {"check_batch": 1, "check_steps": 2} if paper else {"check_batch": 2, "check_steps": 8}
     wanted = tuple(p for p in precisions if p != "fp32")
     try:
-        export_model(model, out_dir, ExportConfig(precision=("fp32", *wanted), engine="never", force=True, **checks))
+        config = ExportConfig(precision=("fp32", *wanted), engine="never", force=True, **checks)
+        export_model(model, out_dir, config, calibrate=int8_calibration(model, config))
         return []
     except ExportError as e:
         if not wanted:

@@ -16,16 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eqr.artifact import INIT_SCALE as TRUNC_NORMAL_SCALE
+from eqr.artifact import INIT_TRUNCATION as _TRUNC
 from eqr.config import ModelConfig
 
 # --------------------------------------------------------------------------- initialisation
 
-_TRUNC = 2.0  # the truncated normal keeps +-2 standard deviations of the underlying normal
-# Std of N(0, 1) truncated to +-2 is sqrt(1 - 4 phi(2) / Z); dividing by it makes the result
-# have exactly the nominal std (JAX-style compensation, spec 1.7): c ~= 1.13685.
+# The truncated normal keeps +-2 standard deviations of the underlying normal, rescaled to have
+# exactly the nominal std (the distribution is part of the step contract: eqr.artifact).
 _Z = math.erf(_TRUNC / math.sqrt(2.0))
-_PHI2 = math.exp(-_TRUNC**2 / 2.0) / math.sqrt(2.0 * math.pi)
-TRUNC_NORMAL_SCALE = 1.0 / math.sqrt(1.0 - 2.0 * _TRUNC * _PHI2 / _Z)
 
 
 def trunc_normal(shape: tuple[int, ...], std: float, generator: torch.Generator | None = None,

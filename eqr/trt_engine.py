@@ -1,5 +1,5 @@
-"""TensorRT engine files as export writes and the runtime reads them: names, the sidecar check,
-the GPU's identity, and the process's one `trt.Logger`.
+"""TensorRT engine files as export writes and the runtime reads them: the sidecar check, the
+GPU's identity, and the process's one `trt.Logger` (the file names are `eqr.artifact.engine_file`).
 
 Bottom floor (export and runtime both read it): imports neither torch nor TensorRT at import
 time. Engines are tied to the TensorRT version and the GPU: the file name says both, and a
@@ -52,12 +52,6 @@ def gpu_tag(name: str, compute_capability: str, sm_count: int = 0) -> str:
     words = re.sub(r"^(nvidia-)?(geforce-)?", "", words) or "gpu"
     sms = f"-{sm_count}sm" if sm_count else ""
     return f"{words}{sms}-sm{compute_capability.replace('.', '')}"
-
-
-def engine_filename(precision: str, tag: str, trt_version: str, dla_core: int | None = None) -> str:
-    """model.step.<precision>.<gpu tag>[.dla<N>].trt<version>.engine"""
-    dla = "" if dla_core is None else f".dla{dla_core}"
-    return f"model.step.{precision}.{tag}{dla}.trt{trt_version}.engine"
 
 
 def sidecar_path(engine_path: str | os.PathLike[str]) -> Path:

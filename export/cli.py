@@ -10,7 +10,8 @@ from typing import Callable, Iterator
 
 import click
 
-from eqr.export.config import DEFAULT_OPSET, ENGINE_MODES, PRECISIONS, ExportConfig, parse_batch
+from eqr.artifact import PRECISIONS
+from eqr.export.config import DEFAULT_OPSET, ENGINE_MODES, ExportConfig, parse_batch
 
 
 class ClickProgress:
@@ -49,7 +50,7 @@ def _terminate_cleanly() -> Iterator[None]:
 
 @click.command()
 @click.argument("model")
-@click.option("--precision", "precision", type=click.Choice(PRECISIONS), multiple=True, default=("fp32",),
+@click.option("--precision", "precision", type=click.Choice(tuple(PRECISIONS)), multiple=True, default=("fp32",),
               show_default=True, help="Graph(s) to write; repeat for several. fp32 is always written too.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output directory [default: <model stem>-eqr/].")
@@ -96,6 +97,7 @@ def export(model: str, precision: tuple[str, ...], out_dir: str | None, batch: s
     Exit status: 0 exported; 1 a check or the engine build failed (or --engine always
     without TensorRT/GPU); 2 bad input (model, flags, output directory).
     """
+    from eqr.calibration.record import int8_calibration
     from eqr.export.exporter import export_model
     from eqr.load import load_model
 
@@ -103,7 +105,8 @@ def export(model: str, precision: tuple[str, ...], out_dir: str | None, batch: s
                           calib_data=calib_data, force=force, seed=seed, check_batch=check_batch,
                           check_steps=check_steps, workspace_mib=workspace_mib, threads=threads, dla_core=dla_core)
     loaded = load_model(model, weights=weights)
+    calibrate = int8_calibration(loaded, config) if "int8" in config.precisions else None  # reads --calib-data now
     with _terminate_cleanly():
-        manifest = export_model(loaded, out_dir, config, progress=ClickProgress())
+        manifest = export_model(loaded, out_dir, config, progress=ClickProgress(), calibrate=calibrate)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))

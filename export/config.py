@@ -3,13 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from eqr.artifact import PRECISIONS
 from eqr.config import JsonConfig
 from eqr.errors import EqRError
 
-PRECISIONS = ("fp32", "fp16", "int8")
 ENGINE_MODES = ("auto", "always", "never")
-ONNX_FILES = {"fp32": "model.step.onnx", "fp16": "model.step.fp16.onnx", "int8": "model.step.int8.onnx"}
-MANIFEST_FILE = "manifest.json"
 # Opset 17 is where the TorchScript exporter's graph gets ONNX Runtime's RMSNorm fusion; ONNX
 # Runtime's static quantizer (INT8 Q/DQ) supports opsets up to 20.
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 20, 17
@@ -23,7 +21,7 @@ class ExportConfig(JsonConfig):
     batch: tuple[int, int, int] = (1, 64, 256)  # TensorRT optimization profile min/opt/max batch
     opset: int = DEFAULT_OPSET
     engine: str = "auto"  # auto: build when TensorRT and a GPU exist; always: fail without; never
-    calib_data: str | None = None  # .npz of calibration inputs for INT8 (see eqr.calibration.record.read_calib_file)
+    calib_data: str | None = None  # .npz of calibration inputs for INT8 (read by eqr.calibration.record)
     force: bool = False  # write into an existing output directory
     seed: int = 0  # initial states and task inputs of the checks and the calibration run
     check_batch: int = 4  # trajectories (puzzles x random starts) in the export checks

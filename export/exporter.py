@@ -5,15 +5,19 @@ with their checks; manifest; TensorRT engines. Everything is built in a staging 
 beside the output and moved in only when every check passed, so a failed or interrupted
 export leaves no partial files; each file is written atomically.
 
-Every ONNX file carries the manifest JSON in its `metadata_props` (key "eqr.manifest"), as
-it stood when the graphs were written: its "engines" entry is empty there, because engines
-are built from those very files; manifest.json adds them.
+Every ONNX file carries the manifest JSON and its own precision in its `metadata_props`
+(`eqr.artifact.graph_metadata`), as the manifest stood when the graphs were written: its
+"engines" entry is empty there, because engines are built from those very files; manifest.json
+adds them.
+
+INT8 needs calibration feeds, which come from running the step loop: the caller passes a
+`Calibrate` (eqr export builds one with `eqr.calibration.record.int8_calibration`), so export
+itself never runs the runtime.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import platform
@@ -21,29 +25,26 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from eqr import __version__
+from eqr.artifact import (MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, OWN_FILE_PATTERNS, PRECISIONS,
+                          graph_metadata, io_contract, recommended_tol, write_manifest)
 from eqr.errors import EqRError
 from eqr.export import parity
-from eqr.export.config import MANIFEST_FILE, ONNX_FILES, ExportConfig
+from eqr.export.config import ExportConfig
 from eqr.export.inputs import TaskInfo, infer_task, initial_states, task_inputs
-from eqr.io import atomic_write_bytes, atomic_write_text
+from eqr.io import atomic_write_bytes
 from eqr.model import EqRModel
-
-if TYPE_CHECKING:
-    from eqr.calibration.record import CalibSet
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "eqr-export"
-MANIFEST_VERSION = 1
-METADATA_KEY = "eqr.manifest"  # ONNX metadata_props key holding the manifest JSON
-CALIB_BATCH = 4  # built-in calibration: puzzles, each recorded at every depth of its trajectory
-OWN_FILE_PATTERNS = ("model.step*.onnx", "model.step*.engine", "model.step*.engine.json", MANIFEST_FILE)
+Feeds = list[dict[str, np.ndarray]]  # step inputs keyed by INPUT_NAMES, one dict per batch
+# (fp32 model, its task, progress) -> (INT8 calibration feeds, their provenance for the manifest)
+Calibrate = Callable[[EqRModel, TaskInfo, "Progress"], tuple[Feeds, dict[str, Any]]]
 
 
 class ExportError(EqRError):
@@ -125,20 +126,6 @@ def publish(stage: Path, out_dir: Path) -> None:
 # --------------------------------------------------------------------------- manifest
 
 
-def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of an export directory; EqRError if missing or not an eqr export."""
-    path = Path(directory) / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EqRError(f"{directory}: no {MANIFEST_FILE}; not an eqr export directory (run eqr export)") from None
-    except (OSError, ValueError) as e:
-        raise EqRError(f"{path}: unreadable manifest ({e}); re-run eqr export --force") from None
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
-        raise EqRError(f"{path}: not an {MANIFEST_FORMAT} v{MANIFEST_VERSION} manifest; re-run eqr export --force")
-    return manifest
-
-
 def library_versions() -> dict[str, str | None]:
     import onnx
     import onnxruntime
@@ -152,8 +139,6 @@ def library_versions() -> dict[str, str | None]:
 
 
 def base_manifest(model: EqRModel, config: ExportConfig, task: TaskInfo) -> dict[str, Any]:
-    from eqr.export.onnx_graph import io_contract
-
     mc = model.config
     source = model.source
     lo, opt, hi = config.batch
@@ -182,7 +167,7 @@ def check_contract(model_proto, precision: str, mc) -> None:
     """The fixed I/O contract and standard ops only (TensorRT's parser); ExportError otherwise."""
     from eqr.export.onnx_graph import check_io_contract, nonstandard_ops
 
-    where = ONNX_FILES[precision]
+    where = PRECISIONS[precision].onnx
     try:
         check_io_contract(model_proto, mc.seq_len, mc.hidden_size, mc.vocab_size, where)
     except ValueError as e:
@@ -198,7 +183,7 @@ def lint_graph(model_proto, precision: str, mc) -> None:
 
     report = lint(model_proto.SerializeToString(), mc.seq_len, mc.hidden_size, mc.vocab_size)
     if not report["passed"]:
-        raise ExportError(f"{ONNX_FILES[precision]}: polygraphy check lint failed: "
+        raise ExportError(f"{PRECISIONS[precision].onnx}: polygraphy check lint failed: "
                           f"{'; '.join(report['messages'] or report['failing'])}")
 
 
@@ -224,12 +209,12 @@ def check_precision(precision: str, model_proto, ref: parity.Reference, progress
             trajectory = parity.trajectory_check(step, ref, advance)
     values = [errors["max_abs"], trajectory["final_state_max_abs"], trajectory["residual_floor"]]
     if not np.isfinite(values).all():
-        raise ExportError(f"{ONNX_FILES[precision]}: produced NaN or Inf in ONNX Runtime; the {precision} graph is unusable")
+        raise ExportError(f"{PRECISIONS[precision].onnx}: produced NaN or Inf in ONNX Runtime; the {precision} graph is unusable")
     if fp32 and errors["max_scaled"] > parity.FP32_STEP_ATOL:
-        raise ExportError(f"{ONNX_FILES['fp32']}: ONNX Runtime differs from model.step by {errors['max_scaled']:.3g} "
+        raise ExportError(f"{PRECISIONS['fp32'].onnx}: ONNX Runtime differs from model.step by {errors['max_scaled']:.3g} "
                           f"(> {parity.FP32_STEP_ATOL:g}, in units of max(1, output RMS)) in one step; "
                           "the export is wrong, please report it")
-    tol = parity.recommended_tol(precision, trajectory["residual_floor"])
+    tol = recommended_tol(precision, trajectory["residual_floor"])
     progress.done(f"{precision}: step error max abs {errors['max_abs']:.3g} over {len(errors['depths'])} depths "
                   f"(one step from random states {errors['max_abs_one_step']:.3g}; state error {errors['state_rel']:.2g} "
                   f"of the state's max abs); answers after {steps} steps agree with torch fp32 on "
@@ -244,38 +229,7 @@ def check_precision(precision: str, model_proto, ref: parity.Reference, progress
 # --------------------------------------------------------------------------- the export
 
 
-def calibration_feeds(model: EqRModel, config: ExportConfig, task: TaskInfo, data: "CalibSet | np.ndarray | None",
-                      progress: Progress) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
-    """INT8 calibration feeds: --calib-data states as given (`data`, see `read_calib_data`), or the
-    step inputs at every depth of noise-free FP32 trajectories of `data`'s puzzles (or built-in
-    ones), recorded by the runtime loop (`eqr.calibration.record`)."""
-    from eqr.calibration.record import CalibSet, record_calibration
-    from eqr.runtime.solver import Solver
-
-    if isinstance(data, CalibSet):
-        return data.feeds(), {"source": config.calib_data, "rows": len(data), "method": "minmax"}
-    # puzzles and starts unseen by the parity checks
-    tokens = data if data is not None else task_inputs(task, model, CALIB_BATCH, config.seed + 1).numpy()
-    with Solver.from_model(model) as solver, \
-            progress.bar("int8 calibration trajectories", len(tokens)) as advance:
-        calib = record_calibration(solver, tokens, starts=1, depths=range(config.check_steps), seed=config.seed + 1,
-                                   progress=advance)
-    info = {"source": config.calib_data or "built-in (task inputs, random initial states)",
-            "trajectories": int(len(tokens)), "depths": config.check_steps, "rows": len(calib), "method": "minmax"}
-    return calib.feeds(), info
-
-
-def read_calib_data(config: ExportConfig, model: EqRModel) -> "CalibSet | np.ndarray | None":
-    """--calib-data: a CalibSet (recorded states), a token array (puzzles to record from) or None."""
-    from eqr.calibration.record import read_calib_file
-
-    if not config.calib_data:
-        return None
-    c = model.config
-    return read_calib_file(config.calib_data, c.seq_len, c.hidden_size, c.vocab_size, "--calib-data")
-
-
-def build_graphs(model: EqRModel, config: ExportConfig, task: TaskInfo, calib_data: "CalibSet | np.ndarray | None",
+def build_graphs(model: EqRModel, config: ExportConfig, task: TaskInfo, calibrate: Calibrate | None,
                  progress: Progress) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """-> ({precision: ModelProto}, {precision: manifest entry}) with every check run."""
     from eqr.export.fp16 import Fp16FromOnnx
@@ -294,7 +248,7 @@ def build_graphs(model: EqRModel, config: ExportConfig, task: TaskInfo, calib_da
     graphs: dict[str, Any] = {}
     entries: dict[str, dict[str, Any]] = {}
     for precision in config.precisions:
-        progress.stage(f"{precision}: build {ONNX_FILES[precision]}")
+        progress.stage(f"{precision}: build {PRECISIONS[precision].onnx}")
         start = time.perf_counter()
         if precision == "fp32":
             graph = OnnxFromModel(model, config.opset)()
@@ -303,7 +257,7 @@ def build_graphs(model: EqRModel, config: ExportConfig, task: TaskInfo, calib_da
             graph = Fp16FromOnnx(graphs["fp32"])()
             extra = {"kept_fp32": "reductions and norm chains, softmax, argmax, output heads"}
         else:
-            feeds, calib_info = calibration_feeds(model, config, task, calib_data, progress)
+            feeds, calib_info = calibrate(model, task, progress)
             graph = Int8FromOnnx(graphs["fp32"], feeds)()
             extra = {"calibration": calib_info, "quantized_ops": quantized_ops(graph),
                      "scheme": "QDQ, symmetric int8 weights (per channel) and activations"}
@@ -316,22 +270,27 @@ def build_graphs(model: EqRModel, config: ExportConfig, task: TaskInfo, calib_da
         lint_graph(graph, precision, mc)
         progress.done(f"{precision}: lint clean")
         graphs[precision] = graph
-        entries[precision] = {"onnx": ONNX_FILES[precision], "tol": result["tol"]["tol"],
+        entries[precision] = {"onnx": PRECISIONS[precision].onnx, "tol": result["tol"]["tol"],
                               "tol_rule": result["tol"], "parity": {k: result[k] for k in ("step_error", "trajectory")},
                               "build_seconds": round(built, 2)} | extra
     return graphs, entries
 
 
 def export_model(model: EqRModel, out_dir: str | os.PathLike[str] | None, config: ExportConfig,
-                 progress: Progress | None = None) -> dict[str, Any]:
-    """Export `model`'s step to `out_dir` (default `<stem>-eqr/`) -> the manifest written there."""
+                 progress: Progress | None = None, calibrate: Calibrate | None = None) -> dict[str, Any]:
+    """Export `model`'s step to `out_dir` (default `<stem>-eqr/`) -> the manifest written there.
+
+    `calibrate` supplies the INT8 calibration feeds (needed when int8 is among the precisions):
+    `eqr.calibration.record.int8_calibration(model, config)` records them as eqr export does."""
     from eqr.export.onnx_graph import set_metadata
     from eqr.export.tensorrt import engine_support
 
     progress = progress or Progress()
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
     check_out_dir(out, config.force)
-    calib_data = read_calib_data(config, model) if "int8" in config.precisions else None  # fails before any work
+    if "int8" in config.precisions and calibrate is None:
+        raise EqRError("int8 export needs calibration feeds: pass calibrate="
+                       "eqr.calibration.record.int8_calibration(model, config), as eqr export does")
     gpu, trt_version, why_not = engine_support()
     if config.engine == "always" and why_not:
         raise ExportError(f"engine: cannot build TensorRT engines: {why_not}; use --engine auto or never "
@@ -340,17 +299,16 @@ def export_model(model: EqRModel, out_dir: str | os.PathLike[str] | None, config
     task = infer_task(model)
     manifest = base_manifest(model, config, task)
     with staging_dir(out) as stage, cpu_threads(config.threads):
-        graphs, manifest["precisions"] = build_graphs(model, config, task, calib_data, progress)
+        graphs, manifest["precisions"] = build_graphs(model, config, task, calibrate, progress)
         progress.stage("write ONNX files and manifest")
-        manifest_text = json.dumps(manifest, indent=2) + "\n"
         for precision, graph in graphs.items():
-            set_metadata(graph, {METADATA_KEY: manifest_text})
-            atomic_write_bytes(stage / ONNX_FILES[precision], graph.SerializeToString())
+            set_metadata(graph, graph_metadata(manifest, precision))
+            atomic_write_bytes(stage / PRECISIONS[precision].onnx, graph.SerializeToString())
         manifest["engines"], manifest["engine_build"] = build_engines(stage, config, gpu, trt_version, why_not,
                                                                       model, progress)
-        atomic_write_text(stage / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+        write_manifest(stage, manifest)
         publish(stage, out)
-    progress.done(f"wrote {out}/ ({', '.join(ONNX_FILES[p] for p in graphs)}, {MANIFEST_FILE})")
+    progress.done(f"wrote {out}/ ({', '.join(PRECISIONS[p].onnx for p in graphs)}, {MANIFEST_FILE})")
     return manifest
 
 
@@ -402,7 +360,7 @@ def build_engines(stage: Path, config: ExportConfig, gpu, trt_version, why_not: 
         progress.stage(f"{precision}: TensorRT {trt_version} engine for {gpu.tag}")
         try:
             dla_core = config.dla_core if precision in ("fp16", "int8") else None  # fp32 stays on the GPU
-            engines[precision] = build_engine(stage / ONNX_FILES[precision], stage, precision, gpu, trt_version,
+            engines[precision] = build_engine(stage / PRECISIONS[precision].onnx, stage, precision, gpu, trt_version,
                                               profile, config.workspace_mib, dla_core)
         except RuntimeError as e:
             raise ExportError(f"engine: {e}") from None

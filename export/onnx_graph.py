@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES, StepGraph
+from eqr.artifact import BATCH_DIM, INPUT_NAMES, OUTPUT_NAMES, io_contract
 from eqr.model import EqRModel
+from eqr.step_graph import StepGraph
 
 if TYPE_CHECKING:
     import onnx
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BATCH_DIM = "B"
 STANDARD_DOMAINS = ("", "ai.onnx")  # TensorRT's ONNX parser knows no ONNX Runtime contrib ops
 
 
@@ -147,18 +147,6 @@ def check_io_contract(model: "onnx.ModelProto", config_seq_len: int, hidden: int
               "outputs": [_value_info(v) for v in model.graph.output]}
     if actual != expected:
         raise ValueError(f"{where}: I/O differs from the contract: {json.dumps(actual)} vs {json.dumps(expected)}")
-
-
-def io_contract(seq_len: int, hidden: int, vocab: int) -> dict[str, list[dict[str, Any]]]:
-    """The fixed I/O of every step graph (names, dtypes, shapes; "B" is the dynamic batch)."""
-    B, L, D, V = BATCH_DIM, seq_len, hidden, vocab
-    inputs = [("tokens", "int32", [B, L]), ("z_H", "float32", [B, L, D]), ("z_L", "float32", [B, L, D]),
-              ("done", "bool", [B])]
-    outputs = [("z_H_out", "float32", [B, L, D]), ("z_L_out", "float32", [B, L, D]),
-               ("logits", "float32", [B, L, V]), ("preds", "int32", [B, L]), ("residual", "float32", [B]),
-               ("logit_delta", "float32", [B]), ("q_halt", "float32", [B])]
-    as_dicts = lambda rows: [{"name": n, "dtype": t, "shape": s} for n, t, s in rows]  # noqa: E731
-    return {"inputs": as_dicts(inputs), "outputs": as_dicts(outputs)}
 
 
 def _value_info(value: Any) -> dict[str, Any]:

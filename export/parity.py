@@ -11,11 +11,9 @@ states; its states at every depth are the teacher-forced inputs of the graph che
   argmax answers are compared with torch's after N steps, and its residual trace gives the
   floor. FP32, equal to torch within 1e-4 at every step, is read from the reference.
 
-Recommended convergence tolerance (manifest `tol`, the rule in `recommended_tol`): the
-median over trajectories of the lowest residual reached in N steps is the floor; tol is
-3 x floor, but never below the precision's round-off bound (FP32 1e-5, FP16 1e-3, INT8
-1e-2); if no trajectory got below 5e-2 (no floor reached, e.g. an untrained model), tol is
-the bound and `floor_reached` is false.
+Recommended convergence tolerance (manifest `tol`): the median over trajectories of the
+lowest residual reached in N steps is the floor, turned into a tol by the one rule,
+`eqr.artifact.recommended_tol`.
 """
 from __future__ import annotations
 
@@ -25,14 +23,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from eqr.artifact import OUTPUT_NAMES, graph_feeds
 from eqr.export.inputs import Trajectory
-from eqr.export.step_graph import OUTPUT_NAMES, StepGraph, graph_feeds
 from eqr.model import EqRModel
+from eqr.step_graph import StepGraph
 
 FP32_STEP_ATOL = 1e-4  # per step, in units of max(1, output RMS): beyond it the export fails
-ROUNDOFF_BOUND = {"fp32": 1e-5, "fp16": 1e-3, "int8": 1e-2}
-TOL_FACTOR = 3.0
-FLOOR_CAP = 5e-2
 FLOAT_OUTPUTS = tuple(n for n in OUTPUT_NAMES if n != "preds")
 ROWS_PER_CALL = 64  # teacher-forced rows per graph call
 
@@ -150,15 +146,6 @@ def reference_trajectory(ref: Reference, errors: dict[str, Any]) -> dict[str, An
         "residual_floor": float(np.median(trace.min(axis=1))),
         "teacher_forced": True,
     }
-
-
-def recommended_tol(precision: str, residual_floor: float) -> dict[str, Any]:
-    """tol = max(bound, 3 x floor) when a floor below FLOOR_CAP was reached, else the bound."""
-    bound = ROUNDOFF_BOUND[precision]
-    reached = residual_floor <= FLOOR_CAP
-    tol = max(bound, TOL_FACTOR * residual_floor) if reached else bound
-    return {"tol": float(tol), "residual_floor": float(residual_floor), "floor_reached": bool(reached),
-            "rule": f"max({bound:g}, {TOL_FACTOR:g} x residual floor) if floor <= {FLOOR_CAP:g} else {bound:g}"}
 
 
 def check_depths(steps: int, every_depth: bool) -> list[int]:

@@ -26,10 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from eqr.artifact import engine_file
 from eqr.errors import EqRError
 from eqr.io import atomic_write_bytes, atomic_write_text, sha256_file
 from eqr.trt_engine import (  # noqa: F401  (re-exported: export's public engine API)
-    INSTALL_HINT, SIDECAR_FORMAT, SIDECAR_VERSION, GpuInfo, check_engine, cuda_gpu, engine_filename, gpu_tag,
+    INSTALL_HINT, SIDECAR_FORMAT, SIDECAR_VERSION, GpuInfo, check_engine, cuda_gpu, gpu_tag,
     sidecar_path, tensorrt_version, trt_logger,
 )
 
@@ -173,7 +174,7 @@ def build_engine(onnx_path: Path, out_dir: Path, precision: str, gpu: GpuInfo, t
                  profile: EngineProfile, workspace_mib: int, dla_core: int | None = None) -> dict[str, Any]:
     """Build, write the engine and its sidecar (atomically) -> the manifest's engine entry."""
     plan = build_plan(precision, version_tuple(trt_version)[0], dla_core)
-    name = engine_filename(precision, gpu.tag, trt_version, plan.dla_core)
+    name = engine_file(precision, gpu.tag, trt_version, plan.dla_core)
     start = time.perf_counter()
     engine = EngineFromOnnx(onnx_path.read_bytes(), precision, profile, workspace_mib,
                             timing_cache_path(gpu.tag, trt_version), plan.dla_core)()

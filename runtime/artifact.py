@@ -1,35 +1,40 @@
 """What `Solver.load` and `eqr solve` accept, resolved to one `Artifact` description.
 
-ARTIFACT is an export directory (manifest.json), an ONNX step file, a TensorRT engine, an eqr or
-official checkpoint, a bundled model name or a preset. The runtime needs only the I/O sizes,
-the initial-state stds and the per-precision tolerances; the weights stay wherever they are.
+ARTIFACT is an export directory, a step .onnx file, a TensorRT engine, an eqr or official
+checkpoint, a bundled model name or a preset. The runtime needs only the I/O sizes, the
+initial-state stds and the per-precision tolerances; the weights stay wherever they are. The
+export directory's facts (file names, manifest, precisions, tol rule) come from `eqr.artifact`.
+
+A step .onnx describes itself: it carries its export's manifest and its precision in its ONNX
+metadata, so a file copied out of its directory behaves exactly like the directory. A foreign
+.onnx (same I/O contract, no eqr metadata) runs only when `init_std` and `tol` are given.
+Checkpoints, bundled names and presets resolve through the torch backend (they need torch).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eqr.artifact import (ENGINE_SUFFIXES, MANIFEST_FILE, MANIFEST_FORMAT, METADATA_KEY, PRECISION_KEY, PRECISIONS,
+                          check_manifest, embedded_manifest, precision_of, read_manifest, recommended_tol)
 from eqr.config import ModelConfig
 from eqr.errors import EqRError
+from eqr.tasks import DEFAULT_SIZES, TASKS, Task, get_task
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "eqr-export"
-PRECISIONS = ("fp32", "fp16", "int8")
-# Relative-residual tolerances when an artifact has no manifest. Each sits above that
-# precision's round-off floor, so an fp32 tol never silently fails to trigger in fp16/int8.
-DEFAULT_TOL = {"fp32": 1e-3, "fp16": 1e-2, "int8": 5e-2}
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+def unmeasured_tols() -> dict[str, float]:
+    return {p: recommended_tol(p)["tol"] for p in PRECISIONS}
 
 
 @dataclass(frozen=True)
 class Artifact:
     """A deployable model, whatever its container."""
 
-    kind: str  # "export" | "onnx" | "engine" | "checkpoint" (files, bundled names and presets)
+    kind: str  # "export" | "onnx" | "engine" | "checkpoint" (files, bundled names, presets) | "model" (in memory)
     location: str  # as the user gave it
     seq_len: int  # L
     hidden_size: int  # D
@@ -39,24 +44,31 @@ class Artifact:
     task: dict[str, Any] | None = None  # {"name", "size", ...} when known
     onnx: dict[str, Path] = field(default_factory=dict)  # precision -> step ONNX file
     engines: dict[str, Path] = field(default_factory=dict)  # precision -> TensorRT engine
-    tol: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TOL))
+    tol: dict[str, float] = field(default_factory=unmeasured_tols)
     checkpoint: str | None = None  # anything eqr.load.load_model accepts (torch backend)
     batch: tuple[int, int, int] = (1, 64, 256)  # min/opt/max batch the export was built for
+    source: dict[str, Any] | None = None  # the manifest's record of the weights an export came from
+    precision: str | None = None  # the one precision a single .onnx or engine file holds
 
     def default_tol(self, precision: str) -> float:
-        return self.tol.get(precision, DEFAULT_TOL[precision])
+        return self.tol.get(precision, recommended_tol(precision)["tol"])
 
 
-def load_artifact(location: str | os.PathLike[str]) -> Artifact:
-    """Resolve ARTIFACT (see module docstring); one-line EqRError when it is none of them."""
+def load_artifact(location: str | os.PathLike[str], init_std: tuple[float, float] | None = None,
+                  tol: float | None = None) -> Artifact:
+    """Resolve ARTIFACT (see module docstring); one-line EqRError when it is none of them.
+    `init_std` and `tol` describe a foreign .onnx (no eqr metadata); anything else records its own."""
     text = str(location)
     path = Path(text)
-    if path.is_dir():
-        if not (path / MANIFEST).is_file():
-            raise EqRError(f"{text}: directory has no {MANIFEST}; pass an export directory made by `eqr export`")
-        return _from_manifest(path / MANIFEST, text)
     if path.is_file() and path.suffix == ".onnx":
-        return _from_onnx(path, text)
+        return _from_onnx(path, text, init_std, tol)
+    if init_std is not None:
+        raise EqRError(f"--init-std: {text} records its own initial-state std; drop --init-std "
+                       "(it is only for a foreign .onnx without eqr metadata)")
+    if path.is_dir():
+        if not (path / MANIFEST_FILE).is_file():
+            raise EqRError(f"{text}: directory has no {MANIFEST_FILE}; pass an export directory made by `eqr export`")
+        return _from_manifest(read_manifest(path), path, text)
     if path.is_file() and path.suffix in ENGINE_SUFFIXES:
         return _from_engine(path, text)
     return _from_checkpoint(text)
@@ -77,20 +89,18 @@ def _engine_path(root: Path, entry: Any) -> Path:
     if isinstance(entry, dict):
         entry = entry.get("path") or entry.get("engine") or entry.get("file")
     if not isinstance(entry, str):
-        raise EqRError(f"{root / MANIFEST}: malformed engines entry {entry!r}; re-run `eqr export`")
+        raise EqRError(f"{root / MANIFEST_FILE}: malformed engines entry {entry!r}; re-run `eqr export`")
     return root / entry
 
 
-def _from_manifest(manifest: Path, location: str) -> Artifact:
-    from eqr.export import read_manifest
-
-    data = read_manifest(manifest.parent)  # EqRError naming the fix when it is not an eqr export
-    root = manifest.parent
+def _from_manifest(data: dict[str, Any], root: Path, location: str, where: str | None = None) -> Artifact:
+    """An export's manifest whose files lie in `root`."""
+    where = where or str(root / MANIFEST_FILE)
     try:
         config = ModelConfig.from_dict(data["config"])
         precisions = data.get("precisions") or {}
         onnx = {p: root / entry["onnx"] for p, entry in precisions.items() if entry.get("onnx")}
-        tol = dict(DEFAULT_TOL) | {p: float(entry["tol"]) for p, entry in precisions.items() if "tol" in entry}
+        tol = unmeasured_tols() | {p: float(entry["tol"]) for p, entry in precisions.items() if "tol" in entry}
         engines: dict[str, Path] = {}
         for key, entry in (data.get("engines") or {}).items():
             precision = entry.get("precision", key) if isinstance(entry, dict) else key
@@ -100,95 +110,134 @@ def _from_manifest(manifest: Path, location: str) -> Artifact:
         b = data.get("batch") or {}
         batch = (int(b.get("min", 1)), int(b.get("opt", 64)), int(b.get("max", 256)))
     except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise EqRError(f"{manifest}: malformed manifest ({type(e).__name__}: {e}); re-run `eqr export --force`") from None
+        raise EqRError(f"{where}: malformed manifest ({type(e).__name__}: {e}); re-run `eqr export --force`") from None
     task = data.get("task") if isinstance(data.get("task"), dict) and data["task"].get("name") else None
+    source = data.get("source") if isinstance(data.get("source"), dict) else None
     return Artifact("export", location, config.seq_len, config.hidden_size, config.vocab_size, init_std,
-                    config, task, onnx, engines, tol, _source_weights(data.get("source")), batch)
+                    config, task, onnx, engines, tol, None, batch, source)
 
 
-def _source_weights(source: Any) -> str | None:
-    """The checkpoint an export came from, when it is still here (lets the torch backend run it)."""
-    if not isinstance(source, dict) or source.get("kind") in (None, "init") or not source.get("location"):
-        return None
-    from eqr.load import resolve
+def _single_file(base: Artifact, kind: str, precision: str, path: Path) -> Artifact:
+    """`base` (an export) narrowed to one of its files."""
+    onnx, engines = ({precision: path}, {}) if kind == "onnx" else ({}, {precision: path})
+    return Artifact(kind, base.location, base.seq_len, base.hidden_size, base.vocab_size, base.init_std,
+                    base.config, base.task, onnx, engines, base.tol, base.checkpoint, base.batch, base.source,
+                    precision)
 
-    from eqr.io import sha256_file
+
+def _from_onnx(path: Path, location: str, init_std: tuple[float, float] | None, tol: float | None) -> Artifact:
+    metadata, sizes = _read_onnx(path)
+    manifest = embedded_manifest(metadata, path)
+    if manifest is None:
+        return _foreign_onnx(path, location, sizes, init_std, tol)
+    if init_std is not None:
+        raise EqRError(f"--init-std: {path} records its own initial-state std in its metadata; drop --init-std")
+    beside = path.parent / MANIFEST_FILE
+    if beside.is_file() and _same_export(read_manifest(path.parent), manifest):
+        manifest = read_manifest(path.parent)  # the directory's is newer (engines, calibrated tols)
+    base = _from_manifest(manifest, path.parent, location, f"{path} ({METADATA_KEY} metadata)")
+    own = metadata.get(PRECISION_KEY) or precision_of(path) or next(
+        (p for p, f in base.onnx.items() if f.name == path.name), "fp32")
+    if own not in PRECISIONS:
+        raise EqRError(f"{path}: unknown precision {own!r} in its {PRECISION_KEY} metadata; re-run eqr export --force")
+    return _single_file(base, "onnx", own, path)
+
+
+def _same_export(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (a.get("config"), a.get("source")) == (b.get("config"), b.get("source"))
+
+
+def _foreign_onnx(path: Path, location: str, sizes: tuple[int, int, int], init_std: tuple[float, float] | None,
+                  tol: float | None) -> Artifact:
+    missing = [what for what, value in (("--init-std", init_std), ("--tol", tol)) if value is None]
+    if missing:
+        raise EqRError(f"{path}: no eqr metadata ({METADATA_KEY}), so its initial-state std and tolerance are "
+                       f"unknown; pass {' and '.join(missing)}, or use the export directory it came from")
+    L, D, V = sizes
+    precision = precision_of(path) or "fp32"
+    return Artifact("onnx", location, L, D, V, init_std, onnx={precision: path},
+                    tol=unmeasured_tols() | {precision: float(tol)}, precision=precision)
+
+
+def _read_onnx(path: Path) -> tuple[dict[str, str], tuple[int, int, int]]:
+    """(metadata_props, (L, D, V) from the z_H input [B, L, D] and logits output [B, L, V])."""
+    import onnx  # reading a step graph needs onnx (a core dependency); running it does not
 
     try:
-        _, resolved = resolve(source["location"])
-    except EqRError:
-        return None
-    if source.get("sha256") and Path(resolved).is_file() and sha256_file(resolved) != source["sha256"]:
-        return None  # the file changed since the export: it is not these weights any more
-    return str(source["location"])
-
-
-def _from_onnx(path: Path, location: str) -> Artifact:
-    if (path.parent / MANIFEST).is_file():
-        base = _from_manifest(path.parent / MANIFEST, location)
-        precision = next((p for p, f in base.onnx.items() if f.resolve() == path.resolve()), "fp32")
-        return Artifact("onnx", location, base.seq_len, base.hidden_size, base.vocab_size, base.init_std,
-                        base.config, base.task, {precision: path}, {}, base.tol, base.checkpoint, base.batch)
-    L, D, V = _onnx_sizes(path)
-    return Artifact("onnx", location, L, D, V, onnx={"fp32": path})
-
-
-def _onnx_sizes(path: Path) -> tuple[int, int, int]:
-    """(L, D, V) from the step graph's z_H input [B, L, D] and logits output [B, L, V]."""
-    import onnx
-
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises several unrelated types for a bad file
         raise EqRError(f"{path}: not a readable ONNX model ({e})") from None
+    graph = model.graph
 
     def dims(values: Any, name: str) -> list[int]:
         for value in values:
             if value.name == name:
                 return [d.dim_value for d in value.type.tensor_type.shape.dim]
-        raise EqRError(f"{path}: no {name!r} tensor; expected the eqr step graph (export/step_graph.py I/O)")
+        raise EqRError(f"{path}: no {name!r} tensor; expected an eqr step graph (the I/O contract in docs/formats.md)")
 
     _, L, D = dims(graph.input, "z_H")
     V = dims(graph.output, "logits")[2]
     if not (L and D and V):
         raise EqRError(f"{path}: z_H/logits sizes are not static; re-export with a dynamic batch axis only")
-    return L, D, V
+    return {prop.key: prop.value for prop in model.metadata_props}, (L, D, V)
 
 
 def _from_engine(path: Path, location: str) -> Artifact:
-    for sidecar in (path.with_name(path.name + ".json"), path.with_suffix(".json"), path.parent / MANIFEST):
+    beside = path.parent / MANIFEST_FILE
+    for sidecar in (path.with_name(path.name + ".json"), path.with_suffix(".json"), beside):
         if sidecar.is_file():
             data = _read_json(sidecar)
             if data.get("format") == MANIFEST_FORMAT:
-                base = _from_manifest(sidecar, location)
+                base = _from_manifest(check_manifest(data, sidecar), sidecar.parent, location, str(sidecar))
                 precision = next((p for p, f in base.engines.items() if f.resolve() == path.resolve()),
                                  data.get("precision", "fp32"))
             else:
-                base = _from_manifest(path.parent / MANIFEST, location) if (path.parent / MANIFEST).is_file() else None
+                base = _from_manifest(read_manifest(path.parent), path.parent, location) if beside.is_file() else None
                 precision = data.get("precision", "fp32")
             if base is not None:
-                return Artifact("engine", location, base.seq_len, base.hidden_size, base.vocab_size, base.init_std,
-                                base.config, base.task, {}, {precision: path}, base.tol, base.checkpoint, base.batch)
-    raise EqRError(f"{location}: engine has no manifest.json or sidecar JSON beside it; "
+                return _single_file(base, "engine", precision, path)
+    raise EqRError(f"{location}: engine has no {MANIFEST_FILE} or sidecar JSON beside it; "
                    "pass the export directory instead")
 
 
 def _from_checkpoint(location: str) -> Artifact:
-    from eqr.load import resolve
+    try:
+        from eqr.runtime.backends.torch_backend import checkpoint_artifact
+    except ImportError as e:
+        if e.name != "torch":
+            raise
+        raise EqRError(f"{location}: not an export directory, .onnx or engine file here; checkpoints, bundled "
+                       "models and presets run on torch: pip install 'eqr[export]'") from None
+    return checkpoint_artifact(location)
 
-    kind, resolved = resolve(location)  # raises the one-line error for unknown names
-    if kind == "preset":
-        from eqr.config import PRESETS
 
-        config = PRESETS[resolved][0]
+def resolve_task(artifact: Artifact, override: str | None = None) -> Task:
+    """The puzzle task of an artifact: `override` ("NAME[:SIZE]", e.g. --task), the one its
+    manifest or checkpoint records, or the only task whose layout fits its L and V."""
+    if override:
+        name, _, size = override.partition(":")
+        task = get_task(name, int(size) if size.isdigit() else None)
+    elif artifact.task and artifact.task.get("name") in TASKS:
+        task = get_task(artifact.task["name"], artifact.task.get("size"))
     else:
-        from eqr.checkpoint import read_checkpoint
+        side = math.isqrt(artifact.seq_len)
+        matches = [t for t in _tasks_of_side(side) if side * side == artifact.seq_len
+                   and (t.seq_len, t.vocab_size) == (artifact.seq_len, artifact.vocab_size)]
+        if not matches:
+            raise EqRError(f"{artifact.location}: cannot tell the puzzle task of a model with {artifact.seq_len} tokens "
+                           f"and vocab {artifact.vocab_size}; pass --task NAME[:SIZE] ({', '.join(DEFAULT_SIZES)})")
+        task = matches[0]
+    if (task.seq_len, task.vocab_size) != (artifact.seq_len, artifact.vocab_size):
+        raise EqRError(f"task {task!r} has {task.seq_len} tokens / vocab {task.vocab_size}, but {artifact.location} "
+                       f"expects {artifact.seq_len} / {artifact.vocab_size}; pass the matching --task")
+    return task
 
-        ckpt = read_checkpoint(resolved)
-        config = ckpt.config
-        task = ckpt.metadata.get("task") if isinstance(ckpt.metadata, dict) else None
-        return Artifact("checkpoint", location, config.seq_len, config.hidden_size, config.vocab_size,
-                        (config.H_init_std, config.L_init_std), config, task if isinstance(task, dict) else None,
-                        checkpoint=location)
-    return Artifact("checkpoint", location, config.seq_len, config.hidden_size, config.vocab_size,
-                    (config.H_init_std, config.L_init_std), config, checkpoint=location)
+
+def _tasks_of_side(side: int) -> list[Task]:
+    tasks = []
+    for name in TASKS:
+        try:
+            tasks.append(get_task(name, side))
+        except EqRError:  # no such size for this task
+            pass
+    return tasks

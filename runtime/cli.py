@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from typing import Any
@@ -10,48 +9,26 @@ from typing import Any
 import click
 import numpy as np
 
+from eqr.artifact import PRECISIONS
 from eqr.errors import EqRError
 from eqr.runtime.aggregate import aggregator_names
-from eqr.runtime.artifact import PRECISIONS, Artifact
 from eqr.runtime.backends.registry import AUTO, backend_names
 from eqr.runtime.config import SolveConfig
 
 FORMATS = ("text", "csv", "hrm")
 
 
-def resolve_task(artifact: Artifact, override: str | None) -> Any:
-    """The task whose text format the puzzles use: --task, the artifact's, or inferred from L and V."""
-    from eqr.tasks import DEFAULT_SIZES, TASKS, get_task
-
-    if override:
-        name, _, size = override.partition(":")
-        task = get_task(name, int(size) if size.isdigit() else None)
-    elif artifact.task and artifact.task.get("name") in TASKS:
-        task = get_task(artifact.task["name"], artifact.task.get("size"))
-    else:
-        side = math.isqrt(artifact.seq_len)
-        matches = [t for t in _tasks_of_side(side) if side * side == artifact.seq_len
-                   and (t.seq_len, t.vocab_size) == (artifact.seq_len, artifact.vocab_size)]
-        if not matches:
-            raise EqRError(f"{artifact.location}: cannot tell the puzzle task of a model with {artifact.seq_len} tokens "
-                           f"and vocab {artifact.vocab_size}; pass --task NAME[:SIZE] ({', '.join(DEFAULT_SIZES)})")
-        task = matches[0]
-    if (task.seq_len, task.vocab_size) != (artifact.seq_len, artifact.vocab_size):
-        raise EqRError(f"task {task!r} has {task.seq_len} tokens / vocab {task.vocab_size}, but {artifact.location} "
-                       f"expects {artifact.seq_len} / {artifact.vocab_size}; pass the matching --task")
-    return task
-
-
-def _tasks_of_side(side: int) -> list[Any]:
-    from eqr.tasks import TASKS, get_task
-
-    tasks = []
-    for name in TASKS:
-        try:
-            tasks.append(get_task(name, side))
-        except EqRError:  # no such size for this task
-            pass
-    return tasks
+def parse_init_std(text: str | None) -> tuple[float, float] | None:
+    """'0.1' -> (0.1, 0.1); '0.1,0.2' -> (z_H std, z_L std)."""
+    if text is None:
+        return None
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not all(v >= 0 for v in values):
+        raise EqRError(f"--init-std {text!r}: give one std, or two (z_H,z_L), each >= 0")
+    return (values[0], values[-1])
 
 
 @click.command()
@@ -62,10 +39,13 @@ def _tasks_of_side(side: int) -> list[Any]:
               help="text: one puzzle per line; csv: puzzle,solution rows; hrm: an HRM/EqR data set.")
 @click.option("--task", "task_name", metavar="NAME[:SIZE]", help="Puzzle task (default: from the artifact).")
 @click.option("--backend", type=click.Choice([AUTO, *backend_names()]), default=AUTO, show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(tuple(PRECISIONS), case_sensitive=False), default=None,
+              help="[default: the file's own for a .onnx or engine path (model.step.int8.onnx: int8), else fp32]")
 @click.option("--max-steps", type=click.IntRange(min=1), default=256, show_default=True,
               help="Outer-step cap per trajectory.")
 @click.option("--tol", type=float, help="Relative-residual tolerance [default: the artifact's, per precision].")
+@click.option("--init-std", metavar="STD[,STD]", default=None,
+              help="Initial-state std of z_H (and z_L) for a foreign .onnx without eqr metadata (needs --tol too).")
 @click.option("--patience", type=click.IntRange(min=1), default=2, show_default=True,
               help="Steps the residual must stay below --tol.")
 @click.option("--window", type=click.IntRange(min=0), default=16, show_default=True,
@@ -83,8 +63,8 @@ def _tasks_of_side(side: int) -> list[Any]:
               help="Trajectories in the working batch (settled ones are replaced from the input).")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input puzzle, in input order.")
-def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: str, precision: str, max_steps: int,
-          tol: float | None, patience: int, window: int, q_halt: bool, breadth: int, aggregate: str,
+def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: str, precision: str | None,
+          max_steps: int, tol: float | None, init_std: str | None, patience: int, window: int, q_halt: bool, breadth: int, aggregate: str,
           agree: int | None, fixed_depth: int | None, seed: int, batch_size: int, threads: int | None,
           as_json: bool) -> None:
     """Solve puzzles with ARTIFACT, giving each puzzle only the outer steps it needs.
@@ -102,11 +82,11 @@ def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: 
       eqr solve export/ -i test.csv --format csv --breadth 8 --aggregate converged --agree 3
       eqr solve ckpt.pt -i data/sudoku --format hrm --fixed-depth 16 --json
     """
-    from eqr.runtime.artifact import load_artifact
+    from eqr.runtime.artifact import load_artifact, resolve_task
     from eqr.runtime.solver import Solver
     from eqr.tasks.io import read_puzzles
 
-    art = load_artifact(artifact)
+    art = load_artifact(artifact, parse_init_std(init_std), tol)
     task = resolve_task(art, task_name)
     if fmt == "hrm" and source == "-":
         raise EqRError("--format hrm reads a data set directory; pass it with --input DIR")

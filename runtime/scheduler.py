@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from eqr.errors import EqRError
 from eqr.runtime.aggregate import get_aggregator
@@ -67,7 +66,7 @@ class Scheduler:
         self._rows: dict[int, tuple[_Request, int]] = {}  # row id -> (request, breadth index); worker only
         self._row_ids = itertools.count()
         self._request_ids = itertools.count()
-        self._torch_threads = torch.get_num_threads()  # per thread in torch: the worker must set it again
+        self._enter_worker = solver.backend.thread_setup()  # per-thread engine settings, copied to the worker
         self._thread = threading.Thread(target=self._serve, name="eqr-scheduler", daemon=True)
         self._thread.start()
 
@@ -110,7 +109,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ worker side
     def _serve(self) -> None:
-        torch.set_num_threads(self._torch_threads)  # else initial-state draws use every core (~100x slower)
+        self._enter_worker()
         backend = self.solver.backend
         activated_here = not backend.is_active
         try:

@@ -1,12 +1,15 @@
 """`Solver`: puzzles -> K seeded trajectories each -> `solve` -> one aggregated answer per puzzle.
 
     solver = Solver.load("maze-small-eqr/", backend="auto", precision="fp32")
+    tokens = solver.task.parse(lines)  # the artifact's task reads its text format: int32 [P, L]
     result = solver.solve(tokens, max_steps=256, tol=None, breadth=8, aggregate="converged", seed=0)
     result.preds, result.steps, result.converged, result.residual, result.agreement
+    answers = solver.task.format(result.preds)
 
-Initial states follow `EqRModel.initial_state` (compensated truncated normal, spec 1.7) but
-each trajectory (puzzle i, breadth k) draws from its own generator seeded by (seed, i, k), so
-an answer does not depend on batch composition, batch size or backend.
+Initial states have the distribution of `EqRModel.initial_state` (the compensated truncated
+normal of eqr.artifact, with the manifest's init_std) but are drawn by numpy, so the runtime
+needs no torch: each trajectory (puzzle i, breadth k) has its own generator seeded by
+(seed, i, k), so an answer does not depend on batch composition, batch size or backend.
 
 Inference is noise-free: the exported step has no noise input, so every backend computes the
 same map and the residual can actually fall to a tolerance. The official evaluation keeps
@@ -18,36 +21,49 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from eqr.artifact import INIT_SCALE, INIT_TRUNCATION, precision_row, recommended_tol
 from eqr.errors import EqRError
-from eqr.model import EqRModel, trunc_normal
 from eqr.runtime.aggregate import get_aggregator, vote_share
-from eqr.runtime.artifact import PRECISIONS, Artifact, load_artifact
+from eqr.runtime.artifact import Artifact, load_artifact, resolve_task
 from eqr.runtime.backends.base import Backend
 from eqr.runtime.backends.registry import AUTO, create_backend
 from eqr.runtime.config import SolveConfig
 from eqr.runtime.solve import solve
 from eqr.runtime.stats import SolveStats
 
+if TYPE_CHECKING:
+    from eqr.model import EqRModel
+    from eqr.tasks import Task
 
-def trajectory_seed(seed: int, puzzle: int, breadth: int) -> int:
-    """A 63-bit generator seed for trajectory (puzzle, breadth) of run `seed`."""
-    return int(np.random.SeedSequence([seed, puzzle, breadth]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+def truncated_normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
+    """float32 `shape` of INIT_SCALE * std * t, t ~ N(0, 1) given |t| <= INIT_TRUNCATION (by rejection)."""
+    n = int(np.prod(shape))
+    out = np.empty(n, np.float32)
+    filled = 0
+    while filled < n:  # ~4.6% of draws fall outside +-2; one pass almost always suffices
+        need = n - filled
+        draw = rng.standard_normal(need + need // 16 + 16, dtype=np.float32)
+        kept = draw[np.abs(draw) <= INIT_TRUNCATION][:need]
+        out[filled:filled + len(kept)] = kept
+        filled += len(kept)
+    return (out * np.float32(INIT_SCALE * std)).reshape(shape)
 
 
 def initial_states(seq_len: int, hidden_size: int, init_std: tuple[float, float], seed: int,
                    puzzles: np.ndarray, breadths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """z_H, z_L float32 [R, L, D] for trajectories (puzzles[r], breadths[r]); z_H drawn before z_L."""
+    """z_H, z_L float32 [R, L, D] for trajectories (puzzles[r], breadths[r]); z_H drawn before z_L,
+    each trajectory from numpy's default generator (PCG64) seeded by SeedSequence([seed, i, k])."""
     z_H = np.empty((len(puzzles), seq_len, hidden_size), np.float32)  # (R, L, D)
     z_L = np.empty_like(z_H)
     for r, (i, k) in enumerate(zip(puzzles.tolist(), breadths.tolist())):
-        generator = torch.Generator().manual_seed(trajectory_seed(seed, i, k))
-        z_H[r] = trunc_normal((seq_len, hidden_size), init_std[0], generator).numpy()
-        z_L[r] = trunc_normal((seq_len, hidden_size), init_std[1], generator).numpy()
+        rng = np.random.default_rng(np.random.SeedSequence([seed, i, k]))
+        z_H[r] = truncated_normal(rng, (seq_len, hidden_size), init_std[0])
+        z_L[r] = truncated_normal(rng, (seq_len, hidden_size), init_std[1])
     return z_H, z_L
 
 
@@ -92,27 +108,42 @@ class Solver:
         self.artifact = artifact
         self.batch_size = batch_size  # working-batch cap; None: all rows at once
         self.precision = precision
+        self._task: "Task | None" = None
+
+    @property
+    def task(self) -> "Task":
+        """The puzzle task the model was exported for (its manifest's, else the one its sizes fit):
+        `task.parse(lines)` -> int32 [P, L] tokens, `task.format(preds)` -> one text line each."""
+        if self._task is None:
+            if self.artifact is None:
+                raise EqRError("this Solver has no artifact to read its task from; use eqr.tasks.get_task")
+            self._task = resolve_task(self.artifact)
+        return self._task
 
     @classmethod
-    def load(cls, artifact: str | os.PathLike[str] | Artifact, backend: str = AUTO, precision: str = "fp32",
+    def load(cls, artifact: str | os.PathLike[str] | Artifact, backend: str = AUTO, precision: str | None = None,
              batch_size: int | None = None, **backend_options: Any) -> "Solver":
         """ARTIFACT: export dir, ONNX file, engine, checkpoint, bundled name or preset.
-        Heavy work (loading weights, building sessions) happens on first use, not here."""
-        if precision not in PRECISIONS:
-            raise EqRError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        precision None: the one a single .onnx or engine file holds (model.step.int8.onnx: int8),
+        else fp32. Heavy work (loading weights, building sessions) happens on first use, not here."""
         art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+        precision = precision_row(precision).name if precision else art.precision or "fp32"
         runner = create_backend(backend, art, precision, batch_size=batch_size, **backend_options)
         return cls(runner, art.seq_len, art.hidden_size, art.init_std, art.default_tol(precision), art,
                    batch_size, precision)
 
     @classmethod
-    def from_model(cls, model: EqRModel, batch_size: int | None = None, default_tol: float | None = 1e-3) -> "Solver":
+    def from_model(cls, model: "EqRModel", batch_size: int | None = None,
+                   default_tol: float | None = recommended_tol("fp32")["tol"]) -> "Solver":
         """A torch-backend solver for a model in memory (tests, notebooks, training evaluation)."""
         from eqr.runtime.backends.torch_backend import TorchBackend
 
         c = model.config
+        task = model.metadata.get("task") if isinstance(getattr(model, "metadata", None), dict) else None
+        artifact = Artifact("model", "the model in memory", c.seq_len, c.hidden_size, c.vocab_size,
+                            (c.H_init_std, c.L_init_std), c, task if isinstance(task, dict) else None)
         return cls(TorchBackend(model), c.seq_len, c.hidden_size, (c.H_init_std, c.L_init_std), default_tol,
-                   batch_size=batch_size)
+                   artifact, batch_size=batch_size)
 
     def __enter__(self) -> "Solver":
         self.backend.activate()

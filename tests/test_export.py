@@ -15,18 +15,20 @@ import torch
 from click.testing import CliRunner
 
 from conftest import tiny_config
+from eqr.artifact import (INPUT_NAMES, METADATA_KEY, OUTPUT_NAMES, PRECISION_KEY, PRECISIONS, graph_feeds, read_manifest,
+                          recommended_tol)
+from eqr.calibration.record import int8_calibration
 from eqr.checkpoint import save_checkpoint
 from eqr.cli import cli
 from eqr.errors import EqRError
 from eqr.load import bundled_names
 from eqr.export import ExportConfig, parse_batch
-from eqr.export.config import ONNX_FILES
-from eqr.export.exporter import METADATA_KEY, ExportError, export_model, read_manifest
+from eqr.export.exporter import ExportError, export_model
 from eqr.export.inputs import infer_task, task_inputs
 from eqr.export.onnx_graph import session
-from eqr.export.parity import ROUNDOFF_BOUND, check_depths, recommended_tol
-from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES, StepGraph, graph_feeds
+from eqr.export.parity import check_depths
 from eqr.model import EqRModel
+from eqr.step_graph import StepGraph
 from official import write_official_checkpoint
 
 FAST = dict(check_batch=2, check_steps=6)  # small checks: the tiny model's numbers, not the paper's
@@ -55,7 +57,8 @@ def exported(tmp_path_factory) -> tuple[EqRModel, Path, dict]:
     feeds = _feeds(model, 5)
     np.savez(root / "calib.npz", tokens=feeds["tokens"], z_H=feeds["z_H"], z_L=feeds["z_L"])
     config = ExportConfig(precision=("fp16", "int8"), engine="never", calib_data=str(root / "calib.npz"), **FAST)
-    return model, root / "tiny-eqr", export_model(model, root / "tiny-eqr", config)
+    return model, root / "tiny-eqr", export_model(model, root / "tiny-eqr", config,
+                                                  calibrate=int8_calibration(model, config))
 
 
 # --------------------------------------------------------------------------- graphs and contract
@@ -67,7 +70,7 @@ def test_every_graph_runs_in_onnxruntime_with_the_io_contract_at_any_batch(expor
     want = {"z_H_out": (np.float32, (3, L, D)), "z_L_out": (np.float32, (3, L, D)), "logits": (np.float32, (3, L, V)),
             "preds": (np.int32, (3, L)), "residual": (np.float32, (3,)), "logit_delta": (np.float32, (3,)),
             "q_halt": (np.float32, (3,))}
-    for precision, name in ONNX_FILES.items():
+    for precision, name in ((p, row.onnx) for p, row in PRECISIONS.items()):
         sess = session(str(out / name))
         assert [i.name for i in sess.get_inputs()] == list(INPUT_NAMES)
         assert [(i.type, i.shape[0]) for i in sess.get_inputs()] == [("tensor(int32)", "B"), ("tensor(float)", "B"),
@@ -142,7 +145,7 @@ def test_manifest_keys_checks_and_metadata_copy(exported) -> None:
     model, out, manifest = exported
     on_disk = read_manifest(out)
     assert on_disk == json.loads(json.dumps(manifest))
-    assert on_disk["format"] == "eqr-export" and on_disk["version"] == 1
+    assert on_disk["format"] == "eqr-export" and on_disk["version"] == 2
     for key in ("eqr_version", "source", "config", "task", "io", "opset", "init_std", "batch", "precisions",
                 "engines", "versions"):
         assert key in on_disk, key
@@ -153,24 +156,27 @@ def test_manifest_keys_checks_and_metadata_copy(exported) -> None:
     assert {"onnx", "onnxruntime", "torch"} <= set(on_disk["versions"])
     assert on_disk["engines"] == {} and on_disk["engine_build"]["status"] == "skipped"
     for precision, entry in on_disk["precisions"].items():
-        assert entry["onnx"] == ONNX_FILES[precision]
-        assert entry["tol"] >= ROUNDOFF_BOUND[precision]
+        assert entry["onnx"] == PRECISIONS[precision].onnx
+        assert entry["tol"] >= PRECISIONS[precision].roundoff
         assert "max_abs" in entry["parity"]["step_error"] and "answers_agree" in entry["parity"]["trajectory"]
     assert on_disk["precisions"]["fp32"]["parity"]["step_error"]["max_abs"] <= 1e-4
     assert on_disk["precisions"]["fp32"]["parity"]["step_error"]["depths"] == list(range(FAST["check_steps"]))
     # Each graph carries the manifest as written before engines were built.
     before_engines = {k: v for k, v in on_disk.items() if k not in ("engines", "engine_build")}
-    for name in ONNX_FILES.values():
-        props = {p.key: p.value for p in onnx.load(str(out / name), load_external_data=False).metadata_props}
+    for precision, row in PRECISIONS.items():
+        props = {p.key: p.value for p in onnx.load(str(out / row.onnx), load_external_data=False).metadata_props}
+        assert props[PRECISION_KEY] == precision
         embedded = json.loads(props[METADATA_KEY])
         assert embedded["engines"] == {} and {k: v for k, v in embedded.items() if k in before_engines} == before_engines
 
 
 def test_recommended_tol_rule() -> None:
     assert recommended_tol("fp32", 1e-4)["tol"] == pytest.approx(3e-4)
-    assert recommended_tol("fp16", 1e-5)["tol"] == ROUNDOFF_BOUND["fp16"]  # never below round-off
+    assert recommended_tol("fp16", 1e-5)["tol"] == PRECISIONS["fp16"].roundoff  # never below round-off
     unreached = recommended_tol("int8", 0.5)
-    assert unreached["tol"] == ROUNDOFF_BOUND["int8"] and not unreached["floor_reached"]
+    assert unreached["tol"] == PRECISIONS["int8"].roundoff and not unreached["floor_reached"]
+    unmeasured = recommended_tol("fp16")  # a checkpoint or a model in memory: no floor measured
+    assert unmeasured["tol"] == PRECISIONS["fp16"].unmeasured_tol and unmeasured["residual_floor"] is None
     assert check_depths(32, every_depth=False) == [0, 1, 2, 4, 8, 16, 31]
 
 
@@ -281,8 +287,10 @@ def test_calibration_npz_states_are_used_as_given_and_bad_files_refused(exported
         ("shape.npz", {"tokens": feeds["tokens"], "z_H": feeds["z_H"][:1], "z_L": feeds["z_L"]}, r"expected float \[2, 16, 16\]"),
     ]:
         np.savez(tmp_path / name, **arrays)
-        with pytest.raises(EqRError, match=message):
-            export_model(model, tmp_path / "out", ExportConfig(precision=("int8",), calib_data=str(tmp_path / name)))
+        with pytest.raises(EqRError, match=message):  # read and checked before any export work
+            int8_calibration(model, ExportConfig(precision=("int8",), calib_data=str(tmp_path / name)))
+    with pytest.raises(EqRError, match="int8 export needs calibration feeds"):
+        export_model(model, tmp_path / "out", ExportConfig(precision=("int8",)))
     assert not (tmp_path / "out").exists()
 
 
@@ -290,7 +298,8 @@ def test_calibration_npz_of_puzzles_only_records_their_trajectories(exported, tm
     model = exported[0]
     np.savez(tmp_path / "puzzles.npz", tokens=_feeds(model, 3)["tokens"])
     config = ExportConfig(precision=("int8",), engine="never", calib_data=str(tmp_path / "puzzles.npz"), **FAST)
-    calib = export_model(model, tmp_path / "out", config)["precisions"]["int8"]["calibration"]
+    calib = export_model(model, tmp_path / "out", config, calibrate=int8_calibration(model, config))
+    calib = calib["precisions"]["int8"]["calibration"]
     assert calib["source"].endswith("puzzles.npz")
     assert calib["trajectories"] == 3 and calib["rows"] == 3 * FAST["check_steps"]  # every depth of each
 
@@ -344,7 +353,7 @@ def test_done_rows_keep_their_state_bit_for_bit_in_every_graph(exported) -> None
     model, out, _ = exported
     feeds = _feeds(model, 4, seed=5)
     feeds["done"] = np.array([True, False, True, False])
-    for precision, name in ONNX_FILES.items():
+    for precision, name in ((p, row.onnx) for p, row in PRECISIONS.items()):
         got = dict(zip(OUTPUT_NAMES, session(str(out / name)).run(None, feeds)))
         for state in ("z_H", "z_L"):
             np.testing.assert_array_equal(got[f"{state}_out"][[0, 2]], feeds[state][[0, 2]], err_msg=precision)

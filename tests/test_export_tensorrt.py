@@ -11,7 +11,8 @@ import pytest
 
 from eqr.errors import EqRError
 from eqr.export import tensorrt as trt_export
-from eqr.export.tensorrt import EngineProfile, GpuInfo, check_engine, engine_filename, gpu_tag, sidecar, sidecar_path
+from eqr.artifact import engine_file
+from eqr.export.tensorrt import EngineProfile, GpuInfo, check_engine, gpu_tag, sidecar, sidecar_path
 
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
 ORIN = GpuInfo("Orin", "8.7")
@@ -23,8 +24,8 @@ def test_engine_names_say_precision_gpu_and_tensorrt_version() -> None:
     assert gpu_tag(H100.name, H100.compute_capability) == "h100-80gb-hbm3-sm90"
     assert gpu_tag("NVIDIA GeForce RTX 4090", "8.9") == "rtx-4090-sm89"
     assert ORIN.tag == "orin-sm87"
-    assert engine_filename("fp16", H100.tag, "10.16.0") == "model.step.fp16.h100-80gb-hbm3-sm90.trt10.16.0.engine"
-    assert engine_filename("int8", AGX_ORIN.tag, "10.3.0", dla_core=1) == "model.step.int8.orin-16sm-sm87.dla1.trt10.3.0.engine"
+    assert engine_file("fp16", H100.tag, "10.16.0") == "model.step.fp16.h100-80gb-hbm3-sm90.trt10.16.0.engine"
+    assert engine_file("int8", AGX_ORIN.tag, "10.3.0", dla_core=1) == "model.step.int8.orin-16sm-sm87.dla1.trt10.3.0.engine"
 
 
 def test_jetson_modules_of_one_name_are_told_apart_by_sm_count(tmp_path: Path) -> None:
@@ -47,7 +48,7 @@ def test_profile_shapes_cover_every_input() -> None:
 def _engine(tmp_path: Path, gpu: GpuInfo = H100, version: str = "10.16.0") -> Path:
     onnx_file = tmp_path / "model.step.fp16.onnx"
     onnx_file.write_bytes(b"graph")
-    engine = tmp_path / engine_filename("fp16", gpu.tag, version)
+    engine = tmp_path / engine_file("fp16", gpu.tag, version)
     engine.write_bytes(b"plan")  # the plan as TensorRT wrote it: no header
     from eqr.io import sha256_file
     meta = sidecar("fp16", gpu, version, onnx_file.name, sha256_file(onnx_file), EngineProfile((1, 4, 8), 81, 64), 256)
@@ -108,12 +109,13 @@ def _gpu_and_tensorrt() -> str:
 @pytest.mark.skipif(bool(_gpu_and_tensorrt()), reason=_gpu_and_tensorrt() or "n/a")
 def test_engines_build_for_every_precision_and_load(tmp_path: Path) -> None:
     from conftest import tiny_config
+    from eqr.calibration.record import int8_calibration
     from eqr.export import ExportConfig, export_model, load_engine
     from eqr.model import EqRModel
 
     model = EqRModel(tiny_config(), seed=0).eval()
-    manifest = export_model(model, tmp_path / "out", ExportConfig(precision=("fp16", "int8"), engine="always",
-                                                                  batch=(1, 4, 8), check_batch=2, check_steps=4))
+    config = ExportConfig(precision=("fp16", "int8"), engine="always", batch=(1, 4, 8), check_batch=2, check_steps=4)
+    manifest = export_model(model, tmp_path / "out", config, calibrate=int8_calibration(model, config))
     assert set(manifest["engines"]) == {"fp32", "fp16", "int8"}
     for entry in manifest["engines"].values():
         engine = load_engine(tmp_path / "out" / entry["engine"])

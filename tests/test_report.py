@@ -13,8 +13,10 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from conftest import contracting_model
+from eqr.artifact import METADATA_KEY, PRECISION_KEY
 from eqr.checkpoint import save_checkpoint
 from eqr.cli import cli
+from eqr.io import sha256_file
 
 PUZZLES = 8
 DEPTH = 32
@@ -72,6 +74,12 @@ def test_calibrate_writes_calib_graphs_and_manifest(calibrated: Path) -> None:
     dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     readers = {n.op_type for n in model.graph.node if dequantized & set(n.input)}
     assert readers <= {"MatMul", "Gemm"}
+    # each built graph describes itself, with its own precision and calibrated tol, not the FP32 graph's
+    for precision, entry in (("fp16", fp16), ("int8", int8)):
+        props = {p.key: p.value for p in onnx.load(str(calibrated / entry["onnx"])).metadata_props}
+        embedded = json.loads(props[METADATA_KEY])
+        assert props[PRECISION_KEY] == precision and embedded["precisions"][precision]["tol"] == entry["tol"]
+        assert sha256_file(calibrated / entry["onnx"]) == entry["sha256"]
 
 
 def test_calibrate_refuses_to_overwrite_and_rejects_bad_input(calibrated: Path, tmp_path: Path) -> None:

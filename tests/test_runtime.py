@@ -96,20 +96,25 @@ def test_array_helpers_gather_and_concat_on_the_device(onnx_path, model):
                                           np.concatenate([rows, rows[:1]]))
 
 
+def foreign(onnx_path):
+    """The test graph has no eqr metadata: a foreign .onnx, described by what flags would give."""
+    return load_artifact(onnx_path, init_std=(1.0, 1.0), tol=1e-3)
+
+
 def test_registry_lists_backends_and_auto_picks_an_available_one(onnx_path, tmp_path):
     assert backend_names() == ["tensorrt", "onnxruntime", "torch"]
-    backend = create_backend("auto", load_artifact(onnx_path), "fp32")
+    backend = create_backend("auto", foreign(onnx_path), "fp32")
     assert backend.name == "onnxruntime"  # no TensorRT here; an ONNX file has no torch weights
     with pytest.raises(EqRError, match="unknown backend 'tpu'"):
-        create_backend("tpu", load_artifact(onnx_path), "fp32")
+        create_backend("tpu", foreign(onnx_path), "fp32")
     with pytest.raises(EqRError, match="torch backend runs fp32 only|needs the model's weights"):
-        create_backend("torch", load_artifact(onnx_path), "fp16")
+        create_backend("torch", foreign(onnx_path), "fp16")
 
 
 def test_tensorrt_backend_reports_why_it_is_unavailable(onnx_path):
     from eqr.runtime.backends.trt_backend import TensorRTBackend
 
-    reason = TensorRTBackend.unavailable_reason(load_artifact(onnx_path), "fp32")
+    reason = TensorRTBackend.unavailable_reason(foreign(onnx_path), "fp32")
     assert reason is not None and "engine" in reason.lower() or "tensorrt" in reason.lower()
 
 
@@ -330,10 +335,8 @@ def test_gating_keeps_fixed_depth_accuracy_and_breadth_does_not_hurt(name, model
             labels = deep.solve(puzzles, fixed_depth=96, seed=100).preds
         depth = 32
     else:
-        from eqr.runtime.cli import resolve_task
-
         solver = Solver.load(name, backend="torch")
-        task = resolve_task(solver.artifact, None)
+        task = solver.task
         generated = task.generate(32, seed=12345)
         puzzles, labels = generated.inputs.astype(np.int32), generated.labels
         depth = max(PAPER_EVAL_DEPTH, solver.artifact.config.halt_max_steps)
@@ -346,3 +349,55 @@ def test_gating_keeps_fixed_depth_accuracy_and_breadth_does_not_hurt(name, model
     assert accuracy(gated) >= accuracy(fixed)
     assert gated.steps.sum() < fixed.steps.sum()
     assert accuracy(wide) >= accuracy(single)
+
+
+def test_solver_knows_its_task_from_the_artifact(model, tmp_path):
+    from eqr.checkpoint import save_checkpoint
+    from eqr.tasks import get_task
+
+    save_checkpoint(tmp_path / "tiny.pt", model.config, model.state_dict(), metadata={"task": {"name": "sudoku", "size": 4}})
+    task = get_task("sudoku", 4)
+    lines = task.format(task.generate(3, seed=5).inputs)
+    with Solver.load(tmp_path / "tiny.pt") as solver:
+        assert (solver.task.name, solver.task.size) == ("sudoku", 4)
+        tokens = solver.task.parse(lines)
+        assert tokens.shape == (3, 16) and tokens.dtype == np.int32
+        answers = solver.task.format(solver.solve(tokens).preds)
+    assert len(answers) == 3 and all(len(a) == 16 for a in answers)
+    assert task.parse(task.format(tokens)).tolist() == tokens.tolist()  # format and parse round-trip
+    with pytest.raises(EqRError, match="line 1: "):
+        task.parse([lines[0], "12.3"])
+    assert Solver.from_model(model).task.name == "sudoku"  # 16 tokens, vocab 6: only 4x4 Sudoku fits
+
+
+def test_a_step_graph_copied_out_of_its_export_behaves_like_the_directory(tmp_path):
+    """Each graph carries its manifest and precision: a copy (even renamed) has the export's init
+    std, tol and task, gives its answers for a seed, and model.step.int8.onnx runs int8."""
+    import shutil
+
+    from eqr.calibration.record import int8_calibration
+    from eqr.export import ExportConfig, export_model
+
+    config = ExportConfig(precision=("int8",), engine="never", check_batch=2, check_steps=6)
+    model = contractive_model()
+    model.metadata = {"task": {"name": "sudoku", "size": 4}}
+    export_model(model, tmp_path / "tiny-eqr", config, calibrate=int8_calibration(model, config))
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(tmp_path / "tiny-eqr" / "model.step.int8.onnx", alone / "model.step.int8.onnx")
+    shutil.copy(tmp_path / "tiny-eqr" / "model.step.int8.onnx", alone / "renamed.onnx")
+    shutil.copy(tmp_path / "tiny-eqr" / "model.step.onnx", alone / "model.step.onnx")
+    directory = load_artifact(tmp_path / "tiny-eqr")
+    for name, precision in (("model.step.onnx", "fp32"), ("model.step.int8.onnx", "int8"), ("renamed.onnx", "int8")):
+        copy = load_artifact(alone / name)
+        assert (copy.kind, copy.precision, set(copy.onnx)) == ("onnx", precision, {precision})
+        assert (copy.init_std, copy.tol[precision], copy.task) == (directory.init_std, directory.tol[precision],
+                                                                    directory.task)
+    puzzles = random_puzzles(4, seed=21)
+    for name, precision in (("model.step.onnx", "fp32"), ("model.step.int8.onnx", "int8")):
+        with Solver.load(alone / name, threads=1) as copy, \
+                Solver.load(tmp_path / "tiny-eqr", precision=precision, threads=1) as whole:
+            assert (copy.precision, copy.default_tol) == (precision, whole.default_tol)
+            a, b = copy.solve(puzzles, breadth=2, seed=4), whole.solve(puzzles, breadth=2, seed=4)
+        np.testing.assert_array_equal(a.preds, b.preds)
+        np.testing.assert_array_equal(a.steps, b.steps)

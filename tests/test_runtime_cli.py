@@ -114,6 +114,11 @@ TOP95 = """\
 """
 
 
+# tiny.onnx is a bare step graph without eqr metadata (a foreign .onnx): the flags describe it as
+# the checkpoint's config does (init std 1.0, the unmeasured fp32 tol 1e-3).
+FOREIGN = ("--init-std", "1.0", "--tol", "1e-3")
+
+
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     """A contractive 4x4-Sudoku model as an eqr checkpoint and as an ONNX step file."""
@@ -158,9 +163,9 @@ def test_bad_line_gets_an_error_record_and_the_others_are_solved(artifacts, puzz
 def test_torch_checkpoint_and_onnx_give_the_same_answers_from_stdin(artifacts, puzzles_file):
     good = "\n".join(line for line in puzzles_file.read_text().splitlines() if len(line) == 16)
     outputs = []
-    for artifact, backend in (("tiny.pt", "torch"), ("tiny.onnx", "onnxruntime")):
+    for artifact, backend, flags in (("tiny.pt", "torch", ()), ("tiny.onnx", "onnxruntime", FOREIGN)):
         result = run(str(artifacts / artifact), "--backend", backend, "--breadth", "2", "--seed", "3", "--json",
-                     input=good)
+                     *flags, input=good)
         assert result.exit_code == 0, result.output
         outputs.append([(r["answer"], r["steps"], r["converged"]) for r in json_lines(result.stdout)])
     assert outputs[0] == outputs[1] and len(outputs[0]) == 6
@@ -168,8 +173,9 @@ def test_torch_checkpoint_and_onnx_give_the_same_answers_from_stdin(artifacts, p
 
 def test_fixed_depth_runs_exactly_d_steps_per_trajectory(artifacts, puzzles_file):
     result = run(str(artifacts / "tiny.onnx"), "-i", str(puzzles_file), "--fixed-depth", "5", "--breadth", "3",
-                 "--json")
+                 "--json", *FOREIGN)
     records = [r for r in json_lines(result.stdout) if "error" not in r]
+    assert result.exit_code == 1 and len(records) == 6  # 1: the malformed line's error record
     assert all(r["steps"] == 15 and r["depth"] == 5 and not r["converged"] for r in records)
 
 
@@ -194,7 +200,7 @@ def test_hrm_data_set_input_grades_against_its_labels(artifacts, tmp_path):
     task = get_task("sudoku", 4)
     generated = task.generate(4, seed=2)
     save_dataset(tmp_path / "data", "test", generated.inputs, generated.labels, task)
-    result = run(str(artifacts / "tiny.onnx"), "-i", str(tmp_path / "data"), "--format", "hrm", "--json")
+    result = run(str(artifacts / "tiny.onnx"), "-i", str(tmp_path / "data"), "--format", "hrm", "--json", *FOREIGN)
     assert result.exit_code == 0, result.output
     records = json_lines(result.stdout)
     assert [r["line"] for r in records] == [0, 1, 2, 3]  # data set rows are numbered from 0
@@ -207,7 +213,10 @@ def test_user_errors_are_one_line_exit_2(artifacts, puzzles_file):
     assert missing.exit_code == 2 and missing.stderr.startswith("error: ") and "no such file" in missing.stderr
     wrong_task = run(str(artifacts / "tiny.pt"), "-i", str(puzzles_file), "--task", "sudoku:9")
     assert wrong_task.exit_code == 2 and "pass the matching --task" in wrong_task.stderr
-    no_engine = run(str(artifacts / "tiny.onnx"), "-i", str(puzzles_file), "--backend", "tensorrt")
+    foreign = run(str(artifacts / "tiny.onnx"), "-i", str(puzzles_file), "--tol", "1e-3")
+    assert foreign.exit_code == 2 and foreign.stderr.count("\n") == 1
+    assert "no eqr metadata" in foreign.stderr and "pass --init-std" in foreign.stderr
+    no_engine = run(str(artifacts / "tiny.onnx"), "-i", str(puzzles_file), "--backend", "tensorrt", *FOREIGN)
     assert no_engine.exit_code == 2 and "tensorrt" in no_engine.stderr.lower()
     hrm_stdin = run(str(artifacts / "tiny.pt"), "--format", "hrm")
     assert hrm_stdin.exit_code == 2 and "--input DIR" in hrm_stdin.stderr

@@ -204,7 +204,7 @@ def test_graph_replay_equals_enqueue_bitwise_on_the_gpu(export_dir, precision):
 def test_fresh_uploads_are_complete_before_the_engine_reads_them(export_dir):
     """The stream race: inputs copied on one stream, the engine run on another without a wait."""
     from eqr.export.onnx_graph import session
-    from eqr.export.step_graph import graph_feeds
+    from eqr.artifact import graph_feeds
 
     ort = session(str(export_dir / "model.step.onnx"))
     with _on_gpu(export_dir, cuda_graphs=False) as backend:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -85,6 +85,22 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def format_tokens(self, tokens: np.ndarray) -> str:
         """The one-line text of a puzzle or answer [L]; `parse_line` reads it back."""
+
+    def parse(self, lines: str | Iterable[str]) -> np.ndarray:
+        """int32 [P, L] tokens of puzzles in the one-line text format (one line or several);
+        EqRError naming the first malformed line."""
+        lines = [lines] if isinstance(lines, str) else list(lines)
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(self.parse_line(line))
+            except EqRError as e:
+                raise EqRError(f"line {i}: {e}") from None
+        return np.stack(rows).astype(np.int32) if rows else np.zeros((0, self.seq_len), np.int32)
+
+    def format(self, tokens: np.ndarray) -> list[str]:
+        """The one-line text of each puzzle or answer in `tokens` [P, L] (a single [L] gives one)."""
+        return [self.format_tokens(row) for row in self._as_batch(tokens, "tokens")]
 
     def describe(self) -> dict[str, Any]:
         """JSON-able identity of the task, stored in dataset.json under "eqr_task"."""

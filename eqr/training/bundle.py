@@ -61,10 +61,10 @@ def steps_to_settle(model: EqRModel, inputs: np.ndarray, labels: np.ndarray, gro
     below the FP32 tol, or the answer unchanged for the window), by each labelling in `groups`:
     the adaptive-compute measure (easy puzzles should stop earlier), with the gated answer's
     exact accuracy."""
-    from eqr.runtime.artifact import DEFAULT_TOL
+    from eqr.artifact import recommended_tol
     from eqr.runtime.solver import Solver
 
-    tol = DEFAULT_TOL["fp32"]
+    tol = recommended_tol("fp32")["tol"]  # what the runtime uses for a checkpoint (no measured floor)
     with Solver.from_model(model, default_tol=tol) as solver:
         result = solver.solve(inputs.astype(np.int32), max_steps=max_steps, seed=seed)
     correct = (result.preds == labels).all(-1)

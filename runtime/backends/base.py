@@ -1,11 +1,11 @@
-"""`Backend`: a Polygraphy-style runner for the deployable step (export/step_graph.py I/O contract).
+"""`Backend`: a Polygraphy-style runner for the deployable step (the I/O contract of eqr.artifact).
 
 A backend runs one outer step on a batch: `step(feeds) -> outputs`, both keyed by the ONNX names
-(`STEP_FEEDS`, `OUTPUT_NAMES`). The graph's fourth input, `done`, is the backend's own: static-shape
-backends feed the mask `freeze` set, the others all False. Values are the backend's own device arrays (torch tensors,
-ONNX Runtime OrtValues, CUDA buffers); the loop moves data only through the array helpers below,
-so the full state never visits the host inside the loop: per step it downloads O(B) scalars and
-the O(B*L) predictions.
+(`STEP_FEEDS`, `OUTPUT_NAMES`); the graph's fourth input, `done`, is the backend's own: static-shape
+backends feed the mask `freeze` set, the others all False. Values are the backend's own device
+arrays (torch tensors, ONNX Runtime OrtValues, CUDA buffers); the loop moves data only through
+the array helpers below, so the full state never visits the host inside the loop: per step it
+downloads O(B) scalars and the O(B*L) predictions.
 
 Buffer rule (as Polygraphy's `BaseRunner.infer`): outputs may live in buffers the backend
 reuses. The state outputs of step t stay valid until step t + 2 (ping-pong), so a loop may feed
@@ -19,17 +19,16 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
-from eqr.export.step_graph import OUTPUT_NAMES, STEP_FEEDS
+from eqr.artifact import OUTPUT_NAMES, STATE_OUTPUTS, STEP_FEEDS
 
 log = logging.getLogger(__name__)
 
-STATE_NAMES = ("z_H", "z_L")
-STATE_OUTPUTS = {"z_H": "z_H_out", "z_L": "z_L_out"}
+STATE_NAMES = tuple(STATE_OUTPUTS)
 
 
 class Backend(ABC):
@@ -95,6 +94,11 @@ class Backend(ABC):
     def describe(self) -> dict[str, Any]:
         """JSON-able description for reports: backend name plus backend-specific details."""
         return {"backend": self.name}
+
+    def thread_setup(self) -> Callable[[], None]:
+        """Called in the caller's thread: a function that gives another thread (a scheduler's
+        worker) the caller's per-thread settings. Only engines with such settings override it."""
+        return lambda: None
 
     @abstractmethod
     def activate_impl(self) -> None: ...

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from eqr.artifact import INPUT_NAMES, OUTPUT_NAMES, STEP_FEEDS
 from eqr.errors import EqRError
-from eqr.export.step_graph import INPUT_NAMES, OUTPUT_NAMES, STEP_FEEDS
 from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
 
 if TYPE_CHECKING:

@@ -1,23 +1,25 @@
-"""The reference backend: export/step_graph.py's `StepGraph` run eagerly by torch.
+"""The reference backend: eqr/step_graph.py's `StepGraph` run eagerly by torch.
 
 State stays as torch tensors on the model's device; this is the semantics every other backend
-is compared against. fp32 only (torch CPU half precision is ~6x slower than fp32, spec
+is compared against. It is the runtime's one door to torch and the model: checkpoints, bundled
+names and presets resolve to an `Artifact` here (`checkpoint_artifact`). fp32 only (torch CPU half precision is ~6x slower than fp32, spec
 deployment.md); lower precisions run through ONNX Runtime or TensorRT.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from eqr.export.step_graph import OUTPUT_NAMES, StepGraph
+from eqr.artifact import OUTPUT_NAMES
+from eqr.errors import EqRError
 from eqr.model import EqRModel
+from eqr.runtime.artifact import Artifact
 from eqr.runtime.backends.base import Backend
-
-if TYPE_CHECKING:
-    from eqr.runtime.artifact import Artifact
+from eqr.step_graph import StepGraph
 
 
 class TorchArrays:
@@ -36,6 +38,12 @@ class TorchArrays:
 
     def concat(self, arrays: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.cat(list(arrays), dim=0)
+
+    def thread_setup(self) -> Callable[[], None]:
+        """torch's thread count is per thread: a new thread would use every core (~100x slower
+        on a busy machine), so the worker takes the caller's."""
+        threads = torch.get_num_threads()
+        return lambda: torch.set_num_threads(threads)
 
 
 class TorchBackend(TorchArrays, Backend):
@@ -56,13 +64,13 @@ class TorchBackend(TorchArrays, Backend):
     def unavailable_reason(cls, artifact: "Artifact", precision: str) -> str | None:
         if precision != "fp32":
             return "the torch backend runs fp32 only; use onnxruntime or tensorrt for fp16/int8"
-        if artifact.checkpoint is None:
+        if weights_of(artifact) is None:
             return "needs the model's weights (a checkpoint, bundled name or preset), not only ONNX/engine files"
         return None
 
     @classmethod
     def from_artifact(cls, artifact: "Artifact", precision: str, device: str = "cpu", **_: Any) -> "TorchBackend":
-        return cls(loader=artifact.checkpoint, device=device)
+        return cls(loader=weights_of(artifact), device=device)
 
     def activate_impl(self) -> None:
         if self.model is None:
@@ -83,3 +91,42 @@ class TorchBackend(TorchArrays, Backend):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": str(self.device), "precision": "fp32"}
+
+
+def checkpoint_artifact(location: str) -> Artifact:
+    """A checkpoint path, bundled name or preset as an `Artifact` (one-line EqRError for unknown names)."""
+    from eqr.checkpoint import read_checkpoint
+    from eqr.config import PRESETS
+    from eqr.load import resolve
+
+    kind, resolved = resolve(location)
+    task = None
+    if kind == "preset":
+        config = PRESETS[resolved][0]
+    else:
+        ckpt = read_checkpoint(resolved)
+        config = ckpt.config
+        task = ckpt.metadata.get("task") if isinstance(ckpt.metadata, dict) else None
+    return Artifact("checkpoint", location, config.seq_len, config.hidden_size, config.vocab_size,
+                    (config.H_init_std, config.L_init_std), config, task if isinstance(task, dict) else None,
+                    checkpoint=location)
+
+
+def weights_of(artifact: Artifact) -> str | None:
+    """The checkpoint an artifact runs from: its own, or the one an export came from while it is
+    still here unchanged (then the torch backend can run an export too)."""
+    if artifact.checkpoint is not None:
+        return artifact.checkpoint
+    source = artifact.source
+    if not source or source.get("kind") in (None, "init") or not source.get("location"):
+        return None
+    from eqr.io import sha256_file
+    from eqr.load import resolve
+
+    try:
+        _, resolved = resolve(source["location"])
+    except EqRError:
+        return None
+    if source.get("sha256") and Path(resolved).is_file() and sha256_file(resolved) != source["sha256"]:
+        return None  # the file changed since the export: it is not these weights any more
+    return str(source["location"])

@@ -1,7 +1,8 @@
-"""The deployable step: one noise-free outer step with the fixed I/O contract of `model.step.onnx`.
+"""The deployable step: one noise-free outer step with the I/O contract of `model.step.onnx`.
 
 Every backend (torch, ONNX Runtime, TensorRT) runs exactly this computation, so host loops
-read only O(B) convergence scalars and O(B*L) predictions per step.
+read only O(B) convergence scalars and O(B*L) predictions per step. The names and dtypes are
+`eqr.artifact.INPUTS` and `OUTPUTS`:
 
 inputs   tokens int32 [B, L]; z_H, z_L float32 [B, L, D]; done bool [B]
 outputs  z_H_out, z_L_out float32 [B, L, D]; logits float32 [B, L, V]; preds int32 [B, L];
@@ -16,15 +17,10 @@ every other backend feeds all False (the loop compacts settled rows away instead
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
 from eqr.model import EqRModel, LatentState
-
-STEP_FEEDS = ("tokens", "z_H", "z_L")  # what the loop hands a backend's step
-INPUT_NAMES = (*STEP_FEEDS, "done")  # the graph's inputs
-OUTPUT_NAMES = ("z_H_out", "z_L_out", "logits", "preds", "residual", "logit_delta", "q_halt")
 
 
 class StepGraph(nn.Module):
@@ -50,10 +46,3 @@ class StepGraph(nn.Module):
         preds = logits.argmax(dim=-1).to(torch.int32)  # [B, L]
         return z_H_out, z_L_out, logits, preds, residual, logit_delta, out.q_halt.float()
 
-
-def graph_feeds(tokens: np.ndarray, z_H: np.ndarray, z_L: np.ndarray,
-                done: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """numpy feeds of a step graph (ONNX Runtime sessions, calibration): done defaults to all False."""
-    done = np.zeros(len(tokens), bool) if done is None else np.asarray(done, bool)
-    return dict(zip(INPUT_NAMES, (np.ascontiguousarray(tokens, np.int32), np.ascontiguousarray(z_H, np.float32),
-                                  np.ascontiguousarray(z_L, np.float32), done)))

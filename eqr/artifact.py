@@ -1,0 +1,209 @@
+"""The export directory's contract: its files, precisions, manifest, step I/O and tolerance rule.
+
+`eqr export` writes an export directory, the runtime and calibration read it; every fact about
+it lives here once (docs/formats.md describes the same contract for readers outside Python).
+This module is the bottom floor: it imports neither torch, onnx nor an inference engine.
+
+    manifest.json                     MANIFEST_FILE: format "eqr-export", version 2
+    model.step.onnx                   one step graph per precision (the PRECISIONS table)
+    model.step.fp16.onnx, model.step.int8.onnx
+    model.step.<p>.<gpu>.trt<v>.engine  TensorRT engines (`engine_file`), each with a .json sidecar
+    calib.npz                         CALIB_FILE: calibration states recorded by `eqr calibrate`
+
+Every step graph carries the manifest in its ONNX metadata (METADATA_KEY) and its own precision
+(PRECISION_KEY), so a graph copied out of its directory still describes itself.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eqr.errors import EqRError
+from eqr.io import atomic_write_text
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "eqr-export"
+MANIFEST_VERSION = 2  # 2: step graphs take a `done` input
+METADATA_KEY = "eqr.manifest"  # ONNX metadata_props key: the manifest JSON
+PRECISION_KEY = "eqr.precision"  # ONNX metadata_props key: the graph's precision
+CALIB_FILE = "calib.npz"
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+# Files an export owns in its directory (a re-export replaces them; nothing else is touched).
+OWN_FILE_PATTERNS = ("model.step*.onnx", "model.step*.engine", "model.step*.engine.json", MANIFEST_FILE)
+
+
+# --------------------------------------------------------------------------- precisions
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One row of the table that drives both export (what to write) and load (what a file is)."""
+
+    name: str
+    onnx: str  # step graph file in the export directory
+    roundoff: float  # lowest relative residual this arithmetic reliably reaches: tol never goes below
+    unmeasured_tol: float  # tol when no residual floor was measured (a checkpoint, a model in memory)
+
+
+PRECISIONS: dict[str, Precision] = {row.name: row for row in (
+    Precision("fp32", "model.step.onnx", roundoff=1e-5, unmeasured_tol=1e-3),
+    Precision("fp16", "model.step.fp16.onnx", roundoff=1e-3, unmeasured_tol=1e-2),
+    Precision("int8", "model.step.int8.onnx", roundoff=1e-2, unmeasured_tol=5e-2),
+)}
+
+
+def precision_row(name: str, what: str = "precision") -> Precision:
+    """The table row of `name` (case-insensitive); EqRError listing the valid names."""
+    try:
+        return PRECISIONS[name.lower()]
+    except (KeyError, AttributeError):
+        raise EqRError(f"{what} must be one of {', '.join(PRECISIONS)}, got {name!r}") from None
+
+
+def precision_of(path: str | os.PathLike[str]) -> str | None:
+    """The precision a file name means by the table (model.step.int8.onnx -> int8), else None."""
+    name = Path(path).name
+    return next((row.name for row in PRECISIONS.values() if row.onnx == name), None)
+
+
+def engine_file(precision: str, gpu_tag: str, trt_version: str, dla_core: int | None = None) -> str:
+    """model.step.<precision>.<gpu tag>[.dla<N>].trt<version>.engine"""
+    dla = "" if dla_core is None else f".dla{dla_core}"
+    return f"model.step.{precision}.{gpu_tag}{dla}.trt{trt_version}.engine"
+
+
+# --------------------------------------------------------------------------- tolerance rule
+
+TOL_FACTOR = 3.0  # tol sits this far above the measured residual floor
+FLOOR_CAP = 5e-2  # a lowest residual above this is no floor: the step does not converge
+
+
+def recommended_tol(precision: str, residual_floor: float | None = None) -> dict[str, Any]:
+    """The convergence tolerance of a precision, from the residual floor its graph reaches.
+
+    tol = max(roundoff, 3 x floor) when a floor <= FLOOR_CAP was measured; the roundoff bound
+    when the measured lowest residual is above the cap (no floor: an untrained model); the
+    precision's unmeasured default when nothing was measured. So an fp32 tol never silently
+    fails to trigger in fp16 or int8.
+    """
+    row = precision_row(precision)
+    if residual_floor is None:
+        return {"tol": row.unmeasured_tol, "residual_floor": None, "floor_reached": False,
+                "rule": f"unmeasured: {row.unmeasured_tol:g}"}
+    reached = residual_floor <= FLOOR_CAP
+    tol = max(row.roundoff, TOL_FACTOR * residual_floor) if reached else row.roundoff
+    return {"tol": float(tol), "residual_floor": float(residual_floor), "floor_reached": bool(reached),
+            "rule": f"max({row.roundoff:g}, {TOL_FACTOR:g} x residual floor) if floor <= {FLOOR_CAP:g} "
+                    f"else {row.roundoff:g}"}
+
+
+# --------------------------------------------------------------------------- step I/O contract
+
+BATCH_DIM = "B"  # the one dynamic axis of every step graph
+INPUTS = {"tokens": "int32", "z_H": "float32", "z_L": "float32", "done": "bool"}  # name -> dtype
+# `done` freezes rows: where done[b], the state outputs are the state inputs bit for bit (and
+# residual[b] is 0). Static-shape backends (CUDA-graph replay) feed their frozen slots there;
+# the others feed all False. The loop hands a backend's step the other three (STEP_FEEDS).
+OUTPUTS = {"z_H_out": "float32", "z_L_out": "float32", "logits": "float32", "preds": "int32",
+           "residual": "float32", "logit_delta": "float32", "q_halt": "float32"}
+INPUT_NAMES = tuple(INPUTS)
+STEP_FEEDS = ("tokens", "z_H", "z_L")
+OUTPUT_NAMES = tuple(OUTPUTS)
+STATE_OUTPUTS = {"z_H": "z_H_out", "z_L": "z_L_out"}  # state input -> the output fed back as it
+
+
+def graph_feeds(tokens: np.ndarray, z_H: np.ndarray, z_L: np.ndarray,
+                done: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """numpy feeds of a step graph (ONNX Runtime sessions, calibration): done defaults to all False."""
+    done = np.zeros(len(tokens), bool) if done is None else np.asarray(done, bool)
+    return dict(zip(INPUT_NAMES, (np.ascontiguousarray(tokens, np.int32), np.ascontiguousarray(z_H, np.float32),
+                                  np.ascontiguousarray(z_L, np.float32), done)))
+
+
+# Initial states z_H, z_L: i.i.d. per trajectory, token and channel, a normal truncated to
+# +-INIT_TRUNCATION of its own std and rescaled by INIT_SCALE so that the result has exactly
+# the manifest's init_std (JAX-style compensation): z = INIT_SCALE * std * t, t ~ N(0, 1) | |t| <= 2.
+INIT_TRUNCATION = 2.0
+_Z = math.erf(INIT_TRUNCATION / math.sqrt(2.0))
+_PHI = math.exp(-INIT_TRUNCATION**2 / 2.0) / math.sqrt(2.0 * math.pi)
+INIT_SCALE = 1.0 / math.sqrt(1.0 - 2.0 * INIT_TRUNCATION * _PHI / _Z)  # ~= 1.13685
+
+
+def io_contract(seq_len: int, hidden: int, vocab: int) -> dict[str, list[dict[str, Any]]]:
+    """Names, dtypes and shapes of every step graph's inputs and outputs ("B": dynamic batch)."""
+    B, L, D, V = BATCH_DIM, seq_len, hidden, vocab
+    shapes = {"tokens": [B, L], "z_H": [B, L, D], "z_L": [B, L, D], "done": [B], "z_H_out": [B, L, D], "z_L_out": [B, L, D],
+              "logits": [B, L, V], "preds": [B, L], "residual": [B], "logit_delta": [B], "q_halt": [B]}
+    as_dicts = lambda names: [{"name": n, "dtype": t, "shape": shapes[n]} for n, t in names.items()]  # noqa: E731
+    return {"inputs": as_dicts(INPUTS), "outputs": as_dicts(OUTPUTS)}
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def check_manifest(data: Any, where: str | os.PathLike[str]) -> dict[str, Any]:
+    """`data` if it is an eqr-export manifest of this version; EqRError naming the fix otherwise."""
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or data.get("version") != MANIFEST_VERSION:
+        raise EqRError(f"{where}: not an {MANIFEST_FORMAT} v{MANIFEST_VERSION} manifest; re-run eqr export --force")
+    return data
+
+
+def manifest_text(manifest: dict[str, Any]) -> str:
+    return json.dumps(manifest, indent=2) + "\n"
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of an export directory; EqRError if missing or not an eqr export."""
+    path = Path(directory) / MANIFEST_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EqRError(f"{directory}: no {MANIFEST_FILE}; not an eqr export directory (run eqr export)") from None
+    except (OSError, ValueError) as e:
+        raise EqRError(f"{path}: unreadable manifest ({e}); re-run eqr export --force") from None
+    return check_manifest(data, path)
+
+
+def write_manifest(directory: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
+    atomic_write_text(Path(directory) / MANIFEST_FILE, manifest_text(manifest))
+
+
+def with_precision(manifest: dict[str, Any], precision: str, entry: dict[str, Any],
+                   calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A copy of `manifest` with `entry` merged over manifest["precisions"][precision]."""
+    data = json.loads(json.dumps(manifest))
+    precisions = data.setdefault("precisions", {})
+    precisions[precision] = dict(precisions.get(precision) or {}) | entry
+    if calibration is not None:
+        data["calibration"] = calibration
+    return data
+
+
+def update_manifest(directory: str | os.PathLike[str], precision: str, entry: dict[str, Any],
+                    calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Set manifest["precisions"][precision] (merged over what was there), atomically."""
+    data = with_precision(read_manifest(directory), precision, entry, calibration)
+    write_manifest(directory, data)
+    return data
+
+
+def graph_metadata(manifest: dict[str, Any], precision: str) -> dict[str, str]:
+    """The ONNX metadata_props a step graph of `precision` carries."""
+    return {METADATA_KEY: manifest_text(manifest), PRECISION_KEY: precision}
+
+
+def embedded_manifest(metadata: dict[str, str], where: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The manifest in a step graph's metadata (see `graph_metadata`), None when it has none."""
+    if METADATA_KEY not in metadata:
+        return None
+    try:
+        data = json.loads(metadata[METADATA_KEY])
+    except ValueError as e:
+        raise EqRError(f"{where}: malformed {METADATA_KEY} metadata ({e}); re-run eqr export --force") from None
+    return check_manifest(data, f"{where} ({METADATA_KEY} metadata)")
