@@ -11,9 +11,11 @@ from typing import Any
 import click
 
 from eqr import __version__
-from eqr.errors import EqRError
+from eqr.errors import EqRError, missing_extra
 
 # name -> "module:attribute" of a click command; imported only when that command runs.
+# `pip install eqr` is the runtime alone: a command whose packages are missing names its extra.
+COMMAND_EXTRAS = {"train": "train", "bench": "all"}  # where the package's own extra is not the one to name
 SUBCOMMANDS: dict[str, str] = {
     "bench": "eqr.bench:bench",
     "calibrate": "eqr.calibration.cli:calibrate",
@@ -38,10 +40,27 @@ class EqRGroup(click.Group):
         if target is None:
             return None
         module, _, attr = target.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ImportError as e:
+            missing = missing_extra(e, f"eqr {name}", COMMAND_EXTRAS.get(name))
+            if missing is None:
+                raise
+            return _unavailable(name, missing)
 
     def invoke(self, ctx: click.Context) -> Any:
         return run_reporting_errors(ctx, lambda: super(EqRGroup, self).invoke(ctx))
+
+
+def _unavailable(name: str, missing: EqRError) -> click.Command:
+    """Stands in for a command whose packages are not installed: listed in --help, and running
+    it (or its --help) says which extra to install."""
+    def fail(**_: Any) -> None:
+        raise missing
+
+    return click.Command(name, callback=fail, add_help_option=False, context_settings={"ignore_unknown_options": True},
+                         params=[click.Argument(["args"], nargs=-1, type=click.UNPROCESSED)],
+                         short_help=f"({missing.extra_hint})", help=str(missing))
 
 
 def run_reporting_errors(ctx: click.Context, fn: Any) -> Any:
@@ -50,6 +69,13 @@ def run_reporting_errors(ctx: click.Context, fn: Any) -> Any:
     except EqRError as e:
         click.echo(f"error: {e}", err=True)
         ctx.exit(e.exit_code)
+    except ImportError as e:  # an optional package used by the command is missing
+        command = ctx.invoked_subcommand or ctx.info_name
+        missing = missing_extra(e, f"eqr {command}", COMMAND_EXTRAS.get(command or ""))
+        if missing is None:
+            raise
+        click.echo(f"error: {missing}", err=True)
+        ctx.exit(missing.exit_code)
 
 
 @click.group(cls=EqRGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -9,3 +9,31 @@ class EqRError(Exception):
 
 class CheckpointError(EqRError):
     """A checkpoint file that is missing, malformed, unsafe or does not fit the model."""
+
+
+# Optional packages -> the pyproject extra that installs them (`pip install 'eqr[EXTRA]'`).
+# `pip install eqr` is the runtime alone: numpy, click and onnx (reading step graphs), no engine.
+EXTRAS = {"torch": "export", "polygraphy": "export", "onnx_graphsurgeon": "export", "matplotlib": "export",
+          "onnxruntime": "cpu", "tensorrt": "tensorrt", "cuda": "tensorrt"}  # cuda: cuda-python
+
+
+class MissingExtra(EqRError):
+    """An optional package is not installed; the message names the extra that brings it."""
+
+    def __init__(self, message: str, extra: str) -> None:
+        super().__init__(message)
+        self.extra = extra
+
+    @property
+    def extra_hint(self) -> str:
+        return f"needs pip install 'eqr[{self.extra}]'"
+
+
+def missing_extra(error: ImportError, needed_for: str = "this", extra: str | None = None) -> MissingExtra | None:
+    """The one-line error for an ImportError of an optional package (None for any other ImportError)."""
+    top = (error.name or "").split(".")[0]
+    if top not in EXTRAS:
+        return None
+    extra = extra or EXTRAS[top]
+    hint = " (or eqr[gpu], onnxruntime-gpu, on a CUDA machine; never both)" if top == "onnxruntime" else ""
+    return MissingExtra(f"{needed_for} needs {top}, which is not installed: pip install 'eqr[{extra}]'{hint}", extra)

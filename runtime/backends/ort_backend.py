@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from eqr.artifact import INPUT_NAMES, OUTPUT_NAMES, STEP_FEEDS
-from eqr.errors import EqRError
+from eqr.errors import EqRError, missing_extra
 from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
 
 if TYPE_CHECKING:
@@ -36,9 +36,8 @@ _ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "t
 def import_onnxruntime() -> Any:
     try:
         import onnxruntime
-    except ImportError:
-        raise EqRError("onnxruntime is not installed; `pip install onnxruntime` "
-                       "(or `pip install onnxruntime-gpu` on a CUDA machine, never both)") from None
+    except ImportError as e:
+        raise (missing_extra(e, "the onnxruntime backend") or e) from None
     return onnxruntime
 
 
@@ -71,9 +70,9 @@ class OrtBackend(Backend):
         if not path.is_file():
             return f"{path} is missing"
         try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return "onnxruntime is not installed"
+            import_onnxruntime()
+        except EqRError as e:
+            return str(e)
         return None
 
     @classmethod

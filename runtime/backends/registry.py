@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from eqr.errors import EqRError
+from eqr.errors import EqRError, missing_extra
 
 if TYPE_CHECKING:
     from eqr.runtime.artifact import Artifact
@@ -43,7 +43,14 @@ def backend_class(name: str) -> type["Backend"]:
 
 def unavailable_reason(name: str, artifact: "Artifact", precision: str) -> str | None:
     """None when backend `name` can run `artifact` at `precision`, else why not (one line)."""
-    return backend_class(name).unavailable_reason(artifact, precision)
+    try:
+        cls = backend_class(name)
+    except ImportError as e:  # the backend's module needs a package that is not installed
+        missing = missing_extra(e, f"the {name} backend")
+        if missing is None:
+            raise
+        return str(missing)
+    return cls.unavailable_reason(artifact, precision)
 
 
 def create_backend(name: str, artifact: "Artifact", precision: str, **options: Any) -> "Backend":

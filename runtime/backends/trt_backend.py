@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from eqr.artifact import INPUT_NAMES, OUTPUT_NAMES, STEP_FEEDS
-from eqr.errors import EqRError
+from eqr.errors import EqRError, missing_extra
 from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
 from eqr.trt_engine import check_engine, trt_logger
 
@@ -55,9 +55,8 @@ HOST_OUTPUTS = ("preds", "residual", "logit_delta", "q_halt")  # read by the loo
 def import_tensorrt() -> Any:
     try:
         import tensorrt
-    except ImportError:
-        raise EqRError("tensorrt is not installed; `pip install 'eqr[tensorrt]'` "
-                       "(on Jetson it ships with JetPack's system Python)") from None
+    except ImportError as e:  # on Jetson, JetPack's system tensorrt (a venv with --system-site-packages)
+        raise (missing_extra(e, "the tensorrt backend") or e) from None
     return tensorrt
 
 
@@ -67,9 +66,8 @@ def import_cudart() -> Any:
     except ImportError:
         try:
             from cuda import cudart as runtime  # cuda-python < 12.6
-        except ImportError:
-            raise EqRError("cuda-python is not installed; `pip install 'eqr[tensorrt]'` "
-                           "(or `pip install cuda-python` matching the CUDA driver)") from None
+        except ImportError as e:  # its major version follows the driver's CUDA
+            raise (missing_extra(e, "the tensorrt backend (cuda-python)") or e) from None
     return runtime
 
 
