@@ -254,12 +254,19 @@ def int8_calibration(model: "EqRModel", config: "ExportConfig") -> "Calibrate":
         from eqr.runtime.solver import Solver
 
         if isinstance(data, CalibSet):
+            progress.done(f"int8: calibrating on the {len(data)} recorded states of {config.calib_data}")
             return data.feeds(), {"source": config.calib_data, "rows": len(data), "method": "minmax"}
         # puzzles and starts unseen by the export's parity checks
         tokens = data if data is not None else task_inputs(task, fp32, EXPORT_CALIB_PUZZLES, config.seed + 1).numpy()
         with Solver.from_model(fp32) as solver, progress.bar("int8 calibration trajectories", len(tokens)) as advance:
             calib = record_calibration(solver, tokens, starts=1, depths=range(config.check_steps),
                                        seed=config.seed + 1, progress=advance)
+        what = (f"the {len(tokens)} puzzles of {config.calib_data}" if data is not None
+                else f"{len(tokens)} built-in {task.name or 'random-token'} puzzles")
+        hint = "" if data is not None else ("; for real data pass --calib-data PUZZLES.npz ('tokens' [N, L]) or run "
+                                            "`eqr calibrate EXPORT_DIR` after the export")
+        progress.done(f"int8: calibrated on {what}, one random start each, states at depths "
+                      f"0..{config.check_steps - 1} ({len(calib)} states){hint}")
         info = {"source": config.calib_data or "built-in (task inputs, random initial states)",
                 "trajectories": int(len(tokens)), "depths": config.check_steps, "rows": len(calib), "method": "minmax"}
         return calib.feeds(), info

@@ -9,6 +9,7 @@ This module is the bottom floor: it imports neither torch, onnx nor an inference
     model.step.fp16.onnx, model.step.int8.onnx
     model.step.<p>.<gpu>.trt<v>.engine  TensorRT engines (`engine_file`), each with a .json sidecar
     calib.npz                         CALIB_FILE: calibration states recorded by `eqr calibrate`
+    report/                           REPORT_DIR: `eqr report`'s precision report
 
 Every step graph carries the manifest in its ONNX metadata (METADATA_KEY) and its own precision
 (PRECISION_KEY), so a graph copied out of its directory still describes itself.
@@ -31,6 +32,7 @@ MANIFEST_VERSION = 1
 METADATA_KEY = "eqr.manifest"  # ONNX metadata_props key: the manifest JSON
 PRECISION_KEY = "eqr.precision"  # ONNX metadata_props key: the graph's precision
 CALIB_FILE = "calib.npz"
+REPORT_DIR = "report"  # `eqr report`'s default output directory inside the export
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 # Files an export owns in its directory (a re-export replaces them; nothing else is touched).
 OWN_FILE_PATTERNS = ("model.step*.onnx", "model.step*.engine", "model.step*.engine.json", MANIFEST_FILE)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from eqr.artifact import INPUT_NAMES, OUTPUT_NAMES
+from eqr.artifact import OUTPUT_NAMES
 from eqr.export.inputs import Trajectory
 from eqr.model import EqRModel
 from eqr.step_graph import StepGraph
@@ -158,6 +158,3 @@ def check_depths(steps: int, every_depth: bool) -> list[int]:
         k *= 2
     return sorted(set(depths + [steps - 1]))
 
-
-def feeds_of(tokens: np.ndarray, z_H: np.ndarray, z_L: np.ndarray) -> dict[str, np.ndarray]:
-    return dict(zip(INPUT_NAMES, (tokens.astype(np.int32), z_H.astype(np.float32), z_L.astype(np.float32))))

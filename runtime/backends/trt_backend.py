@@ -70,7 +70,8 @@ class TensorRTBackend(TorchArrays, Backend):
     @classmethod
     def unavailable_reason(cls, artifact: "Artifact", precision: str) -> str | None:
         if precision not in artifact.engines:
-            return f"no {precision} TensorRT engine in the artifact; build one with `eqr export --engine`"
+            return (f"no {precision} TensorRT engine in the artifact; build one on the target GPU with "
+                    f"`eqr export MODEL --precision {precision} --engine always`")
         try:
             import tensorrt  # noqa: F401
         except ImportError:
@@ -118,8 +119,11 @@ class TensorRTBackend(TorchArrays, Backend):
         self.runtime = None
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "device": str(self.device), "precision": self.precision,
+        info = {"backend": self.name, "device": str(self.device), "precision": self.precision,
                 "engine": str(self.engine_path), "cuda_graphs": self.cuda_graphs, "batch_size": self.batch_size}
+        if self.engine is not None:  # what actually runs: the TensorRT library and the GPU
+            info |= {"tensorrt": import_tensorrt().__version__, "gpu": torch.cuda.get_device_name(self.device)}
+        return info
 
     # ------------------------------------------------------------------ buffers
     def _buffers_for(self, B: int, L: int) -> None:
