@@ -192,8 +192,9 @@ def read_calib_file(path: str | os.PathLike[str], seq_len: int | None = None, hi
     path = Path(path)
     where = f"{what} {path}" if what else str(path)
     if not path.is_file():
-        raise EqRError(f"{where}: no such file; record one with `eqr calibrate EXPORT_DIR`")
-    arrays = read_npz(path, where, "re-run `eqr calibrate --force`")
+        raise EqRError(f"{where}: no such file; pass puzzles as an .npz with 'tokens' [N, L], or record states "
+                       "with `eqr calibrate EXPORT_DIR` (EXPORT_DIR/calib.npz)")
+    arrays = read_npz(path, where)
     key = "tokens" if "tokens" in arrays else "inputs" if "inputs" in arrays else None
     if key is None:
         raise EqRError(f"{where}: has {sorted(arrays)}, needs a 'tokens' (or 'inputs') array [N, {seq_len or 'L'}]")
@@ -208,8 +209,8 @@ def read_calib_file(path: str | os.PathLike[str], seq_len: int | None = None, hi
         value = arrays[name]
         if value.shape != (N, L, D) or not np.issubdtype(value.dtype, np.floating):
             raise EqRError(f"{where}: '{name}' has shape {list(value.shape)} ({value.dtype}), expected float "
-                           f"[{N}, {L}, {D}]: the states do not match this model or their tokens; "
-                           "re-run `eqr calibrate --force`")
+                           f"[{N}, {L}, {D}]: the states do not match this model or their tokens; record them "
+                           "for this model with `eqr calibrate EXPORT_DIR`")
         if not np.isfinite(value).all():
             raise EqRError(f"{where}: '{name}' holds NaN or Inf")
     zeros = np.zeros(N, np.int32)
@@ -227,7 +228,7 @@ def load_calib(path: str | os.PathLike[str], seq_len: int | None = None, hidden_
     calib = read_calib_file(path, seq_len, hidden_size)
     if not isinstance(calib, CalibSet):
         raise EqRError(f"{path}: holds puzzles but no recorded states (z_H, z_L); record them with "
-                       "`eqr calibrate EXPORT_DIR --force`")
+                       "`eqr calibrate EXPORT_DIR`")
     return calib
 
 

@@ -162,20 +162,20 @@ def write_manifest(directory: str | os.PathLike[str], manifest: dict[str, Any]) 
 
 
 def with_precision(manifest: dict[str, Any], precision: str, entry: dict[str, Any],
-                   calibration: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A copy of `manifest` with `entry` merged over manifest["precisions"][precision]."""
+                   calibration: dict[str, Any] | None = None, replace: bool = False) -> dict[str, Any]:
+    """A copy of `manifest` with `entry` merged over (or `replace`-ing) manifest["precisions"][precision]."""
     data = json.loads(json.dumps(manifest))
     precisions = data.setdefault("precisions", {})
-    precisions[precision] = dict(precisions.get(precision) or {}) | entry
+    precisions[precision] = entry if replace else dict(precisions.get(precision) or {}) | entry
     if calibration is not None:
         data["calibration"] = calibration
     return data
 
 
 def update_manifest(directory: str | os.PathLike[str], precision: str, entry: dict[str, Any],
-                    calibration: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Set manifest["precisions"][precision] (merged over what was there), atomically."""
-    data = with_precision(read_manifest(directory), precision, entry, calibration)
+                    calibration: dict[str, Any] | None = None, replace: bool = False) -> dict[str, Any]:
+    """Set manifest["precisions"][precision] (merged over what was there, or `replace`d), atomically."""
+    data = with_precision(read_manifest(directory), precision, entry, calibration, replace)
     write_manifest(directory, data)
     return data
 

@@ -33,7 +33,7 @@ def test_configs_validate_and_round_trip() -> None:
     assert report.drop_limit("int8") == 2.0 and ReportConfig().drop_limit("fp16") == 0.5
     with pytest.raises(EqRError, match="--method"):
         CalibConfig(method="kl")
-    with pytest.raises(EqRError, match="--precisions"):
+    with pytest.raises(EqRError, match="--precision "):
         ReportConfig(precisions=("fp8",))
     with pytest.raises(EqRError, match="unknown ReportConfig keys: typo"):
         ReportConfig.from_dict({"typo": 1})
