@@ -334,7 +334,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     rows = summary_rows(report)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.append("ran on: " + "; ".join(f"{name} {describe_run(info)}" for name, info in run_backends(report).items()))
-    lines.append("ran on: " + "; ".join(f"{name} {describe_run(info)}" for name, info in run_backends(report).items()))
+    runs = run_backends(report)
+    lines.append("ran on: " + "; ".join(f"{name} {describe_run(info)}" for name, info in runs.items()))
     lines.append(f"{'PASSED' if report['passed'] else 'FAILED'}: {report['out']}/report.html")
     return lines
