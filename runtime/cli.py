@@ -108,8 +108,8 @@ def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: 
     if fmt == "hrm" and source == "-":
         raise EqRError("--format hrm reads a data set directory; pass it with --input DIR")
     if source == "-" and sys.stdin.isatty():
-        progress.note(f"reading {task!r} puzzles from stdin, one per line (end with Ctrl-D); "
-                      "or pass --input FILE")
+        progress.note(f"reading {task.name} {task.size}x{task.size} puzzles from stdin, one per line "
+                      "(end with Ctrl-D); or pass --input FILE")
     stream = sys.stdin if source == "-" else source
     entries = read_puzzles(stream, fmt, task, with_solutions=True)
     good = [(line, tokens, solution) for line, tokens, solution in entries if not isinstance(tokens, str)]

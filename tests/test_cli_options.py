@@ -147,3 +147,15 @@ def test_int8_export_says_what_it_calibrated_on_and_the_parity_limit(tmp_path) -
     assert "pass --calib-data PUZZLES.npz" in result.stderr
     again = CliRunner().invoke(cli, ["export", str(tmp_path / "tiny.pt"), "--out", str(tmp_path / "e")])
     assert again.exit_code == 2 and "pass --force to replace the export there" in again.stderr
+
+
+def test_data_commands_share_quiet_and_the_progress_lines(tmp_path) -> None:
+    import json
+
+    args = ["data", "generate", "--task", "sudoku", "--size", "4", "--n", "3", "--out", str(tmp_path / "d")]
+    loud = CliRunner().invoke(cli, args)
+    assert loud.exit_code == 0 and "generating sudoku 4x4 train: 3/3 in " in loud.stderr
+    quiet = CliRunner().invoke(cli, [*args, "--split", "test", "-q", "--json"])
+    assert quiet.exit_code == 0 and quiet.stderr == "" and json.loads(quiet.stdout)["puzzles"] == 3
+    checked = CliRunner().invoke(cli, ["data", "check", str(tmp_path / "d"), "-q"])
+    assert checked.exit_code == 0 and checked.stderr == "" and "train: ok" in checked.stdout

@@ -103,7 +103,7 @@ def generate(task_name: str, size: int | None, count: int, seed: int, out: Path,
     started = time.perf_counter()
     seed_used = split_seed(seed, split)
     exclude = _other_split_inputs(out, split, task.seq_len)
-    with Progress(quiet).bar(f"generating {task!r} {split}", count) as advance:
+    with Progress(quiet).bar(f"generating {task.name} {task.size}x{task.size} {split}", count) as advance:
         puzzles = task.generate(count, seed_used, tier, progress=advance, exclude=exclude, **options)
     inputs, labels, groups = puzzles.inputs, puzzles.labels, None
     if augment:
