@@ -105,7 +105,8 @@ def plan_precisions(manifest: dict[str, Any], root: Path, requested: tuple[str, 
     """-> (graphs to build, export-written graphs kept). Calibrate replaces its own graphs freely;
     one `eqr export` wrote only when named in --precision with --force."""
     def foreign(p: str) -> bool:
-        return (root / PRECISIONS[p].onnx).exists() and (manifest["precisions"].get(p) or {}).get("built_by") != BUILT_BY
+        entry = manifest["precisions"].get(p) or {}
+        return (root / PRECISIONS[p].onnx).exists() and entry.get("built_by") != BUILT_BY
 
     if not requested:
         return tuple(p for p in CALIBRATED if not foreign(p)), tuple(p for p in CALIBRATED if foreign(p))

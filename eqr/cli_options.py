@@ -35,9 +35,7 @@ from click.core import ParameterSource
 
 from eqr.errors import EqRError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_CODES_HELP = ("Exit status: 0 ok; 1 a check or a puzzle failed; 2 usage or input error; "
-                   "130 interrupted (Ctrl-C).")
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 
 
 # --------------------------------------------------------------------------- list-valued flags
@@ -278,4 +276,4 @@ def run_command(command: click.Command, prog_name: str, args: Sequence[str] | No
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    sys.exit(EXIT_OK)
+    sys.exit(0)
