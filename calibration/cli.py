@@ -1,10 +1,7 @@
 """`eqr calibrate` (calibration states, FP16/INT8 graphs) and `eqr report` (precision regression report)."""
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +9,15 @@ import click
 import numpy as np
 
 from eqr.artifact import PRECISIONS
-from eqr.calibration.config import METHODS, CalibConfig, ReportConfig, parse_ints, parse_names
+from eqr.calibration.config import METHODS, CalibConfig, ReportConfig, parse_ints
+from eqr.cli_options import Progress, backend_option, calib_data_option, force_option, out_option, output_options, \
+    precision_option
 from eqr.errors import EqRError
+from eqr.runtime.backends.registry import backend_names
+from eqr.runtime.cli import backend_info, describe_run
 
-
-@contextlib.contextmanager
-def progress_bar(label: str, length: int, quiet: bool = False) -> Iterator[Callable[[int], None]]:
-    """A stderr progress bar; yields `advance(n)`."""
-    if quiet:
-        yield lambda n: None
-        return
-    with click.progressbar(length=length, label=label, file=sys.stderr, show_pos=True) as bar:
-        yield bar.update
+BUILT_BY = "eqr calibrate"  # manifest precisions[p]["built_by"] of the graphs calibrate owns
+CALIBRATED = ("fp16", "int8")
 
 
 def _export_artifact(export_dir: str) -> Any:
@@ -44,9 +38,10 @@ def _names(text: str | None) -> tuple[str, ...]:
 
 @click.command()
 @click.argument("export_dir", type=click.Path(file_okay=False))
-@click.option("--data", default=None, help="Puzzles: a data set directory (eqr data generate) or .npz with 'inputs'.")
+@calib_data_option(old=("--data",), help="Puzzles to calibrate on: a data set directory (`eqr data generate`) "
+                                         "or an .npz with 'inputs' [N, L] [default: generated].")
 @click.option("--generate", "puzzles", type=int, default=CalibConfig.puzzles, show_default=True,
-              help="Puzzles of the export's task to generate (or the first N of --data).")
+              help="Puzzles of the export's task to generate (or the first N of --calib-data).")
 @click.option("--starts", type=int, default=CalibConfig.starts, show_default=True,
               help="Random initial states per puzzle.")
 @click.option("--depths", default=",".join(map(str, CalibConfig.depths)), show_default=True,
@@ -58,34 +53,40 @@ def _names(text: str | None) -> tuple[str, ...]:
 @click.option("--percentile", type=float, default=CalibConfig.percentile, show_default=True,
               help="Percentile of --method percentile.")
 @click.option("--keep-fp32-ops", default=None, help="FP16: op types kept FP32 (default: the export's list).")
-@click.option("--precisions", default="fp16,int8", show_default=True, help="Graphs to build: fp16, int8.")
+@precision_option(default=(), choices=CALIBRATED, old="--precisions",
+                  help="Graphs to build (repeat or comma list) [default: fp16 and int8, except a graph "
+                       "`eqr export` wrote itself].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Puzzles and initial states.")
-@click.option("--force", is_flag=True, help="Replace calib.npz and existing precision graphs.")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest entries as JSON.")
-def calibrate(export_dir: str, data: str | None, puzzles: int, starts: int, depths: str, method: str, op_types: str,
-              exclude_nodes: str, percentile: float, keep_fp32_ops: str | None, precisions: str, seed: int,
-              force: bool, as_json: bool) -> None:
+@force_option(help="Also replace graphs that `eqr export` wrote (calibrate's own files are always replaced).")
+@output_options
+def calibrate(export_dir: str, calib_data: str | None, puzzles: int, starts: int, depths: str, method: str,
+              op_types: str, exclude_nodes: str, percentile: float, keep_fp32_ops: str | None,
+              precision: tuple[str, ...], seed: int, force: bool, as_json: bool, quiet: bool, verbose: int) -> None:
     """Record trajectory-aware calibration states and build the FP16/INT8 graphs of EXPORT_DIR.
 
     Runs the FP32 loop from --starts random states per puzzle, records the step inputs
     (tokens, z_H, z_L) at every --depths, saves them as EXPORT_DIR/calib.npz with their
     provenance, then writes model.step.fp16.onnx / model.step.int8.onnx (symmetric Q/DQ;
-    by default only MatMul/Gemm) and their tolerances into manifest.json.
+    by default only MatMul/Gemm) and their tolerances into manifest.json. It adds to the
+    export: re-running replaces its own files, and a graph `eqr export` wrote is kept
+    unless named in --precision with --force.
 
     \b
     Examples:
       eqr calibrate sudoku-eqr/
-      eqr calibrate sudoku-eqr/ --method percentile --precisions int8 --force
-      eqr calibrate maze-eqr/ --data data/maze --generate 32 --starts 8
-      eqr calibrate sudoku-eqr/ --exclude-nodes /blocks.0/mlp/down/MatMul --force
+      eqr calibrate sudoku-eqr/ --method percentile --precision int8
+      eqr calibrate maze-eqr/ --calib-data data/maze --generate 32 --starts 8
+      eqr calibrate sudoku-eqr/ --precision fp16,int8 --force
+      eqr calibrate sudoku-eqr/ --exclude-nodes /blocks.0/mlp/down/MatMul
     """
+    progress = Progress(quiet)
     cfg = CalibConfig(puzzles=puzzles, starts=starts, depths=parse_ints(depths, "--depths"), seed=seed,
                       method=method, op_types=_names(op_types), exclude_nodes=_names(exclude_nodes),
                       percentile=percentile, keep_fp32_ops=None if keep_fp32_ops is None else _names(keep_fp32_ops),
-                      precisions=parse_names(precisions, "--precisions", ("fp16", "int8")), force=force)
-    entries = run_calibrate(export_dir, data, cfg, quiet=as_json)
+                      precisions=precision, force=force)
+    entries, info = run_calibrate(export_dir, calib_data, cfg, progress)
     if as_json:
-        click.echo(json.dumps(entries, indent=2, default=str))
+        click.echo(json.dumps({"precisions": entries} | info, indent=2, default=str))
         return
     for precision, entry in entries.items():
         extra = ""
@@ -94,10 +95,32 @@ def calibrate(export_dir: str, data: str | None, puzzles: int, starts: int, dept
             extra = f", {100 * change['changed_fraction']:.0f}% of scales moved vs minmax (median x{change['median_ratio']:.3f})"
         click.echo(f"{precision}: {entry['onnx']}, tol {entry['tol']:.3g} (residual floor "
                    f"{entry['tol_rule']['residual_floor']:.3g}){extra}")
+    for precision in info["kept"]:
+        click.echo(f"{precision}: kept the export's graph (pass --precision {precision} --force to calibrate it)")
+    progress.note(f"{info['calib']}: {info['states']} states recorded on {describe_run(info['recorded_on'])}")
 
 
-def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig, quiet: bool = False) -> dict[str, Any]:
-    """The work of `eqr calibrate`; returns the manifest entries it wrote."""
+def plan_precisions(manifest: dict[str, Any], root: Path, requested: tuple[str, ...],
+                    force: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """-> (graphs to build, export-written graphs kept). Calibrate replaces its own graphs freely;
+    one `eqr export` wrote only when named in --precision with --force."""
+    def foreign(p: str) -> bool:
+        entry = manifest["precisions"].get(p) or {}
+        return (root / PRECISIONS[p].onnx).exists() and entry.get("built_by") != BUILT_BY
+
+    if not requested:
+        return tuple(p for p in CALIBRATED if not foreign(p)), tuple(p for p in CALIBRATED if foreign(p))
+    clash = [str(root / PRECISIONS[p].onnx) for p in requested if foreign(p)]
+    if clash and not force:
+        raise EqRError(f"{', '.join(clash)}: written by `eqr export`; pass --force to replace "
+                       f"{'it' if len(clash) == 1 else 'them'} with calibrated graphs, or leave "
+                       f"{'it' if len(clash) == 1 else 'them'} out of --precision")
+    return requested, ()
+
+
+def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig,
+                  progress: Progress | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The work of `eqr calibrate` -> (the manifest entries it wrote, {calib, states, kept, recorded_on})."""
     from eqr.artifact import CALIB_FILE, read_manifest, update_manifest, with_precision
     from eqr.calibration.data import load_puzzles
     from eqr.calibration.quantize import QuantPolicy, build_fp16, build_int8, embed_manifest, fp32_onnx
@@ -105,33 +128,32 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig, quiet: bo
     from eqr.io import sha256_file
     from eqr.runtime import Solver
 
+    progress = progress or Progress(quiet=True)
     artifact = _export_artifact(export_dir)
     manifest = read_manifest(export_dir)
     fp32_onnx(export_dir)  # the graph the others derive from must be there
     root = Path(export_dir)
-    targets = [root / CALIB_FILE] + [root / PRECISIONS[p].onnx for p in cfg.precisions]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not cfg.force:
-        raise EqRError(f"{', '.join(existing)} exist; pass --force to replace them")
+    build, kept = plan_precisions(manifest, root, cfg.precisions, cfg.force)
     puzzles = load_puzzles(artifact.task, artifact.seq_len, data, cfg.puzzles, cfg.seed)
     fp32_path = artifact.onnx["fp32"]
     provenance = {"model": {"fp32_onnx": fp32_path.name, "fp32_onnx_sha256": sha256_file(fp32_path),
                             "source": manifest.get("source")},
                   "data": puzzles.source, "config": cfg.to_dict()}
-    with progress_bar("recording FP32 trajectories", len(puzzles) * cfg.starts, quiet) as advance:
+    with progress.bar("recording FP32 trajectories", len(puzzles) * cfg.starts) as advance:
         with Solver.load(artifact, backend="onnxruntime", precision="fp32") as solver:
             calib = record_calibration(solver, puzzles.inputs, cfg.starts, cfg.depths, cfg.seed, provenance,
                                        progress=advance)
-    save_calib(root / CALIB_FILE, calib, force=cfg.force)
+            recorded_on = backend_info(solver.backend)
+    save_calib(root / CALIB_FILE, calib, force=True)  # calibrate's own file
     entries = {}
-    with progress_bar("building precision graphs", len(cfg.precisions), quiet) as advance:
-        for precision in cfg.precisions:
+    with progress.bar("building precision graphs", len(build)) as advance:
+        for precision in build:
             if precision == "fp16":
-                entry = build_fp16(export_dir, cfg.keep_fp32_ops, force=cfg.force)
+                entry = build_fp16(export_dir, cfg.keep_fp32_ops, force=True)
             else:
                 policy = QuantPolicy(cfg.method, cfg.op_types, cfg.exclude_nodes, cfg.percentile)
-                entry = build_int8(export_dir, calib, policy, force=cfg.force)
-            entry |= measured_tol(export_dir, precision, entry["onnx"], puzzles.inputs, cfg)
+                entry = build_int8(export_dir, calib, policy, force=True)
+            entry |= measured_tol(export_dir, precision, entry["onnx"], puzzles.inputs, cfg) | {"built_by": BUILT_BY}
             calibration = {"file": CALIB_FILE, "states": len(calib), "sha256": sha256_file(root / CALIB_FILE),
                            "puzzles": len(puzzles), "starts": cfg.starts, "depths": list(cfg.depths),
                            "seed": cfg.seed, "data": puzzles.source}
@@ -139,12 +161,13 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig, quiet: bo
             # cannot be inside it, so manifest.json records that after the metadata is written.
             embedded = {k: v for k, v in entry.items() if k != "sha256"}
             embed_manifest(root / entry["onnx"], with_precision(read_manifest(export_dir), precision, embedded,
-                                                                calibration), precision)
+                                                                calibration, replace=True), precision)
             entry["sha256"] = sha256_file(root / entry["onnx"])
-            update_manifest(export_dir, precision, entry, calibration)
+            update_manifest(export_dir, precision, entry, calibration, replace=True)
             entries[precision] = entry
             advance(1)
-    return entries
+    info = {"calib": str(root / CALIB_FILE), "states": len(calib), "kept": list(kept), "recorded_on": recorded_on}
+    return entries, info
 
 
 def measured_tol(export_dir: str, precision: str, onnx_name: str, inputs: np.ndarray, cfg: CalibConfig) -> dict[str, Any]:
@@ -173,9 +196,11 @@ def measured_tol(export_dir: str, precision: str, onnx_name: str, inputs: np.nda
 @click.option("--data", default=None, help="Puzzles with labels: a data set directory or .npz (inputs, labels).")
 @click.option("--generate", "puzzles", type=int, default=ReportConfig.puzzles, show_default=True,
               help="Puzzles of the export's task to generate (or the first N of --data).")
-@click.option("--precisions", default=",".join(PRECISIONS), show_default=True, help="Precisions to compare.")
-@click.option("--backends", default="onnxruntime,torch", show_default=True,
-              help="Backends; pairs a backend cannot run (torch at fp16/int8) are listed as not run.")
+@precision_option(default=(), choices=tuple(PRECISIONS), old="--precisions",
+                  help="Precisions to compare (repeat or comma list) [default: every graph in the export].")
+@backend_option(choices=backend_names(), default=("onnxruntime", "torch"), multiple=True, old="--backends",
+                help="Backends (repeat or comma list); pairs a backend cannot run (torch at fp16/int8) are "
+                     "listed as not run.")
 @click.option("--depths", default=",".join(map(str, ReportConfig.depths)), show_default=True,
               help="Fixed depths of the accuracy curve.")
 @click.option("--breadth", default="1,8", show_default=True, help="Trajectories per puzzle (vote / converged).")
@@ -186,40 +211,42 @@ def measured_tol(export_dir: str, precision: str, onnx_name: str, inputs: np.nda
 @click.option("--max-steps", type=int, default=ReportConfig.max_steps, show_default=True,
               help="Cap of the gated runs and length of the residual-floor run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Puzzles and initial states (all runs).")
-@click.option("--calib", default=None, help="calib.npz for the per-step state error [default: EXPORT_DIR/calib.npz].")
-@click.option("--out", "out_dir", default=None, help="Output directory [default: EXPORT_DIR/report].")
+@calib_data_option(old=("--calib",), help="calib.npz for the per-step state error [default: EXPORT_DIR/calib.npz, "
+                                          "else states recorded on the report's puzzles].")
+@out_option(help="Output directory [default: EXPORT_DIR/report].")
 @click.option("--card", default=None, help="Also record the results in this model card (directory or bundled name).")
-@click.option("--force", is_flag=True, help="Replace an existing report in --out.")
-@click.option("--json", "as_json", is_flag=True, help="Print report.json's verdict part as JSON.")
+@force_option(help="Write into an --out that holds other files (a report there is always replaced).")
+@output_options
 @click.pass_context
-def report(ctx: click.Context, export_dir: str, data: str | None, puzzles: int, precisions: str, backends: str,
-           depths: str, breadth: str, max_drop: float | None, min_agreement: float, max_steps: int, seed: int,
-           calib: str | None, out_dir: str | None, card: str | None, force: bool, as_json: bool) -> None:
+def report(ctx: click.Context, export_dir: str, data: str | None, puzzles: int, precision: tuple[str, ...],
+           backend: tuple[str, ...], depths: str, breadth: str, max_drop: float | None, min_agreement: float,
+           max_steps: int, seed: int, calib_data: str | None, out: str | None, card: str | None, force: bool,
+           as_json: bool, quiet: bool, verbose: int) -> None:
     """Accuracy, convergence and contraction of every precision x backend vs FP32.
 
     Runs each precision on the same puzzles and initial-state seeds; writes report.json,
-    report.md, report.html and PNG plots. Exit 1 when a precision's accuracy drops more than
-    --max-drop points below FP32 or its answers agree with FP32 on fewer than --min-agreement
-    of the puzzles (each failure is printed); exit 0 otherwise.
+    report.md, report.html and PNG plots (re-running replaces them). Exit 1 when a
+    precision's accuracy drops more than --max-drop points below FP32 or its answers agree
+    with FP32 on fewer than --min-agreement of the puzzles (each failure is printed); exit 0
+    otherwise. The summary and --json name the backend and provider(s) of every run.
 
     \b
     Examples:
       eqr report sudoku-eqr/
-      eqr report sudoku-eqr/ --precisions fp32,int8 --max-drop 2 --depths 1,4,16,64
+      eqr report sudoku-eqr/ --precision fp32,int8 --max-drop 2 --depths 1,4,16,64
       eqr report maze-eqr/ --data data/maze --generate 128 --breadth 1,16 --out maze-report
-      eqr report sudoku-eqr/ --card cpu-sudoku-4x4 --force
+      eqr report sudoku-eqr/ --card cpu-sudoku-4x4
     """
-    from eqr.runtime.backends.registry import backend_names
-
-    cfg = ReportConfig(precisions=parse_names(precisions, "--precisions", tuple(PRECISIONS)),
-                       backends=parse_names(backends, "--backends", backend_names()),
-                       depths=tuple(sorted(set(parse_ints(depths, "--depths")))),
+    progress = Progress(quiet)
+    artifact = _export_artifact(export_dir)
+    cfg = ReportConfig(precisions=precision or tuple(p for p in PRECISIONS if p in artifact.onnx),
+                       backends=backend, depths=tuple(sorted(set(parse_ints(depths, "--depths")))),
                        breadth=tuple(sorted(set(parse_ints(breadth, "--breadth")))), puzzles=puzzles, seed=seed,
                        max_steps=max_steps, max_drop=max_drop, min_agreement=min_agreement)
-    result = run_report(export_dir, data, cfg, calib, out_dir, force, card, quiet=as_json)
+    result = run_report(export_dir, data, cfg, calib_data, out, force, card, progress)
     if as_json:
         click.echo(json.dumps({k: result[k] for k in ("passed", "failures", "reference", "skipped")} |
-                              {"out": result["out"]}, indent=2))
+                              {"out": result["out"], "runs": run_backends(result)}, indent=2))
     else:
         for line in summary_lines(result):
             click.echo(line)
@@ -229,31 +256,49 @@ def report(ctx: click.Context, export_dir: str, data: str | None, puzzles: int, 
         ctx.exit(1)
 
 
+def run_backends(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{run name: what ran it (backend, precision, device, providers)} from report.json."""
+    return {name: {k: v for k, v in run.get("describe", {}).items() if k not in ("onnx", "engine")}
+            for name, run in report["runs"].items()}
+
+
+def check_report_out(out: Path, force: bool) -> None:
+    """A report replaces an earlier report; other files in --out need --force."""
+    if out.exists() and not out.is_dir():
+        raise EqRError(f"--out {out}: exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file() and not force:
+        raise EqRError(f"--out {out}: holds files that are not an eqr report; pass --force to write there "
+                       "or choose another --out")
+
+
 def run_report(export_dir: str, data: str | None, cfg: ReportConfig, calib_path: str | None, out_dir: str | None,
-               force: bool, card: str | None = None, quiet: bool = False) -> dict[str, Any]:
+               force: bool, card: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Collect, save results.npz, judge into report.json, render from report.json; returns the report."""
     from eqr.calibration.collect import collect, plan_units, runnable_pairs, save_results
     from eqr.calibration.compare import compare
     from eqr.calibration.data import load_puzzles
     from eqr.calibration.render import load_report, render
+    from eqr.artifact import REPORT_DIR
     from eqr.io import atomic_write_text
 
+    progress = progress or Progress(quiet=True)
     artifact = _export_artifact(export_dir)
-    out = Path(out_dir) if out_dir else Path(export_dir) / "report"
-    if (out / "report.json").exists() and not force:
-        raise EqRError(f"{out}/report.json exists; pass --force to replace it or --out another directory")
+    out = Path(out_dir) if out_dir else Path(export_dir) / REPORT_DIR
+    check_report_out(out, force)
     pairs, skipped = runnable_pairs(artifact, cfg)
     missing = [p for p in cfg.precisions if not any(pp == p for _, pp in pairs)]
     if missing:
-        raise EqRError(f"{export_dir}: no backend can run {', '.join(missing)} "
-                       f"({'; '.join(f'{k}: {v}' for k, v in skipped.items() if k.endswith(tuple(missing)))}); "
-                       f"build them with `eqr calibrate {export_dir}` or drop them from --precisions")
+        reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items() if k.endswith(tuple(missing)))
+        no_graph = [p for p in missing if not (p in artifact.onnx and artifact.onnx[p].is_file())]
+        build = f"build with `eqr calibrate {export_dir} --precision {','.join(no_graph)}`, " if no_graph else ""
+        raise EqRError(f"{export_dir}: no backend can run {', '.join(missing)} ({reasons}); {build}"
+                       "leave them out of --precision or pass another --backend")
     if not any(p == "fp32" for _, p in pairs):
-        raise EqRError("--precisions must include fp32: every precision is compared with it")
+        raise EqRError("--precision must include fp32: every precision is compared with it")
     puzzles = load_puzzles(artifact.task, artifact.seq_len, data, cfg.puzzles, cfg.seed)
-    calib = _report_calib(artifact, export_dir, calib_path, puzzles, cfg, quiet)
+    calib = _report_calib(artifact, export_dir, calib_path, puzzles, cfg, progress)
     out.mkdir(parents=True, exist_ok=True)
-    with progress_bar("precision report", plan_units(cfg, len(pairs)), quiet) as advance:
+    with progress.bar("precision report", plan_units(cfg, len(pairs))) as advance:
         results = collect(artifact, puzzles, cfg, calib, advance)
     save_results(out / "results.npz", results)
     report_json = out / "report.json"
@@ -268,8 +313,8 @@ def run_report(export_dir: str, data: str | None, cfg: ReportConfig, calib_path:
 
 
 def _report_calib(artifact: Any, export_dir: str, calib_path: str | None, puzzles: Any, cfg: ReportConfig,
-                  quiet: bool) -> Any:
-    """--calib, else EXPORT_DIR/calib.npz, else a fresh small recording on the report's puzzles."""
+                  progress: Progress) -> Any:
+    """--calib-data, else EXPORT_DIR/calib.npz, else a fresh small recording on the report's puzzles."""
     from eqr.artifact import CALIB_FILE
     from eqr.calibration.record import load_calib, record_calibration
     from eqr.runtime import Solver
@@ -278,7 +323,7 @@ def _report_calib(artifact: Any, export_dir: str, calib_path: str | None, puzzle
     if calib_path or path.is_file():
         return load_calib(path, artifact.seq_len, artifact.hidden_size)
     depths = sorted({0, *cfg.depths})
-    with progress_bar("recording calibration states", min(len(puzzles), 16), quiet) as advance:
+    with progress.bar("recording calibration states", min(len(puzzles), 16)) as advance:
         with Solver.load(artifact, backend="onnxruntime", precision="fp32") as solver:
             return record_calibration(solver, puzzles.inputs[:16], 1, depths, cfg.seed,
                                       {"data": puzzles.source}, progress=advance)
@@ -290,5 +335,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     rows = summary_rows(report)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    runs = run_backends(report)
+    lines.append("ran on: " + "; ".join(f"{name} {describe_run(info)}" for name, info in runs.items()))
     lines.append(f"{'PASSED' if report['passed'] else 'FAILED'}: {report['out']}/report.html")
     return lines

@@ -23,7 +23,7 @@ def pick_reference(results: Results, wanted: str) -> str:
         return wanted
     fp32 = [n for n, r in results.runs.items() if r["precision"] == "fp32"]
     if not fp32:
-        raise ValueError("no FP32 run to compare with: include fp32 in --precisions")
+        raise ValueError("no FP32 run to compare with: include fp32 in --precision")
     return sorted(fp32, key=lambda n: (not n.startswith("torch"), n))[0]
 
 
@@ -86,7 +86,7 @@ def int8_diagnosis(section: dict[str, Any], activation_errors: list[dict[str, An
     if not section["verdict"]["passed"]:
         diagnosis["suggested_policy"] = {
             "exclude_nodes": culprits,
-            "command": f"eqr calibrate EXPORT_DIR --precisions int8 --exclude-nodes {','.join(culprits)} --force",
+            "command": f"eqr calibrate EXPORT_DIR --precision int8 --exclude-nodes {','.join(culprits)}",
             "why": (f"the largest INT8 activation errors feed {', '.join(culprits) or 'no node'}; keeping them in "
                     "FP32 removes the dominant error source. Also try --method percentile or entropy "
                     "(tighter ranges) and re-run `eqr report`."),

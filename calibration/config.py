@@ -50,7 +50,7 @@ class CalibConfig(JsonConfig):
             raise EqRError(f"--depths must be non-negative step counts, got {self.depths}")
         unknown = [p for p in self.precisions if p not in ("fp16", "int8")]
         if unknown:
-            raise EqRError(f"--precisions builds fp16 and/or int8, got {', '.join(unknown)}")
+            raise EqRError(f"--precision builds fp16 and/or int8, got {', '.join(unknown)}")
         if not self.op_types:
             raise EqRError("--op-types must name at least one op type (e.g. MatMul)")
         if not 0 < self.percentile <= 100:
@@ -84,7 +84,7 @@ class ReportConfig(JsonConfig):
         _freeze_tuples(self)
         unknown = [p for p in self.precisions if p not in PRECISIONS]
         if unknown or not self.precisions:
-            raise EqRError(f"--precisions must be among {', '.join(PRECISIONS)}, got {', '.join(unknown) or 'none'}")
+            raise EqRError(f"--precision must be among {', '.join(PRECISIONS)}, got {', '.join(unknown) or 'none'}")
         if not self.depths or min(self.depths) < 1:
             raise EqRError(f"--depths must be step counts >= 1, got {self.depths}")
         if not self.breadth or min(self.breadth) < 1:
@@ -120,11 +120,3 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
     if not values:
         raise EqRError(f"{what} {text!r} is not a comma-separated list of integers (e.g. 1,2,4,8)")
     return values
-
-
-def parse_names(text: str, what: str, valid: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    unknown = [n for n in names if n not in valid]
-    if unknown or not names:
-        raise EqRError(f"{what} {text!r}: choose from {', '.join(valid)} (comma-separated)")
-    return names

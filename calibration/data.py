@@ -43,8 +43,8 @@ def _generate(task: dict[str, Any] | None, n: int, seed: int) -> PuzzleSet:
 
     name, size = (task or {}).get("name"), (task or {}).get("size")
     if name not in TASKS:
-        raise EqRError(f"the export does not name a known task (manifest task: {task!r}); pass --data FILE "
-                       "with puzzles and labels")
+        raise EqRError(f"the export does not name a known task (manifest task: {task!r}); pass puzzles "
+                       "with --data FILE (report) or --calib-data FILE (calibrate)")
     generated = get_task(name, size).generate(n, seed=seed)
     return PuzzleSet(generated.inputs, generated.labels, {"generated": {"task": name, "size": size, "n": n,
                                                                         "seed": seed}})
@@ -58,15 +58,17 @@ def _read_data(data: str) -> PuzzleSet:
         dataset = load_dataset(path, "test")
         return PuzzleSet(dataset.inputs, dataset.labels, {"data": str(dataset.path)})
     if path.suffix == ".npz" and path.is_file():
-        arrays = read_npz(path, f"--data {data}")
+        arrays = read_npz(path, data)
         key = "inputs" if "inputs" in arrays else "tokens" if "tokens" in arrays else None
         if key is None:
-            raise EqRError(f"--data {data}: has {sorted(arrays)}; needs 'inputs' [P, L] (and 'labels' for accuracy)")
+            raise EqRError(f"{data}: has {sorted(arrays)}; needs 'inputs' [P, L] (and 'labels' for accuracy)")
         inputs, labels = arrays[key], arrays.get("labels")
         if labels is not None and labels.shape != inputs.shape:
-            raise EqRError(f"--data {data}: labels {list(labels.shape)} and inputs {list(inputs.shape)} differ")
+            raise EqRError(f"{data}: labels {list(labels.shape)} and inputs {list(inputs.shape)} differ")
         if inputs.ndim != 2 or inputs.dtype.kind not in "iu" or (inputs.size and inputs.min() < 0):
-            raise EqRError(f"--data {data}: '{key}' must be non-negative integer token ids [P, L]")
+            raise EqRError(f"{data}: '{key}' must be non-negative integer token ids [P, L]")
         return PuzzleSet(inputs.astype(np.uint8), None if labels is None else labels.astype(np.uint8),
                          {"data": str(path)})
-    raise EqRError(f"--data {data}: not a data set directory (from `eqr data generate`) or an .npz file")
+    if not path.exists():
+        raise EqRError(f"{data}: no such file or directory")
+    raise EqRError(f"{data}: not a data set directory (from `eqr data generate`) or an .npz file")

@@ -193,8 +193,9 @@ def read_calib_file(path: str | os.PathLike[str], seq_len: int | None = None, hi
     path = Path(path)
     where = f"{what} {path}" if what else str(path)
     if not path.is_file():
-        raise EqRError(f"{where}: no such file; record one with `eqr calibrate EXPORT_DIR`")
-    arrays = read_npz(path, where, "re-run `eqr calibrate --force`")
+        raise EqRError(f"{where}: no such file; pass puzzles as an .npz with 'tokens' [N, L], or record states "
+                       "with `eqr calibrate EXPORT_DIR` (EXPORT_DIR/calib.npz)")
+    arrays = read_npz(path, where)
     key = "tokens" if "tokens" in arrays else "inputs" if "inputs" in arrays else None
     if key is None:
         raise EqRError(f"{where}: has {sorted(arrays)}, needs a 'tokens' (or 'inputs') array [N, {seq_len or 'L'}]")
@@ -209,8 +210,8 @@ def read_calib_file(path: str | os.PathLike[str], seq_len: int | None = None, hi
         value = arrays[name]
         if value.shape != (N, L, D) or not np.issubdtype(value.dtype, np.floating):
             raise EqRError(f"{where}: '{name}' has shape {list(value.shape)} ({value.dtype}), expected float "
-                           f"[{N}, {L}, {D}]: the states do not match this model or their tokens; "
-                           "re-run `eqr calibrate --force`")
+                           f"[{N}, {L}, {D}]: the states do not match this model or their tokens; record them "
+                           "for this model with `eqr calibrate EXPORT_DIR`")
         if not np.isfinite(value).all():
             raise EqRError(f"{where}: '{name}' holds NaN or Inf")
     zeros = np.zeros(N, np.int32)
@@ -228,7 +229,7 @@ def load_calib(path: str | os.PathLike[str], seq_len: int | None = None, hidden_
     calib = read_calib_file(path, seq_len, hidden_size)
     if not isinstance(calib, CalibSet):
         raise EqRError(f"{path}: holds puzzles but no recorded states (z_H, z_L); record them with "
-                       "`eqr calibrate EXPORT_DIR --force`")
+                       "`eqr calibrate EXPORT_DIR`")
     return calib
 
 
@@ -255,12 +256,19 @@ def int8_calibration(model: "EqRModel", config: "ExportConfig") -> "Calibrate":
         from eqr.runtime.solver import Solver
 
         if isinstance(data, CalibSet):
+            progress.done(f"int8: calibrating on the {len(data)} recorded states of {config.calib_data}")
             return data.feeds(), {"source": config.calib_data, "rows": len(data), "method": "minmax"}
         # puzzles and starts unseen by the export's parity checks
         tokens = data if data is not None else task_inputs(task, fp32, EXPORT_CALIB_PUZZLES, config.seed + 1).numpy()
         with Solver.from_model(fp32) as solver, progress.bar("int8 calibration trajectories", len(tokens)) as advance:
             calib = record_calibration(solver, tokens, starts=1, depths=range(config.check_steps),
                                        seed=config.seed + 1, progress=advance)
+        what = (f"the {len(tokens)} puzzles of {config.calib_data}" if data is not None
+                else f"{len(tokens)} built-in {task.name or 'random-token'} puzzles")
+        hint = "" if data is not None else ("; for real data pass --calib-data PUZZLES.npz ('tokens' [N, L]) or run "
+                                            "`eqr calibrate EXPORT_DIR` after the export")
+        progress.done(f"int8: calibrated on {what}, one random start each, states at depths "
+                      f"0..{config.check_steps - 1} ({len(calib)} states){hint}")
         info = {"source": config.calib_data or "built-in (task inputs, random initial states)",
                 "trajectories": int(len(tokens)), "depths": config.check_steps, "rows": len(calib), "method": "minmax"}
         return calib.feeds(), info

@@ -9,6 +9,7 @@ This module is the bottom floor: it imports neither torch, onnx nor an inference
     model.step.fp16.onnx, model.step.int8.onnx
     model.step.<p>.<gpu>.trt<v>.engine  TensorRT engines (`engine_file`), each with a .json sidecar
     calib.npz                         CALIB_FILE: calibration states recorded by `eqr calibrate`
+    report/                           REPORT_DIR: `eqr report`'s precision report
 
 Every step graph carries the manifest in its ONNX metadata (METADATA_KEY) and its own precision
 (PRECISION_KEY), so a graph copied out of its directory still describes itself.
@@ -33,6 +34,7 @@ MANIFEST_VERSION = 2  # 2: step graphs take a `done` input
 METADATA_KEY = "eqr.manifest"  # ONNX metadata_props key: the manifest JSON
 PRECISION_KEY = "eqr.precision"  # ONNX metadata_props key: the graph's precision
 CALIB_FILE = "calib.npz"
+REPORT_DIR = "report"  # `eqr report`'s default output directory inside the export
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 # Files an export owns in its directory (a re-export replaces them; nothing else is touched).
 OWN_FILE_PATTERNS = ("model.step*.onnx", "model.step*.engine", "model.step*.engine.json", MANIFEST_FILE)
@@ -175,20 +177,20 @@ def write_manifest(directory: str | os.PathLike[str], manifest: dict[str, Any]) 
 
 
 def with_precision(manifest: dict[str, Any], precision: str, entry: dict[str, Any],
-                   calibration: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A copy of `manifest` with `entry` merged over manifest["precisions"][precision]."""
+                   calibration: dict[str, Any] | None = None, replace: bool = False) -> dict[str, Any]:
+    """A copy of `manifest` with `entry` merged over (or `replace`-ing) manifest["precisions"][precision]."""
     data = json.loads(json.dumps(manifest))
     precisions = data.setdefault("precisions", {})
-    precisions[precision] = dict(precisions.get(precision) or {}) | entry
+    precisions[precision] = entry if replace else dict(precisions.get(precision) or {}) | entry
     if calibration is not None:
         data["calibration"] = calibration
     return data
 
 
 def update_manifest(directory: str | os.PathLike[str], precision: str, entry: dict[str, Any],
-                    calibration: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Set manifest["precisions"][precision] (merged over what was there), atomically."""
-    data = with_precision(read_manifest(directory), precision, entry, calibration)
+                    calibration: dict[str, Any] | None = None, replace: bool = False) -> dict[str, Any]:
+    """Set manifest["precisions"][precision] (merged over what was there, or `replace`d), atomically."""
+    data = with_precision(read_manifest(directory), precision, entry, calibration, replace)
     write_manifest(directory, data)
     return data
 

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from eqr import __version__
+from eqr.cli_options import json_option, run_reporting_errors as report_errors
 from eqr.errors import EqRError, missing_extra
 
 # name -> "module:attribute" of a click command; imported only when that command runs.
@@ -64,18 +65,18 @@ def _unavailable(name: str, missing: EqRError) -> click.Command:
 
 
 def run_reporting_errors(ctx: click.Context, fn: Any) -> Any:
-    try:
-        return fn()
-    except EqRError as e:
-        click.echo(f"error: {e}", err=True)
-        ctx.exit(e.exit_code)
-    except ImportError as e:  # an optional package used by the command is missing
-        command = ctx.invoked_subcommand or ctx.info_name
-        missing = missing_extra(e, f"eqr {command}", COMMAND_EXTRAS.get(command or ""))
-        if missing is None:
-            raise
-        click.echo(f"error: {missing}", err=True)
-        ctx.exit(missing.exit_code)
+    """The shared exit codes (eqr.cli_options), and a missing optional package names its extra."""
+    def guarded() -> Any:
+        try:
+            return fn()
+        except ImportError as e:  # an optional package used by the command is missing
+            command = ctx.invoked_subcommand or ctx.info_name
+            missing = missing_extra(e, f"eqr {command}", COMMAND_EXTRAS.get(command or ""))
+            if missing is None:
+                raise
+            raise missing from None
+
+    return report_errors(ctx, guarded)
 
 
 @click.group(cls=EqRGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,10 +84,21 @@ def run_reporting_errors(ctx: click.Context, fn: Any) -> Any:
 def cli() -> None:
     """Equilibrium Reasoners, exported and deployed.
 
+    Every command shares one vocabulary: --precision (repeatable, or a comma list), --backend,
+    --calib-data, --batch, --out, --force, --json, -q/--quiet, -v/--verbose.
+
     \b
     Examples:
       eqr info paper-sudoku
-      eqr info step_50000.pth --json
+      eqr-export --precision fp16 sudoku-small
+      eqr solve sudoku-small-eqr -i puzzles.txt --json
+
+    \b
+    Exit status (every command):
+      0    ok
+      1    a check or a puzzle failed (export parity, report regression, a bad input line)
+      2    usage or input error (a flag, a path, a file, a missing backend or provider)
+      130  interrupted (Ctrl-C); nothing half-written is left behind
     """
 
 
@@ -94,7 +106,7 @@ def cli() -> None:
 @click.argument("model")
 @click.option("--weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True,
               help="Which weights to use when the checkpoint has both.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@json_option()
 def info(model: str, weights: str, as_json: bool) -> None:
     """Describe MODEL: architecture, config, parameters, FLOPs per outer step, provenance.
 

@@ -62,11 +62,32 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def read_npz(path: str | os.PathLike[str], where: str, fix: str = "") -> dict[str, np.ndarray]:
-    """Every array of an .npz, read without pickles (one-line EqRError `where: ...; fix` if unreadable)."""
+NPZ_FIX = "write it with numpy.savez(path, name=array, ...)"
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive (an empty one)
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def read_npz(path: str | os.PathLike[str], where: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz, read without pickles; a one-line EqRError `where: problem; fix` otherwise."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except FileNotFoundError:
+        raise EqRError(f"{where}: no such file") from None
+    except OSError as e:
+        raise EqRError(f"{where}: cannot be read ({e.strerror})") from None
+    if magic.startswith(_NPY_MAGIC):
+        raise EqRError(f"{where}: is a .npy file (one unnamed array), not an .npz archive of named arrays; {NPZ_FIX}")
+    if not magic.startswith(_ZIP_MAGIC):
+        raise EqRError(f"{where}: is not an .npz archive (it does not start like one); {NPZ_FIX}")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise EqRError(f"{where}: not a readable .npz ({e}){'; ' + fix if fix else ''}") from None
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise EqRError(f"{where}: damaged .npz archive ({e}); write it again") from None
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise EqRError(f"{where}: holds pickled Python objects, which eqr never loads (unpickling can run "
+                           "code); store plain numeric arrays") from None
+        raise EqRError(f"{where}: unreadable array in the archive ({e}); {NPZ_FIX}") from None
     return arrays

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from eqr.cli_options import json_option
 from eqr.errors import EqRError
 from eqr.load import bundled_dir, bundled_names
 
@@ -36,7 +37,7 @@ def bundled_cards() -> list[dict[str, Any]]:
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@json_option()
 def models(as_json: bool) -> None:
     """List the bundled models: task, size, held-out data arguments and the accuracy their card claims.
 

@@ -17,6 +17,7 @@ import click
 import numpy as np
 import torch
 
+from eqr.cli_options import Progress, batch_option, force_option, out_option, run_command
 from eqr.config import PRESETS, ModelConfig, TrainConfig, preset
 from eqr.errors import EqRError
 from eqr.tasks import TASKS, get_task
@@ -100,7 +101,7 @@ EPILOG = """\b
 Examples:
   eqr train --preset cpu-sudoku-4x4 --out runs/sudoku4 --max-minutes 30
   eqr train --out runs/sudoku4 --resume --max-minutes 30        # continue exactly
-  eqr train --preset cpu-maze-9 --out runs/maze9 --steps 200 --batch-size 32
+  eqr train --preset cpu-maze-9 --out runs/maze9 --steps 200 --batch 32
   eqr train --preset paper-sudoku --data data/sudoku-extreme-full --out runs/paper
   torchrun --nproc_per_node 2 -m eqr.train --preset tiny --task sudoku --size 4 --out runs/t
 """
@@ -109,14 +110,15 @@ Examples:
 @click.command(epilog=EPILOG)
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default=None,
               help="Model and recipe preset (ignored with --resume).")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder: last.pt, metrics.jsonl.")
+@out_option(type=click.Path(path_type=Path), required=True, help="Run folder: last.pt, metrics.jsonl.")
 @click.option("--task", "task_name", type=click.Choice(sorted(TASKS)), default=None,
               help="Generate training puzzles on the fly (seeded, resumable).")
 @click.option("--size", type=int, default=None, help="Board side for --task (sudoku 4|6|9, maze 9..30).")
 @click.option("--data", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="A data set folder from `eqr data generate` (train/ and optional test/).")
 @click.option("--steps", type=int, default=None, help="Optimizer steps in total (TrainConfig.epochs).")
-@click.option("--batch-size", type=int, default=None, help="Global batch (summed over processes).")
+@batch_option(default=None, old="--batch-size", type=click.IntRange(min=1),
+              help="Global batch (summed over processes).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate.")
 @click.option("--seed", type=int, default=None, help="Seed of weights, data order and all noise.")
 @click.option("--eval-interval", type=int, default=None, help="Steps between held-out evaluations.")
@@ -129,10 +131,10 @@ Examples:
               help="Start from another run's checkpoint weights and EMA (fresh optimizer, step 0), e.g. to "
                    "continue with a new curriculum; its training time and command are kept in the metadata.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its checkpoint left it.")
-@click.option("--force", is_flag=True, help="Start over in an --out that already holds a run.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@force_option(help="Start over in an --out that already holds a run.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def train(preset_name: str | None, out: Path, task_name: str | None, size: int | None, data: Path | None,
-          steps: int | None, batch_size: int | None, lr: float | None, seed: int | None, eval_interval: int | None,
+          steps: int | None, batch: int | None, lr: float | None, seed: int | None, eval_interval: int | None,
           checkpoint_interval: int | None, noise_scale: float | None, max_minutes: float | None,
           init_from: Path | None, resume: bool, force: bool, quiet: bool) -> None:
     """Train an EqR with rolling-batch deep supervision (spec section 2).
@@ -149,7 +151,7 @@ def train(preset_name: str | None, out: Path, task_name: str | None, size: int |
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     ranks = ranks_from_env()
-    overrides = {k: v for k, v in dict(epochs=steps, global_batch_size=batch_size, lr=lr, seed=seed,
+    overrides = {k: v for k, v in dict(epochs=steps, global_batch_size=batch, lr=lr, seed=seed,
                                         eval_interval=eval_interval,
                                         checkpoint_interval=checkpoint_interval).items() if v is not None}
     if resume:
@@ -216,7 +218,11 @@ def _run_with_progress(trainer: Trainer, max_minutes: float | None, quiet: bool)
     if quiet:
         trainer.run(max_minutes)
         return
-    with click.progressbar(length=total, label="training", file=sys.stderr, show_pos=True,
+    if not sys.stderr.isatty():  # a log: one line at the end (evaluations are logged as they happen)
+        with Progress().bar("training steps", total - trainer.step) as advance:
+            trainer.run(max_minutes, on_step=lambda record: advance(1))
+        return
+    with click.progressbar(length=total, label="training", file=sys.stderr, show_pos=True, show_eta=True,
                            item_show_func=lambda r: r and f"exact {r['exact']:.2f} loss {r['lm_loss']:.3f} "
                                                         f"stage {r['stage']}") as bar:
         bar.update(trainer.step)
@@ -226,15 +232,7 @@ def _run_with_progress(trainer: Trainer, max_minutes: float | None, quiet: bool)
 def main() -> None:
     """`python -m eqr.train` / torchrun entry: the `train` command with one-line errors."""
     try:
-        train.main(prog_name="python -m eqr.train", standalone_mode=False)
-    except EqRError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(1)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        run_command(train, "python -m eqr.train")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -4,35 +4,13 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import sys
-import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 import click
 
 from eqr.artifact import PRECISIONS
+from eqr.cli_options import Progress, calib_data_option, force_option, out_option, output_options, precision_option
 from eqr.export.config import DEFAULT_OPSET, ENGINE_MODES, ExportConfig, parse_batch
-
-
-class ClickProgress:
-    """Stage lines and step bars on stderr, so stdout stays clean for --json."""
-
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-        self.count = 0
-
-    def stage(self, name: str) -> None:
-        self.count += 1
-        click.echo(f"[{time.perf_counter() - self.started:6.1f}s] {name}", err=True)
-
-    def done(self, detail: str) -> None:
-        click.echo(f"          {detail}", err=True)
-
-    @contextlib.contextmanager
-    def bar(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
-        with click.progressbar(length=total, label=f"          {label}", file=sys.stderr,
-                               show_pos=True) as bar:
-            yield bar.update
 
 
 @contextlib.contextmanager
@@ -50,17 +28,17 @@ def _terminate_cleanly() -> Iterator[None]:
 
 @click.command()
 @click.argument("model")
-@click.option("--precision", "precision", type=click.Choice(tuple(PRECISIONS)), multiple=True, default=("fp32",),
-              show_default=True, help="Graph(s) to write; repeat for several. fp32 is always written too.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Output directory [default: <model stem>-eqr/].")
+@precision_option(default=("fp32",), choices=tuple(PRECISIONS),
+                  help="Graph(s) to write: repeat the flag or give a comma list. fp32 is always written too.")
+@out_option(help="Output directory [default: <model stem>-eqr/].", type=click.Path(file_okay=False))
 @click.option("--batch", default="1:64:256", show_default=True, metavar="MIN:OPT:MAX",
               help="TensorRT optimization profile over the batch dimension.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (17..20).")
 @click.option("--engine", type=click.Choice(ENGINE_MODES), default="auto", show_default=True,
               help="TensorRT engines: auto = when TensorRT and a GPU exist; always = fail (exit 1) without.")
-@click.option("--calib-data", type=click.Path(dir_okay=False), default=None, metavar="NPZ",
-              help="INT8 calibration inputs: 'tokens' [N, L] (and optionally recorded 'z_H', 'z_L').")
+@calib_data_option(type=click.Path(dir_okay=False), metavar="NPZ",
+                   help="INT8 calibration inputs: a calib.npz from `eqr calibrate`, or puzzles as 'tokens' [N, L] "
+                        "[default: built-in puzzles of the model's task].")
 @click.option("--weights", type=click.Choice(["ema", "model"]), default="ema", show_default=True,
               help="Which weights to export when the checkpoint has both.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of check/calibration inputs and states.")
@@ -73,29 +51,30 @@ def _terminate_cleanly() -> Iterator[None]:
               help="Jetson: build the fp16/int8 engines for DLA core N (GPU fallback; needs a single --batch).")
 @click.option("--threads", type=int, default=0, show_default=True,
               help="CPU threads for the checks; 0 = the cores left idle by the load average.")
-@click.option("--force", is_flag=True, help="Write into an existing output directory.")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
-def export(model: str, precision: tuple[str, ...], out_dir: str | None, batch: str, opset: int, engine: str,
+@force_option(help="Replace an existing export; also removes what was derived from it (calib.npz, report/).")
+@output_options
+def export(model: str, precision: tuple[str, ...], out: str | None, batch: str, opset: int, engine: str,
            calib_data: str | None, weights: str, seed: int, check_batch: int, check_steps: int, workspace_mib: int,
-           dla_core: int | None, threads: int, force: bool, as_json: bool) -> None:
+           dla_core: int | None, threads: int, force: bool, as_json: bool, quiet: bool, verbose: int) -> None:
     """Export MODEL's outer step as ONNX (FP32, FP16, INT8) and, on a GPU, TensorRT engines.
 
     MODEL is an eqr checkpoint, an official EqR checkpoint (.pth), a bundled model name or a
     preset (paper-sudoku, paper-maze: fresh initialisation). Every graph is checked in ONNX
-    Runtime against model.step before it is written (FP32 must match within 1e-4 per step);
-    manifest.json records the checks and a recommended convergence tolerance per precision.
+    Runtime against model.step before it is written (FP32 must match within 1e-4 of each
+    output's RMS per step); manifest.json records the checks and a recommended convergence
+    tolerance per precision. The manifest is printed as JSON with --json.
 
     \b
     Examples:
       eqr-export --precision fp16 model.pt
-      eqr export sudoku-small --precision fp16 --precision int8 --out sudoku-trt
+      eqr export sudoku-small --precision fp16,int8 --out sudoku-trt
       eqr export step_50000.pth --precision int8 --calib-data calib.npz --batch 1:128:512
       eqr export paper-sudoku --engine never --json > manifest.json
       eqr export sudoku-small --precision int8 --batch 32 --dla-core 0   # Jetson DLA
 
     \b
     Exit status: 0 exported; 1 a check or the engine build failed (or --engine always
-    without TensorRT/GPU); 2 bad input (model, flags, output directory).
+    without TensorRT/GPU); 2 bad input (model, flags, output directory); 130 interrupted.
     """
     from eqr.calibration.record import int8_calibration
     from eqr.export.exporter import export_model
@@ -104,9 +83,10 @@ def export(model: str, precision: tuple[str, ...], out_dir: str | None, batch: s
     config = ExportConfig(precision=precision, batch=parse_batch(batch), opset=opset, engine=engine,
                           calib_data=calib_data, force=force, seed=seed, check_batch=check_batch,
                           check_steps=check_steps, workspace_mib=workspace_mib, threads=threads, dla_core=dla_core)
+    progress = Progress(quiet)
     loaded = load_model(model, weights=weights)
     calibrate = int8_calibration(loaded, config) if "int8" in config.precisions else None  # reads --calib-data now
     with _terminate_cleanly():
-        manifest = export_model(loaded, out_dir, config, progress=ClickProgress(), calibrate=calibrate)
+        manifest = export_model(loaded, out, config, progress=progress, calibrate=calibrate)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))

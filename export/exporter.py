@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from eqr import __version__
-from eqr.artifact import (MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, OWN_FILE_PATTERNS, PRECISIONS,
-                          graph_metadata, io_contract, recommended_tol, write_manifest)
+from eqr.artifact import (CALIB_FILE, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, OWN_FILE_PATTERNS,
+                          PRECISIONS, REPORT_DIR, graph_metadata, io_contract, recommended_tol, write_manifest)
 from eqr.errors import EqRError
 from eqr.export import parity
 from eqr.export.config import ExportConfig
@@ -81,7 +81,8 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise EqRError(f"--out {out_dir}: exists and is not a directory; choose another --out")
     if out_dir.exists() and not force:
-        raise EqRError(f"--out {out_dir}: already exists; pass --force to overwrite its export files")
+        raise EqRError(f"--out {out_dir}: already exists; pass --force to replace the export there "
+                       f"(its {CALIB_FILE} and {REPORT_DIR}/ go too), or choose another --out")
     parent = out_dir.absolute().parent
     if not parent.is_dir():
         raise EqRError(f"--out {out_dir}: parent directory {parent} does not exist; create it first")
@@ -121,6 +122,15 @@ def publish(stage: Path, out_dir: Path) -> None:
                 old.unlink()
     for path in stage.iterdir():
         os.replace(path, out_dir / path.name)
+    remove_derived(out_dir)
+
+
+def remove_derived(out_dir: Path) -> None:
+    """What `eqr calibrate` and `eqr report` derived from the previous export describes other graphs."""
+    (out_dir / CALIB_FILE).unlink(missing_ok=True)
+    report = out_dir / REPORT_DIR
+    if (report / "report.json").is_file():
+        shutil.rmtree(report)
 
 
 # --------------------------------------------------------------------------- manifest
@@ -196,7 +206,8 @@ def check_precision(precision: str, model_proto, ref: parity.Reference, progress
     """
     from eqr.export.onnx_graph import session
 
-    step = parity.ort_step(session(model_proto))
+    checker = session(model_proto)
+    step = parity.ort_step(checker)
     steps = ref.trajectory.steps
     fp32 = precision == "fp32"
     with progress.bar(f"{precision} teacher-forced steps", 1) as advance:
@@ -215,15 +226,28 @@ def check_precision(precision: str, model_proto, ref: parity.Reference, progress
                           f"(> {parity.FP32_STEP_ATOL:g}, in units of max(1, output RMS)) in one step; "
                           "the export is wrong, please report it")
     tol = recommended_tol(precision, trajectory["residual_floor"])
-    progress.done(f"{precision}: step error max abs {errors['max_abs']:.3g} over {len(errors['depths'])} depths "
-                  f"(one step from random states {errors['max_abs_one_step']:.3g}; state error {errors['state_rel']:.2g} "
-                  f"of the state's max abs); answers after {steps} steps agree with torch fp32 on "
-                  f"{trajectory['answers_agree']:.0%} of trajectories ({trajectory['tokens_agree']:.1%} of tokens); "
-                  f"tol {tol['tol']:.3g}")
+    progress.done(parity_line(precision, errors, trajectory, steps))
+    progress.done(f"{precision}: runtime convergence tol {tol['tol']:.3g} (residual floor "
+                  f"{tol['residual_floor']:.3g}; recorded in {MANIFEST_FILE})")
     if not tol["floor_reached"] and not fp32:
         progress.done(f"{precision}: no residual floor in {steps} steps (lowest {tol['residual_floor']:.3g}): the model "
                       "does not converge (untrained?), so trajectories diverge and agreement is not meaningful")
-    return {"step_error": errors, "trajectory": trajectory, "tol": tol}
+    return {"step_error": errors, "trajectory": trajectory, "tol": tol,
+            "runner": {"backend": "onnxruntime", "providers": checker.get_providers()}}
+
+
+def parity_line(precision: str, errors: dict[str, Any], trajectory: dict[str, Any], steps: int) -> str:
+    """The check's result in words: what was measured, against which limit (FP32 only has one)."""
+    depths = len(errors["depths"])
+    if precision == "fp32":
+        verdict = (f"step error vs torch {errors['max_scaled']:.3g} of the output scale, max(1, RMS) "
+                   f"(limit {parity.FP32_STEP_ATOL:g}: passed) over {depths} depths; max abs {errors['max_abs']:.3g}")
+    else:
+        verdict = (f"step error vs torch max abs {errors['max_abs']:.3g} over {depths} depths "
+                   f"({errors['max_abs_one_step']:.3g} one step from random states; no limit, reported only)")
+    return (f"{precision}: {verdict}; state error {errors['state_rel']:.2g} of the state's max abs; answers after "
+            f"{steps} steps agree with torch fp32 on {trajectory['answers_agree']:.0%} of trajectories "
+            f"({trajectory['tokens_agree']:.1%} of tokens)")
 
 
 # --------------------------------------------------------------------------- the export
@@ -271,7 +295,8 @@ def build_graphs(model: EqRModel, config: ExportConfig, task: TaskInfo, calibrat
         progress.done(f"{precision}: lint clean")
         graphs[precision] = graph
         entries[precision] = {"onnx": PRECISIONS[precision].onnx, "tol": result["tol"]["tol"],
-                              "tol_rule": result["tol"], "parity": {k: result[k] for k in ("step_error", "trajectory")},
+                              "tol_rule": result["tol"],
+                              "parity": {k: result[k] for k in ("step_error", "trajectory", "runner")},
                               "build_seconds": round(built, 2)} | extra
     return graphs, entries
 

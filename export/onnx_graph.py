@@ -185,10 +185,12 @@ def session(model: "onnx.ModelProto | bytes | str", threads: int = 0) -> "onnxru
 def lint(model_bytes: bytes, seq_len: int, hidden: int, vocab: int) -> dict[str, Any]:
     """`polygraphy check lint` on the graph -> {"passed": bool, "failing": [...], "messages": [...]}.
 
-    Run in-process (the CLI's own entry point with its arguments): a subprocess would spend
-    most of its time importing onnxruntime again. Its log goes to stderr, never stdout.
+    Run in-process through `polygraphy.tools.main`, the public entry point of Polygraphy's
+    command line (what the `polygraphy` script calls), with the CLI's own arguments: a
+    subprocess would spend most of its time importing onnxruntime again. Its log goes to
+    stderr, never stdout.
     """
-    from polygraphy.tools._main import main as polygraphy_main
+    from polygraphy.tools import main as polygraphy_main
 
     with tempfile.TemporaryDirectory(prefix="eqr-lint-") as tmp:
         path, report_path = Path(tmp) / "model.onnx", Path(tmp) / "lint.json"

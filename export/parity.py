@@ -157,7 +157,3 @@ def check_depths(steps: int, every_depth: bool) -> list[int]:
         depths.append(k)
         k *= 2
     return sorted(set(depths + [steps - 1]))
-
-
-def feeds_of(tokens: np.ndarray, z_H: np.ndarray, z_L: np.ndarray) -> dict[str, np.ndarray]:
-    return graph_feeds(tokens, z_H, z_L)

@@ -10,12 +10,15 @@ import click
 import numpy as np
 
 from eqr.artifact import PRECISIONS
+from eqr.cli_options import Progress, backend_option, batch_option, output_options, precision_option
 from eqr.errors import EqRError
 from eqr.runtime.aggregate import aggregator_names
 from eqr.runtime.backends.registry import AUTO, backend_names
 from eqr.runtime.config import SolveConfig
 
 FORMATS = ("text", "csv", "hrm")
+# --provider: ONNX Runtime execution providers by short name
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
 def parse_init_std(text: str | None) -> tuple[float, float] | None:
@@ -38,9 +41,14 @@ def parse_init_std(text: str | None) -> tuple[float, float] | None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
               help="text: one puzzle per line; csv: puzzle,solution rows; hrm: an HRM/EqR data set.")
 @click.option("--task", "task_name", metavar="NAME[:SIZE]", help="Puzzle task (default: from the artifact).")
-@click.option("--backend", type=click.Choice([AUTO, *backend_names()]), default=AUTO, show_default=True)
-@click.option("--precision", type=click.Choice(tuple(PRECISIONS), case_sensitive=False), default=None,
-              help="[default: the file's own for a .onnx or engine path (model.step.int8.onnx: int8), else fp32]")
+@backend_option(choices=[AUTO, *backend_names()], default=AUTO,
+                help="auto: TensorRT, else ONNX Runtime (its best provider), else torch, as available.")
+@click.option("--provider", type=click.Choice(sorted(PROVIDERS), case_sensitive=False), default=None,
+              help="ONNX Runtime execution provider to require (implies --backend onnxruntime); "
+                   "exit 2 when it is not available, unless --fallback.")
+@click.option("--fallback", is_flag=True, help="With --provider: fall back to the CPU provider when it is missing.")
+@precision_option(default=None, choices=tuple(PRECISIONS), multiple=False,
+                  help="[default: the file's own for a .onnx or engine path (model.step.int8.onnx: int8), else fp32]")
 @click.option("--max-steps", type=click.IntRange(min=1), default=256, show_default=True,
               help="Outer-step cap per trajectory.")
 @click.option("--tol", type=float, help="Relative-residual tolerance [default: the artifact's, per precision].")
@@ -59,59 +67,105 @@ def parse_init_std(text: str | None) -> tuple[float, float] | None:
 @click.option("--fixed-depth", type=click.IntRange(min=1), metavar="D",
               help="The paper's protocol: exactly D steps, no gating.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+@batch_option(default=256, old="--batch-size", type=click.IntRange(min=1),
               help="Trajectories in the working batch (settled ones are replaced from the input).")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per input puzzle, in input order.")
-def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: str, precision: str | None,
-          max_steps: int, tol: float | None, init_std: str | None, patience: int, window: int, q_halt: bool, breadth: int, aggregate: str,
-          agree: int | None, fixed_depth: int | None, seed: int, batch_size: int, threads: int | None,
-          as_json: bool) -> None:
+@output_options
+def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: str, provider: str | None,
+          fallback: bool, precision: str | None, max_steps: int, tol: float | None, init_std: str | None,
+          patience: int, window: int, q_halt: bool, breadth: int, aggregate: str, agree: int | None,
+          fixed_depth: int | None, seed: int, batch: int, threads: int | None, as_json: bool, quiet: bool,
+          verbose: int) -> None:
     """Solve puzzles with ARTIFACT, giving each puzzle only the outer steps it needs.
 
     ARTIFACT is an export directory, an ONNX step file, a TensorRT engine, a checkpoint or a
     bundled model name. Each input puzzle gets one result: the answer (in the input's text
     format), steps used, whether it converged and, for Sudoku and mazes, whether the answer obeys
     the rules and the givens (reported only; it never picks answers). A malformed line gets an
-    error record and the others are still solved; the exit code is then 1.
+    error record and the others are still solved; the exit code is then 1. The summary on
+    stderr, and with --json every record's "backend", name the backend and the execution
+    provider(s) that ran the steps.
 
     \b
     Examples:
       eqr solve sudoku-small-eqr --input puzzles.txt
       cat puzzles.txt | eqr solve export/ --backend onnxruntime --json
       eqr solve export/ -i test.csv --format csv --breadth 8 --aggregate converged --agree 3
+      eqr solve export/ --provider cuda --precision fp16 -i puzzles.txt
       eqr solve ckpt.pt -i data/sudoku --format hrm --fixed-depth 16 --json
+
+    \b
+    Exit status: 0 every puzzle solved; 1 an input line was malformed; 2 usage or input
+    error (artifact, flags, a requested provider missing); 130 interrupted.
     """
     from eqr.runtime.artifact import load_artifact, resolve_task
     from eqr.runtime.solver import Solver
     from eqr.tasks.io import read_puzzles
 
+    progress = Progress(quiet)
     art = load_artifact(artifact, parse_init_std(init_std), tol)
     task = resolve_task(art, task_name)
     if fmt == "hrm" and source == "-":
         raise EqRError("--format hrm reads a data set directory; pass it with --input DIR")
+    if source == "-" and sys.stdin.isatty():
+        progress.note(f"reading {task.name} {task.size}x{task.size} puzzles from stdin, one per line "
+                      "(end with Ctrl-D); or pass --input FILE")
     stream = sys.stdin if source == "-" else source
     entries = read_puzzles(stream, fmt, task, with_solutions=True)
     good = [(line, tokens, solution) for line, tokens, solution in entries if not isinstance(tokens, str)]
-    options = {"threads": threads} if threads else {}
-    solver = Solver.load(art, backend=backend, precision=precision, batch_size=batch_size, **options)
+    backend, options = _backend_options(backend, provider, fallback, threads)
+    solver = Solver.load(art, backend=backend, precision=precision, batch_size=batch, **options)
     cfg = SolveConfig(max_steps=max_steps, tol=solver.default_tol if tol is None else tol, patience=patience,
                       window=window or None, q_halt=q_halt, fixed_depth=fixed_depth, agree=agree)
     started = time.perf_counter()
-    result = None
+    result, ran = None, None
     if good:
         tokens = np.stack([t for _, t, _ in good]).astype(np.int32)  # (P, L)
-        with solver, click.progressbar(length=len(good) * breadth, label="solving", file=sys.stderr) as bar:
-            result = solver.run(tokens, cfg, breadth, aggregate, seed, progress=bar.update)
-    records = _records(entries, good, result, task)
+        with solver, progress.bar("solving", len(good) * breadth) as advance:
+            result = solver.run(tokens, cfg, breadth, aggregate, seed, progress=advance)
+            ran = backend_info(solver.backend)
+    records = _records(entries, good, result, task, ran)
     for record in records:
         click.echo(json.dumps(record) if as_json else _text_line(record))
-    _summary(records, result, time.perf_counter() - started, solver)
+    progress.note(_summary(records, result, time.perf_counter() - started, ran))
     if any("error" in r for r in records):
         sys.exit(1)
 
 
-def _records(entries: list, good: list, result: Any, task: Any) -> list[dict[str, Any]]:
+def _backend_options(backend: str, provider: str | None, fallback: bool,
+                     threads: int | None) -> tuple[str, dict[str, Any]]:
+    """--backend/--provider/--fallback/--threads -> (backend name, its options)."""
+    options: dict[str, Any] = {"threads": threads} if threads else {}
+    if provider is None:
+        if fallback:
+            raise EqRError("--fallback goes with --provider (--backend auto already picks what is available)")
+        return backend, options
+    if backend not in (AUTO, "onnxruntime"):
+        raise EqRError(f"--provider selects an ONNX Runtime provider; it does not apply to --backend {backend}")
+    wanted = PROVIDERS[provider.lower()]
+    fallbacks = [p for p in ("CPUExecutionProvider",) if p != wanted] if fallback else []
+    return "onnxruntime", options | {"providers": [wanted, *fallbacks], "require_provider": not fallback}
+
+
+def backend_info(backend: Any) -> dict[str, Any]:
+    """What ran the steps, from the active backend: name, precision, device and provider(s) or
+    TensorRT version (file paths left out)."""
+    return {k: v for k, v in backend.describe().items() if k not in ("onnx", "engine")}
+
+
+def describe_run(info: dict[str, Any] | None) -> str:
+    """'onnxruntime (CPUExecutionProvider)', 'tensorrt 10.3 on NVIDIA Orin', 'torch on cpu'."""
+    if not info:
+        return "no backend (nothing to solve)"
+    name = info.get("backend", "?")
+    if info.get("providers"):
+        return f"{name} ({', '.join(info['providers'])})"
+    if info.get("tensorrt"):
+        return f"{name} {info['tensorrt']} on {info.get('gpu') or info.get('device')}"
+    return f"{name} on {info.get('device', '?')}"
+
+
+def _records(entries: list, good: list, result: Any, task: Any, ran: dict[str, Any] | None) -> list[dict[str, Any]]:
     """One record per input entry, in input order; "correct" only where the input has a solution."""
     by_line: dict[int, dict[str, Any]] = {}
     if result is not None:
@@ -125,7 +179,7 @@ def _records(entries: list, good: list, result: Any, task: Any) -> list[dict[str
                 "depth": int(result.depth[p]), "diverged": bool(result.diverged[p])}
             if solution is not None:
                 record["correct"] = bool((result.preds[p] == solution).all())
-            by_line[p] = record
+            by_line[p] = record | {"backend": ran}
     records, p = [], 0
     for line, tokens, _ in entries:
         if isinstance(tokens, str):
@@ -149,7 +203,7 @@ def _text_line(record: dict[str, Any]) -> str:
     return f"{record['answer']}\tline {record['line']}\tsteps {record['steps']}\t{state}\t{valid}{correct}"
 
 
-def _summary(records: list[dict[str, Any]], result: Any, seconds: float, solver: Any) -> None:
+def _summary(records: list[dict[str, Any]], result: Any, seconds: float, ran: dict[str, Any] | None) -> str:
     solved = [r for r in records if "error" not in r]
     errors = len(records) - len(solved)
     parts = [f"{len(solved)} puzzles solved" + (f", {errors} input errors" if errors else "")]
@@ -160,5 +214,5 @@ def _summary(records: list[dict[str, Any]], result: Any, seconds: float, solver:
             parts.append(f"{sum(graded)}/{len(graded)} correct")
         parts.append(f"{sum(r['converged'] for r in solved)} converged")
         parts.append(f"{result.stats.total_steps} outer steps ({result.stats.total_steps / len(solved):.1f}/puzzle)")
-    parts.append(f"{seconds:.2f}s on {solver.backend.describe().get('backend')}")
-    click.echo("; ".join(parts), err=True)
+    parts.append(f"{seconds:.2f}s on {describe_run(ran)}")
+    return "; ".join(parts)

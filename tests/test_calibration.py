@@ -33,7 +33,7 @@ def test_configs_validate_and_round_trip() -> None:
     assert report.drop_limit("int8") == 2.0 and ReportConfig().drop_limit("fp16") == 0.5
     with pytest.raises(EqRError, match="--method"):
         CalibConfig(method="kl")
-    with pytest.raises(EqRError, match="--precisions"):
+    with pytest.raises(EqRError, match="--precision "):
         ReportConfig(precisions=("fp8",))
     with pytest.raises(EqRError, match="unknown ReportConfig keys: typo"):
         ReportConfig.from_dict({"typo": 1})
@@ -95,7 +95,7 @@ def test_calib_npz_round_trip_and_errors(tmp_path) -> None:
     with pytest.raises(EqRError, match="do not match"):
         load_calib(path, 16, 32)
     (tmp_path / "bad.npz").write_text("nope")
-    with pytest.raises(EqRError, match="not a readable"):
+    with pytest.raises(EqRError, match="bad.npz: is not an .npz archive"):
         load_calib(tmp_path / "bad.npz")
     # A puzzles-only file is read as tokens (export records trajectories from it), never as a CalibSet.
     np.savez(tmp_path / "puzzles.npz", inputs=tokens)

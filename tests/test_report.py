@@ -82,9 +82,42 @@ def test_calibrate_writes_calib_graphs_and_manifest(calibrated: Path) -> None:
         assert sha256_file(calibrated / entry["onnx"]) == entry["sha256"]
 
 
-def test_calibrate_refuses_to_overwrite_and_rejects_bad_input(calibrated: Path, tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["calibrate", str(calibrated), "--generate", "2"])
-    assert result.exit_code == 2 and "--force" in result.output and "Traceback" not in result.output
+def test_calibrate_adds_to_an_export_and_replaces_only_its_own_files(tmp_path: Path) -> None:
+    """After `export --precision fp16`, calibrate adds calib.npz and int8 without --force, keeps the
+    export's fp16, replaces its own files on a re-run, and needs --force for the export's graph."""
+    from eqr.export import ExportConfig, export_model
+    from eqr.load import load_model
+
+    model = contracting_model()
+    save_checkpoint(tmp_path / "tiny.pt", model.config, model.state_dict(),
+                    metadata={"task": {"name": "sudoku", "size": 4}})
+    out = tmp_path / "export"
+    export_model(load_model(tmp_path / "tiny.pt"), out,
+                 ExportConfig(precision=("fp16",), engine="never", check_steps=4))
+    fp16 = (out / "model.step.fp16.onnx").read_bytes()
+    args = ["calibrate", str(out), "--generate", "2", "--starts", "1", "--depths", "0,2"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    assert "fp16: kept the export's graph" in first.stdout and "int8: model.step.int8.onnx" in first.stdout
+    assert (out / "model.step.fp16.onnx").read_bytes() == fp16 and (out / "calib.npz").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precisions"]["int8"]["built_by"] == "eqr calibrate" and "parity" in manifest["precisions"]["fp16"]
+    again = CliRunner().invoke(cli, [*args, "--precision", "INT8", "-q"])
+    assert again.exit_code == 0 and again.stderr == "", again.output
+    refused = CliRunner().invoke(cli, [*args, "--precision", "fp16"])
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1
+    assert "model.step.fp16.onnx: written by `eqr export`; pass --force" in refused.stderr
+    forced = CliRunner().invoke(cli, [*args, "--precision", "fp16", "--force", "--json"])
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.stdout)["precisions"]["fp16"]["built_by"] == "eqr calibrate"
+    # export --force clears what calibrate and report derived from the previous export
+    (out / "report").mkdir()
+    (out / "report" / "report.json").write_text("{}")
+    export_model(load_model(tmp_path / "tiny.pt"), out, ExportConfig(engine="never", check_steps=4, force=True))
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.step.onnx"]
+
+
+def test_calibrate_rejects_bad_input(calibrated: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["calibrate", str(tmp_path)])
     assert result.exit_code == 2 and "manifest.json" in result.output
     result = CliRunner().invoke(cli, ["calibrate", str(calibrated), "--depths", "0,a"])
@@ -95,9 +128,11 @@ def test_percentile_moves_the_scales_of_minmax(calibrated: Path, tmp_path: Path)
     copy = tmp_path / "export"
     shutil.copytree(calibrated, copy)
     result = invoke("calibrate", copy, "--generate", 2, "--starts", 1, "--depths", "0,4", "--method", "percentile",
-                    "--percentile", "99.9", "--precisions", "int8", "--force", "--json")
+                    "--percentile", "99.9", "--precision", "int8", "--json")
     assert result.exit_code == 0, result.output
-    change = json.loads(result.output)["int8"]["scale_change_vs_minmax"]
+    printed = json.loads(result.stdout)
+    assert printed["recorded_on"]["providers"] == ["CPUExecutionProvider"]
+    change = printed["precisions"]["int8"]["scale_change_vs_minmax"]
     assert change["tensors"] > 0 and change["changed_fraction"] > 0.5 and change["median_ratio"] < 1.0
 
 
@@ -121,8 +156,29 @@ def test_report_passes_on_healthy_precisions(calibrated: Path, labelled: Path, t
         assert f"src='{png}'" in html
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "onnxruntime-int8" in (out / "report.md").read_text()
-    again = CliRunner().invoke(cli, ["report", str(calibrated), "--out", str(out)])
-    assert again.exit_code == 2 and "--force" in again.output
+    ran_on = next(line for line in result.stdout.splitlines() if line.startswith("ran on: "))
+    assert "torch-fp32 torch on cpu" in ran_on and "onnxruntime-int8 onnxruntime (CPUExecutionProvider)" in ran_on
+    foreign = tmp_path / "other"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    refused = CliRunner().invoke(cli, ["report", str(calibrated), "--out", str(foreign)])
+    assert refused.exit_code == 2 and "pass --force" in refused.stderr
+
+
+def test_report_defaults_to_the_precisions_present_and_names_providers_in_json(calibrated: Path, labelled: Path,
+                                                                               tmp_path: Path) -> None:
+    copy = tmp_path / "export"
+    shutil.copytree(calibrated, copy, ignore=shutil.ignore_patterns("model.step.fp16.onnx"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["precisions"]["fp16"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    args = ["report", str(copy), "--data", str(labelled), "--backend", "onnxruntime", "--json", *REPORT_ARGS]
+    for _ in range(2):  # a re-run replaces its own report without --force
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert set(printed["runs"]) == {"onnxruntime-fp32", "onnxruntime-int8"}
+    assert printed["runs"]["onnxruntime-int8"]["providers"] == ["CPUExecutionProvider"]
 
 
 def damage_int8(path: Path, factor: float = 10.0) -> int:
@@ -143,7 +199,7 @@ def test_damaged_int8_graph_fails_the_report(calibrated: Path, labelled: Path, t
     copy = tmp_path / "export"
     shutil.copytree(calibrated, copy)
     assert damage_int8(copy / "model.step.int8.onnx") > 0
-    result = invoke("report", copy, "--data", labelled, "--precisions", "fp32,int8", "--backends", "onnxruntime",
+    result = invoke("report", copy, "--data", labelled, "--precision", "fp32,int8", "--backend", "onnxruntime",
                     "--max-drop", 2, *REPORT_ARGS)
     assert result.exit_code == 1, result.output
     assert "regression: onnxruntime-int8: accuracy (single, depth 32)" in result.output
@@ -159,5 +215,6 @@ def test_report_needs_the_precision_graphs(calibrated: Path, tmp_path: Path) -> 
     copy = tmp_path / "export"
     shutil.copytree(calibrated, copy)
     (copy / "model.step.int8.onnx").unlink()
-    result = CliRunner().invoke(cli, ["report", str(copy), "--precisions", "fp32,int8"])
-    assert result.exit_code == 2 and "eqr calibrate" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["report", str(copy), "--precision", "fp32,int8"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"eqr calibrate {copy} --precision int8" in result.output

@@ -252,3 +252,48 @@ def test_public_hard_9x9_collection_runs_without_a_crash(name, tmp_path):
     assert len(records) == 95 and [r["line"] for r in records] == list(range(1, 96))
     assert all(len(r["answer"]) == 81 and isinstance(r["valid"], bool) for r in records)
     assert all(1 <= r["steps"] <= 6 for r in records)
+
+
+def test_json_records_and_summary_name_the_backend_and_provider(artifacts, puzzles_file):
+    result = run(str(artifacts / "tiny.onnx"), "-i", str(puzzles_file), "--backend", "ONNXRuntime",
+                 "--precision", "FP32", "--json", *FOREIGN)
+    records = [r for r in json_lines(result.stdout) if "error" not in r]
+    assert records and all(r["backend"] == {"backend": "onnxruntime", "device": "cpu", "precision": "fp32",
+                                            "providers": ["CPUExecutionProvider"]} for r in records)
+    assert "on onnxruntime (CPUExecutionProvider)" in result.stderr
+    assert "solving: 6/6 in " in result.stderr  # no terminal: one line per stage, no bare label
+
+
+def test_a_missing_gpu_provider_fails_in_one_line_unless_fallback(artifacts, puzzles_file):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    result = run(str(artifacts / "tiny.onnx"), "-i", str(puzzles_file), "--provider", "cuda", *FOREIGN)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: CUDAExecutionProvider is not available (this onnxruntime offers only ")
+    assert "--fallback" in result.stderr and result.stderr.count("\n") == 1
+    fallback = run(str(artifacts / "tiny.onnx"), "-i", str(puzzles_file), "--provider", "cuda", "--fallback", "-q",
+                   "--json", *FOREIGN)
+    assert fallback.exit_code == 1 and fallback.stderr == ""  # 1: the malformed line; -q: no progress, no summary
+    assert {r["backend"]["providers"][0] for r in json_lines(fallback.stdout) if "backend" in r} == \
+        {"CPUExecutionProvider"}
+    wrong = run(str(artifacts / "tiny.pt"), "-i", str(puzzles_file), "--backend", "torch", "--provider", "cuda")
+    assert wrong.exit_code == 2 and "--provider selects an ONNX Runtime provider" in wrong.stderr
+
+
+def test_old_batch_size_spelling_still_works_with_a_notice(artifacts, puzzles_file):
+    result = run(str(artifacts / "tiny.onnx"), "-i", str(puzzles_file), "--batch-size", "2", "--json", *FOREIGN)
+    assert result.exit_code == 1 and len(json_lines(result.stdout)) == 7
+    assert "eqr: --batch-size is deprecated and goes in the next release; use --batch" in result.stderr
+    both = run(str(artifacts / "tiny.onnx"), "-i", str(puzzles_file), "--batch-size", "2", "--batch", "4", *FOREIGN)
+    assert both.exit_code == 2 and "pass only --batch" in both.stderr
+
+
+def test_missing_graph_hint_names_the_precision_flag(artifacts, puzzles_file, tmp_path):
+    int8_only = tmp_path / "model.step.int8.onnx"
+    int8_only.write_bytes((artifacts / "tiny.onnx").read_bytes())
+    result = run(str(int8_only), "-i", str(puzzles_file), "--backend", "onnxruntime", "--precision", "fp16",
+                 *FOREIGN)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "pass --precision" in result.stderr or "eqr calibrate" in result.stderr

@@ -70,7 +70,7 @@ def test_batch_must_split_over_processes_and_help_has_examples(tmp_path: Path) -
                     reason="torchrun not installed")
 def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
     """Same global batch, path noise off: gradients summed over 2 gloo ranks equal one process's."""
-    args = [*TINY, "--steps", "3", "--batch-size", "8", "--noise-scale", "0", "--eval-interval", "100"]
+    args = [*TINY, "--steps", "3", "--batch", "8", "--noise-scale", "0", "--eval-interval", "100"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "eqr.train", *args, "--out", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env, timeout=300)

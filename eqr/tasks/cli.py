@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import click
 import numpy as np
 
+from eqr.cli_options import Progress, force_option, out_option, output_options
 from eqr.errors import EqRError
 from eqr.tasks import TASKS, get_task
 from eqr.tasks.dataset import check_split, load_dataset, save_dataset, split_dirs
@@ -60,7 +60,7 @@ def data() -> None:
               help="Board side: sudoku 4, 6 or 9; maze 9..30 (default: 9 / 30, the official sets).")
 @click.option("--n", "count", type=click.IntRange(min=1), required=True, help="Puzzles to generate.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (each split draws its own stream).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Data set root directory.")
+@out_option(type=click.Path(file_okay=False, path_type=Path), required=True, help="Data set root directory.")
 @click.option("--split", default="train", show_default=True, help="Split to write: <out>/<split>/.")
 @click.option("--tier", default=None, help="Keep only this tier (sudoku: easy|medium|hard; maze: short|medium|long).")
 @click.option("--blanks", default=None, metavar="LO:HI", help="Sudoku: blank cells per puzzle (default: minimal puzzles).")
@@ -68,10 +68,11 @@ def data() -> None:
               help="Maze: S-G shortest path length in moves (default scaled from 100:140 at 30x30).")
 @click.option("--augment", type=click.IntRange(min=0), default=0, show_default=True,
               help="Sudoku: add this many random isomorphs after each puzzle (spec 2.2; train splits).")
-@click.option("--force", is_flag=True, help="Replace an existing split.")
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@force_option(help="Replace an existing split.")
+@output_options
 def generate(task_name: str, size: int | None, count: int, seed: int, out: Path, split: str, tier: str | None,
-             blanks: str | None, path_len: str | None, augment: int, force: bool, as_json: bool) -> None:
+             blanks: str | None, path_len: str | None, augment: int, force: bool, as_json: bool, quiet: bool,
+             verbose: int) -> None:
     """Generate --n puzzles with their solutions into OUT/SPLIT.
 
     Sudoku puzzles have a unique solution and carry the tier their grader gives; mazes are
@@ -102,8 +103,8 @@ def generate(task_name: str, size: int | None, count: int, seed: int, out: Path,
     started = time.perf_counter()
     seed_used = split_seed(seed, split)
     exclude = _other_split_inputs(out, split, task.seq_len)
-    with click.progressbar(length=count, label=f"generating {task!r} {split}", file=sys.stderr) as bar:
-        puzzles = task.generate(count, seed_used, tier, progress=bar.update, exclude=exclude, **options)
+    with Progress(quiet).bar(f"generating {task.name} {task.size}x{task.size} {split}", count) as advance:
+        puzzles = task.generate(count, seed_used, tier, progress=advance, exclude=exclude, **options)
     inputs, labels, groups = puzzles.inputs, puzzles.labels, None
     if augment:
         from eqr.tasks.sudoku import augment_groups
@@ -129,8 +130,9 @@ def generate(task_name: str, size: int | None, count: int, seed: int, out: Path,
 @click.option("--deep", is_flag=True, help="Also grade every puzzle and require a unique sudoku solution (slower).")
 @click.option("--max-errors", type=click.IntRange(min=0), default=20, show_default=True,
               help="Bad rows to list per split (all are counted).")
-@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-def check(path: Path, only_split: str | None, deep: bool, max_errors: int, as_json: bool) -> None:
+@output_options
+def check(path: Path, only_split: str | None, deep: bool, max_errors: int, as_json: bool, quiet: bool,
+          verbose: int) -> None:
     """Check a data set at PATH (root or split directory): files, metadata and every row.
 
     Rows must be valid puzzles with correct solutions: Sudoku labels obey the rules and keep the
@@ -147,11 +149,10 @@ def check(path: Path, only_split: str | None, deep: bool, max_errors: int, as_js
         dirs = [d for d in dirs if d.name == only_split]
         if not dirs:
             raise EqRError(f"no split {only_split!r} under {path}")
-    reports = []
+    reports, progress = [], Progress(quiet)
     for split_dir in dirs:
-        rows = _row_count(split_dir)
-        with click.progressbar(length=max(rows, 1), label=f"checking {split_dir.name}", file=sys.stderr) as bar:
-            reports.append(check_split(split_dir, deep=deep, progress=bar.update))
+        with progress.bar(f"checking {split_dir.name}", _row_count(split_dir)) as advance:
+            reports.append(check_split(split_dir, deep=deep, progress=advance))
     if as_json:
         click.echo(json.dumps({"ok": all(r.ok for r in reports), "splits": [r.to_dict() for r in reports]}, indent=2))
     else:

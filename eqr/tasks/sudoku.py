@@ -352,11 +352,6 @@ def remove_clues(solution: Sequence[int], target_blanks: int, rng: np.random.Gen
     return puzzle
 
 
-def count_solutions(values: Sequence[int], size: int, limit: int = 2) -> int:
-    solutions, _ = Solver(size).solve(values, limit=limit)
-    return len(solutions)
-
-
 # --------------------------------------------------------------------------------------------
 # The task
 

@@ -63,7 +63,7 @@ class ArraySource:
         per_epoch = self.num_groups // size
         if per_epoch == 0:
             raise EqRError(f"the training set has {self.num_groups} puzzle groups, fewer than the global batch "
-                           f"{size}; lower --batch-size or generate more puzzles")
+                           f"{size}; lower --batch or generate more puzzles")
         epoch, index = divmod(step, per_epoch)
         rng = np.random.Generator(np.random.Philox(step_seed(self.seed, epoch)))
         groups = rng.permutation(self.num_groups)[index * size:(index + 1) * size]  # [B]

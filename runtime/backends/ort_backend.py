@@ -6,7 +6,9 @@ Only preds, residual, logit_delta and q_halt are bound to host memory. Compactio
 run tiny Gather/Concat graphs on the same provider, so they stay on the device too.
 
 Providers: CPU here; CUDA and TensorRT providers when the installed onnxruntime has them and
-`providers` is left to choose (`eqr solve --backend auto`).
+`providers` is left to choose (`eqr solve --backend auto`). With `require_provider`, the first of
+`providers` must be the one that runs (`eqr solve --provider cuda`): ONNX Runtime itself falls
+back to the CPU silently when a GPU provider is missing or fails to initialise.
 """
 from __future__ import annotations
 
@@ -41,18 +43,29 @@ def import_onnxruntime() -> Any:
     return onnxruntime
 
 
+def _build_hint(artifact: "Artifact", precision: str) -> str:
+    """The fix for a missing graph: run one that is there, or build this one."""
+    if artifact.onnx and artifact.kind != "export":
+        return f"pass --precision {next(iter(artifact.onnx))}"
+    if precision == "fp32":
+        return "export it with `eqr export`"
+    return (f"build it with `eqr calibrate {artifact.location} --precision {precision}`, or pass --precision "
+            f"{next(iter(artifact.onnx), 'fp32')}")
+
+
 class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, onnx_path: str | Path, *, providers: Sequence[str] | None = None,
                  threads: int | None = None, precision: str = "fp32",
-                 profile: tuple[tuple[int, int, int], int, int] | None = None) -> None:
+                 profile: tuple[tuple[int, int, int], int, int] | None = None, require_provider: bool = False) -> None:
         """profile: ((min, opt, max) batch, L, D) for ONNX Runtime's TensorRT provider, which
         otherwise rebuilds its engine for every new batch size that compaction produces."""
         super().__init__()
         self.onnx_path = Path(onnx_path)
         self.profile = profile
         self.requested_providers = list(providers) if providers else None
+        self.require_provider = require_provider and bool(providers)
         self.threads = threads
         self.precision = precision
         self.session: Any = None
@@ -66,7 +79,7 @@ class OrtBackend(Backend):
         path = artifact.onnx.get(precision)
         if path is None:
             have = ", ".join(artifact.onnx) or "none"
-            return f"no {precision} ONNX file in the artifact (has: {have}); export it with `eqr export`"
+            return f"no {precision} ONNX file in the artifact (has: {have}); {_build_hint(artifact, precision)}"
         if not path.is_file():
             return f"{path} is missing"
         try:
@@ -77,9 +90,9 @@ class OrtBackend(Backend):
 
     @classmethod
     def from_artifact(cls, artifact: "Artifact", precision: str, providers: Sequence[str] | None = None,
-                      threads: int | None = None, **_: Any) -> "OrtBackend":
+                      threads: int | None = None, require_provider: bool = False, **_: Any) -> "OrtBackend":
         return cls(artifact.onnx[precision], providers=providers, threads=threads, precision=precision,
-                   profile=(artifact.batch, artifact.seq_len, artifact.hidden_size))
+                   profile=(artifact.batch, artifact.seq_len, artifact.hidden_size), require_provider=require_provider)
 
     # ------------------------------------------------------------------ lifecycle
     def _session_options(self, threads: int | None) -> Any:
@@ -98,7 +111,10 @@ class OrtBackend(Backend):
     def activate_impl(self) -> None:
         ort = import_onnxruntime()
         available = ort.get_available_providers()
-        providers: list[Any] = self.requested_providers or [p for p in PREFERRED_PROVIDERS if p in available]
+        if self.require_provider and self.requested_providers[0] not in available:
+            self._missing_provider(f"this onnxruntime offers only {', '.join(available)}")
+        requested = [p for p in self.requested_providers or () if p in available]  # the rest: fallback
+        providers: list[Any] = requested or [p for p in PREFERRED_PROVIDERS if p in available]
         providers = [self._with_options(p) for p in providers]
         try:
             self.session = ort.InferenceSession(str(self.onnx_path), self._session_options(self.threads),
@@ -110,6 +126,9 @@ class OrtBackend(Backend):
             raise EqRError(f"{self.onnx_path}: I/O names {sorted(names[0])} -> {sorted(names[1])} are not the eqr "
                            "step contract; re-export with `eqr export`")
         used = self.session.get_providers()[0]
+        if self.require_provider and used != self.requested_providers[0]:
+            self.session = None
+            self._missing_provider(f"it failed to initialise and ONNX Runtime fell back to {used}")
         self.device = "cuda" if used in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         if used == "TensorrtExecutionProvider" and self.profile is not None:
             self.max_batch = self.profile[0][2]  # batches beyond the profile would force an engine rebuild
@@ -117,6 +136,11 @@ class OrtBackend(Backend):
                         for v in [*self.session.get_inputs(), *self.session.get_outputs()]}
         self._binding = self.session.io_binding()
         log.info("onnxruntime %s on %s (providers %s)", self.onnx_path.name, self.device, self.session.get_providers())
+
+    def _missing_provider(self, why: str) -> None:
+        wanted = self.requested_providers[0]
+        raise EqRError(f"{wanted} is not available ({why}); install onnxruntime-gpu (pip install 'eqr[gpu]') "
+                       "on a CUDA machine, or pass --fallback to run on the CPU provider")
 
     def _with_options(self, provider: str) -> Any:
         """TensorRT provider: an optimization profile over the batch axis and a persistent engine cache."""

@@ -41,7 +41,7 @@ import numpy as np
 from eqr.artifact import INPUT_NAMES, OUTPUT_NAMES, STEP_FEEDS
 from eqr.errors import EqRError, missing_extra
 from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
-from eqr.trt_engine import check_engine, trt_logger
+from eqr.trt_engine import check_engine, cuda_gpu, trt_logger
 
 if TYPE_CHECKING:
     from eqr.runtime.artifact import Artifact
@@ -195,7 +195,8 @@ class TensorRTBackend(Backend):
     @classmethod
     def unavailable_reason(cls, artifact: "Artifact", precision: str) -> str | None:
         if precision not in artifact.engines:
-            return f"no {precision} TensorRT engine in the artifact; build one with `eqr export --engine`"
+            return (f"no {precision} TensorRT engine in the artifact; build one on the target GPU with "
+                    f"`eqr export MODEL --precision {precision} --engine always`")
         try:
             import tensorrt  # noqa: F401
         except ImportError:
@@ -276,9 +277,13 @@ class TensorRTBackend(Backend):
             self.stream = None
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "device": f"cuda:{self.device}", "precision": self.precision,
+        info = {"backend": self.name, "device": f"cuda:{self.device}", "precision": self.precision,
                 "engine": str(self.engine_path), "cuda_graphs": self.cuda_graphs, "static_shapes": self.static_shapes,
                 "batch_size": self.batch_size}
+        if self.engine is not None:  # what actually runs: the TensorRT library and the GPU
+            gpu = cuda_gpu(self.device)
+            info |= {"tensorrt": import_tensorrt().__version__, "gpu": gpu.name if gpu else None}
+        return info
 
     # ------------------------------------------------------------------ contexts and buffers
     def _context(self, trt: Any, strategy: Any) -> Any:
