@@ -232,8 +232,10 @@ class Scheduler:
                 taken.append((request, request.admitted, n))
                 request.admitted += n
                 free = None if free is None else free - n * request.breadth
-                if request.admitted == request.puzzles:
-                    self._queue.popleft()
+                self._queue.popleft()
+                if request.admitted < request.puzzles:  # the rest waits its turn behind the others:
+                    self._queue.append(request)  # a big request cannot starve small ones
+                    break
             self._cond.notify_all()  # queue space freed: wake blocked submitters
         return self._rows_for(taken) if taken else _no_rows()
 

@@ -42,7 +42,7 @@ def generate_stream(url: str, model: str, body: dict[str, Any], timeout: float =
             line = raw.decode("utf-8").strip()
             if line.startswith("data:"):
                 event = json.loads(line[5:])
-                if "error" in event:
+                if isinstance(event.get("error"), str):  # Triton's error event (our `error` output is a list)
                     raise ServerError(event["error"])
                 yield event
 
@@ -72,6 +72,7 @@ class StreamClient:
         self.grpc, self.model, self.timeout = grpcclient, model, timeout
         self.client = grpcclient.InferenceServerClient(url)
         self.responses: dict[str, queue.Queue] = {}
+        self.strays: list[Any] = []  # responses for no waiting request (would be a duplicate answer)
         self.ids = iter(range(1 << 62))
         self.client.start_stream(callback=self._on_response)
 
@@ -81,7 +82,11 @@ class StreamClient:
             self.responses[request_id].put((None, error))
             return
         response = result.get_response()
-        self.responses[response.id].put((result, None))
+        waiting = self.responses.get(response.id)
+        if waiting is None:
+            self.strays.append(result)
+        else:
+            waiting.put((result, None))
 
     def solve(self, puzzles: list[str] | None = None, tokens: np.ndarray | None = None, seed: int | None = None,
               breadth: int | None = None, max_steps: int | None = None, stream: bool = False) -> list[dict[str, np.ndarray]]:
@@ -103,6 +108,10 @@ class StreamClient:
             tensor = self.grpc.InferInput(name, list(array.shape), triton_type.removeprefix("TYPE_").replace("STRING", "BYTES"))
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
+        return self.send_inputs(inputs)
+
+    def send_inputs(self, inputs: list[Any]) -> str:
+        """Send ready `tritonclient.grpc.InferInput`s as one request -> its request id."""
         request_id = str(next(self.ids))
         self.responses[request_id] = queue.Queue()
         self.client.async_stream_infer(self.model, inputs, request_id=request_id, enable_empty_final_response=True)

@@ -81,9 +81,10 @@ class TritonServer:
     """One tritonserver process on `repository`; a context manager that always stops it."""
 
     def __init__(self, repository: str | os.PathLike[str], address: str = "127.0.0.1", ports: Ports = Ports(),
-                 log_file: str | os.PathLike[str] | None = None, verbose: bool = False) -> None:
+                 log_file: str | os.PathLike[str] | None = None, verbose: bool = False,
+                 exit_timeout: int = EXIT_TIMEOUT_S) -> None:
         self.repository = Path(repository)
-        self.address, self.ports, self.verbose = address, ports, verbose
+        self.address, self.ports, self.verbose, self.exit_timeout = address, ports, verbose, exit_timeout
         self.install = find_tritonserver()
         self.process: subprocess.Popen | None = None
         self._scratch: Path | None = None
@@ -110,7 +111,7 @@ class TritonServer:
         command = [str(self.install.binary), "--model-repository", str(self.repository.resolve()),
                    "--http-address", self.address, "--grpc-address", self.address,
                    "--http-port", str(self.ports.http), "--grpc-port", str(self.ports.grpc),
-                   "--metrics-port", str(self.ports.metrics), "--exit-timeout-secs", str(EXIT_TIMEOUT_S),
+                   "--metrics-port", str(self.ports.metrics), "--exit-timeout-secs", str(self.exit_timeout),
                    "--log-verbose", "1" if self.verbose else "0"]
         if self.install.backends is not None:
             command += ["--backend-directory", str(self._backend_dir())]

@@ -79,7 +79,8 @@ class TritonPythonModel:
             if not len(job.good):  # every puzzle bad: answered at once, nothing to run
                 self.outbox.put(("final", sender, job, None, None))
                 continue
-            progress = (lambda partial, s=sender, j=job: self.outbox.put(("partial", s, j, partial, None))) \
+            handle: list[Any] = []  # the future, for the responder to cancel when the client hangs up
+            progress = (lambda partial, s=sender, j=job, h=handle: self.outbox.put(("partial", s, j, partial, h))) \
                 if job.stream else None
             try:
                 future = self.scheduler.submit(job.tokens, seed=job.seed, timeout=SUBMIT_TIMEOUT_S, breadth=job.breadth,
@@ -90,6 +91,7 @@ class TritonPythonModel:
             except (EqRError, RuntimeError) as e:  # a bad breadth/max_steps, or the model is not ready
                 _send_error(sender, str(e))
                 continue
+            handle.append(future)
             future.add_done_callback(lambda f, s=sender, j=job: self.outbox.put(("final", s, j, None, f)))
         return None
 
@@ -106,7 +108,9 @@ class TritonPythonModel:
             kind, sender, job, partial, future = item
             try:
                 if kind == "partial":
-                    if sender.is_cancelled():  # the client went away: stop admitting its puzzles
+                    if sender.is_cancelled():  # the client went away: admit no more of its puzzles
+                        for cancelled in future:
+                            cancelled.cancel()
                         continue
                     sender.send(_response(partial_tensors(job, partial, self.task)))
                 else:
