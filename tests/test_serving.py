@@ -161,6 +161,18 @@ def test_64_concurrent_clients_times_8_requests_each_answered_exactly_once(serve
     for got in results:
         for _, responses in got:
             assert len(responses) == 1 and decoded(responses[0])["error"] == [""]
+    metrics = _metrics(server)
+    assert metrics["eqr_puzzles_answered"] >= 512 and metrics["eqr_outer_steps"] >= 512
+    assert metrics["eqr_ready"] == 1 and metrics["eqr_puzzles_failed"] == 0 and 0 < metrics["eqr_converged_fraction"] <= 1
+
+
+def _metrics(server: TritonServer) -> dict[str, float]:
+    """eqr's custom series on Triton's /metrics (Prometheus text), by name."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{server.address}:{server.ports.metrics}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("eqr_")}
 
 
 def test_a_client_that_disconnects_mid_stream_does_not_disturb_the_others(server, puzzles):

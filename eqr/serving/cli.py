@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -111,9 +112,10 @@ def serve(source: str, out: str | None, address: str, http_port: int, grpc_port:
       curl -s 127.0.0.1:8000/v2/models/eqr/generate -d '{"puzzle": ["2..1.........42."]}'
     """
     from eqr.serving.repository import write_repository
-    from eqr.serving.server import Ports, TritonServer
+    from eqr.serving.server import Ports, TritonServer, find_tritonserver
 
     cfg = _config(options)
+    find_tritonserver()  # before writing anything: one line naming the serve extra when it is missing
     scratch = None
     if (Path(source) / "manifest.json").is_file():  # an export: write its repository first
         if out is None:
@@ -126,6 +128,7 @@ def serve(source: str, out: str | None, address: str, http_port: int, grpc_port:
             raise EqRError(f"{source}: neither an export (manifest.json) nor a repository with {cfg.name}/config.pbtxt; "
                            "pass --name to pick the model, or write one with `eqr triton`")
     server = TritonServer(repository, address, Ports(http_port, grpc_port, metrics_port), verbose=verbose)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, systemd and Kubernetes stop it like Ctrl-C
     try:
         server.start()
         server.wait_ready(cfg.name, timeout)
@@ -145,6 +148,10 @@ def serve(source: str, out: str | None, address: str, http_port: int, grpc_port:
         server.stop()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _announce(server: Any, name: str, repository: Path) -> None:

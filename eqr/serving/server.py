@@ -9,6 +9,7 @@ PATH (so model.py imports numpy and eqr from here). The server runs in its own p
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import shutil
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -118,7 +120,8 @@ class TritonServer:
         log = open(self.log_path, "ab")
         try:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self._env(), start_new_session=True)  # its own process group
+                                            env=self._env(), start_new_session=True,  # its own process group
+                                            preexec_fn=_die_with_parent())
         finally:
             log.close()
         return self
@@ -186,6 +189,20 @@ class TritonServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _die_with_parent() -> Any:
+    """Linux: SIGINT the server when the thread that started it dies, even by SIGKILL (no orphans).
+
+    The kernel ties this to the starting *thread*, so it is set only when starting from the main thread.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    return lambda: libc.prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
 
 
 def _stop_group(process: subprocess.Popen, grace: float) -> int:
