@@ -217,3 +217,48 @@ def test_stopping_the_server_answers_or_fails_every_request_in_flight(export_dir
             t.join(timeout=60)
     assert elapsed < 30 and code is not None
     assert len(outcomes) == 8 and "partial" not in outcomes  # none hung, none half-answered
+
+
+FAULT = '''
+
+# --- injected by tests/test_serving.py: the backend's step raises while FLAG exists
+import os as _os
+from eqr.runtime.backends.ort_backend import OrtBackend as _Ort
+
+_step = _Ort.step_impl
+
+
+def _faulty(self, feeds, _flag={flag!r}):
+    if _os.path.exists(_flag):
+        raise RuntimeError("injected device fault")
+    return _step(self, feeds)
+
+
+_Ort.step_impl = _faulty
+'''
+
+
+def test_backend_faults_fail_only_their_requests_and_repeated_ones_make_the_model_not_ready(export_dir, tmp_path):
+    _tritonserver_or_skip()
+    flag = tmp_path / "fault"
+    model = write_repository(export_dir, tmp_path / "models", ServeConfig(batch=8, threads=1))
+    with open(model / "1" / "model.py", "a") as f:
+        f.write(FAULT.format(flag=str(flag)))
+    server = start_server(tmp_path / "models", tmp_path)
+    try:
+        line = TASK.format_tokens(TASK.generate(1, seed=2).inputs[0])
+        # (HTTP generate gives a one-element output as a bare value, not a list)
+        assert generate(server.http_url, "eqr", {"puzzle": [line]})["error"] == ""
+        flag.touch()  # every step fails from now on: the first request fails, the server lives on
+        failed = generate(server.http_url, "eqr", {"puzzle": [line]})
+        assert "injected device fault" in failed["error"] and failed["answer"] == ""
+        outcomes = [generate(server.http_url, "eqr", {"puzzle": [line]}) for _ in range(2)]  # 3 failed steps in a row
+        assert all("injected device fault" in o["error"] for o in outcomes)
+        deadline = time.monotonic() + 30
+        while server.model_ready("eqr") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not server.model_ready("eqr")  # a load balancer stops sending it work
+        with pytest.raises(ServerError):
+            generate(server.http_url, "eqr", {"puzzle": [line]})
+    finally:
+        server.stop(grace=10)

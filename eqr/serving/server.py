@@ -114,7 +114,10 @@ class TritonServer:
                    "--http-address", self.address, "--grpc-address", self.address,
                    "--http-port", str(self.ports.http), "--grpc-port", str(self.ports.grpc),
                    "--metrics-port", str(self.ports.metrics), "--exit-timeout-secs", str(self.exit_timeout),
-                   "--log-verbose", "1" if self.verbose else "0"]
+                   "--log-verbose", "1" if self.verbose else "0",
+                   # explicit: a model may unload itself after repeated faults (model.py), so its
+                   # /v2/models/NAME/ready turns false; every model of the repository loads at start
+                   "--model-control-mode", "explicit", "--load-model", "*"]
         if self.install.backends is not None:
             command += ["--backend-directory", str(self._backend_dir())]
         log = open(self.log_path, "ab")

@@ -61,6 +61,7 @@ class TritonPythonModel:
                                    max_queue=int(params.get("max_queue", 1024)),
                                    stream_every=int(params.get("stream_every", 4)))
         self.outbox: queue.Queue = queue.Queue()
+        self.unloading = False
         self._init_metrics()
         self.responder = threading.Thread(target=self._respond, name="eqr-responder", daemon=True)
         self.responder.start()
@@ -157,6 +158,23 @@ class TritonPythonModel:
         self.converged.set(counts["converged"] / counts["answered"] if counts["answered"] else 0.0)
         self.queue_depth.set(self.scheduler.pending)
         self.ready.set(1 if self.scheduler.ready else 0)
+        if not self.scheduler.ready and not self.unloading:
+            self.unloading = True
+            threading.Thread(target=self._unload, name="eqr-unload", daemon=True).start()
+
+    def _unload(self) -> None:
+        """Repeated backend faults: take the model out of service, so /v2/models/NAME/ready says no.
+
+        Triton's Python backend (2.51) keeps a model ready whatever its stub reports, so the model
+        unloads itself; that needs --model-control-mode=explicit (as `eqr serve` runs it). Without
+        it, every request gets a "not ready" error and the eqr_ready metric reads 0.
+        """
+        log.error("%s: not ready after repeated backend faults; unloading it", self.name)
+        try:
+            pb_utils.unload_model(self.name)
+        except Exception as e:
+            log.error("%s: could not unload itself (%s); start tritonserver with --model-control-mode=explicit "
+                      "so repeated faults show on /v2/models/%s/ready", self.name, e, self.name)
 
 
 def _input(request: Any, name: str) -> Any:
