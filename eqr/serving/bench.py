@@ -30,7 +30,7 @@ def measure_serving(export_dir: str | Path, puzzles: int = 256, concurrency: tup
     """-> {"value", "fields", "header", "rows", "note"}: the arguments of bench's `Measurement`."""
     from eqr.runtime import Scheduler, Solver
     from eqr.runtime.artifact import load_artifact
-    from eqr.runtime.cli import resolve_task
+    from eqr.runtime.artifact import resolve_task
     from eqr.serving.repository import ServeConfig, write_repository
     from eqr.serving.server import Ports, TritonServer, free_ports
 

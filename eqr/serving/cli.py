@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from eqr.errors import EqRError
-from eqr.runtime.artifact import PRECISIONS
+from eqr.artifact import MANIFEST_FILE, PRECISIONS
 from eqr.serving.repository import SERVE_BACKENDS, ServeConfig
 
 
@@ -25,7 +25,7 @@ def model_options(fn: Callable) -> Callable:
         click.option("--name", default=defaults.name, show_default=True, help="Triton model name (/v2/models/NAME)."),
         click.option("--backend", type=click.Choice(SERVE_BACKENDS), default=defaults.backend, show_default=True,
                      help="eqr backend inside the model; tensorrt needs an engine built on the target (docs/serving.md)."),
-        click.option("--precision", type=click.Choice(PRECISIONS, case_sensitive=False), default="fp32",
+        click.option("--precision", type=click.Choice(list(PRECISIONS), case_sensitive=False), default="fp32",
                      show_default=True, callback=lambda ctx, param, value: value.lower()),
         # --batch-size is accepted too: `eqr solve` spells the same working-batch size that way.
         click.option("--batch", "--batch-size", "batch", type=click.IntRange(min=1), default=defaults.batch,
@@ -117,7 +117,7 @@ def serve(source: str, out: str | None, address: str, http_port: int, grpc_port:
     cfg = _config(options)
     find_tritonserver()  # before writing anything: one line naming the serve extra when it is missing
     scratch = None
-    if (Path(source) / "manifest.json").is_file():  # an export: write its repository first
+    if (Path(source) / MANIFEST_FILE).is_file():  # an export: write its repository first
         if out is None:
             scratch = Path(tempfile.mkdtemp(prefix="eqr-repo-"))
         repository = Path(out) if out else scratch
@@ -125,7 +125,7 @@ def serve(source: str, out: str | None, address: str, http_port: int, grpc_port:
     else:
         repository = Path(source)
         if not (repository / cfg.name / "config.pbtxt").is_file():
-            raise EqRError(f"{source}: neither an export (manifest.json) nor a repository with {cfg.name}/config.pbtxt; "
+            raise EqRError(f"{source}: neither an export ({MANIFEST_FILE}) nor a repository with {cfg.name}/config.pbtxt; "
                            "pass --name to pick the model, or write one with `eqr triton`")
     server = TritonServer(repository, address, Ports(http_port, grpc_port, metrics_port), verbose=verbose)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`, systemd and Kubernetes stop it like Ctrl-C
@@ -169,7 +169,7 @@ def _announce(server: Any, name: str, repository: Path) -> None:
 
 def _example_puzzle(model_dir: Path) -> str:
     from eqr.runtime.artifact import load_artifact
-    from eqr.runtime.cli import resolve_task
+    from eqr.runtime.artifact import resolve_task
 
     task = resolve_task(load_artifact(model_dir / "1" / "export"), None)
     return task.format_tokens(task.generate(1, seed=0).inputs[0])

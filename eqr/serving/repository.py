@@ -58,7 +58,7 @@ def write_repository(export_dir: str | os.PathLike[str], out: str | os.PathLike[
                      force: bool = False) -> Path:
     """Write REPO/NAME (see module docstring) and return its path; EqRError for bad input."""
     from eqr.runtime.artifact import load_artifact
-    from eqr.runtime.cli import resolve_task
+    from eqr.runtime.artifact import resolve_task
 
     cfg.check()
     artifact = load_artifact(export_dir)

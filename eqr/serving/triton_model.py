@@ -36,14 +36,12 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         from eqr.runtime import Scheduler, Solver
         from eqr.runtime.artifact import load_artifact
-        from eqr.runtime.cli import resolve_task
 
         logging.basicConfig(level=logging.INFO, format="eqr %(levelname)s %(name)s: %(message)s")
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.name = args["model_name"]
         artifact = load_artifact(Path(__file__).resolve().parent / "export")
-        self.task = resolve_task(artifact, params.get("task") or None)
         self.vocab_size = artifact.vocab_size
         backend = params.get("backend", "auto")
         options: dict[str, Any] = {}
@@ -55,6 +53,7 @@ class TritonPythonModel:
         solver = Solver.load(artifact, backend=backend, precision=params.get("precision", "fp32"),
                              batch_size=batch, **options)
         solver.backend.activate()  # build sessions/engines now: the model is ready only when it can run
+        self.task = solver.task  # the export's task: its text format in and out
         self.default_seed = int(params.get("seed", 0))
         self.scheduler = Scheduler(solver, solver.config(max_steps=int(params.get("max_steps", 256))), batch_size=batch,
                                    breadth=int(params.get("breadth", 1)), seed=self.default_seed,
