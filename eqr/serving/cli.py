@@ -18,6 +18,12 @@ from eqr.artifact import MANIFEST_FILE, PRECISIONS
 from eqr.serving.repository import SERVE_BACKENDS, ServeConfig
 
 
+class ServerDied(EqRError):
+    """The server stopped on its own while serving: a failure, not a usage error."""
+
+    exit_code = 1
+
+
 def model_options(fn: Callable) -> Callable:
     """The flags that shape a served model (config.pbtxt), shared by `eqr triton` and `eqr serve`."""
     defaults = ServeConfig()
@@ -136,7 +142,7 @@ def serve(source: str, out: str | None, address: str, http_port: int, grpc_port:
             _announce(server, cfg.name, repository)
         while server.process.poll() is None:
             time.sleep(0.5)
-        raise EqRError(f"tritonserver exited with code {server.process.returncode}; its log ends: {server.log_tail()}")
+        raise ServerDied(f"tritonserver exited with code {server.process.returncode}; its log ends: {server.log_tail()}")
     except KeyboardInterrupt:
         if not quiet:
             click.echo("stopping tritonserver (in-flight requests are answered or cancelled) ...", err=True)
