@@ -68,6 +68,7 @@ class _Request:
     breadth: int
     on_progress: Callable[[Partial], None] | None = None
     max_steps: int | None = None  # this request's step cap (<= the scheduler's cfg.max_steps)
+    numbers: np.ndarray | None = None  # int64 (P,) puzzle numbers in the seeds (seed, p, k); None: 0..P-1
     admitted: int = 0  # puzzles handed to the loop so far
     remaining: int = 0  # trajectories admitted and not yet finished
     done: dict[int, tuple] = field(default_factory=dict)  # row p*K + k -> finished row fields
@@ -118,11 +119,13 @@ class Scheduler:
     # ------------------------------------------------------------------ client side
     def submit(self, tokens: np.ndarray, seed: int | None = None, timeout: float | None = None,
                breadth: int | None = None, max_steps: int | None = None,
-               on_progress: Callable[[Partial], None] | None = None) -> Future:
+               on_progress: Callable[[Partial], None] | None = None, numbers: np.ndarray | None = None) -> Future:
         """Queue puzzles (int [L] or [P, L]) -> Future[SolveResult] with P answers.
 
         Blocks while the queue is full, raising queue.Full after `timeout`. breadth overrides the
-        scheduler's K and max_steps lowers its step cap, for this request only. on_progress(Partial)
+        scheduler's K and max_steps lowers its step cap, for this request only. numbers (P,) replace
+        the puzzle numbers 0..P-1 in the trajectory seeds (a server keeps each puzzle's position in
+        its request, so a bad neighbour does not change an answer). on_progress(Partial)
         is called from the worker thread every `stream_every` steps until the result is set (it
         must not block for long).
         """
@@ -136,8 +139,11 @@ class Scheduler:
             raise EqRError(f"max_steps must be 1..{self.cfg.max_steps} (this scheduler's cap), got {max_steps}")
         if self.cfg.fixed_depth is not None and max_steps is not None:
             raise EqRError("max_steps cannot be set per request when the scheduler runs a fixed depth")
+        if numbers is not None and np.shape(numbers) != (len(tokens),):
+            raise EqRError(f"numbers must give one puzzle number per puzzle ({len(tokens)}), got shape {np.shape(numbers)}")
         request = _Request(tokens, self.seed if seed is None else seed, Future(), K, on_progress,
-                           None if max_steps is None else int(max_steps))
+                           None if max_steps is None else int(max_steps),
+                           None if numbers is None else np.asarray(numbers, np.int64))
         with self._cond:
             if not self._cond.wait_for(lambda: self._closed or len(self._queue) < self._max_queue, timeout):
                 raise queue.Full(f"scheduler queue is full ({self._max_queue} requests)")
@@ -262,7 +268,8 @@ class Scheduler:
             groups.append(np.repeat(np.array([next(self._group_ids) for _ in range(n)], np.int64), K))
             tokens.append(request.tokens[puzzles])  # (n*K, L)
             zh, zl = initial_states(self.solver.seq_len, self.solver.hidden_size, self.solver.init_std,
-                                    request.seed, puzzles, breadths)
+                                    request.seed, puzzles if request.numbers is None else request.numbers[puzzles],
+                                    breadths)
             z_H.append(zh)
             z_L.append(zl)
         return Rows(np.array(ids, np.int64), np.concatenate(groups), np.concatenate(tokens),

@@ -92,9 +92,10 @@ def test_a_fault_that_persists_fails_only_the_working_batch_and_serving_goes_on(
         errors = [f.exception(timeout=60) for f in futures]
         assert scheduler.ready  # one bad step is not a broken device
         later = scheduler.submit(random_puzzles(1, seed=3)[0]).result(timeout=60)
-    assert [e is not None for e in errors] == [True, True, False, False, False, False]  # batch of 2
+    k = sum(e is not None for e in errors)  # the working batch at the failed step: 1 or 2 requests (batch 2)
+    assert 1 <= k <= 2 and [e is not None for e in errors] == [True] * k + [False] * (6 - k)
     assert "injected device fault" in str(errors[0])
-    assert later.preds.shape == (1, 16) and scheduler.counts["failed"] == 2
+    assert later.preds.shape == (1, 16) and scheduler.counts["failed"] == k
 
 
 def test_repeated_faults_mark_the_scheduler_not_ready_and_fail_the_queue(model):
@@ -107,6 +108,8 @@ def test_repeated_faults_mark_the_scheduler_not_ready_and_fail_the_queue(model):
         assert future.exception(timeout=60) is not None  # none hangs
     scheduler.shutdown(wait=True)
     assert not scheduler.ready
-    assert sum("not ready" in str(f.exception()) for f in futures) == 6  # 2 batches failed, the queue after them
+    messages = [str(f.exception()) for f in futures]
+    faulted = sum(m.startswith("injected device fault") for m in messages)  # 2 failed batches (the 1st may be short)
+    assert 2 <= faulted <= 4 and sum(m.startswith("the model is not ready") for m in messages) == 10 - faulted
     with pytest.raises(EqRError, match="not ready"):
         scheduler.submit(random_puzzles(1)[0])

@@ -84,7 +84,7 @@ class TritonPythonModel:
                 if job.stream else None
             try:
                 future = self.scheduler.submit(job.tokens, seed=job.seed, timeout=SUBMIT_TIMEOUT_S, breadth=job.breadth,
-                                               max_steps=job.max_steps, on_progress=progress)
+                                               max_steps=job.max_steps, on_progress=progress, numbers=job.good)
             except queue.Full:
                 _send_error(sender, f"{self.name} is busy: its queue is full; retry later or add instances")
                 continue
