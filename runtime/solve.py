@@ -14,7 +14,7 @@ stays on the backend's device. A row stops (first rule that fires, in this order
   stable       preds unchanged for cfg.window consecutive steps.
   q_halt       cfg.q_halt and the q_halt logit > 0 for cfg.patience consecutive steps.
   agree        cfg.agree rows of the same group (puzzle) converged to one answer.
-  max_steps    cfg.max_steps steps done.
+  max_steps    cfg.max_steps steps done (or the row's own lower cap, `Rows.max_steps`).
 
 The returned iterate is the LAST one (the state after the row's final step), not the
 lowest-residual one: stopping rules make the last iterate the settled one, and `converged`
@@ -31,7 +31,6 @@ settled rows are frozen by a done mask and their slots refilled in place.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -260,13 +259,14 @@ def _step(backend: Backend, batch: _Batch, on_fault: FaultHandler | None) -> dic
     feeds = {"tokens": batch.tokens, "z_H": batch.z_H, "z_L": batch.z_L}
     if on_fault is None:
         return backend.step(feeds)
-    for attempt in itertools.count(1):
+    attempt = 1
+    while True:
         try:
             return backend.step(feeds)  # the feeds are untouched by a failed step: safe to rerun
         except Exception as error:
             if not on_fault(error, attempt):
                 return None
-    raise AssertionError("unreachable")
+            attempt += 1
 
 
 def _admit(backend: Backend, batch: _Batch | None, rows: Rows, trace_steps: int | None, cfg: SolveConfig,
