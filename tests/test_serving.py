@@ -264,3 +264,34 @@ def test_backend_faults_fail_only_their_requests_and_repeated_ones_make_the_mode
             generate(server.http_url, "eqr", {"puzzle": [line]})
     finally:
         server.stop(grace=10)
+
+
+def test_eqr_serve_prints_a_working_curl_line_and_stops_on_ctrl_c(export_dir, tmp_path):
+    _tritonserver_or_skip()
+    import re
+    import signal
+
+    http, grpc, metrics = free_ports(3)
+    command = [sys.executable, "-m", "eqr", "serve", str(export_dir), "--out", str(tmp_path / "models"), "--threads", "1",
+               "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        printed = ""
+        deadline = time.monotonic() + 180
+        while "Ctrl-C" not in printed and time.monotonic() < deadline and process.poll() is None:
+            printed += process.stdout.readline()
+        body = re.search(r"-d '(.*)'", printed).group(1)  # the printed curl line, run as printed
+        assert f"127.0.0.1:{http}/v2/models/eqr/generate" in printed
+        assert generate(f"127.0.0.1:{http}", "eqr", json.loads(body))["error"] == ""
+        servers = subprocess.run(["pgrep", "-P", str(process.pid), "-x", "tritonserver"], capture_output=True,
+                                 text=True).stdout.split()
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=40) == 130 and time.monotonic() - started < 30
+        assert servers and not any(_alive(int(pid)) for pid in servers)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
