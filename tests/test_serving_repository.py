@@ -72,4 +72,4 @@ def test_a_missing_tritonserver_is_one_line_naming_the_serve_extra(export_dir, m
     monkeypatch.setattr(server_module.importlib.util, "find_spec", lambda name: None)
     result = CliRunner().invoke(cli, ["serve", str(export_dir)])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == [f"error: {server_module.MISSING}"] and "eqr[serve]" in result.output
+    assert result.output.strip().splitlines() == [f"error: {server_module.MISSING}"] and "serve extra" in result.output

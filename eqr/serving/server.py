@@ -28,7 +28,7 @@ from typing import Any
 
 from eqr.errors import EqRError
 
-MISSING = ("tritonserver not found: install the serve extra (pip install 'eqr[serve]') or run inside "
+MISSING = ("tritonserver not found: install the serve extra (pip install 'eqr[cpu,serve]') or run inside "
            "NVIDIA's Triton Inference Server container")
 EXIT_TIMEOUT_S = 20  # Triton's own wait for in-flight requests at shutdown; then model.py cancels the rest
 
