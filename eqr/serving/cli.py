@@ -107,7 +107,7 @@ def serve(source: str, out: str | None, address: str, http_port: int, grpc_port:
           timeout: float, force: bool, verbose: bool, quiet: bool, **options: Any) -> None:
     """Serve SOURCE (an export directory, or a repository from `eqr triton`) on tritonserver.
 
-    Uses the tritonserver on PATH, else the one of the serve extra (pip install 'eqr[serve]').
+    Uses the tritonserver on PATH, else the one of the serve extra (pip install 'eqr[cpu,serve]').
     Waits until the model is ready, prints its endpoints and a curl line, and serves until
     Ctrl-C, which stops the server cleanly (in-flight requests are answered or get an error).
 
