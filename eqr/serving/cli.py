@@ -101,10 +101,11 @@ def triton(export_dir: str, out: str, force: bool, as_json: bool, quiet: bool, *
 @click.option("--timeout", type=click.FloatRange(min=1), default=300, show_default=True,
               help="Seconds to wait for the model to become ready.")
 @click.option("--force", is_flag=True, help="Replace --out/NAME if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Once ready, print the endpoints as one JSON line.")
 @click.option("-v", "--verbose", is_flag=True, help="Triton's verbose log.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def serve(source: str, out: str | None, address: str, http_port: int, grpc_port: int, metrics_port: int,
-          timeout: float, force: bool, verbose: bool, quiet: bool, **options: Any) -> None:
+          timeout: float, force: bool, as_json: bool, verbose: bool, quiet: bool, **options: Any) -> None:
     """Serve SOURCE (an export directory, or a repository from `eqr triton`) on tritonserver.
 
     Uses the tritonserver on PATH, else the one of the serve extra (pip install 'eqr[cpu,serve]').
@@ -138,7 +139,11 @@ def serve(source: str, out: str | None, address: str, http_port: int, grpc_port:
     try:
         server.start()
         server.wait_ready(cfg.name, timeout)
-        if not quiet:
+        if as_json:
+            click.echo(json.dumps({"model": cfg.name, "repository": str(repository), "pid": server.pid,
+                                   "http": server.http_url, "grpc": server.grpc_url,
+                                   "metrics": f"{server.address}:{server.ports.metrics}"}))
+        elif not quiet:
             _announce(server, cfg.name, repository)
         while server.process.poll() is None:
             time.sleep(0.5)
