@@ -60,7 +60,7 @@ class OfficialObject:
 
 def _numpy_globals() -> dict[str, Any]:
     """Exactly what numpy RNG states and arrays need; both numpy 1 and 2 spellings."""
-    core = getattr(np, "_core", None) or np.core
+    core = np.core if np.lib.NumpyVersion(np.__version__) < "2.0.0" else np._core  # 1.26 has a bare np._core
     allowed = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[f"{module}._reconstruct"] = core.multiarray._reconstruct

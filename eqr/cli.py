@@ -24,8 +24,10 @@ SUBCOMMANDS: dict[str, str] = {
     "export": "eqr.export.cli:export",
     "info": "eqr.cli:info",
     "report": "eqr.calibration.cli:report",
+    "serve": "eqr.serving.cli:serve",
     "solve": "eqr.runtime.cli:solve",
     "train": "eqr.train:train",
+    "triton": "eqr.serving.cli:triton",
     "models": "eqr.models_cli:models",
 }
 

@@ -14,11 +14,16 @@ stays on the backend's device. A row stops (first rule that fires, in this order
   stable       preds unchanged for cfg.window consecutive steps.
   q_halt       cfg.q_halt and the q_halt logit > 0 for cfg.patience consecutive steps.
   agree        cfg.agree rows of the same group (puzzle) converged to one answer.
-  max_steps    cfg.max_steps steps done.
+  max_steps    cfg.max_steps steps done (or the row's own lower cap, `Rows.max_steps`).
 
 The returned iterate is the LAST one (the state after the row's final step), not the
 lowest-residual one: stopping rules make the last iterate the settled one, and `converged`
 scoring (spec 3.3) is defined on the final steps.
+
+Listeners (both optional, both off for `solve`): `on_step` sees every running row's current
+preds after each step, from the host copies the loop reads anyway (no extra transfer, and no
+work at all when nobody listens); `on_fault` turns a raising `backend.step` into a retry or a
+"failed" stop of the rows in the working batch at that step, so a server outlives one fault.
 
 Settled rows leave the batch (compaction: the device state is gathered to the remaining rows,
 so compute shrinks). Backends with static shapes (CUDA-graph replay) instead keep fixed slots:
@@ -52,6 +57,7 @@ class Rows:
     tokens: np.ndarray  # int32 (R, L)
     z_H: np.ndarray  # float32 (R, L, D)
     z_L: np.ndarray  # float32 (R, L, D)
+    max_steps: np.ndarray | None = None  # int32 (R,) per-row step caps <= cfg.max_steps (None: cfg's)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -72,6 +78,20 @@ class Finished:
     q_halt: np.ndarray  # fp32 (R,)
     residual_trace: np.ndarray | None  # fp32 (R, N) NaN-padded
     logit_delta_trace: np.ndarray | None  # fp32 (R, N)
+
+
+@dataclass
+class Progress:
+    """The rows still running after one step (host copies; a listener may keep them)."""
+
+    ids: np.ndarray  # int64 (R,)
+    preds: np.ndarray  # int32 (R, L) current predictions
+    nstep: np.ndarray  # int32 (R,) steps taken so far
+    residual: np.ndarray  # fp32 (R,) current relative residual
+
+
+# on_fault(error, attempt) -> True to retry the same step once more, False to fail its rows.
+FaultHandler = Callable[[Exception, int], bool]
 
 
 class RowSource(Protocol):
@@ -97,6 +117,7 @@ class _Table:
     tol_count: np.ndarray
     stable_count: np.ndarray
     halt_count: np.ndarray
+    cap: np.ndarray  # int32: this row's max_steps
     preds: np.ndarray  # last finite preds (B, L)
     residual: np.ndarray
     logit_delta: np.ndarray
@@ -109,7 +130,7 @@ class _Table:
     def empty(cls, n: int, seq_len: int, window: int, trace_steps: int | None) -> "_Table":
         trace = (lambda: np.full((n, trace_steps), np.nan, np.float32)) if trace_steps else (lambda: None)
         return cls(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros(n, bool), np.zeros(n, np.int32),
-                   np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32),
+                   np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32),
                    np.zeros((n, seq_len), np.int32), np.full(n, np.nan, np.float32),
                    np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32),
                    np.zeros((n, window), np.float32), trace(), trace())
@@ -174,11 +195,16 @@ class _Agreement:
 
 
 def run_loop(backend: Backend, cfg: SolveConfig, source: RowSource, on_finish: Callable[[Finished], None],
-             capacity: int | None = None) -> tuple[list[int], list[float]]:
+             capacity: int | None = None, on_step: Callable[[Progress], None] | None = None,
+             on_fault: FaultHandler | None = None) -> tuple[list[int], list[float]]:
     """Step the working batch until `source` is exhausted; report stopped rows to `on_finish`.
 
     capacity caps the working batch (None: admit everything at once); the backend's own
     `max_batch` caps it further, and is the batch size itself for static-shape backends.
+    on_step(progress) follows the rows still running after each step. on_fault decides what a
+    raising `backend.step` does: without it the exception propagates (ends the loop); with it
+    the step is retried while on_fault says so, then the working batch's rows stop as "failed"
+    and the loop goes on with the rows still waiting in `source`.
     Returns (active rows per batched step, seconds per batched step).
     """
     if backend.max_batch is not None:
@@ -197,7 +223,7 @@ def run_loop(backend: Backend, cfg: SolveConfig, source: RowSource, on_finish: C
         n_used = n_live if cfg.compaction or batch is None or backend.static_shapes else len(batch.table)
         if source.aborted():
             if batch is not None and n_live:
-                _finish(batch.table, batch.table.live.copy(), None, on_finish, agreement, cancelled=True)
+                _finish(batch.table, batch.table.live.copy(), None, on_finish, agreement, code=REASON_CODE["cancelled"])
             break
         room = None if capacity is None else capacity - n_used
         if room is None or room > 0:
@@ -209,15 +235,38 @@ def run_loop(backend: Backend, cfg: SolveConfig, source: RowSource, on_finish: C
                 batch = _admit(backend, batch, rows, trace_steps, cfg, capacity)
         if batch is None or not batch.table.live.any():
             continue
-        outputs = backend.step({"tokens": batch.tokens, "z_H": batch.z_H, "z_L": batch.z_L})
+        outputs = _step(backend, batch, on_fault)
+        if outputs is None:  # the step kept failing: its rows fail, the queue is still served
+            _finish(batch.table, batch.table.live.copy(), None, on_finish, agreement, code=REASON_CODE["failed"])
+            batch = None  # a fresh batch (and, for static shapes, fresh slots) from the next rows
+            continue
         sizes.append(len(batch.table))
         times.append(backend.last_inference_time() or 0.0)
         stop, reason = _update(backend, batch.table, outputs, cfg, agreement)
         batch.z_H, batch.z_L = outputs["z_H_out"], outputs["z_L_out"]
+        if on_step is not None:
+            running = np.flatnonzero(batch.table.live & ~stop)
+            t = batch.table
+            on_step(Progress(t.ids[running], t.preds[running], t.nstep[running], t.residual[running]))
         if stop.any():
             _finish(batch.table, stop, reason, on_finish, agreement)
             batch = _release(backend, batch, cfg)
     return sizes, times
+
+
+def _step(backend: Backend, batch: _Batch, on_fault: FaultHandler | None) -> dict[str, Any] | None:
+    """One backend step on the working batch; None when it raised and `on_fault` gave up on it."""
+    feeds = {"tokens": batch.tokens, "z_H": batch.z_H, "z_L": batch.z_L}
+    if on_fault is None:
+        return backend.step(feeds)
+    attempt = 1
+    while True:
+        try:
+            return backend.step(feeds)  # the feeds are untouched by a failed step: safe to rerun
+        except Exception as error:
+            if not on_fault(error, attempt):
+                return None
+            attempt += 1
 
 
 def _admit(backend: Backend, batch: _Batch | None, rows: Rows, trace_steps: int | None, cfg: SolveConfig,
@@ -225,6 +274,7 @@ def _admit(backend: Backend, batch: _Batch | None, rows: Rows, trace_steps: int 
     """Add `rows` to the working batch: appended (compacting backends) or written into free slots."""
     table = _Table.empty(len(rows), rows.tokens.shape[1], cfg.score_window, trace_steps)
     table.ids[:], table.groups[:], table.live[:] = rows.ids, rows.groups, True
+    table.cap[:] = cfg.max_steps if rows.max_steps is None else np.minimum(rows.max_steps, cfg.max_steps)
     tokens, z_H, z_L = (backend.upload(a) for a in (rows.tokens.astype(np.int32), rows.z_H, rows.z_L))
     if not backend.static_shapes:
         if batch is None or len(batch.table) == 0:
@@ -279,7 +329,7 @@ def _update(backend: Backend, t: _Table, outputs: dict[str, Any], cfg: SolveConf
             rules.append(("stable", ok & (t.stable_count >= cfg.window)))
         if cfg.q_halt:
             rules.append(("q_halt", ok & (t.halt_count >= cfg.patience)))
-        rules.append(("max_steps", live & (t.nstep >= cfg.max_steps)))
+        rules.append(("max_steps", live & (t.nstep >= t.cap)))
     else:
         rules.append(("fixed_depth", live & (t.nstep >= cfg.fixed_depth)))
     for name, hit in rules:
@@ -299,13 +349,14 @@ def _apply_agreement(t: _Table, reason: np.ndarray, agreement: _Agreement) -> No
 
 
 def _finish(t: _Table, stop: np.ndarray, reason: np.ndarray | None, on_finish: Callable[[Finished], None],
-            agreement: _Agreement, cancelled: bool = False) -> None:
+            agreement: _Agreement, code: int | None = None) -> None:
+    """Report the rows in `stop` with their `reason` codes (or one `code` for all) and free them."""
     rows = np.flatnonzero(stop)
     W = t.ring.shape[1]
     counts = np.minimum(t.nstep[rows], W).clip(min=1)
     filled = np.arange(W)[None, :] < counts[:, None]  # (R, W): ring entries written so far
     score = np.where(filled, t.ring[rows], 0.0).sum(axis=1) / counts
-    codes = np.full(len(rows), REASON_CODE["cancelled"], np.int8) if cancelled else reason[rows]
+    codes = np.full(len(rows), code, np.int8) if code is not None else reason[rows]
     finished = Finished(
         t.ids[rows].copy(), t.groups[rows].copy(), t.preds[rows].copy(), t.nstep[rows].copy(), codes,
         t.residual[rows].copy(), t.logit_delta[rows].copy(), score.astype(np.float32), t.q_halt[rows].copy(),

@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 
 # Why a trajectory stopped. Codes index this tuple; `converged` means one of CONVERGED_REASONS.
-STOP_REASONS = ("max_steps", "fixed_depth", "tol", "stable", "q_halt", "agree", "diverged", "cancelled")
+# "failed": the backend's step raised (twice) while the row was in the working batch (a server
+# with a fault handler keeps going; see `run_loop`).
+STOP_REASONS = ("max_steps", "fixed_depth", "tol", "stable", "q_halt", "agree", "diverged", "cancelled", "failed")
 CONVERGED_REASONS = ("tol", "stable", "q_halt")
 REASON_CODE = {name: code for code, name in enumerate(STOP_REASONS)}
 

@@ -8,7 +8,8 @@ are read with ast and checked against the layers, bottom up:
     export       eqr.export.*
     runtime      eqr.runtime.*  (eqr solve included: it must run without torch)
     calibration  eqr.calibration.*
-    tools        the command lines (*.cli, eqr.cli, eqr.train, eqr.models_cli, eqr.bench), eqr.training.bundle
+    tools        the command lines (*.cli, eqr.cli, eqr.train, eqr.models_cli, eqr.bench), eqr.training.bundle,
+                 and serving (eqr.serving.*: the Triton model repository, model.py, server and clients)
 
 A module may import its own layer and the layers below, except the arrows in FORBIDDEN. Imports
 under `if TYPE_CHECKING:` never run and are not counted.
@@ -61,7 +62,7 @@ def layer_of(name: str) -> str | None:
     """The layer of an eqr module (None outside eqr)."""
     if name == "eqr":
         return "floor"  # the package root's imports are lazy strings
-    if name in TOOLS or name.endswith(".cli") and not name.startswith("eqr.runtime"):
+    if name in TOOLS or name.endswith(".cli") and not name.startswith("eqr.runtime") or name.startswith("eqr.serving"):
         return "tools"
     if name in FLOOR:
         return "floor"

@@ -13,15 +13,32 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCK = re.compile(r"(?:<!-- readme-test: skip \((?P<skip>[^)]*)\) -->\n)?```(?P<lang>bash|python)\n(?P<code>.*?)```",
-                   re.S)
+BLOCK = re.compile(r"(?:<!-- readme-test: (?:skip \((?P<skip>[^)]*)\)|needs \((?P<needs>[^)]*)\)) -->\n)?"
+                   r"```(?P<lang>bash|python)\n(?P<code>.*?)```", re.S)
 ALLOWED_SKIPS = ("needs an NVIDIA GPU and TensorRT", "needs an official EqR checkpoint",
                  "sets up .venv and runs the whole test suite")
 
 
+NEEDS = {"the serve extra: tritonserver": "serving"}  # what a `needs (...)` block requires -> its probe
+
+
 def blocks() -> list[tuple[str, str, str | None]]:
-    """(language, code, skip reason or None) of every fenced bash/python block, in order."""
-    return [(m["lang"], m["code"], m["skip"]) for m in BLOCK.finditer(README.read_text(encoding="utf-8"))]
+    """(language, code, skip reason or None) of every fenced bash/python block, in order. A block
+    marked `needs (X)` runs where X is installed and is skipped, naming X, where it is not."""
+    return [(m["lang"], m["code"], m["skip"] if m["needs"] is None else _unmet(m["needs"]))
+            for m in BLOCK.finditer(README.read_text(encoding="utf-8"))]
+
+
+def _unmet(needs: str) -> str | None:
+    assert needs in NEEDS, f"README block needs {needs!r}, which tests/test_readme.py cannot probe"
+    from eqr.errors import EqRError
+    from eqr.serving.server import find_tritonserver
+
+    try:
+        find_tritonserver()
+    except EqRError:
+        return f"needs {needs}"
+    return None
 
 
 def test_only_blocks_this_machine_cannot_run_are_marked_skipped() -> None:
@@ -29,7 +46,8 @@ def test_only_blocks_this_machine_cannot_run_are_marked_skipped() -> None:
     assert sum(lang == "bash" for lang, _, _ in found) >= 2 and sum(lang == "python" for lang, _, _ in found) >= 3
     for _, code, skip in found:
         if skip is not None:
-            assert skip.startswith(ALLOWED_SKIPS), f"README skips a block for {skip!r}:\n{code}"
+            assert skip.startswith(ALLOWED_SKIPS + tuple(f"needs {n}" for n in NEEDS)), \
+                f"README skips a block for {skip!r}:\n{code}"
     setup = next(code for _, code, skip in found if skip and skip.startswith(ALLOWED_SKIPS[2]))
     assert setup.splitlines()[:2] == [
         "./scripts/demo.sh    # creates/reuses .venv, installs eqr, runs the main job on the default model",
