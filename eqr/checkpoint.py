@@ -12,6 +12,7 @@ arrays load through an explicit allow-list, and any other global is refused by n
 """
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import pickle
@@ -60,11 +61,13 @@ class OfficialObject:
 
 def _numpy_globals() -> dict[str, Any]:
     """Exactly what numpy RNG states and arrays need; both numpy 1 and 2 spellings."""
-    core = getattr(np, "_core", None) or np.core
+    # numpy 2 renamed numpy.core to numpy._core; numpy 1.26 has numpy._core as an alias module
+    # whose submodules load only on import (the attribute np._core.multiarray may be unset).
+    multiarray = importlib.import_module("numpy._core.multiarray")
     allowed = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[f"{module}._reconstruct"] = core.multiarray._reconstruct
-        allowed[f"{module}.scalar"] = core.multiarray.scalar
+        allowed[f"{module}._reconstruct"] = multiarray._reconstruct
+        allowed[f"{module}.scalar"] = multiarray.scalar
     return allowed
 
 
