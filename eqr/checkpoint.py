@@ -61,9 +61,12 @@ class OfficialObject:
 
 def _numpy_globals() -> dict[str, Any]:
     """Exactly what numpy RNG states and arrays need; both numpy 1 and 2 spellings."""
-    # numpy 2 renamed numpy.core to numpy._core; numpy 1.26 has numpy._core as an alias module
-    # whose submodules load only on import (the attribute np._core.multiarray may be unset).
-    multiarray = importlib.import_module("numpy._core.multiarray")
+    # numpy 2 renamed numpy.core to numpy._core. numpy 1.26.1+ has numpy._core as an alias whose
+    # submodules load only on import (np._core.multiarray may be unset); 1.26.0 has no alias.
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")
+    except ImportError:
+        multiarray = importlib.import_module("numpy.core.multiarray")
     allowed = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[f"{module}._reconstruct"] = multiarray._reconstruct
