@@ -31,5 +31,6 @@ for precision in fp32 int8; do
     fi
 done
 numpy_of() { "$1" -c "import numpy; print(numpy.__version__)"; }
-echo "edge check: 2 passed, 0 failed (fp32 and int8 answers of $(wc -l < "$WORK/edge.fp32.jsonl") puzzles equal;" \
-     "dev numpy $(numpy_of "$VENV/bin/python"), edge numpy $(numpy_of "$WORK/edge/bin/python"), no torch)"
+echo "edge check: fp32 and int8 answers of $(wc -l < "$WORK/edge.fp32.jsonl") puzzles equal" \
+     "(dev numpy $(numpy_of "$VENV/bin/python"), edge numpy $(numpy_of "$WORK/edge/bin/python"), no torch)"
+echo "edge: 2 passed, 0 failed"
