@@ -12,6 +12,7 @@ arrays load through an explicit allow-list, and any other global is refused by n
 """
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import pickle
@@ -60,11 +61,16 @@ class OfficialObject:
 
 def _numpy_globals() -> dict[str, Any]:
     """Exactly what numpy RNG states and arrays need; both numpy 1 and 2 spellings."""
-    core = np.core if np.lib.NumpyVersion(np.__version__) < "2.0.0" else np._core  # 1.26 has a bare np._core
+    # numpy 2 renamed numpy.core to numpy._core. numpy 1.26.1+ has numpy._core as an alias whose
+    # submodules load only on import (np._core.multiarray may be unset); 1.26.0 has no alias.
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")
+    except ImportError:
+        multiarray = importlib.import_module("numpy.core.multiarray")
     allowed = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[f"{module}._reconstruct"] = core.multiarray._reconstruct
-        allowed[f"{module}.scalar"] = core.multiarray.scalar
+        allowed[f"{module}._reconstruct"] = multiarray._reconstruct
+        allowed[f"{module}.scalar"] = multiarray.scalar
     return allowed
 
 

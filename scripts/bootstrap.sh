@@ -5,18 +5,33 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 TORCH_PIN="torch==2.13.0"
 PYTHON="${PYTHON:-python3}"
+# numpy's declared floor (pyproject): the numpy-1 side of the suite runs exactly it.
+NUMPY_FLOOR="$(sed -n 's/^ *"numpy>=\([0-9.]*\)".*/\1/p' "$ROOT/pyproject.toml" | head -1)"
 
-stamp_of() { cat "$ROOT/pyproject.toml" "$ROOT/scripts/bootstrap.sh" | sha256sum | cut -d' ' -f1; }
+# ensure_venv DIR PIP_ARGS...: create DIR and (re)install the torch pin and PIP_ARGS whenever
+# they, pyproject.toml or this file changed.
+ensure_venv() {
+    local dir="$1"
+    shift
+    local stamp
+    stamp="$({ cat "$ROOT/pyproject.toml" "$ROOT/scripts/bootstrap.sh"; echo "$*"; } | sha256sum | cut -d' ' -f1)"
+    if [ ! -x "$dir/bin/python" ]; then
+        echo "eqr: creating $dir" >&2
+        "$PYTHON" -m venv "$dir"
+    fi
+    if [ "$(cat "$dir/.eqr-stamp" 2>/dev/null)" != "$stamp" ]; then
+        echo "eqr: installing eqr and its dependencies into $dir" >&2
+        "$dir/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_PIN"
+        "$dir/bin/python" -m pip install -q --disable-pip-version-check "$@"
+        if [ "$(numpy_major "$dir")" = 1 ]; then  # something pins numpy < 2: test the declared floor
+            "$dir/bin/python" -m pip install -q --disable-pip-version-check "numpy==$NUMPY_FLOOR"
+        fi
+        echo "$stamp" > "$dir/.eqr-stamp"
+    fi
+}
 
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "eqr: creating $VENV" >&2
-    "$PYTHON" -m venv "$VENV"
-fi
-if [ "$(cat "$VENV/.eqr-stamp" 2>/dev/null)" != "$(stamp_of)" ]; then
-    echo "eqr: installing eqr and its dependencies into $VENV" >&2
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_PIN"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[dev]"
-    stamp_of > "$VENV/.eqr-stamp"
-fi
+numpy_major() { "$1/bin/python" -c "import numpy; print(numpy.__version__.split('.')[0])"; }
+
+ensure_venv "$VENV" -e "$ROOT[dev]"
 export PATH="$VENV/bin:$PATH"
 cd "$ROOT"

@@ -85,21 +85,23 @@ class GatedBackend(TorchBackend):
     def __init__(self, model, gate: threading.Event) -> None:
         super().__init__(model)
         self.gate = gate
+        self.stepping = threading.Event()  # set once the worker is inside a step
 
     def step_impl(self, feeds):
+        self.stepping.set()
         self.gate.wait()
         return super().step_impl(feeds)
 
 
 def test_full_queue_blocks_then_raises_and_drains_after_release(model):
     gate = threading.Event()
-    scheduler = Scheduler(solver_for(model, GatedBackend(model, gate)), batch_size=2, max_queue=3)
+    backend = GatedBackend(model, gate)
+    scheduler = Scheduler(solver_for(model, backend), batch_size=2, max_queue=3)
     puzzles = random_puzzles(6)
-    futures = [scheduler.submit(puzzles[i]) for i in range(2)]  # taken into the (blocked) batch
-    deadline = threading.Event()
-    while scheduler.pending and not deadline.wait(0.01):
-        pass
-    futures += [scheduler.submit(puzzles[i]) for i in range(2, 5)]  # fills the queue
+    futures = [scheduler.submit(puzzles[i]) for i in range(2)]
+    assert backend.stepping.wait(30)  # the worker holds one or both in its (blocked) batch
+    futures += [scheduler.submit(puzzles[i]) for i in range(2, 2 + 3 - scheduler.pending)]  # fills the queue
+    assert scheduler.pending == 3
     with pytest.raises(queue.Full):
         scheduler.submit(puzzles[5], timeout=0.05)
     gate.set()
