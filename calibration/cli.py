@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,8 @@ import numpy as np
 from eqr.artifact import PRECISIONS
 from eqr.calibration.config import METHODS, CalibConfig, ReportConfig, parse_ints, parse_names
 from eqr.errors import EqRError
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -60,11 +63,18 @@ def _names(text: str | None) -> tuple[str, ...]:
 @click.option("--keep-fp32-ops", default=None, help="FP16: op types kept FP32 (default: the export's list).")
 @click.option("--precisions", default="fp16,int8", show_default=True, help="Graphs to build: fp16, int8.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Puzzles and initial states.")
+@click.option("--rule-puzzles", type=int, default=CalibConfig.rule_puzzles, show_default=True,
+              help="Labelled puzzles (generated with --seed + 1, or the first N of --data) the stopping rules are "
+              "fitted on (half) and measured on (the other half); 0: keep the current rules.")
+@click.option("--rule-steps", type=int, default=CalibConfig.rule_steps, show_default=True,
+              help="Steps of the recorded trajectories the stopping rules are replayed on.")
+@click.option("--rule-margin", type=float, default=CalibConfig.rule_margin, show_default=True,
+              help="Accuracy points a stopping rule may lose against the best fixed depth.")
 @click.option("--force", is_flag=True, help="Replace calib.npz and existing precision graphs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest entries as JSON.")
 def calibrate(export_dir: str, data: str | None, puzzles: int, starts: int, depths: str, method: str, op_types: str,
               exclude_nodes: str, percentile: float, keep_fp32_ops: str | None, precisions: str, seed: int,
-              force: bool, as_json: bool) -> None:
+              rule_puzzles: int, rule_steps: int, rule_margin: float, force: bool, as_json: bool) -> None:
     """Record trajectory-aware calibration states and build the FP16/INT8 graphs of EXPORT_DIR.
 
     Runs the FP32 loop from --starts random states per puzzle, records the step inputs
@@ -72,17 +82,26 @@ def calibrate(export_dir: str, data: str | None, puzzles: int, starts: int, dept
     provenance, then writes model.step.fp16.onnx / model.step.int8.onnx (symmetric Q/DQ;
     by default only MatMul/Gemm) and their tolerances into manifest.json.
 
+    Then, per precision (fp32 and each one built), it records --rule-steps steps of one
+    trajectory per --rule-puzzles puzzle and fits the stopping rule (max_steps, tol, patience,
+    stable window, q_halt and its threshold) with the fewest mean steps whose exact accuracy stays
+    within --rule-margin points of the best fixed depth, on half the puzzles; the other half
+    measures it. The rule, its held-out accuracy and mean steps go into manifest.json, and
+    `eqr solve`, `Solver` and `Scheduler` use it by default (docs/algorithm.md).
+
     \b
     Examples:
       eqr calibrate sudoku-eqr/
       eqr calibrate sudoku-eqr/ --method percentile --precisions int8 --force
       eqr calibrate maze-eqr/ --data data/maze --generate 32 --starts 8
       eqr calibrate sudoku-eqr/ --exclude-nodes /blocks.0/mlp/down/MatMul --force
+      eqr calibrate maze-eqr/ --rule-puzzles 512 --rule-margin 0.5 --force
     """
     cfg = CalibConfig(puzzles=puzzles, starts=starts, depths=parse_ints(depths, "--depths"), seed=seed,
                       method=method, op_types=_names(op_types), exclude_nodes=_names(exclude_nodes),
                       percentile=percentile, keep_fp32_ops=None if keep_fp32_ops is None else _names(keep_fp32_ops),
-                      precisions=parse_names(precisions, "--precisions", ("fp16", "int8")), force=force)
+                      precisions=parse_names(precisions, "--precisions", ("fp16", "int8")), force=force,
+                      rule_puzzles=rule_puzzles, rule_steps=rule_steps, rule_margin=rule_margin)
     entries = run_calibrate(export_dir, data, cfg, quiet=as_json)
     if as_json:
         click.echo(json.dumps(entries, indent=2, default=str))
@@ -92,8 +111,26 @@ def calibrate(export_dir: str, data: str | None, puzzles: int, starts: int, dept
         if "scale_change_vs_minmax" in entry:
             change = entry["scale_change_vs_minmax"]
             extra = f", {100 * change['changed_fraction']:.0f}% of scales moved vs minmax (median x{change['median_ratio']:.3f})"
-        click.echo(f"{precision}: {entry['onnx']}, tol {entry['tol']:.3g} (residual floor "
-                   f"{entry['tol_rule']['residual_floor']:.3g}){extra}")
+        if "onnx" in entry:
+            click.echo(f"{precision}: {entry['onnx']}, tol {entry['tol']:.3g} (residual floor "
+                       f"{entry['tol_rule']['residual_floor']:.3g}){extra}")
+        if "stopping" in entry:
+            click.echo(f"{precision}: stopping rule {rule_text(entry['stopping'])}")
+
+
+def rule_text(stopping: dict[str, Any]) -> str:
+    """One line: the rule, then its held-out accuracy and mean steps against the best fixed depth."""
+    rule, held = stopping["rule"], stopping["heldout"]
+    parts = [f"max_steps {rule['max_steps']}"]
+    if rule.get("tol") is not None:
+        parts.append(f"tol {rule['tol']:.3g} x{rule['patience']}")
+    if rule.get("window") is not None:
+        parts.append(f"window {rule['window']}")
+    if rule.get("q_halt"):
+        parts.append(f"q_halt > {rule['q_halt_threshold']:g} x{rule['patience']}")
+    return (f"{', '.join(parts)}: held-out {held['accuracy']:.1f}% at {held['mean_steps']:.2f} mean steps "
+            f"(best fixed depth {held['best_fixed_depth']}: {held['best_fixed_accuracy']:.1f}%; "
+            f"{held['puzzles']} puzzles)")
 
 
 def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig, quiet: bool = False) -> dict[str, Any]:
@@ -123,46 +160,66 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig, quiet: bo
             calib = record_calibration(solver, puzzles.inputs, cfg.starts, cfg.depths, cfg.seed, provenance,
                                        progress=advance)
     save_calib(root / CALIB_FILE, calib, force=cfg.force)
-    entries = {}
-    with progress_bar("building precision graphs", len(cfg.precisions), quiet) as advance:
-        for precision in cfg.precisions:
+    rules_on = load_puzzles(artifact.task, artifact.seq_len, data, cfg.rule_puzzles, cfg.seed + 1) \
+        if cfg.rule_puzzles else None
+    if rules_on is not None and rules_on.labels is None:
+        log.warning("--data %s has no labels: the stopping rules are not fitted", data)
+        rules_on = None
+    entries: dict[str, dict[str, Any]] = {}
+    calibration = {"file": CALIB_FILE, "states": len(calib), "sha256": sha256_file(root / CALIB_FILE),
+                   "puzzles": len(puzzles), "starts": cfg.starts, "depths": list(cfg.depths),
+                   "seed": cfg.seed, "data": puzzles.source}
+    measured = ("fp32", *cfg.precisions) if rules_on is not None else cfg.precisions
+    with progress_bar("building precision graphs and fitting stopping rules", len(measured), quiet) as advance:
+        for precision in measured:
+            entry: dict[str, Any] = {}
             if precision == "fp16":
                 entry = build_fp16(export_dir, cfg.keep_fp32_ops, force=cfg.force)
-            else:
+            elif precision == "int8":
                 policy = QuantPolicy(cfg.method, cfg.op_types, cfg.exclude_nodes, cfg.percentile)
                 entry = build_int8(export_dir, calib, policy, force=cfg.force)
-            entry |= measured_tol(export_dir, precision, entry["onnx"], puzzles.inputs, cfg)
-            calibration = {"file": CALIB_FILE, "states": len(calib), "sha256": sha256_file(root / CALIB_FILE),
-                           "puzzles": len(puzzles), "starts": cfg.starts, "depths": list(cfg.depths),
-                           "seed": cfg.seed, "data": puzzles.source}
-            # The graph describes itself (a copy of it runs like this directory); its own hash
-            # cannot be inside it, so manifest.json records that after the metadata is written.
-            embedded = {k: v for k, v in entry.items() if k != "sha256"}
-            embed_manifest(root / entry["onnx"], with_precision(read_manifest(export_dir), precision, embedded,
-                                                                calibration), precision)
-            entry["sha256"] = sha256_file(root / entry["onnx"])
-            update_manifest(export_dir, precision, entry, calibration)
+            onnx_name = entry.get("onnx") or artifact.onnx[precision].name
+            entry |= measure_precision(export_dir, precision, onnx_name, puzzles.inputs if rules_on is None
+                                       else rules_on.inputs, None if rules_on is None else rules_on.labels, cfg)
+            if precision == "fp32":
+                entry.pop("tol"), entry.pop("tol_rule")  # FP32's tol is the export's (its parity run)
+            if rules_on is not None:
+                entry["stopping"]["data"] = rules_on.source
+            if precision != "fp32":
+                # The graph describes itself (a copy of it runs like this directory); its own hash
+                # cannot be inside it, so manifest.json records that after the metadata is written.
+                embedded = {k: v for k, v in entry.items() if k != "sha256"}
+                embed_manifest(root / entry["onnx"], with_precision(read_manifest(export_dir), precision, embedded,
+                                                                    calibration), precision)
+                entry["sha256"] = sha256_file(root / entry["onnx"])
+            update_manifest(export_dir, precision, entry, None if precision == "fp32" else calibration)
             entries[precision] = entry
             advance(1)
     return entries
 
 
-def measured_tol(export_dir: str, precision: str, onnx_name: str, inputs: np.ndarray, cfg: CalibConfig) -> dict[str, Any]:
-    """The export's tol rule applied to the residual floor this graph reaches on the calibration puzzles."""
+def measure_precision(export_dir: str, precision: str, onnx_name: str, inputs: np.ndarray,
+                      labels: np.ndarray | None, cfg: CalibConfig) -> dict[str, Any]:
+    """One recorded fixed-depth run of this graph: the export's tol rule applied to the residual
+    floor it reaches and, with labels, the fitted stopping rule (`eqr.calibration.stopping`)."""
     from eqr.artifact import recommended_tol
+    from eqr.calibration.stopping import fit_and_evaluate, record_trajectories
     from eqr.runtime import Solver
     from eqr.runtime.backends.ort_backend import OrtBackend
 
     artifact = _export_artifact(export_dir)
     backend = OrtBackend(Path(export_dir) / onnx_name, precision=precision)
     solver = Solver(backend, artifact.seq_len, artifact.hidden_size, artifact.init_std, precision=precision)
-    steps = max(cfg.max_depth, 2)
+    steps = max(cfg.rule_steps if labels is not None else cfg.max_depth, 2)
     with solver:
-        result = solver.solve(inputs, fixed_depth=steps, seed=cfg.seed, stats="trace")
-    tail = result.residual_trace[:, 0, steps // 2:]  # (P, K=1, N) -> late residuals (P, N/2)
-    floor = float(np.median(np.nanmin(tail, axis=1)))
+        traj = record_trajectories(solver, inputs, steps, cfg.seed)
+    tail = traj.residual[steps // 2:]  # late residuals (N/2, P)
+    floor = float(np.median(np.nanmin(np.where(np.isfinite(tail), tail, np.inf), axis=0)))
     rule = recommended_tol(precision, floor)
-    return {"tol": rule["tol"], "tol_rule": rule}
+    entry: dict[str, Any] = {"tol": rule["tol"], "tol_rule": rule}
+    if labels is not None:
+        entry["stopping"] = fit_and_evaluate(traj, labels, cfg.rule_margin)
+    return entry
 
 
 # --------------------------------------------------------------------------- eqr report

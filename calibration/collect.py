@@ -9,7 +9,7 @@ Results layout (arrays; P puzzles, L tokens, D width, N steps, S calibration sta
     runs[name]["curve"][f"{aggregate}@K{K}@D{depth}"]  int32 (P, L)  fixed-depth answers
     runs[name]["fixed"]    residual_trace fp32 (P, M), score fp32 (P,), preds (P, L): breadth 1, M = max_steps, ungated
     runs[name]["gated"]    nstep int32 (P,), converged bool (P,), residual fp32 (P,), preds (P, L),
-                           residual_trace fp32 (P, N): tolerance-gated run at this precision's tol
+                           residual_trace fp32 (P, N): gated run under this precision's (calibrated) stopping rule
     runs[name]["one_step"][depth]  fp32 (S, 2, L, D): the step's output state on calibration states
     runs[name]["settled"]  fp32 (C, 2, L, D): state after M steps of this backend's own loop
     runs[name]["radius"]   fp64 (C,), radius_history fp64 (iters, C)
@@ -101,7 +101,7 @@ def collect(artifact: Artifact, puzzles: PuzzleSet, cfg: ReportConfig, calib: Ca
         with Solver.load(artifact, backend=backend, precision=precision) as solver:
             run = collect_run(solver, puzzles.inputs, cfg, calib, tick)
             run |= {"precision": precision, "backend": backend, "tol": solver.default_tol,
-                    "describe": solver.backend.describe()}
+                    "rule": gated_config(solver, cfg).to_dict(), "describe": solver.backend.describe()}
         if precision == "int8" and calib is not None and precision in artifact.onnx:
             from eqr.calibration.quantize import activation_errors
 
@@ -123,7 +123,7 @@ def collect_run(solver: Any, inputs: np.ndarray, cfg: ReportConfig, calib: Calib
     fixed = solver.solve(inputs, fixed_depth=cfg.max_steps, breadth=1, seed=cfg.seed, stats="trace")
     run["fixed"] = {"preds": fixed.preds, "score": fixed.stats.score, "residual_trace": fixed.stats.residual_trace}
     tick(1)
-    gated = solver.solve(inputs, max_steps=cfg.max_steps, breadth=1, seed=cfg.seed, stats="trace")
+    gated = solver.run(inputs, gated_config(solver, cfg), breadth=1, seed=cfg.seed)
     run["gated"] = {"nstep": gated.stats.nstep, "converged": gated.converged, "residual": gated.residual,
                     "preds": gated.preds, "residual_trace": gated.stats.residual_trace}
     tick(1)
@@ -138,6 +138,11 @@ def collect_run(solver: Any, inputs: np.ndarray, cfg: ReportConfig, calib: Calib
     run["radius"], run["radius_history"] = probe["radius"], probe["history"]
     tick(1)
     return run
+
+
+def gated_config(solver: Any, cfg: ReportConfig) -> Any:
+    """The precision's own (calibrated) stopping rule, capped at the report's max_steps, traced."""
+    return solver.config(max_steps=min(solver.config().max_steps, cfg.max_steps), stats="trace")
 
 
 def depth_curve(solver: Any, inputs: np.ndarray, breadth: int, depths: tuple[int, ...],
@@ -215,7 +220,7 @@ def save_results(path: Any, results: Results) -> None:
     scalars: dict[str, Any] = {}
     for name, run in results.runs.items():
         for key, value in run.items():
-            if isinstance(value, dict) and key != "describe":
+            if isinstance(value, dict) and key not in ("describe", "rule"):
                 for sub, array in value.items():
                     arrays[f"{name}/{key}/{sub}"] = np.asarray(array)
             elif isinstance(value, np.ndarray):

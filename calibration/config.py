@@ -39,6 +39,9 @@ class CalibConfig(JsonConfig):
     keep_fp32_ops: tuple[str, ...] | None = None  # FP16: op types kept in FP32 (None: export's list)
     precisions: tuple[str, ...] = ("fp16", "int8")  # graphs to build
     force: bool = False  # replace existing precision files / calib.npz
+    rule_puzzles: int = 128  # labelled puzzles the stopping rules are fitted (half) and measured (half) on; 0: none
+    rule_steps: int = 64  # fixed depth of the recorded trajectories the rules are replayed on
+    rule_margin: float = 1.0  # accuracy points a rule may lose against the best fixed depth
 
     def __post_init__(self) -> None:
         _freeze_tuples(self)
@@ -55,6 +58,9 @@ class CalibConfig(JsonConfig):
             raise EqRError("--op-types must name at least one op type (e.g. MatMul)")
         if not 0 < self.percentile <= 100:
             raise EqRError(f"--percentile must be in (0, 100], got {self.percentile}")
+        if self.rule_puzzles < 0 or self.rule_puzzles == 1 or self.rule_steps < 2 or self.rule_margin < 0:
+            raise EqRError("--rule-puzzles must be 0 or >= 2, --rule-steps >= 2 and --rule-margin >= 0, got "
+                           f"{self.rule_puzzles}, {self.rule_steps}, {self.rule_margin}")
 
     @property
     def max_depth(self) -> int:

@@ -9,11 +9,10 @@ from typing import Any
 import click
 import numpy as np
 
-from eqr.artifact import PRECISIONS
+from eqr.artifact import CASCADES, PRECISIONS
 from eqr.errors import EqRError
 from eqr.runtime.aggregate import aggregator_names
 from eqr.runtime.backends.registry import AUTO, backend_names
-from eqr.runtime.config import SolveConfig
 
 FORMATS = ("text", "csv", "hrm")
 
@@ -39,18 +38,24 @@ def parse_init_std(text: str | None) -> tuple[float, float] | None:
               help="text: one puzzle per line; csv: puzzle,solution rows; hrm: an HRM/EqR data set.")
 @click.option("--task", "task_name", metavar="NAME[:SIZE]", help="Puzzle task (default: from the artifact).")
 @click.option("--backend", type=click.Choice([AUTO, *backend_names()]), default=AUTO, show_default=True)
-@click.option("--precision", type=click.Choice(tuple(PRECISIONS), case_sensitive=False), default=None,
-              help="[default: the file's own for a .onnx or engine path (model.step.int8.onnx: int8), else fp32]")
-@click.option("--max-steps", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Outer-step cap per trajectory.")
-@click.option("--tol", type=float, help="Relative-residual tolerance [default: the artifact's, per precision].")
+@click.option("--precision", type=click.Choice((*PRECISIONS, *CASCADES), case_sensitive=False), default=None,
+              help="A precision, or a cascade LOW+HIGH (low-precision steps to the residual floor, then high-precision "
+              "ones under the high precision's rule) [default: the file's own for a .onnx or engine path "
+              "(model.step.int8.onnx: int8), else fp32]")
+@click.option("--max-steps", type=click.IntRange(min=1), help="Outer-step cap per trajectory [default: the "
+              "precision's calibrated stopping rule (`eqr calibrate`), else 256].")
+@click.option("--tol", type=float, help="Relative-residual tolerance [default: the calibrated rule's, else the "
+              "artifact's per-precision tol].")
 @click.option("--init-std", metavar="STD[,STD]", default=None,
               help="Initial-state std of z_H (and z_L) for a foreign .onnx without eqr metadata (needs --tol too).")
-@click.option("--patience", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Steps the residual must stay below --tol.")
-@click.option("--window", type=click.IntRange(min=0), default=16, show_default=True,
-              help="Stop when the answer is unchanged this many steps (0: off).")
-@click.option("--q-halt", is_flag=True, help="Also stop when the q_halt head says halt for --patience steps.")
+@click.option("--patience", type=click.IntRange(min=1), help="Steps the residual (or q_halt) must stay below "
+              "--tol (above --q-halt-threshold) [default: the calibrated rule's, else 2].")
+@click.option("--window", type=click.IntRange(min=0), help="Stop when the answer is unchanged this many steps, "
+              "0: off [default: the calibrated rule's, else 16].")
+@click.option("--q-halt/--no-q-halt", default=None, help="Also stop when the q_halt head says halt for --patience "
+              "steps [default: the calibrated rule's, else off].")
+@click.option("--q-halt-threshold", type=float, help="q_halt logit above which a step says halt [default: the "
+              "calibrated rule's, else 0].")
 @click.option("--breadth", type=click.IntRange(min=1), default=1, show_default=True,
               help="Trajectories per puzzle from independent seeded initial states.")
 @click.option("--aggregate", type=click.Choice(aggregator_names()), default="converged", show_default=True,
@@ -64,7 +69,8 @@ def parse_init_std(text: str | None) -> tuple[float, float] | None:
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input puzzle, in input order.")
 def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: str, precision: str | None,
-          max_steps: int, tol: float | None, init_std: str | None, patience: int, window: int, q_halt: bool, breadth: int, aggregate: str,
+          max_steps: int | None, tol: float | None, init_std: str | None, patience: int | None, window: int | None,
+          q_halt: bool | None, q_halt_threshold: float | None, breadth: int, aggregate: str,
           agree: int | None, fixed_depth: int | None, seed: int, batch_size: int, threads: int | None,
           as_json: bool) -> None:
     """Solve puzzles with ARTIFACT, giving each puzzle only the outer steps it needs.
@@ -81,6 +87,7 @@ def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: 
       cat puzzles.txt | eqr solve export/ --backend onnxruntime --json
       eqr solve export/ -i test.csv --format csv --breadth 8 --aggregate converged --agree 3
       eqr solve ckpt.pt -i data/sudoku --format hrm --fixed-depth 16 --json
+      eqr solve maze-small-eqr/ -i mazes.txt --precision int8+fp32
     """
     from eqr.runtime.artifact import load_artifact, resolve_task
     from eqr.runtime.solver import Solver
@@ -95,8 +102,10 @@ def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: 
     good = [(line, tokens, solution) for line, tokens, solution in entries if not isinstance(tokens, str)]
     options = {"threads": threads} if threads else {}
     solver = Solver.load(art, backend=backend, precision=precision, batch_size=batch_size, **options)
-    cfg = SolveConfig(max_steps=max_steps, tol=solver.default_tol if tol is None else tol, patience=patience,
-                      window=window or None, q_halt=q_halt, fixed_depth=fixed_depth, agree=agree)
+    flags = {"patience": patience, "window": None if window is None else window or None, "q_halt": q_halt,
+             "q_halt_threshold": q_halt_threshold}
+    given = {k: v for k, v in flags.items() if v is not None or (k == "window" and window == 0)}
+    cfg = solver.config(max_steps, tol, fixed_depth=fixed_depth, agree=agree, **given)
     started = time.perf_counter()
     result = None
     if good:

@@ -38,7 +38,8 @@ def calibrated(tmp_path_factory) -> Path:
     model = contracting_model()
     save_checkpoint(root / "tiny.pt", model.config, model.state_dict(), metadata={"task": {"name": "sudoku", "size": 4}})
     export_model(load_model(root / "tiny.pt"), root / "export", ExportConfig(engine="never", check_steps=16))
-    result = invoke("calibrate", root / "export", "--generate", 4, "--starts", 2, "--depths", "0,1,2,4,8,16")
+    result = invoke("calibrate", root / "export", "--generate", 4, "--starts", 2, "--depths", "0,1,2,4,8,16",
+                    "--rule-puzzles", 16, "--rule-steps", 24)
     assert result.exit_code == 0, result.output
     return root / "export"
 
@@ -80,6 +81,45 @@ def test_calibrate_writes_calib_graphs_and_manifest(calibrated: Path) -> None:
         embedded = json.loads(props[METADATA_KEY])
         assert props[PRECISION_KEY] == precision and embedded["precisions"][precision]["tol"] == entry["tol"]
         assert sha256_file(calibrated / entry["onnx"]) == entry["sha256"]
+
+
+def test_calibrate_fits_a_stopping_rule_per_precision_and_the_runtime_uses_it(calibrated: Path) -> None:
+    from eqr.runtime import Solver
+
+    manifest = json.loads((calibrated / "manifest.json").read_text())
+    for precision in ("fp32", "fp16", "int8"):
+        stopping = manifest["precisions"][precision]["stopping"]
+        held = stopping["heldout"]
+        assert stopping["fit"]["puzzles"] == held["puzzles"] == 8  # disjoint halves of 16
+        assert 1 <= stopping["rule"]["max_steps"] <= 24 and 1 <= held["mean_steps"] <= 24
+        assert 0 <= held["accuracy"] <= 100
+        # on the fitting half the rule keeps the margin to the best fixed depth
+        assert stopping["fit"]["accuracy"] >= stopping["fit"]["best_fixed_accuracy"] - stopping["margin"]
+    rule = manifest["precisions"]["int8"]["stopping"]["rule"]
+    with Solver.load(calibrated, backend="onnxruntime", precision="int8") as solver:
+        cfg = solver.config()
+        assert {k: getattr(cfg, k) for k in rule} == rule  # the calibrated rule is the default
+        assert solver.config(window=7, max_steps=99).window == 7  # explicit values override
+        assert solver.config(window=7, max_steps=99).max_steps == 99
+
+
+@pytest.mark.parametrize("cascade", ["fp16+fp32", "int8+fp32"])
+def test_precision_cascade_reaches_the_fp32_answers(calibrated: Path, cascade: str) -> None:
+    """Low-precision steps to the floor, then FP32 steps from that state, in the one loop."""
+    from eqr.runtime import Solver
+    from eqr.tasks import get_task
+
+    inputs = get_task("sudoku", 4).generate(12, seed=5).inputs
+    rule = {"max_steps": 64, "tol": 1e-4, "window": None, "patience": 2}
+    with Solver.load(calibrated, backend="onnxruntime") as fp32, \
+            Solver.load(calibrated, backend="onnxruntime", precision=cascade.upper()) as both:
+        assert both.backend.describe()["precision"] == cascade
+        reference = fp32.solve(inputs, seed=0, **rule)
+        result = both.solve(inputs, seed=0, **rule)
+    np.testing.assert_array_equal(result.preds, reference.preds)
+    assert (result.residual < 1e-4).all()  # the landing is FP32's: below a tol only FP32 reaches
+    low = result.stats.low_steps
+    assert low is not None and (low >= 1).all() and (low < result.stats.nstep).all()
 
 
 def test_calibrate_refuses_to_overwrite_and_rejects_bad_input(calibrated: Path, tmp_path: Path) -> None:
