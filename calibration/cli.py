@@ -129,7 +129,7 @@ def rule_text(stopping: dict[str, Any]) -> str:
     if rule.get("q_halt"):
         parts.append(f"q_halt > {rule['q_halt_threshold']:g} x{rule['patience']}")
     return (f"{', '.join(parts)}: held-out {held['accuracy']:.1f}% at {held['mean_steps']:.2f} mean steps "
-            f"(best fixed depth {held['best_fixed_depth']}: {held['best_fixed_accuracy']:.1f}%; "
+            f"(fixed depth {held['fixed_depth']}, the best on the fitting half: {held['fixed_depth_accuracy']:.1f}%; "
             f"{held['puzzles']} puzzles)")
 
 

@@ -39,8 +39,8 @@ class CalibConfig(JsonConfig):
     keep_fp32_ops: tuple[str, ...] | None = None  # FP16: op types kept in FP32 (None: export's list)
     precisions: tuple[str, ...] = ("fp16", "int8")  # graphs to build
     force: bool = False  # replace existing precision files / calib.npz
-    rule_puzzles: int = 128  # labelled puzzles the stopping rules are fitted (half) and measured (half) on; 0: none
-    rule_steps: int = 64  # fixed depth of the recorded trajectories the rules are replayed on
+    rule_puzzles: int = 256  # labelled puzzles the stopping rules are fitted (half) and measured (half) on; 0: none
+    rule_steps: int = 32  # fixed depth of the recorded trajectories the rules are replayed on
     rule_margin: float = 1.0  # accuracy points a rule may lose against the best fixed depth
 
     def __post_init__(self) -> None:

@@ -7,8 +7,11 @@ stable window, q_halt + threshold, a max_steps cap) is a pure function of that r
 `simulate` replays the loop's own rule (same counters, same order, docs/algorithm.md) for any
 rule without running a step, and `fit_rule` searches a grid of rules on one set of puzzles:
 the rule with the fewest mean steps whose exact accuracy is within `margin` points of the best
-fixed depth's wins (ties: the more accurate). `fit_and_evaluate` fits on one half of the puzzles
-and measures the chosen rule on the other half (held-out: no puzzle is used for both).
+fixed depth's wins (ties: the more accurate). "Within" is judged one standard error down: the
+accuracy difference is paired per puzzle, and a rule that wins some puzzles and loses others
+(a noisy rule, which would not hold on new puzzles) must keep the margin after its standard
+error is subtracted. `fit_and_evaluate` fits on one half of the puzzles and measures the chosen
+rule on the other half (held-out: no puzzle is used for both).
 """
 from __future__ import annotations
 
@@ -17,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from eqr.runtime.config import RULE_FIELDS
 
 WINDOWS = (None, 1, 2, 3, 4, 6, 8, 12, 16)
@@ -25,6 +27,7 @@ PATIENCES = (1, 2, 3, 4)
 Q_HALT_THRESHOLDS = (None, -2.0, -1.0, 0.0, 1.0, 2.0)  # None: q_halt not trusted
 TOL_FACTORS = (1.5, 3.0, 10.0, 30.0, 100.0)  # tol candidates: these multiples of the residual floor
 DEFAULT_MARGIN = 1.0  # accuracy points the rule may lose against the best fixed depth
+CONFIDENCE_Z = 1.0  # standard errors of the paired accuracy difference a rule must clear the margin by
 
 
 @dataclass(frozen=True)
@@ -145,12 +148,16 @@ class Replay:
         at = np.where(stop == self.diverged_at, stop - 2, stop - 1).clip(min=0)
         return self.traj.preds[at, np.arange(len(stop))]
 
-    def score(self, rule: dict[str, Any]) -> tuple[float, float]:
-        """(exact accuracy in percent, mean steps) of `rule` on these trajectories."""
+    def correct_under(self, rule: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """(bool (T,) answer right, int (T,) steps) of `rule` on these trajectories."""
         stop = self.stop_steps(rule)
         at = np.where(stop == self.diverged_at, stop - 2, stop - 1).clip(min=0)
-        accuracy = 100.0 * float(self.correct[at, np.arange(len(stop))].mean())
-        return accuracy, float(stop.mean())
+        return self.correct[at, np.arange(len(stop))], stop
+
+    def score(self, rule: dict[str, Any]) -> tuple[float, float]:
+        """(exact accuracy in percent, mean steps) of `rule` on these trajectories."""
+        correct, stop = self.correct_under(rule)
+        return 100.0 * float(correct.mean()), float(stop.mean())
 
     def fixed_depths(self) -> list[tuple[int, float]]:
         """(depth, accuracy %) for every fixed depth 1..N."""
@@ -186,21 +193,27 @@ def rule_grid(traj: Trajectories, max_steps: int) -> list[dict[str, Any]]:
 
 
 def fit_rule(traj: Trajectories, labels: np.ndarray, margin: float = DEFAULT_MARGIN,
-             max_steps: int | None = None) -> dict[str, Any]:
-    """The rule with the fewest mean steps whose accuracy is >= the best fixed depth's - margin.
+             max_steps: int | None = None, z: float = CONFIDENCE_Z) -> dict[str, Any]:
+    """The rule with the fewest mean steps whose accuracy is >= the best fixed depth's - margin,
+    with the paired difference's standard error (times z) subtracted first.
 
     Returns {"rule", "accuracy", "mean_steps", "best_fixed_depth", "best_fixed_accuracy"} on `traj`.
-    A fixed cap is itself a candidate, so some rule always qualifies.
+    The best fixed depth is itself a candidate (difference 0, error 0), so some rule qualifies.
     """
     replay = Replay(traj, labels)
     cap = min(max_steps or traj.steps, traj.steps)
     fixed = replay.fixed_depths()[:cap]
     best_depth, best_accuracy = max(fixed, key=lambda da: (da[1], -da[0]))
+    best_correct, _ = replay.correct_under({"max_steps": best_depth})
+    T = len(best_correct)
     chosen, chosen_score = None, None
     for rule in rule_grid(traj, cap):
-        accuracy, steps = replay.score(rule)
-        if accuracy < best_accuracy - margin - 1e-9:
+        correct, stop = replay.correct_under(rule)
+        diff = correct.astype(np.float64) - best_correct  # (T,) paired: +1 won, -1 lost, 0 same
+        lower = 100.0 * (diff.mean() - z * diff.std(ddof=1) / np.sqrt(T)) if T > 1 else 100.0 * diff.mean()
+        if lower < -margin - 1e-9:
             continue
+        accuracy, steps = 100.0 * float(correct.mean()), float(stop.mean())
         key = (steps, -accuracy)
         if chosen_score is None or key < chosen_score:
             chosen, chosen_score = rule, key
@@ -209,13 +222,19 @@ def fit_rule(traj: Trajectories, labels: np.ndarray, margin: float = DEFAULT_MAR
             "best_fixed_depth": best_depth, "best_fixed_accuracy": best_accuracy}
 
 
-def evaluate_rule(traj: Trajectories, labels: np.ndarray, rule: dict[str, Any]) -> dict[str, Any]:
-    """Accuracy and mean steps of `rule`, and the best fixed depth, on other trajectories."""
+def evaluate_rule(traj: Trajectories, labels: np.ndarray, rule: dict[str, Any],
+                  fixed_depth: int | None = None) -> dict[str, Any]:
+    """Accuracy and mean steps of `rule`, the best fixed depth in hindsight and (given) the accuracy
+    of `fixed_depth` (the depth chosen on the fitting puzzles: the fair comparison), on other trajectories."""
     replay = Replay(traj, labels)
     accuracy, steps = replay.score(rule)
-    best_depth, best_accuracy = max(replay.fixed_depths(), key=lambda da: (da[1], -da[0]))
-    return {"accuracy": accuracy, "mean_steps": steps, "best_fixed_depth": best_depth,
-            "best_fixed_accuracy": best_accuracy, "puzzles": traj.preds.shape[1]}
+    fixed = replay.fixed_depths()
+    best_depth, best_accuracy = max(fixed, key=lambda da: (da[1], -da[0]))
+    result = {"accuracy": accuracy, "mean_steps": steps, "best_fixed_depth": best_depth,
+              "best_fixed_accuracy": best_accuracy, "puzzles": traj.preds.shape[1]}
+    if fixed_depth is not None:
+        result |= {"fixed_depth": fixed_depth, "fixed_depth_accuracy": fixed[fixed_depth - 1][1]}
+    return result
 
 
 def fit_and_evaluate(traj: Trajectories, labels: np.ndarray, margin: float = DEFAULT_MARGIN) -> dict[str, Any]:
@@ -229,7 +248,7 @@ def fit_and_evaluate(traj: Trajectories, labels: np.ndarray, margin: float = DEF
     fit_rows, held_rows = np.arange(0, T, 2), np.arange(1, T, 2)
     fitted = fit_rule(traj.select(fit_rows), labels[fit_rows], margin)
     rule = fitted.pop("rule")
-    heldout = evaluate_rule(traj.select(held_rows), labels[held_rows], rule)
+    heldout = evaluate_rule(traj.select(held_rows), labels[held_rows], rule, fitted["best_fixed_depth"])
     return {"rule": rule, "margin": margin, "recorded_steps": traj.steps,
             "fit": fitted | {"puzzles": len(fit_rows)}, "heldout": heldout}
 

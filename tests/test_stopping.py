@@ -6,15 +6,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from eqr.calibration.stopping import Trajectories, evaluate_rule, fit_and_evaluate, fit_rule, record_trajectories, simulate
+from eqr.calibration.stopping import (
+    Trajectories,
+    evaluate_rule,
+    fit_and_evaluate,
+    fit_rule,
+    record_trajectories,
+    simulate,
+)
 from eqr.runtime import Scheduler, Solver
 from eqr.runtime.artifact import Artifact, split_precision
 from eqr.runtime.backends.cascade import CascadeBackend
 from eqr.runtime.backends.torch_backend import TorchBackend
 from eqr.runtime.config import RULE_FIELDS, SolveConfig
-from eqr.errors import EqRError
 from runtime_helpers import contractive_model, random_puzzles
+
+from eqr.errors import EqRError
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +103,7 @@ def test_fit_and_evaluate_uses_disjoint_halves() -> None:
     assert result["fit"]["puzzles"] == 21 and result["heldout"]["puzzles"] == 20
     assert set(result["rule"]) == {"max_steps", "tol", "patience", "window", "q_halt", "q_halt_threshold"}
     # the held-out numbers are the rule replayed on the odd puzzles only
-    odd = evaluate_rule(traj.select(np.arange(1, 41, 2)), labels[1::2], result["rule"])
+    odd = evaluate_rule(traj.select(np.arange(1, 41, 2)), labels[1::2], result["rule"], result["fit"]["best_fixed_depth"])
     assert odd == result["heldout"]
     with pytest.raises(ValueError, match="at least 2 puzzles"):
         fit_and_evaluate(traj.select(np.arange(1)), labels[:1])
