@@ -312,9 +312,10 @@ def run_report(export_dir: str, data: str | None, cfg: ReportConfig, calib_path:
     out.mkdir(parents=True, exist_ok=True)
     with progress_bar("precision report", plan_units(cfg, len(pairs)), quiet) as advance:
         results = collect(artifact, puzzles, cfg, calib, advance)
-    save_results(out / "results.npz", results)
+    judged = compare(results, cfg)
+    save_results(out / "results.npz", results, judged["reference"])
     report_json = out / "report.json"
-    atomic_write_text(report_json, json.dumps(compare(results, cfg), indent=2) + "\n")
+    atomic_write_text(report_json, json.dumps(judged, indent=2) + "\n")
     saved = load_report(report_json)  # render from the file, as anyone re-rendering it would
     render(saved, out)
     if card is not None:
@@ -347,5 +348,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     rows = summary_rows(report)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    headline = (report.get("decision") or {}).get("headline")
+    if headline:
+        lines.append(headline)
     lines.append(f"{'PASSED' if report['passed'] else 'FAILED'}: {report['out']}/report.html")
     return lines

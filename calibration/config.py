@@ -85,6 +85,8 @@ class ReportConfig(JsonConfig):
     power_iters: int = 12  # power-iteration steps of the spectral-radius estimate
     contraction_samples: int = 8  # settled states the spectral radius is estimated on
     fd_eps: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FD_EPS))
+    cascades: tuple[str, ...] | None = None  # low+high cascades to run (gated only); None: every one buildable
+    latency_batches: tuple[int, ...] = (1, 16, 64)  # batches the step latency is timed at
 
     def __post_init__(self) -> None:
         _freeze_tuples(self)
@@ -103,10 +105,10 @@ class ReportConfig(JsonConfig):
             raise EqRError(f"--max-drop must be >= 0 points, got {self.max_drop}")
 
     def drop_limit(self, precision: str) -> float:
-        """Accuracy points `precision` may lose against FP32 before the report fails."""
+        """Accuracy points `precision` (a cascade: its low stage) may lose against FP32 before the report fails."""
         if self.max_drop is not None:
             return self.max_drop
-        return DEFAULT_MAX_DROP.get(precision, 0.0)
+        return DEFAULT_MAX_DROP.get(precision.split("+")[0], 0.0)
 
 
 def _freeze_tuples(obj: Any) -> None:

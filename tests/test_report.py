@@ -156,8 +156,21 @@ def test_report_passes_on_healthy_precisions(calibrated: Path, labelled: Path, t
     assert report["runs"]["onnxruntime-fp32"]["state_error"]["settled_median"] < 1e-5
     assert 0 < int8["contraction"]["median"] < 1.0
     assert int8["diagnosis"]["worst_activations"]
+    decision = report["decision"]
+    rows = {r["run"]: r for r in decision["rows"]}
+    assert set(rows) == set(report["runs"]) | {"onnxruntime-fp16+fp32", "onnxruntime-int8+fp32"}
+    for row in rows.values():
+        assert row["puzzles_per_s"] > 0 and row["mean_steps"] >= 1 and row["provider"]
+    assert set(rows["onnxruntime-int8"]["latency_ms"]) == {"1", "16", "64"}
+    assert rows["onnxruntime-int8"]["file_bytes"] > 0 and rows["onnxruntime-int8+fp32"]["low_steps"] >= 1
+    assert rows["onnxruntime-fp32"]["provider"] == "CPUExecutionProvider"
+    assert decision["fastest"] in rows and rows[decision["fastest"]]["within"]
+    assert decision["headline"].startswith(f"fastest precision within --max-drop: {decision['fastest']}")
+    assert decision["headline"] in result.output
+    assert (out / "results.npz").stat().st_size < 1 << 20
     html = (out / "report.html").read_text()
-    for png in ("accuracy_vs_depth.png", "residual_curves.png", "steps_histogram.png", "state_error_vs_depth.png"):
+    assert "fastest precision within --max-drop" in html and all(c in html for c in decision["columns"])
+    for png in ("accuracy_vs_speed.png", "accuracy_vs_depth.png", "residual_curves.png", "steps_histogram.png", "state_error_vs_depth.png"):
         assert f"src='{png}'" in html
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "onnxruntime-int8" in (out / "report.md").read_text()
