@@ -82,7 +82,7 @@ def plan_units(cfg: ReportConfig, n_pairs: int) -> int:
 
 def runnable_cascades(artifact: Artifact, cfg: ReportConfig) -> list[str]:
     """The cascades to run: cfg.cascades, or (None) every one whose two precisions ONNX Runtime can run."""
-    from eqr.runtime.artifact import CASCADES
+    from eqr.artifact import CASCADES
 
     wanted = CASCADES if cfg.cascades is None else cfg.cascades
     return [c for c in wanted if all(p in cfg.precisions and unavailable_reason("onnxruntime", artifact, p) is None

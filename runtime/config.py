@@ -12,8 +12,6 @@ from eqr.config import JsonConfig
 from eqr.errors import EqRError
 
 STATS_LEVELS = ("none", "final", "trace")
-# The fields a stopping rule sets (what `eqr calibrate` fits per precision, docs/algorithm.md).
-RULE_FIELDS = ("max_steps", "tol", "patience", "window", "q_halt", "q_halt_threshold")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ are read with ast and checked against the layers, bottom up:
     export       eqr.export.*
     runtime      eqr.runtime.*  (eqr solve included: it must run without torch)
     calibration  eqr.calibration.*
-    tools        the command lines (*.cli, eqr.cli, eqr.train, eqr.models_cli, eqr.bench), eqr.training.bundle
+    tools        the command lines (*.cli, eqr.cli, eqr.train, eqr.models_cli, eqr.bench.*), eqr.training.bundle
 
 A module may import its own layer and the layers below, except the arrows in FORBIDDEN. Imports
 under `if TYPE_CHECKING:` never run and are not counted.
@@ -59,7 +59,8 @@ def layer_of(name: str) -> str | None:
     """The layer of an eqr module (None outside eqr)."""
     if name == "eqr":
         return "floor"  # the package root's imports are lazy strings
-    if name in TOOLS or name.endswith(".cli") and not name.startswith("eqr.runtime"):
+    if any(name == t or name.startswith(t + ".") for t in TOOLS) or name.endswith(".cli") \
+            and not name.startswith("eqr.runtime"):
         return "tools"
     if name in FLOOR:
         return "floor"

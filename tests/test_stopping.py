@@ -15,12 +15,13 @@ from eqr.calibration.stopping import (
     simulate,
 )
 from eqr.runtime import Scheduler, Solver
-from eqr.runtime.artifact import Artifact, split_precision
+from eqr.runtime.artifact import Artifact
 from eqr.runtime.backends.cascade import CascadeBackend
 from eqr.runtime.backends.torch_backend import TorchBackend
-from eqr.runtime.config import RULE_FIELDS, SolveConfig
+from eqr.runtime.config import SolveConfig
 from runtime_helpers import contractive_model, random_puzzles
 
+from eqr.artifact import RULE_FIELDS, split_precision
 from eqr.errors import EqRError
 
 

@@ -15,7 +15,7 @@ from eqr.bench.run import default_model, run_bench
 from eqr.bench.setting import Reporter
 from eqr.bench.table import MEASUREMENTS
 from eqr.errors import EqRError
-from eqr.runtime.artifact import CASCADES, PRECISIONS
+from eqr.artifact import CASCADES, PRECISIONS
 
 
 def _precisions(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
@@ -105,7 +105,7 @@ def bench(model: str | None, paper: bool, only: tuple[str, ...], puzzles: int | 
         depth=_given(depth, 2 if paper else 16), batch_size=min(batch, 4) if paper else batch, stream=stream,
         backend=backend, max_steps=max_steps, tol=tol, patience=patience, window=window, rule_puzzles=rule_puzzles,
         threads=threads, seed=seed, reference_noise=reference_noise,
-        precisions=("fp32",) if paper else (precisions or PRECISIONS), cascade=cascade.lower(),
+        precisions=("fp32",) if paper else (precisions or tuple(PRECISIONS)), cascade=cascade.lower(),
         export_dir=export_dir, paper=paper)
     try:
         measurements, info = run_bench(config, Reporter(quiet))

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from eqr.export.step_graph import OUTPUT_NAMES
+from eqr.artifact import OUTPUT_NAMES
 from eqr.runtime.backends.base import Backend
 
 from eqr.errors import EqRError
