@@ -38,6 +38,21 @@ def render(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str,
 
 # --------------------------------------------------------------------------- tables
 
+# What every column of the details table means (rendered under it).
+SUMMARY_COLUMNS = {
+    "accuracy": "exact accuracy (%) at the deepest fixed depth of the curve, breadth 1",
+    "drop (pts)": "points below the reference at that depth",
+    "FP32 agreement": "puzzles whose whole answer equals the reference's",
+    "settled": "trajectories the gated run stopped by tol, stable answer or q_halt (not by the cap)",
+    "mean steps": "outer steps per trajectory of the gated run (the precision's calibrated rule)",
+    "residual floor": "median lowest relative residual over the second half of the ungated run",
+    "tol (recommended)": "the precision's tol, and 3 x its 90th-percentile floor",
+    "spectral radius": "median estimated spectral radius of the step's Jacobian at settled states (< 1: contracting)",
+    "one-step error": "worst median relative state error of one step on the recorded calibration states",
+    "settled error": "median relative error of the state after max-steps steps against the reference's",
+    "verdict": "pass unless the drop exceeds --max-drop or agreement is below --min-agreement",
+}
+
 
 def _fmt(value: Any, spec: str = ".3g", none: str = "n/a") -> str:
     return none if value is None else format(value, spec)
@@ -135,6 +150,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Details"]
     lines += ["", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    lines += [""] + [f"- **{k}**: {v}" for k, v in SUMMARY_COLUMNS.items()]
     lines += ["", "## Notes", ""] + [f"- {n}" for n in _notes(report)]
     for name, diagnosis in _diagnoses(report):
         lines += ["", f"## INT8 diagnosis: {name}", "",
@@ -164,7 +180,7 @@ def to_html(report: dict[str, Any]) -> str:
     return env.get_template("report.html.j2").render(
         report=report, status="PASSED" if report["passed"] else "FAILED", summary=summary_rows(report),
         decision=decision, decision_table=decision_rows(report) if decision.get("rows") else None,
-        notes=_notes(report), diagnoses=_diagnoses(report), plots=PLOTS)
+        notes=_notes(report), diagnoses=_diagnoses(report), plots=PLOTS, summary_columns=SUMMARY_COLUMNS)
 
 
 # --------------------------------------------------------------------------- plots

@@ -147,3 +147,10 @@ def test_gemm_peaks_measure_every_engine_the_bench_uses() -> None:
 
     peaks = gemm_peaks(1, size=64, repeats=2)
     assert {"torch", "onnxruntime", "numpy"} <= set(peaks) and all(v > 0 for v in peaks.values())
+
+
+def test_precision_flags_default_to_every_precision() -> None:
+    from eqr.bench.cli import _precisions
+
+    assert _precisions(None, None, ()) == ()  # the command then exports and times fp32, fp16 and int8
+    assert _precisions(None, None, ("INT8", "fp16,fp32")) == ("fp32", "int8", "fp16")

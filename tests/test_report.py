@@ -214,3 +214,18 @@ def test_report_needs_the_precision_graphs(calibrated: Path, tmp_path: Path) -> 
     (copy / "model.step.int8.onnx").unlink()
     result = CliRunner().invoke(cli, ["report", str(copy), "--precisions", "fp32,int8"])
     assert result.exit_code == 2 and "eqr calibrate" in result.output and "Traceback" not in result.output
+
+
+def test_eqr_solve_takes_a_cascade_and_rule_flags(calibrated: Path, tmp_path: Path) -> None:
+    from eqr.tasks import get_task
+
+    task = get_task("sudoku", 4)
+    puzzles = tmp_path / "puzzles.txt"
+    puzzles.write_text("\n".join(task.format_tokens(p) for p in task.generate(4, seed=2).inputs) + "\n")
+    cascade = invoke("solve", calibrated, "-i", puzzles, "--precision", "INT8+FP32", "--json", "--backend",
+                     "onnxruntime", "--max-steps", 40, "--tol", "1e-4", "--window", 0)
+    fp32 = invoke("solve", calibrated, "-i", puzzles, "--json", "--backend", "onnxruntime", "--max-steps", 40,
+                  "--tol", "1e-4", "--window", 0)
+    assert cascade.exit_code == 0 and fp32.exit_code == 0, cascade.output
+    answers = lambda out: [json.loads(line)["answer"] for line in out.splitlines() if line.startswith("{")]  # noqa: E731
+    assert answers(cascade.output) == answers(fp32.output) and len(answers(fp32.output)) == 4

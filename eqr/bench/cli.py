@@ -24,7 +24,7 @@ def _precisions(ctx: click.Context, param: click.Parameter, values: tuple[str, .
     unknown = [n for n in names if n not in PRECISIONS]
     if unknown:
         raise EqRError(f"--precision {', '.join(unknown)}: choose from {', '.join(PRECISIONS)} (repeatable or comma lists)")
-    return tuple(dict.fromkeys(("fp32", *names)))
+    return tuple(dict.fromkeys(("fp32", *names))) if names else ()  # (): every precision
 
 
 @click.command()
