@@ -17,10 +17,10 @@ stays on the backend's device. A row stops (first rule that fires, in this order
   max_steps    cfg.max_steps steps done.
 
 Precision cascade (a backend with `stages == 2`, e.g. int8+fp32, runtime/backends/cascade.py):
-every row starts in the low-precision stage, where only diverged and max_steps apply; once its
-residual makes no new low for cfg.cascade_patience steps (the low precision's floor) or falls
-below cfg.cascade_tol, it moves to the high-precision stage with fresh counters, and the rules
-above stop it. The loop tells the backend each row's stage before every step (`route`); the
+every row starts in the low-precision stage, where only diverged and max_steps stop it; once its
+residual makes no new low for cfg.cascade_patience steps (the low precision's floor), falls
+below cfg.cascade_tol, or a settling rule (tol, stable, q_halt) fires, it moves to the
+high-precision stage with fresh counters, and the rules above stop it there. The loop tells the backend each row's stage before every step (`route`); the
 state stays on the device across the switch.
 
 The returned iterate is the LAST one (the state after the row's final step), not the
@@ -285,19 +285,24 @@ def _update(backend: Backend, t: _Table, outputs: dict[str, Any], cfg: SolveConf
         t.residual_trace[at, t.nstep[at] - 1] = residual[at]
         t.logit_delta_trace[at, t.nstep[at] - 1] = logit_delta[at]
 
-    settling = ok & (t.stage == 1)  # rows the stopping rules apply to (every row unless cascading)
-    if backend.stages > 1:
-        _cascade_switch(t, ok & (t.stage == 0), residual, cfg)
+    settles: list[tuple[str, np.ndarray]] = []  # the rules that say a row has settled
+    if cfg.gated:
+        if cfg.tol is not None:
+            settles.append(("tol", ok & (t.tol_count >= cfg.patience)))
+        if cfg.window is not None:
+            settles.append(("stable", ok & (t.stable_count >= cfg.window)))
+        if cfg.q_halt:
+            settles.append(("q_halt", ok & (t.halt_count >= cfg.patience)))
+    if backend.stages > 1:  # a low-stage row that settled moves on to the high stage instead of stopping
+        low = ok & (t.stage == 0)
+        settled = np.logical_or.reduce([hit for _, hit in settles]) if settles else np.zeros(len(t), bool)
+        _cascade_switch(t, low, residual, cfg, settled)
+        settles = [(name, hit & ~low) for name, hit in settles]
 
     reason = np.full(len(t), -1, np.int8)
     rules: list[tuple[str, np.ndarray]] = [("diverged", live & ~finite)]
     if cfg.gated:
-        if cfg.tol is not None:
-            rules.append(("tol", settling & (t.tol_count >= cfg.patience)))
-        if cfg.window is not None:
-            rules.append(("stable", settling & (t.stable_count >= cfg.window)))
-        if cfg.q_halt:
-            rules.append(("q_halt", settling & (t.halt_count >= cfg.patience)))
+        rules += settles
         rules.append(("max_steps", live & (t.nstep >= cfg.max_steps)))
     else:
         rules.append(("fixed_depth", live & (t.nstep >= cfg.fixed_depth)))
@@ -308,13 +313,14 @@ def _update(backend: Backend, t: _Table, outputs: dict[str, Any], cfg: SolveConf
     return reason >= 0, reason
 
 
-def _cascade_switch(t: _Table, low: np.ndarray, residual: np.ndarray, cfg: SolveConfig) -> None:
-    """Low-stage rows whose residual reached its floor move to the high-precision stage."""
+def _cascade_switch(t: _Table, low: np.ndarray, residual: np.ndarray, cfg: SolveConfig, settled: np.ndarray) -> None:
+    """Low-stage rows whose residual reached its floor, or that a stopping rule calls settled,
+    move to the high-precision stage."""
     t.low_steps[low] += 1
     improved = residual < t.lowest
     t.floor_count[low] = np.where(improved, 0, t.floor_count + 1)[low]
     t.lowest[low] = np.minimum(t.lowest, residual)[low]
-    floor = t.floor_count >= cfg.cascade_patience
+    floor = (t.floor_count >= cfg.cascade_patience) | settled
     if cfg.cascade_tol is not None:
         floor |= residual < cfg.cascade_tol
     switch = low & floor

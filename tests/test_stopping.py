@@ -158,3 +158,16 @@ def test_cascade_lands_on_the_high_precision_answers_below_the_low_floor(model) 
     assert (low_steps >= 2).all() and (low_steps < result.stats.nstep).all()  # both stages ran
     for p, answer in enumerate(served):  # the scheduler drives the same two-stage loop
         np.testing.assert_array_equal(answer.preds[0], reference.preds[p])
+
+
+def test_a_settling_rule_in_the_low_stage_hands_the_row_to_the_high_stage(model) -> None:
+    """The answer settles before the low precision's floor: the row switches then, not at the floor."""
+    puzzles = random_puzzles(6, seed=9)
+    both = Solver(CascadeBackend(NoisyBackend(model), TorchBackend(model), "int8+fp32"), 16, 16)
+    with both:  # the floor rule can never fire (patience 1000): only the stable window switches rows
+        result = both.solve(puzzles, seed=2, max_steps=80, tol=None, window=3, cascade_patience=1000)
+    low, nstep = result.stats.low_steps, result.stats.nstep
+    assert (low >= 4).all() and (low < 40).all()  # left the low stage when its answer had settled
+    high = nstep - low  # the high stage's fresh counter needs its own 3 unchanged steps
+    assert (high >= 3).all() and (high <= 6).all()
+    assert set(result.stats.reasons()) == {"stable"}

@@ -46,9 +46,9 @@ def cascade_vs_fp32(setting: Setting) -> Measurement:
     equal = acc[c.cascade] >= acc["fp32"] - 1.0 / P - 1e-12  # within one puzzle
     rows = [(name, f"{rate[name]:.2f}", f"{acc[name]:.3f}", f"{steps[name]:.2f}",
              f"{low_steps:.2f}" if name == c.cascade else "") for name in solvers]
-    note = (f"both under FP32's stopping rule ({rule_text(cfg['fp32'])}); the cascade leaves {low} after its "
-            f"residual makes no new low for {cfg[c.cascade].cascade_patience} steps or falls below "
-            f"{cfg[c.cascade].cascade_tol}; equal accuracy = within one puzzle")
+    note = (f"both under FP32's stopping rule ({rule_text(cfg['fp32'])}); the cascade leaves {low} when that "
+            f"rule fires, its residual makes no new low for {cfg[c.cascade].cascade_patience} steps or falls below "
+            f"{cfg[c.cascade].cascade_tol:g}, and FP32's rule then stops it afresh; equal accuracy = within one puzzle")
     if not equal:
         note += f"; the cascade's accuracy {acc[c.cascade]:.3f} is below FP32's {acc['fp32']:.3f}: no ratio"
     return Measurement("cascade_vs_fp32", ratio if equal else float("nan"),
