@@ -185,16 +185,19 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig, quiet: bo
                 entry.pop("tol"), entry.pop("tol_rule")  # FP32's tol is the export's (its parity run)
             if rules_on is not None:
                 entry["stopping"]["data"] = rules_on.source
-            if precision != "fp32":
-                # The graph describes itself (a copy of it runs like this directory); its own hash
-                # cannot be inside it, so manifest.json records that after the metadata is written.
-                embedded = {k: v for k, v in entry.items() if k != "sha256"}
-                embed_manifest(root / entry["onnx"], with_precision(read_manifest(export_dir), precision, embedded,
-                                                                    calibration), precision)
-                entry["sha256"] = sha256_file(root / entry["onnx"])
             update_manifest(export_dir, precision, entry, None if precision == "fp32" else calibration)
             entries[precision] = entry
             advance(1)
+    # Every graph this run touched describes itself (a copy of it runs like this directory, with
+    # every precision's stopping rule); its own hash cannot be inside it, so manifest.json records
+    # that after the metadata is written.
+    for precision in measured:
+        path = root / PRECISIONS[precision].onnx
+        manifest = with_precision(read_manifest(export_dir), precision, {})  # a copy
+        manifest["precisions"][precision].pop("sha256", None)
+        embed_manifest(path, manifest, precision)
+        entries[precision]["sha256"] = sha256_file(path)
+        update_manifest(export_dir, precision, {"sha256": entries[precision]["sha256"]})
     return entries
 
 

@@ -229,3 +229,19 @@ def test_eqr_solve_takes_a_cascade_and_rule_flags(calibrated: Path, tmp_path: Pa
     assert cascade.exit_code == 0 and fp32.exit_code == 0, cascade.output
     answers = lambda out: [json.loads(line)["answer"] for line in out.splitlines() if line.startswith("{")]  # noqa: E731
     assert answers(cascade.output) == answers(fp32.output) and len(answers(fp32.output)) == 4
+
+
+def test_a_copied_graph_keeps_its_calibrated_stopping_rule(calibrated: Path, tmp_path: Path) -> None:
+    """Each graph embeds the manifest with the stopping rules, so a lone copy stops like the directory."""
+    from eqr.io import sha256_file
+    from eqr.runtime import Solver
+
+    manifest = json.loads((calibrated / "manifest.json").read_text())
+    for precision, name in (("fp32", "model.step.onnx"), ("int8", "model.step.int8.onnx")):
+        copy = tmp_path / name
+        shutil.copy(calibrated / name, copy)
+        with Solver.load(copy, backend="onnxruntime") as alone:
+            cfg = alone.config()
+        rule = manifest["precisions"][precision]["stopping"]["rule"]
+        assert alone.precision == precision and {k: getattr(cfg, k) for k in rule} == rule
+        assert manifest["precisions"][precision]["sha256"] == sha256_file(calibrated / name)
