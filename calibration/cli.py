@@ -233,7 +233,9 @@ def measure_precision(export_dir: str, precision: str, onnx_name: str, inputs: n
 @click.option("--data", default=None, help="Puzzles with labels: a data set directory or .npz (inputs, labels).")
 @click.option("--generate", "puzzles", type=int, default=ReportConfig.puzzles, show_default=True,
               help="Puzzles of the export's task to generate (or the first N of --data).")
-@click.option("--precisions", default=",".join(PRECISIONS), show_default=True, help="Precisions to compare.")
+@click.option("--precisions", default=",".join(PRECISIONS), show_default=True,
+              help="Precisions to compare, and cascades (int8+fp32, fp16+fp32) to add to the decision table "
+              "[default: every cascade the export can run].")
 @click.option("--backends", default="onnxruntime,torch", show_default=True,
               help="Backends; pairs a backend cannot run (torch at fp16/int8) are listed as not run.")
 @click.option("--depths", default=",".join(map(str, ReportConfig.depths)), show_default=True,
@@ -271,7 +273,11 @@ def report(ctx: click.Context, export_dir: str, data: str | None, puzzles: int, 
     """
     from eqr.runtime.backends.registry import backend_names
 
-    cfg = ReportConfig(precisions=parse_names(precisions, "--precisions", tuple(PRECISIONS)),
+    from eqr.artifact import CASCADES
+
+    names = parse_names(precisions, "--precisions", (*PRECISIONS, *CASCADES))
+    cascades = tuple(n for n in names if n in CASCADES)
+    cfg = ReportConfig(precisions=tuple(n for n in names if n not in CASCADES), cascades=cascades or None,
                        backends=parse_names(backends, "--backends", backend_names()),
                        depths=tuple(sorted(set(parse_ints(depths, "--depths")))),
                        breadth=tuple(sorted(set(parse_ints(breadth, "--breadth")))), puzzles=puzzles, seed=seed,

@@ -81,12 +81,13 @@ def plan_units(cfg: ReportConfig, n_pairs: int) -> int:
 
 
 def runnable_cascades(artifact: Artifact, cfg: ReportConfig) -> list[str]:
-    """The cascades to run: cfg.cascades, or (None) every one whose two precisions ONNX Runtime can run."""
+    """The cascades to run: cfg.cascades, or (None) every one whose two precisions are both compared;
+    either way only those ONNX Runtime can run."""
     from eqr.artifact import CASCADES
 
     wanted = CASCADES if cfg.cascades is None else cfg.cascades
-    return [c for c in wanted if all(p in cfg.precisions and unavailable_reason("onnxruntime", artifact, p) is None
-                                     for p in c.split("+"))]
+    return [c for c in wanted if all((cfg.cascades is not None or p in cfg.precisions)
+                                     and unavailable_reason("onnxruntime", artifact, p) is None for p in c.split("+"))]
 
 
 def runnable_pairs(artifact: Artifact, cfg: ReportConfig) -> tuple[list[tuple[str, str]], dict[str, str]]:

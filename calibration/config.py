@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from eqr.artifact import PRECISIONS
+from eqr.artifact import CASCADES, PRECISIONS
 from eqr.config import JsonConfig
 from eqr.errors import EqRError
 
@@ -101,6 +101,8 @@ class ReportConfig(JsonConfig):
             raise EqRError("--generate, --max-steps and power_iters must be >= 1")
         if not 0 <= self.min_agreement <= 1:
             raise EqRError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
+        if self.cascades is not None and set(self.cascades) - set(CASCADES):
+            raise EqRError(f"cascades must be among {', '.join(CASCADES)}, got {', '.join(self.cascades)}")
         if self.max_drop is not None and self.max_drop < 0:
             raise EqRError(f"--max-drop must be >= 0 points, got {self.max_drop}")
 

@@ -204,6 +204,11 @@ def write_plots(report: dict[str, Any], out: Path) -> dict[str, Path]:
     return written
 
 
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:  # a plot may have nothing to compare (e.g. the reference alone)
+        ax.legend(fontsize=7)
+
+
 def _plot_decision(report: dict[str, Any], plt: Any) -> Any:
     """Accuracy against gated puzzles/s: up and to the right is better."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -219,7 +224,7 @@ def _plot_decision(report: dict[str, Any], plt: Any) -> Any:
     ax.set_ylabel("exact accuracy (%)" if report["labels"] else "agreement with the reference (%)")
     ax.set_title("accuracy vs speed (outlined: fastest within --max-drop)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax)
     return fig
 
 
@@ -238,7 +243,7 @@ def _plot_accuracy(report: dict[str, Any], plt: Any) -> Any:
         ax.set_ylabel("exact accuracy (%)" if report["labels"] else "agreement with FP32 (%)")
         ax.set_title(label)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    _legend(axes[0][0])
     fig.tight_layout()
     return fig
 
@@ -254,7 +259,7 @@ def _plot_residual(report: dict[str, Any], plt: Any) -> Any:
     ax.set_xlabel("outer step")
     ax.set_ylabel("median relative residual (dotted: tol)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax)
     return fig
 
 
@@ -267,7 +272,7 @@ def _plot_steps(report: dict[str, Any], plt: Any) -> Any:
     ax.set_xlabel("steps to settle (gated run, each precision's calibrated rule)")
     ax.set_ylabel("puzzles")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax)
     return fig
 
 
@@ -287,5 +292,5 @@ def _plot_state_error(report: dict[str, Any], plt: Any) -> Any:
     ax.set_xlabel("depth of the calibration state + 1")
     ax.set_ylabel("relative state error vs reference")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax)
     return fig

@@ -208,6 +208,15 @@ def test_damaged_int8_graph_fails_the_report(calibrated: Path, labelled: Path, t
     assert int8["diagnosis"]["suggested_policy"]["exclude_nodes"]
 
 
+def test_report_takes_cascades_in_its_precision_list(calibrated: Path, labelled: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    result = invoke("report", calibrated, "--data", labelled, "--out", out, "--precisions", "fp32,fp16+fp32",
+                    "--backends", "onnxruntime", "--depths", "4", "--breadth", "1", "--max-steps", 16)
+    assert result.exit_code == 0, result.output
+    rows = [r["run"] for r in json.loads((out / "report.json").read_text())["decision"]["rows"]]
+    assert rows == ["onnxruntime-fp32", "onnxruntime-fp16+fp32"]
+
+
 def test_report_needs_the_precision_graphs(calibrated: Path, tmp_path: Path) -> None:
     copy = tmp_path / "export"
     shutil.copytree(calibrated, copy)

@@ -118,6 +118,8 @@ def test_the_manifest_rule_is_the_default_and_explicit_values_win() -> None:
     assert {k: getattr(cfg, k) for k in rule} == rule
     assert solver.config(window=None, tol=1e-3).window is None and solver.config(tol=1e-3).tol == 1e-3
     assert Solver.load(Artifact("checkpoint", "tiny", 16, 16, 6, checkpoint="tiny"), backend="torch").config().window == 16
+    with Scheduler(solver, batch_size=2) as scheduler:  # the scheduler's default is the same rule
+        assert scheduler.cfg == cfg
     assert split_precision("INT8+fp32") == ("int8", "fp32")
     with pytest.raises(EqRError, match="int8\\+fp32"):
         split_precision("fp32+int8")
