@@ -30,8 +30,8 @@ def _precisions(ctx: click.Context, param: click.Parameter, values: tuple[str, .
 @click.command()
 @click.option("--model", default=None, help="Bundled model, checkpoint or preset [default: the bundled model "
               f"where puzzle difficulty varies (maze-small); {FALLBACK_MODEL} (fresh weights) while none is bundled].")
-@click.option("--paper", is_flag=True, help=f"reference_vs_runtime only, on {PAPER_MODEL} (hidden 512) with "
-              "random weights for a few steps: the per-step cost at paper scale.")
+@click.option("--paper", is_flag=True, help=f"reference_vs_runtime (or the --only measurements) on {PAPER_MODEL} "
+              "(hidden 512) with random weights for a few steps: the per-step cost at paper scale.")
 @click.option("--only", "only", multiple=True, type=click.Choice(MEASUREMENTS), help="Run only these (repeatable).")
 @click.option("--puzzles", type=int, default=None,
               help=f"Mixed-difficulty puzzles for reference_vs_runtime and cascade_vs_fp32 "
@@ -90,6 +90,7 @@ def bench(model: str | None, paper: bool, only: tuple[str, ...], puzzles: int | 
       eqr bench --model my-run/last.pt --breadth 8 --depth 32 --threads 2
       eqr bench --export-dir maze-small-eqr/ --only cascade_vs_fp32 --cascade fp16+fp32
       eqr bench --paper
+      eqr bench --paper --only step_efficiency --precision fp32
       python scripts/bench.py --only step_efficiency
     """
     if paper and model is not None:
@@ -100,7 +101,7 @@ def bench(model: str | None, paper: bool, only: tuple[str, ...], puzzles: int | 
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     config = BenchConfig(
         model=PAPER_MODEL if paper else (model or default_model()),
-        measurements=("reference_vs_runtime",) if paper else (tuple(dict.fromkeys(only)) or MEASUREMENTS),
+        measurements=tuple(dict.fromkeys(only)) or (("reference_vs_runtime",) if paper else MEASUREMENTS),
         puzzles=_given(puzzles, 4 if paper else BenchConfig.puzzles), breadth=_given(breadth, 1 if paper else 4),
         depth=_given(depth, 2 if paper else 16), batch_size=min(batch, 4) if paper else batch, stream=stream,
         backend=backend, max_steps=max_steps, tol=tol, patience=patience, window=window, rule_puzzles=rule_puzzles,

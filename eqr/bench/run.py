@@ -69,7 +69,7 @@ def bench_rule(setting: Setting, info: dict[str, Any]) -> dict[str, Any]:
     c = setting.config
     overrides = c.rule_overrides()
     if c.paper:  # random weights: nothing to calibrate; the protocol's depth is the cap
-        info["rule"] = {"source": "flags (--paper)"}
+        info["rule"] = {"source": "--paper: random weights, nothing to fit"}
         return {"max_steps": c.depth} | overrides
     calibrated = load_artifact(setting.export_dir).stopping.get("fp32")
     if calibrated:
