@@ -140,11 +140,13 @@ def adaptive_steps(setting: Setting) -> Measurement:
     mean_steps = float(rt.stats.nstep.mean())
     accuracy = lambda run, d: float(exact_correct(run.answers(d, "converged"), puzzles.labels).mean())  # noqa: E731
     curve = [accuracy(ref, d) for d in range(1, c.depth + 1)]
-    if max(curve) < gated_acc and c.depth < MAX_FIXED_DEPTH:
-        # No depth up to D reaches the gated accuracy: run the official protocol further (untimed).
-        setting.report.stage(f"adaptive_steps: reference fixed depths {c.depth + 1}..{MAX_FIXED_DEPTH}")
-        deeper = _reference_to(setting, MAX_FIXED_DEPTH)
-        curve += [accuracy(deeper, d) for d in range(c.depth + 1, MAX_FIXED_DEPTH + 1)]
+    depth = c.depth
+    while max(curve) < gated_acc and depth < MAX_FIXED_DEPTH:
+        # No depth so far reaches the gated accuracy: run the official protocol twice as deep (untimed).
+        depth = min(2 * depth, MAX_FIXED_DEPTH)
+        setting.report.stage(f"adaptive_steps: reference fixed depths {len(curve) + 1}..{depth}")
+        deeper = _reference_to(setting, depth)
+        curve += [accuracy(deeper, d) for d in range(len(curve) + 1, depth + 1)]
     reached = [d for d, acc in enumerate(curve, start=1) if acc >= gated_acc]
     budget = reached[0] if reached else None
     # Still none (up to MAX_FIXED_DEPTH): mean_steps / that depth is an upper bound.
