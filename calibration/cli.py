@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
-from eqr.artifact import PRECISIONS
+from eqr.artifact import CASCADES, PRECISIONS
 from eqr.calibration.config import METHODS, CalibConfig, ReportConfig, parse_ints
 from eqr.cli_options import Progress, backend_option, calib_data_option, force_option, out_option, output_options, \
     precision_option
@@ -18,6 +19,7 @@ from eqr.runtime.cli import backend_info, describe_run
 
 BUILT_BY = "eqr calibrate"  # manifest precisions[p]["built_by"] of the graphs calibrate owns
 CALIBRATED = ("fp16", "int8")
+log = logging.getLogger(__name__)
 
 
 def _export_artifact(export_dir: str) -> Any:
@@ -57,11 +59,19 @@ def _names(text: str | None) -> tuple[str, ...]:
                   help="Graphs to build (repeat or comma list) [default: fp16 and int8, except a graph "
                        "`eqr export` wrote itself].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Puzzles and initial states.")
+@click.option("--rule-puzzles", type=int, default=CalibConfig.rule_puzzles, show_default=True,
+              help="Labelled puzzles (generated with --seed + 1, or the first N of --calib-data) the stopping rules "
+              "are fitted on (half) and measured on (the other half); 0: keep the current rules.")
+@click.option("--rule-steps", type=int, default=CalibConfig.rule_steps, show_default=True,
+              help="Steps of the recorded trajectories the stopping rules are replayed on.")
+@click.option("--rule-margin", type=float, default=CalibConfig.rule_margin, show_default=True,
+              help="Accuracy points a stopping rule may lose against the best fixed depth.")
 @force_option(help="Also replace graphs that `eqr export` wrote (calibrate's own files are always replaced).")
 @output_options
 def calibrate(export_dir: str, calib_data: str | None, puzzles: int, starts: int, depths: str, method: str,
               op_types: str, exclude_nodes: str, percentile: float, keep_fp32_ops: str | None,
-              precision: tuple[str, ...], seed: int, force: bool, as_json: bool, quiet: bool, verbose: int) -> None:
+              precision: tuple[str, ...], seed: int, rule_puzzles: int, rule_steps: int, rule_margin: float,
+              force: bool, as_json: bool, quiet: bool, verbose: int) -> None:
     """Record trajectory-aware calibration states and build the FP16/INT8 graphs of EXPORT_DIR.
 
     Runs the FP32 loop from --starts random states per puzzle, records the step inputs
@@ -71,6 +81,13 @@ def calibrate(export_dir: str, calib_data: str | None, puzzles: int, starts: int
     export: re-running replaces its own files, and a graph `eqr export` wrote is kept
     unless named in --precision with --force.
 
+    Then, per precision (fp32 and each one built), it records --rule-steps steps of one
+    trajectory per --rule-puzzles puzzle and fits the stopping rule (max_steps, tol, patience,
+    stable window, q_halt and its threshold) with the fewest mean steps whose exact accuracy stays
+    within --rule-margin points of the best fixed depth, on half the puzzles; the other half
+    measures it. The rule, its held-out accuracy and mean steps go into manifest.json, and
+    `eqr solve`, `Solver` and `Scheduler` use it by default (docs/algorithm.md).
+
     \b
     Examples:
       eqr calibrate sudoku-eqr/
@@ -78,12 +95,14 @@ def calibrate(export_dir: str, calib_data: str | None, puzzles: int, starts: int
       eqr calibrate maze-eqr/ --calib-data data/maze --generate 32 --starts 8
       eqr calibrate sudoku-eqr/ --precision fp16,int8 --force
       eqr calibrate sudoku-eqr/ --exclude-nodes /blocks.0/mlp/down/MatMul
+      eqr calibrate maze-eqr/ --rule-puzzles 512 --rule-margin 0.5
     """
     progress = Progress(quiet)
     cfg = CalibConfig(puzzles=puzzles, starts=starts, depths=parse_ints(depths, "--depths"), seed=seed,
                       method=method, op_types=_names(op_types), exclude_nodes=_names(exclude_nodes),
                       percentile=percentile, keep_fp32_ops=None if keep_fp32_ops is None else _names(keep_fp32_ops),
-                      precisions=precision, force=force)
+                      precisions=precision, force=force, rule_puzzles=rule_puzzles, rule_steps=rule_steps,
+                      rule_margin=rule_margin)
     entries, info = run_calibrate(export_dir, calib_data, cfg, progress)
     if as_json:
         click.echo(json.dumps({"precisions": entries} | info, indent=2, default=str))
@@ -93,11 +112,29 @@ def calibrate(export_dir: str, calib_data: str | None, puzzles: int, starts: int
         if "scale_change_vs_minmax" in entry:
             change = entry["scale_change_vs_minmax"]
             extra = f", {100 * change['changed_fraction']:.0f}% of scales moved vs minmax (median x{change['median_ratio']:.3f})"
-        click.echo(f"{precision}: {entry['onnx']}, tol {entry['tol']:.3g} (residual floor "
-                   f"{entry['tol_rule']['residual_floor']:.3g}){extra}")
+        if "onnx" in entry and "tol_rule" in entry:
+            click.echo(f"{precision}: {entry['onnx']}, tol {entry['tol']:.3g} (residual floor "
+                       f"{entry['tol_rule']['residual_floor']:.3g}){extra}")
+        if "stopping" in entry:
+            click.echo(f"{precision}: stopping rule {rule_text(entry['stopping'])}")
     for precision in info["kept"]:
         click.echo(f"{precision}: kept the export's graph (pass --precision {precision} --force to calibrate it)")
     progress.note(f"{info['calib']}: {info['states']} states recorded on {describe_run(info['recorded_on'])}")
+
+
+def rule_text(stopping: dict[str, Any]) -> str:
+    """One line: the rule, then its held-out accuracy and mean steps against the best fixed depth."""
+    rule, held = stopping["rule"], stopping["heldout"]
+    parts = [f"max_steps {rule['max_steps']}"]
+    if rule.get("tol") is not None:
+        parts.append(f"tol {rule['tol']:.3g} x{rule['patience']}")
+    if rule.get("window") is not None:
+        parts.append(f"window {rule['window']}")
+    if rule.get("q_halt"):
+        parts.append(f"q_halt > {rule['q_halt_threshold']:g} x{rule['patience']}")
+    return (f"{', '.join(parts)}: held-out {held['accuracy']:.1f}% at {held['mean_steps']:.2f} mean steps "
+            f"(fixed depth {held['fixed_depth']}, the best on the fitting half: {held['fixed_depth_accuracy']:.1f}%; "
+            f"{held['puzzles']} puzzles)")
 
 
 def plan_precisions(manifest: dict[str, Any], root: Path, requested: tuple[str, ...],
@@ -145,47 +182,76 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig,
                                        progress=advance)
             recorded_on = backend_info(solver.backend)
     save_calib(root / CALIB_FILE, calib, force=True)  # calibrate's own file
-    entries = {}
-    with progress.bar("building precision graphs", len(build)) as advance:
-        for precision in build:
-            if precision == "fp16":
-                entry = build_fp16(export_dir, cfg.keep_fp32_ops, force=True)
+    rules_on = load_puzzles(artifact.task, artifact.seq_len, data, cfg.rule_puzzles, cfg.seed + 1) \
+        if cfg.rule_puzzles else None
+    if rules_on is not None and rules_on.labels is None:
+        log.warning("--calib-data %s has no labels: the stopping rules are not fitted", data)
+        rules_on = None
+    calibration = {"file": CALIB_FILE, "states": len(calib), "sha256": sha256_file(root / CALIB_FILE),
+                   "puzzles": len(puzzles), "starts": cfg.starts, "depths": list(cfg.depths),
+                   "seed": cfg.seed, "data": puzzles.source}
+    # fp32 and the export's own graphs get a stopping rule only; the graphs calibrate builds, everything
+    measured = ("fp32", *build, *kept) if rules_on is not None else build
+    entries: dict[str, dict[str, Any]] = {}
+    with progress.bar("building precision graphs and fitting stopping rules", len(measured)) as advance:
+        for precision in measured:
+            entry: dict[str, Any] = {}
+            if precision in build:
+                if precision == "fp16":
+                    entry = build_fp16(export_dir, cfg.keep_fp32_ops, force=True)
+                else:
+                    policy = QuantPolicy(cfg.method, cfg.op_types, cfg.exclude_nodes, cfg.percentile)
+                    entry = build_int8(export_dir, calib, policy, force=True)
+                entry["built_by"] = BUILT_BY
+            onnx_name = entry.get("onnx") or artifact.onnx[precision].name
+            entry |= measure_precision(export_dir, precision, onnx_name, puzzles.inputs if rules_on is None
+                                       else rules_on.inputs, None if rules_on is None else rules_on.labels, cfg)
+            if precision not in build:
+                entry.pop("tol"), entry.pop("tol_rule")  # its tol is the export's (its parity run)
+            if rules_on is not None:
+                entry["stopping"]["data"] = rules_on.source
+            if precision in build:
+                update_manifest(export_dir, precision, entry, calibration, replace=True)
             else:
-                policy = QuantPolicy(cfg.method, cfg.op_types, cfg.exclude_nodes, cfg.percentile)
-                entry = build_int8(export_dir, calib, policy, force=True)
-            entry |= measured_tol(export_dir, precision, entry["onnx"], puzzles.inputs, cfg) | {"built_by": BUILT_BY}
-            calibration = {"file": CALIB_FILE, "states": len(calib), "sha256": sha256_file(root / CALIB_FILE),
-                           "puzzles": len(puzzles), "starts": cfg.starts, "depths": list(cfg.depths),
-                           "seed": cfg.seed, "data": puzzles.source}
-            # The graph describes itself (a copy of it runs like this directory); its own hash
-            # cannot be inside it, so manifest.json records that after the metadata is written.
-            embedded = {k: v for k, v in entry.items() if k != "sha256"}
-            embed_manifest(root / entry["onnx"], with_precision(read_manifest(export_dir), precision, embedded,
-                                                                calibration, replace=True), precision)
-            entry["sha256"] = sha256_file(root / entry["onnx"])
-            update_manifest(export_dir, precision, entry, calibration, replace=True)
+                update_manifest(export_dir, precision, entry)
             entries[precision] = entry
             advance(1)
+    # Every graph this run touched describes itself (a copy of it runs like this directory, with
+    # every precision's stopping rule); its own hash cannot be inside it, so manifest.json records
+    # that after the metadata is written.
+    for precision in measured:
+        path = root / PRECISIONS[precision].onnx
+        manifest = with_precision(read_manifest(export_dir), precision, {})  # a copy
+        manifest["precisions"][precision].pop("sha256", None)
+        embed_manifest(path, manifest, precision)
+        entries[precision]["sha256"] = sha256_file(path)
+        update_manifest(export_dir, precision, {"sha256": entries[precision]["sha256"]})
     info = {"calib": str(root / CALIB_FILE), "states": len(calib), "kept": list(kept), "recorded_on": recorded_on}
     return entries, info
 
 
-def measured_tol(export_dir: str, precision: str, onnx_name: str, inputs: np.ndarray, cfg: CalibConfig) -> dict[str, Any]:
-    """The export's tol rule applied to the residual floor this graph reaches on the calibration puzzles."""
+def measure_precision(export_dir: str, precision: str, onnx_name: str, inputs: np.ndarray,
+                      labels: np.ndarray | None, cfg: CalibConfig) -> dict[str, Any]:
+    """One recorded fixed-depth run of this graph: the export's tol rule applied to the residual
+    floor it reaches and, with labels, the fitted stopping rule (`eqr.calibration.stopping`)."""
     from eqr.artifact import recommended_tol
+    from eqr.calibration.stopping import fit_and_evaluate, record_trajectories
     from eqr.runtime import Solver
     from eqr.runtime.backends.ort_backend import OrtBackend
 
     artifact = _export_artifact(export_dir)
     backend = OrtBackend(Path(export_dir) / onnx_name, precision=precision)
     solver = Solver(backend, artifact.seq_len, artifact.hidden_size, artifact.init_std, precision=precision)
-    steps = max(cfg.max_depth, 2)
+    steps = max(cfg.rule_steps if labels is not None else cfg.max_depth, 2)
     with solver:
-        result = solver.solve(inputs, fixed_depth=steps, seed=cfg.seed, stats="trace")
-    tail = result.residual_trace[:, 0, steps // 2:]  # (P, K=1, N) -> late residuals (P, N/2)
-    floor = float(np.median(np.nanmin(tail, axis=1)))
+        traj = record_trajectories(solver, inputs, steps, cfg.seed)
+    tail = traj.residual[steps // 2:]  # late residuals (N/2, P)
+    floor = float(np.median(np.nanmin(np.where(np.isfinite(tail), tail, np.inf), axis=0)))
     rule = recommended_tol(precision, floor)
-    return {"tol": rule["tol"], "tol_rule": rule}
+    entry: dict[str, Any] = {"tol": rule["tol"], "tol_rule": rule}
+    if labels is not None:
+        entry["stopping"] = fit_and_evaluate(traj, labels, cfg.rule_margin)
+    return entry
 
 
 # --------------------------------------------------------------------------- eqr report
@@ -196,8 +262,9 @@ def measured_tol(export_dir: str, precision: str, onnx_name: str, inputs: np.nda
 @click.option("--data", default=None, help="Puzzles with labels: a data set directory or .npz (inputs, labels).")
 @click.option("--generate", "puzzles", type=int, default=ReportConfig.puzzles, show_default=True,
               help="Puzzles of the export's task to generate (or the first N of --data).")
-@precision_option(default=(), choices=tuple(PRECISIONS), old="--precisions",
-                  help="Precisions to compare (repeat or comma list) [default: every graph in the export].")
+@precision_option(default=(), choices=(*PRECISIONS, *CASCADES), old="--precisions",
+                  help="Precisions to compare (repeat or comma list), and cascades (int8+fp32, fp16+fp32) to add "
+                       "to the decision table [default: every graph in the export and every cascade it can run].")
 @backend_option(choices=backend_names(), default=("onnxruntime", "torch"), multiple=True, old="--backends",
                 help="Backends (repeat or comma list); pairs a backend cannot run (torch at fp16/int8) are "
                      "listed as not run.")
@@ -239,8 +306,11 @@ def report(ctx: click.Context, export_dir: str, data: str | None, puzzles: int, 
     """
     progress = Progress(quiet)
     artifact = _export_artifact(export_dir)
-    cfg = ReportConfig(precisions=precision or tuple(p for p in PRECISIONS if p in artifact.onnx),
-                       backends=backend, depths=tuple(sorted(set(parse_ints(depths, "--depths")))),
+    cascades = tuple(n for n in precision if n in CASCADES)
+    plain = tuple(n for n in precision if n not in CASCADES)
+    cfg = ReportConfig(precisions=plain or tuple(p for p in PRECISIONS if p in artifact.onnx),
+                       cascades=cascades or None, backends=backend,
+                       depths=tuple(sorted(set(parse_ints(depths, "--depths")))),
                        breadth=tuple(sorted(set(parse_ints(breadth, "--breadth")))), puzzles=puzzles, seed=seed,
                        max_steps=max_steps, max_drop=max_drop, min_agreement=min_agreement)
     result = run_report(export_dir, data, cfg, calib_data, out, force, card, progress)
@@ -300,9 +370,10 @@ def run_report(export_dir: str, data: str | None, cfg: ReportConfig, calib_path:
     out.mkdir(parents=True, exist_ok=True)
     with progress.bar("precision report", plan_units(cfg, len(pairs))) as advance:
         results = collect(artifact, puzzles, cfg, calib, advance)
-    save_results(out / "results.npz", results)
+    judged = compare(results, cfg)
+    save_results(out / "results.npz", results, judged["reference"])
     report_json = out / "report.json"
-    atomic_write_text(report_json, json.dumps(compare(results, cfg), indent=2) + "\n")
+    atomic_write_text(report_json, json.dumps(judged, indent=2) + "\n")
     saved = load_report(report_json)  # render from the file, as anyone re-rendering it would
     render(saved, out)
     if card is not None:
@@ -335,6 +406,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     rows = summary_rows(report)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    headline = (report.get("decision") or {}).get("headline")
+    if headline:
+        lines.append(headline)
     runs = run_backends(report)
     lines.append("ran on: " + "; ".join(f"{name} {describe_run(info)}" for name, info in runs.items()))
     lines.append(f"{'PASSED' if report['passed'] else 'FAILED'}: {report['out']}/report.html")

@@ -9,10 +9,17 @@ Results layout (arrays; P puzzles, L tokens, D width, N steps, S calibration sta
     runs[name]["curve"][f"{aggregate}@K{K}@D{depth}"]  int32 (P, L)  fixed-depth answers
     runs[name]["fixed"]    residual_trace fp32 (P, M), score fp32 (P,), preds (P, L): breadth 1, M = max_steps, ungated
     runs[name]["gated"]    nstep int32 (P,), converged bool (P,), residual fp32 (P,), preds (P, L),
-                           residual_trace fp32 (P, N): tolerance-gated run at this precision's tol
+                           residual_trace fp32 (P, N): gated run under this precision's (calibrated) stopping rule
     runs[name]["one_step"][depth]  fp32 (S, 2, L, D): the step's output state on calibration states
     runs[name]["settled"]  fp32 (C, 2, L, D): state after M steps of this backend's own loop
     runs[name]["radius"]   fp64 (C,), radius_history fp64 (iters, C)
+    runs[name]["speed"]    latency_s {batch: best seconds of one step}, gated_seconds (wall of the gated
+                           run), file_bytes (the step graph's size; None for torch)
+    cascades[name]         gated (as above plus low_steps int32 (P,)) and speed for each "low+high" cascade
+
+results.npz keeps everything but the states: one_step and settled are saved as their relative
+errors against the reference run (one_step_error/{depth} fp32 (S,), settled_error fp32 (C,)),
+answers as uint8 and traces as fp16, so 256 puzzles stay under 1 MB.
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ class Results:
     labels: np.ndarray | None  # uint8 (P, L)
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # run name -> why it could not run
+    cascades: dict[str, dict[str, Any]] = field(default_factory=dict)  # "onnxruntime-int8+fp32" -> gated, speed
 
 
 def run_name(backend: str, precision: str) -> str:
@@ -67,8 +75,19 @@ def curve_key(aggregate: str, breadth: int, depth: int) -> str:
 
 
 def plan_units(cfg: ReportConfig, n_pairs: int) -> int:
-    """Progress units: one per depth curve, floor run, gated run, calibration batch, settled run and probe."""
-    return n_pairs * (len(cfg.breadth) + 5)
+    """Progress units: one per depth curve, floor run, gated run, calibration batch, settled run, probe
+    and speed probe; one per cascade."""
+    return n_pairs * (len(cfg.breadth) + 6) + len(cfg.cascades or ())
+
+
+def runnable_cascades(artifact: Artifact, cfg: ReportConfig) -> list[str]:
+    """The cascades to run: cfg.cascades, or (None) every one whose two precisions are both compared;
+    either way only those ONNX Runtime can run."""
+    from eqr.artifact import CASCADES
+
+    wanted = CASCADES if cfg.cascades is None else cfg.cascades
+    return [c for c in wanted if all((cfg.cascades is not None or p in cfg.precisions)
+                                     and unavailable_reason("onnxruntime", artifact, p) is None for p in c.split("+"))]
 
 
 def runnable_pairs(artifact: Artifact, cfg: ReportConfig) -> tuple[list[tuple[str, str]], dict[str, str]]:
@@ -101,7 +120,7 @@ def collect(artifact: Artifact, puzzles: PuzzleSet, cfg: ReportConfig, calib: Ca
         with Solver.load(artifact, backend=backend, precision=precision) as solver:
             run = collect_run(solver, puzzles.inputs, cfg, calib, tick)
             run |= {"precision": precision, "backend": backend, "tol": solver.default_tol,
-                    "describe": solver.backend.describe()}
+                    "rule": gated_config(solver, cfg).to_dict(), "describe": solver.backend.describe()}
         if precision == "int8" and calib is not None and precision in artifact.onnx:
             from eqr.calibration.quantize import activation_errors
 
@@ -109,7 +128,52 @@ def collect(artifact: Artifact, puzzles: PuzzleSet, cfg: ReportConfig, calib: Ca
             run["activation_errors"] = activation_errors(artifact.onnx[precision], sample)
         run["seconds"] = time.perf_counter() - start
         results.runs[name] = run
+    for cascade in runnable_cascades(artifact, cfg):
+        with Solver.load(artifact, backend="onnxruntime", precision=cascade) as solver:
+            results.cascades[run_name("onnxruntime", cascade)] = collect_cascade(solver, puzzles.inputs, cfg) | {
+                "precision": cascade, "backend": "onnxruntime", "describe": solver.backend.describe()}
+        tick(1)
     return results
+
+
+def collect_cascade(solver: Any, inputs: np.ndarray, cfg: ReportConfig) -> dict[str, Any]:
+    """A cascade's gated run (the high precision's rule) and its wall time."""
+    gated_cfg = gated_config(solver, cfg)
+    solver.run(inputs[:2], gated_cfg.replace(max_steps=2, stats="final"))  # warm-up, untimed
+    started = time.perf_counter()
+    gated = solver.run(inputs, gated_cfg, breadth=1, seed=cfg.seed)
+    seconds = time.perf_counter() - started
+    files = [solver.backend.low, solver.backend.high]
+    return {"rule": gated_cfg.to_dict(),
+            "gated": {"nstep": gated.stats.nstep, "converged": gated.converged, "residual": gated.residual,
+                      "preds": gated.preds, "residual_trace": gated.stats.residual_trace,
+                      "low_steps": gated.stats.low_steps},
+            "speed": {"latency_s": {}, "gated_seconds": seconds,
+                      "file_bytes": sum(_file_bytes(b) or 0 for b in files)}}
+
+
+def speed_probe(backend: Any, seq_len: int, hidden_size: int, vocab_size: int, batches: tuple[int, ...],
+                seed: int) -> dict[int, float]:
+    """batch -> best seconds of one step on random states (best of 3 after a warm-up)."""
+    rng = np.random.default_rng(seed)
+    latency = {}
+    for B in batches:
+        feeds = {"tokens": backend.upload(rng.integers(1, vocab_size, (B, seq_len)).astype(np.int32)),
+                 "z_H": backend.upload(rng.standard_normal((B, seq_len, hidden_size), dtype=np.float32)),
+                 "z_L": backend.upload(rng.standard_normal((B, seq_len, hidden_size), dtype=np.float32))}
+        backend.step(feeds)
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            backend.step(feeds)
+            times.append(time.perf_counter() - started)
+        latency[B] = min(times)
+    return latency
+
+
+def _file_bytes(backend: Any) -> int | None:
+    path = getattr(backend, "onnx_path", None) or getattr(backend, "engine_path", None)
+    return path.stat().st_size if path is not None and path.is_file() else None
 
 
 def collect_run(solver: Any, inputs: np.ndarray, cfg: ReportConfig, calib: CalibSet | None,
@@ -123,7 +187,9 @@ def collect_run(solver: Any, inputs: np.ndarray, cfg: ReportConfig, calib: Calib
     fixed = solver.solve(inputs, fixed_depth=cfg.max_steps, breadth=1, seed=cfg.seed, stats="trace")
     run["fixed"] = {"preds": fixed.preds, "score": fixed.stats.score, "residual_trace": fixed.stats.residual_trace}
     tick(1)
-    gated = solver.solve(inputs, max_steps=cfg.max_steps, breadth=1, seed=cfg.seed, stats="trace")
+    started = time.perf_counter()
+    gated = solver.run(inputs, gated_config(solver, cfg), breadth=1, seed=cfg.seed)
+    gated_seconds = time.perf_counter() - started
     run["gated"] = {"nstep": gated.stats.nstep, "converged": gated.converged, "residual": gated.residual,
                     "preds": gated.preds, "residual_trace": gated.stats.residual_trace}
     tick(1)
@@ -137,7 +203,17 @@ def collect_run(solver: Any, inputs: np.ndarray, cfg: ReportConfig, calib: Calib
                             cfg.power_iters, eps, seed=cfg.seed)
     run["radius"], run["radius_history"] = probe["radius"], probe["history"]
     tick(1)
+    seq_len, hidden = inputs.shape[1], solver.hidden_size
+    vocab = solver.artifact.vocab_size if solver.artifact is not None else int(inputs.max()) + 1
+    run["speed"] = {"latency_s": speed_probe(solver.backend, seq_len, hidden, vocab, cfg.latency_batches, cfg.seed),
+                    "gated_seconds": gated_seconds, "file_bytes": _file_bytes(solver.backend)}
+    tick(1)
     return run
+
+
+def gated_config(solver: Any, cfg: ReportConfig) -> Any:
+    """The precision's own (calibrated) stopping rule, capped at the report's max_steps, traced."""
+    return solver.config(max_steps=min(solver.config().max_steps, cfg.max_steps), stats="trace")
 
 
 def depth_curve(solver: Any, inputs: np.ndarray, breadth: int, depths: tuple[int, ...],
@@ -203,8 +279,9 @@ def settled_states(solver: Any, inputs: np.ndarray, depth: int, seed: int) -> di
 # --------------------------------------------------------------------------- saving
 
 
-def save_results(path: Any, results: Results) -> None:
-    """results.npz: every array under "run/section/key", the rest as JSON (no pickles)."""
+def save_results(path: Any, results: Results, reference: str | None = None) -> None:
+    """results.npz: every array under "run/section/key", the rest as JSON (no pickles). States are
+    saved as relative errors against `reference` (a run name), answers as uint8, traces as fp16."""
     import json
 
     from eqr.io import atomic_open
@@ -213,15 +290,43 @@ def save_results(path: Any, results: Results) -> None:
     if results.labels is not None:
         arrays["labels"] = results.labels
     scalars: dict[str, Any] = {}
-    for name, run in results.runs.items():
+    ref = results.runs.get(reference) if reference else None
+    for name, run in {**results.runs, **results.cascades}.items():
         for key, value in run.items():
-            if isinstance(value, dict) and key != "describe":
+            if key in ("one_step", "settled"):
+                if ref is not None:
+                    arrays |= _state_errors(name, key, value, ref[key])
+            elif isinstance(value, dict) and key not in ("describe", "rule", "speed"):
                 for sub, array in value.items():
-                    arrays[f"{name}/{key}/{sub}"] = np.asarray(array)
+                    if array is not None:
+                        arrays[f"{name}/{key}/{sub}"] = _compact(np.asarray(array))
             elif isinstance(value, np.ndarray):
                 arrays[f"{name}/{key}"] = value
             else:
                 scalars.setdefault(name, {})[key] = value
-    meta = {"meta": results.meta, "skipped": results.skipped, "scalars": scalars}
+    meta = {"meta": results.meta, "skipped": results.skipped, "scalars": scalars, "state_reference": reference}
     with atomic_open(path) as f:
         np.savez_compressed(f, __meta__=np.array(json.dumps(meta, default=str)), **arrays)
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row ||a - b|| / ||b|| over all but the first axis."""
+    diff = (a.astype(np.float64) - b).reshape(len(a), -1)
+    ref = b.astype(np.float64).reshape(len(b), -1)
+    return np.linalg.norm(diff, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-30)
+
+
+def _state_errors(name: str, key: str, value: Any, ref: Any) -> dict[str, np.ndarray]:
+    if key == "settled":
+        return {f"{name}/settled_error": relative_error(value, ref).astype(np.float32)}
+    return {f"{name}/one_step_error/{depth}": relative_error(out, ref[depth]).astype(np.float32)
+            for depth, out in value.items() if depth in ref}
+
+
+def _compact(array: np.ndarray) -> np.ndarray:
+    """Answers (small non-negative ints) as uint8, float traces as fp16; the rest unchanged."""
+    if array.dtype.kind in "iu" and array.ndim == 2 and array.size and 0 <= array.min() and array.max() < 256:
+        return array.astype(np.uint8)
+    if array.dtype == np.float32 and array.ndim == 2:
+        return array.astype(np.float16)
+    return array

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from eqr.artifact import recommended_tol
-from eqr.calibration.collect import Results, curve_key, curve_keys
+from eqr.calibration.collect import Results, curve_key, curve_keys, relative_error
 from eqr.calibration.config import ReportConfig
 
 HIST_BINS = 16
@@ -39,13 +39,6 @@ def agreement(preds: np.ndarray, reference: np.ndarray) -> float:
     return float((preds == reference).all(axis=1).mean()) if len(preds) else 1.0
 
 
-def relative_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-row ||a - b|| / ||b|| over all but the first axis."""
-    diff = (a.astype(np.float64) - b).reshape(len(a), -1)
-    ref = b.astype(np.float64).reshape(len(b), -1)
-    return np.linalg.norm(diff, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-30)
-
-
 def compare(results: Results, cfg: ReportConfig) -> dict[str, Any]:
     """The report: per-run sections, the reference, verdicts and the exit decision."""
     reference = pick_reference(results, cfg.reference)
@@ -57,7 +50,60 @@ def compare(results: Results, cfg: ReportConfig) -> dict[str, Any]:
         failures += [f"{name}: {reason}" for reason in section["verdict"]["failures"]]
     return {"format": "eqr-precision-report", "version": 1, "reference": reference, "meta": results.meta,
             "skipped": results.skipped, "puzzles": len(results.inputs), "labels": results.labels is not None,
-            "runs": runs, "failures": failures, "passed": not failures}
+            "runs": runs, "decision": decision_section(results, reference, cfg), "failures": failures,
+            "passed": not failures}
+
+
+# What every column of the decision table means (rendered under the table).
+DECISION_COLUMNS = {
+    "run": "backend-precision; a cascade LOW+HIGH steps at LOW to its residual floor, then at HIGH",
+    "accuracy": "exact accuracy (%) of the gated run: every puzzle stopped by its precision's calibrated rule",
+    "drop": "points below the reference's gated accuracy (positive = worse)",
+    "mean steps": "outer steps per puzzle under the calibrated stopping rule (a cascade: low + high)",
+    "rule": "the stopping rule: step cap, tol x patience, stable window, q_halt threshold (`eqr calibrate`)",
+    "latency b1/b16/b64 (ms)": "best time of one step at batch 1, 16 and 64 on random states",
+    "puzzles/s": "puzzles of the report's set per second through the gated loop (breadth 1, one process)",
+    "file": "size of the step graph(s) this run loads",
+    "provider": "the backend and the execution provider that actually ran",
+    "within": "drop <= the precision's --max-drop limit",
+}
+
+
+def decision_section(results: Results, reference: str, cfg: ReportConfig) -> dict[str, Any]:
+    """Accuracy beside speed for every run and cascade, and the fastest one within --max-drop."""
+    ref_accuracy = exact_accuracy(results.runs[reference]["gated"]["preds"], results.labels)
+    if ref_accuracy is None:
+        ref_accuracy = 100.0  # no labels: accuracy is agreement with the reference
+    P = len(results.inputs)
+    rows = []
+    for name, run in {**results.runs, **results.cascades}.items():
+        preds = run["gated"]["preds"]
+        accuracy = exact_accuracy(preds, results.labels)
+        if accuracy is None:
+            accuracy = 100.0 * agreement(preds, results.runs[reference]["gated"]["preds"])
+        speed = run.get("speed") or {}
+        drop = ref_accuracy - accuracy
+        describe = run.get("describe") or {}
+        providers = describe.get("providers") or [p for s in describe.get("stages", [])
+                                                  for p in (s.get("providers") or [])[:1]]
+        rows.append({"run": name, "precision": run["precision"], "backend": run["backend"],
+                     "accuracy": accuracy, "drop": drop, "mean_steps": float(np.mean(run["gated"]["nstep"])),
+                     "low_steps": None if run["gated"].get("low_steps") is None
+                     else float(np.mean(run["gated"]["low_steps"])),
+                     "rule": {k: v for k, v in (run.get("rule") or {}).items()
+                              if k in ("max_steps", "tol", "patience", "window", "q_halt", "q_halt_threshold")},
+                     "latency_ms": {str(b): 1e3 * t for b, t in (speed.get("latency_s") or {}).items()},
+                     "puzzles_per_s": P / speed["gated_seconds"] if speed.get("gated_seconds") else None,
+                     "file_bytes": speed.get("file_bytes"), "provider": providers[0] if providers else
+                     describe.get("device", run["backend"]),
+                     "within": bool(drop <= cfg.drop_limit(run["precision"]) + 1e-9)})
+    eligible = [r for r in rows if r["within"] and r["puzzles_per_s"]]
+    best = max(eligible, key=lambda r: r["puzzles_per_s"], default=None)
+    headline = None if best is None else (
+        f"fastest precision within --max-drop: {best['run']} at {best['puzzles_per_s']:.1f} puzzles/s, "
+        f"{best['accuracy']:.1f}% ({best['drop']:+.1f} points vs {reference}), {best['mean_steps']:.2f} mean steps")
+    return {"rows": rows, "fastest": None if best is None else best["run"], "headline": headline,
+            "reference_accuracy": ref_accuracy, "columns": DECISION_COLUMNS}
 
 
 def judge_run(run: dict[str, Any], ref: dict[str, Any], labels: np.ndarray | None, cfg: ReportConfig,

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from eqr.artifact import PRECISIONS
+from eqr.artifact import CASCADES, PRECISIONS
 from eqr.config import JsonConfig
 from eqr.errors import EqRError
 
@@ -39,6 +39,9 @@ class CalibConfig(JsonConfig):
     keep_fp32_ops: tuple[str, ...] | None = None  # FP16: op types kept in FP32 (None: export's list)
     precisions: tuple[str, ...] = ("fp16", "int8")  # graphs to build
     force: bool = False  # replace existing precision files / calib.npz
+    rule_puzzles: int = 256  # labelled puzzles the stopping rules are fitted (half) and measured (half) on; 0: none
+    rule_steps: int = 32  # fixed depth of the recorded trajectories the rules are replayed on
+    rule_margin: float = 1.0  # accuracy points a rule may lose against the best fixed depth
 
     def __post_init__(self) -> None:
         _freeze_tuples(self)
@@ -55,6 +58,9 @@ class CalibConfig(JsonConfig):
             raise EqRError("--op-types must name at least one op type (e.g. MatMul)")
         if not 0 < self.percentile <= 100:
             raise EqRError(f"--percentile must be in (0, 100], got {self.percentile}")
+        if self.rule_puzzles < 0 or self.rule_puzzles == 1 or self.rule_steps < 2 or self.rule_margin < 0:
+            raise EqRError("--rule-puzzles must be 0 or >= 2, --rule-steps >= 2 and --rule-margin >= 0, got "
+                           f"{self.rule_puzzles}, {self.rule_steps}, {self.rule_margin}")
 
     @property
     def max_depth(self) -> int:
@@ -79,6 +85,8 @@ class ReportConfig(JsonConfig):
     power_iters: int = 12  # power-iteration steps of the spectral-radius estimate
     contraction_samples: int = 8  # settled states the spectral radius is estimated on
     fd_eps: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FD_EPS))
+    cascades: tuple[str, ...] | None = None  # low+high cascades to run (gated only); None: every one buildable
+    latency_batches: tuple[int, ...] = (1, 16, 64)  # batches the step latency is timed at
 
     def __post_init__(self) -> None:
         _freeze_tuples(self)
@@ -93,14 +101,16 @@ class ReportConfig(JsonConfig):
             raise EqRError("--generate, --max-steps and power_iters must be >= 1")
         if not 0 <= self.min_agreement <= 1:
             raise EqRError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
+        if self.cascades is not None and set(self.cascades) - set(CASCADES):
+            raise EqRError(f"cascades must be among {', '.join(CASCADES)}, got {', '.join(self.cascades)}")
         if self.max_drop is not None and self.max_drop < 0:
             raise EqRError(f"--max-drop must be >= 0 points, got {self.max_drop}")
 
     def drop_limit(self, precision: str) -> float:
-        """Accuracy points `precision` may lose against FP32 before the report fails."""
+        """Accuracy points `precision` (a cascade: its low stage) may lose against FP32 before the report fails."""
         if self.max_drop is not None:
             return self.max_drop
-        return DEFAULT_MAX_DROP.get(precision, 0.0)
+        return DEFAULT_MAX_DROP.get(precision.split("+")[0], 0.0)
 
 
 def _freeze_tuples(obj: Any) -> None:

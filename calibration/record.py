@@ -49,14 +49,16 @@ class RecordingBackend(Backend):
 
     def __init__(self, inner: Backend, depths: Sequence[int] = (), preds_after: Sequence[int] = ()) -> None:
         """Record the feeds of the steps at `depths` (the state after that many steps) and the
-        predictions output after the steps in `preds_after` (1 = after the first step)."""
+        predictions and q_halt logits output after the steps in `preds_after` (1 = after the first step)."""
         super().__init__()
         self.inner = inner
         self.name = f"recording({inner.name})"  # type: ignore[misc]
         self.depths = set(int(d) for d in depths)
         self.preds_after = set(int(d) for d in preds_after)
         self.preds: dict[int, np.ndarray] = {}  # steps taken -> int32 (rows, L) predictions
+        self.q_halt: dict[int, np.ndarray] = {}  # steps taken -> fp32 (rows,) q_halt logits
         self.static_shapes = inner.static_shapes
+        self.stages = inner.stages
         self.steps_taken = 0
         self._owns_inner = False  # deactivate `inner` only if we activated it
         self.records: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (depth, tokens, z_H, z_L)
@@ -65,6 +67,7 @@ class RecordingBackend(Backend):
         self.steps_taken = 0
         self.records = []
         self.preds = {}
+        self.q_halt = {}
 
     def activate_impl(self) -> None:
         if not self.inner.is_active:
@@ -86,7 +89,11 @@ class RecordingBackend(Backend):
         self.inference_time = self.inner.last_inference_time()
         if self.steps_taken in self.preds_after:
             self.preds[self.steps_taken] = self.inner.download(outputs["preds"]).astype(np.int32)
+            self.q_halt[self.steps_taken] = self.inner.download(outputs["q_halt"]).astype(np.float32)
         return outputs
+
+    def route(self, stage: np.ndarray) -> None:
+        self.inner.route(stage)
 
     def describe(self) -> dict[str, Any]:
         return self.inner.describe()

@@ -1,7 +1,8 @@
-"""report.json -> report.md, report.html and PNG plots. Reads nothing but the saved report."""
+"""report.json -> report.md, report.html (from templates/report.html.j2) and PNG plots. Reads
+nothing but the saved report. One colour per precision (and cascade) in every plot; the backend
+is the line style."""
 from __future__ import annotations
 
-import html
 import json
 import os
 from pathlib import Path
@@ -9,8 +10,15 @@ from typing import Any
 
 from eqr.io import atomic_open, atomic_write_text
 
-PLOTS = {"accuracy": "accuracy_vs_depth.png", "residual": "residual_curves.png", "steps": "steps_histogram.png",
-         "state_error": "state_error_vs_depth.png"}
+PLOTS = {"decision": "accuracy_vs_speed.png", "accuracy": "accuracy_vs_depth.png", "residual": "residual_curves.png",
+         "steps": "steps_histogram.png", "state_error": "state_error_vs_depth.png"}
+COLOURS = {"fp32": "#1f77b4", "fp16": "#ff7f0e", "int8": "#2ca02c", "fp16+fp32": "#9467bd", "int8+fp32": "#d62728"}
+LINESTYLES = {"onnxruntime": "-", "torch": "--", "tensorrt": ":"}
+
+
+def _style(name: str, run: dict[str, Any]) -> dict[str, Any]:
+    """matplotlib keywords: the precision's colour, the backend's line style."""
+    return {"color": COLOURS.get(run["precision"], "#7f7f7f"), "linestyle": LINESTYLES.get(run["backend"], "-.")}
 
 
 def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -29,6 +37,21 @@ def render(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str,
 
 
 # --------------------------------------------------------------------------- tables
+
+# What every column of the details table means (rendered under it).
+SUMMARY_COLUMNS = {
+    "accuracy": "exact accuracy (%) at the deepest fixed depth of the curve, breadth 1",
+    "drop (pts)": "points below the reference at that depth",
+    "FP32 agreement": "puzzles whose whole answer equals the reference's",
+    "settled": "trajectories the gated run stopped by tol, stable answer or q_halt (not by the cap)",
+    "mean steps": "outer steps per trajectory of the gated run (the precision's calibrated rule)",
+    "residual floor": "median lowest relative residual over the second half of the ungated run",
+    "tol (recommended)": "the precision's tol, and 3 x its 90th-percentile floor",
+    "spectral radius": "median estimated spectral radius of the step's Jacobian at settled states (< 1: contracting)",
+    "one-step error": "worst median relative state error of one step on the recorded calibration states",
+    "settled error": "median relative error of the state after max-steps steps against the reference's",
+    "verdict": "pass unless the drop exceeds --max-drop or agreement is below --min-agreement",
+}
 
 
 def _fmt(value: Any, spec: str = ".3g", none: str = "n/a") -> str:
@@ -70,6 +93,39 @@ def _notes(report: dict[str, Any]) -> list[str]:
     return notes
 
 
+DECISION_HEADER = ("run", "accuracy", "drop", "mean steps", "rule", "latency b1/b16/b64 (ms)", "puzzles/s", "file",
+                   "provider", "within")
+
+
+def decision_rows(report: dict[str, Any]) -> list[list[str]]:
+    """The decision table (accuracy beside speed), header first; DECISION_COLUMNS explains each column."""
+    rows = [list(DECISION_HEADER)]
+    for r in (report.get("decision") or {}).get("rows", []):
+        steps = f"{r['mean_steps']:.2f}" + ("" if r["low_steps"] is None else f" ({r['low_steps']:.2f} low)")
+        latency = "/".join(f"{v:.2f}" for v in r["latency_ms"].values()) or "n/a"
+        rows.append([r["run"], f"{r['accuracy']:.1f}%", f"{r['drop']:+.1f}", steps, rule_words(r["rule"]), latency,
+                     _fmt(r["puzzles_per_s"], ".1f"), _size(r["file_bytes"]), str(r["provider"]),
+                     "yes" if r["within"] else "no"])
+    return rows
+
+
+def rule_words(rule: dict[str, Any]) -> str:
+    if not rule:
+        return "n/a"
+    parts = [f"cap {rule.get('max_steps')}"]
+    if rule.get("tol") is not None:
+        parts.append(f"tol {rule['tol']:.2g}x{rule.get('patience')}")
+    if rule.get("window") is not None:
+        parts.append(f"window {rule['window']}")
+    if rule.get("q_halt"):
+        parts.append(f"q_halt>{rule.get('q_halt_threshold', 0):g}x{rule.get('patience')}")
+    return ", ".join(parts)
+
+
+def _size(n: int | None) -> str:
+    return "n/a" if not n else f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
+
+
 def _diagnoses(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(name, run["diagnosis"]) for name, run in report["runs"].items() if "diagnosis" in run]
 
@@ -84,8 +140,17 @@ def markdown(report: dict[str, Any]) -> str:
              f"{'exact accuracy against labels' if report['labels'] else 'no labels: agreement only'}.",
              "", f"**{'PASSED' if report['passed'] else 'FAILED'}**", ""]
     lines += [f"- {f}" for f in report["failures"]]
+    decision = report.get("decision") or {}
+    if decision.get("rows"):
+        table = decision_rows(report)
+        lines += ["", "## Decision", "", f"**{decision.get('headline') or 'no run is within --max-drop'}**", "",
+                  "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+        lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
+        lines += [""] + [f"- **{k}**: {v}" for k, v in decision["columns"].items()]
+        lines += ["", "## Details"]
     lines += ["", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    lines += [""] + [f"- **{k}**: {v}" for k, v in SUMMARY_COLUMNS.items()]
     lines += ["", "## Notes", ""] + [f"- {n}" for n in _notes(report)]
     for name, diagnosis in _diagnoses(report):
         lines += ["", f"## INT8 diagnosis: {name}", "",
@@ -106,37 +171,16 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def to_html(report: dict[str, Any]) -> str:
-    esc = html.escape
-    rows = summary_rows(report)
-    table = "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in rows[0]) + "</tr>"
-    for row in rows[1:]:
-        cls = "fail" if row[-1] == "FAIL" else "pass"
-        table += f"<tr class='{cls}'>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
-    table += "</table>"
-    status = "PASSED" if report["passed"] else "FAILED"
-    parts = [f"<h1>Precision report: {esc(str(report['meta']['artifact']))}</h1>",
-             f"<p>{report['puzzles']} puzzles; reference <code>{esc(report['reference'])}</code>.</p>",
-             f"<h2 class='{status.lower()}'>{status}</h2>",
-             "<ul>" + "".join(f"<li>{esc(f)}</li>" for f in report["failures"]) + "</ul>", table,
-             "<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in _notes(report)) + "</ul>"]
-    for name, diagnosis in _diagnoses(report):
-        items = [f"worst one-step error at depth {diagnosis['worst_depth']}",
-                 f"spectral radius at the settled state {diagnosis['spectral_radius']:.3f}"]
-        items += [f"activation {a['tensor']} ({', '.join(a['read_by'])}): {a['relative_error']:.3g} relative error"
-                  for a in diagnosis["worst_activations"][:5]]
-        if "suggested_policy" in diagnosis:
-            items.append(f"suggested policy: {diagnosis['suggested_policy']['command']}")
-        parts.append(f"<h2>INT8 diagnosis: {esc(name)}</h2><ul>" + "".join(f"<li>{esc(i)}</li>" for i in items)
-                     + "</ul>")
-    if report["skipped"]:
-        parts.append("<h2>Not run</h2><ul>" + "".join(f"<li>{esc(k)}: {esc(v)}</li>"
-                                                      for k, v in report["skipped"].items()) + "</ul>")
-    parts.append("<h2>Plots</h2>" + "".join(f"<figure><img src='{f}' alt='{k}'><figcaption>{k}</figcaption></figure>"
-                                            for k, f in PLOTS.items()))
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-             "padding:4px 8px}tr.fail td{background:#fdd}.failed{color:#b00}.passed{color:#070}img{max-width:900px}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>eqr precision report</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+    """report.html from templates/report.html.j2 (autoescaped)."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("eqr.calibration", "templates"),
+                             autoescape=True, keep_trailing_newline=True)
+    decision = report.get("decision") or {}
+    return env.get_template("report.html.j2").render(
+        report=report, status="PASSED" if report["passed"] else "FAILED", summary=summary_rows(report),
+        decision=decision, decision_table=decision_rows(report) if decision.get("rows") else None,
+        notes=_notes(report), diagnoses=_diagnoses(report), plots=PLOTS, summary_columns=SUMMARY_COLUMNS)
 
 
 # --------------------------------------------------------------------------- plots
@@ -149,8 +193,8 @@ def write_plots(report: dict[str, Any], out: Path) -> dict[str, Path]:
     import matplotlib.pyplot as plt
 
     written = {}
-    for key, draw in (("accuracy", _plot_accuracy), ("residual", _plot_residual), ("steps", _plot_steps),
-                      ("state_error", _plot_state_error)):
+    for key, draw in (("decision", _plot_decision), ("accuracy", _plot_accuracy), ("residual", _plot_residual),
+                      ("steps", _plot_steps), ("state_error", _plot_state_error)):
         fig = draw(report, plt)
         path = out / PLOTS[key]
         with atomic_open(path) as f:
@@ -158,6 +202,30 @@ def write_plots(report: dict[str, Any], out: Path) -> dict[str, Path]:
         plt.close(fig)
         written[key] = path
     return written
+
+
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:  # a plot may have nothing to compare (e.g. the reference alone)
+        ax.legend(fontsize=7)
+
+
+def _plot_decision(report: dict[str, Any], plt: Any) -> Any:
+    """Accuracy against gated puzzles/s: up and to the right is better."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    decision = report.get("decision") or {}
+    for r in decision.get("rows", []):
+        if r["puzzles_per_s"] is None:
+            continue
+        marker = "o" if r["backend"] == "onnxruntime" else "s"
+        ax.scatter([r["puzzles_per_s"]], [r["accuracy"]], color=COLOURS.get(r["precision"], "#7f7f7f"),
+                   marker=marker, s=60, label=r["run"], edgecolors="black" if r["run"] == decision.get("fastest")
+                   else "none")
+    ax.set_xlabel("puzzles/s (gated loop, breadth 1)")
+    ax.set_ylabel("exact accuracy (%)" if report["labels"] else "agreement with the reference (%)")
+    ax.set_title("accuracy vs speed (outlined: fastest within --max-drop)")
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    return fig
 
 
 def _plot_accuracy(report: dict[str, Any], plt: Any) -> Any:
@@ -168,14 +236,14 @@ def _plot_accuracy(report: dict[str, Any], plt: Any) -> Any:
         for name, run in report["runs"].items():
             curve = run["accuracy"]["curves"][label]
             values = curve[metric] if report["labels"] else [100 * a for a in curve["agreement"]]
-            ax.plot(curve["depths"], values, marker="o", label=name)
+            ax.plot(curve["depths"], values, marker="o", label=name, **_style(name, run))
         ax.set_xscale("log", base=2)
         ax.set_ylim(-3, 103)
         ax.set_xlabel("depth (outer steps)")
         ax.set_ylabel("exact accuracy (%)" if report["labels"] else "agreement with FP32 (%)")
         ax.set_title(label)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    _legend(axes[0][0])
     fig.tight_layout()
     return fig
 
@@ -184,13 +252,14 @@ def _plot_residual(report: dict[str, Any], plt: Any) -> Any:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, run in report["runs"].items():
         curve = run["convergence"]["residual_curve"]
-        line, = ax.plot(range(1, len(curve) + 1), [float("nan") if v is None else v for v in curve], label=name)
-        ax.axhline(run["convergence"]["tol"], color=line.get_color(), linestyle=":", linewidth=1)
+        ax.plot(range(1, len(curve) + 1), [float("nan") if v is None else v for v in curve], label=name,
+                **_style(name, run))
+        ax.axhline(run["convergence"]["tol"], color=_style(name, run)["color"], linestyle=":", linewidth=1)
     ax.set_yscale("log")
     ax.set_xlabel("outer step")
     ax.set_ylabel("median relative residual (dotted: tol)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax)
     return fig
 
 
@@ -199,11 +268,11 @@ def _plot_steps(report: dict[str, Any], plt: Any) -> Any:
     for name, run in report["runs"].items():
         hist = run["convergence"]["steps_histogram"]
         centers = [(a + b) / 2 for a, b in zip(hist["edges"][:-1], hist["edges"][1:])]
-        ax.step(centers, hist["counts"], where="mid", label=name)
-    ax.set_xlabel("steps to settle (gated run, each precision's tol)")
+        ax.step(centers, hist["counts"], where="mid", label=name, **_style(name, run))
+    ax.set_xlabel("steps to settle (gated run, each precision's calibrated rule)")
     ax.set_ylabel("puzzles")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax)
     return fig
 
 
@@ -215,13 +284,13 @@ def _plot_state_error(report: dict[str, Any], plt: Any) -> Any:
         per_depth = run["state_error"]["one_step_by_depth"]
         depths = sorted(per_depth, key=int)
         values = [max(per_depth[d]["median"], 1e-12) for d in depths]
-        line, = ax.plot([int(d) + 1 for d in depths], values, marker="o", label=f"{name} one step")
-        ax.axhline(max(run["state_error"]["settled_median"], 1e-12), color=line.get_color(), linestyle="--",
+        ax.plot([int(d) + 1 for d in depths], values, marker="o", label=f"{name} one step", **_style(name, run))
+        ax.axhline(max(run["state_error"]["settled_median"], 1e-12), color=_style(name, run)["color"], linestyle="--",
                    linewidth=1, label=f"{name} settled state")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("depth of the calibration state + 1")
     ax.set_ylabel("relative state error vs reference")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax)
     return fig

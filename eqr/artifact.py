@@ -68,6 +68,19 @@ def precision_row(name: str, what: str = "precision") -> Precision:
         raise EqRError(f"{what} must be one of {', '.join(PRECISIONS)}, got {name!r}") from None
 
 
+# Precision cascades "low+high" (docs/algorithm.md): low-precision steps to its residual floor, then
+# high-precision steps from that state under the high precision's stopping rule.
+CASCADES = ("fp16+fp32", "int8+fp32")
+
+
+def split_precision(name: str, what: str = "precision") -> tuple[str, ...]:
+    """"FP16" -> ("fp16",); a cascade "int8+fp32" -> ("int8", "fp32"); EqRError listing the valid names."""
+    text = name.strip().lower() if isinstance(name, str) else name
+    if text not in PRECISIONS and text not in CASCADES:
+        raise EqRError(f"{what} must be one of {', '.join([*PRECISIONS, *CASCADES])}, got {name!r}")
+    return tuple(text.split("+"))
+
+
 def precision_of(path: str | os.PathLike[str]) -> str | None:
     """The precision a file name means by the table (model.step.int8.onnx -> int8), else None."""
     name = Path(path).name
@@ -193,6 +206,28 @@ def update_manifest(directory: str | os.PathLike[str], precision: str, entry: di
     data = with_precision(read_manifest(directory), precision, entry, calibration, replace)
     write_manifest(directory, data)
     return data
+
+
+# The stopping rule `eqr calibrate` fits per precision, in manifest["precisions"][p]["stopping"]:
+# {"rule": {RULE_FIELDS...}, "margin", "recorded_steps", "fit": {...}, "heldout": {...}, "data"}
+# (the rule's fields are SolveConfig fields; docs/formats.md).
+STOPPING_KEY = "stopping"
+RULE_FIELDS = ("max_steps", "tol", "patience", "window", "q_halt", "q_halt_threshold")
+
+
+def stopping_rules(manifest: dict[str, Any], where: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """precision -> its calibrated stopping rule (only RULE_FIELDS); EqRError on a malformed entry."""
+    rules = {}
+    for precision, entry in (manifest.get("precisions") or {}).items():
+        stopping = entry.get(STOPPING_KEY) if isinstance(entry, dict) else None
+        if stopping is None:
+            continue
+        rule = stopping.get("rule") if isinstance(stopping, dict) else None
+        if not isinstance(rule, dict) or set(rule) - set(RULE_FIELDS):
+            raise EqRError(f"{where}: malformed {precision} stopping rule {rule!r} (fields: {', '.join(RULE_FIELDS)}); "
+                           "re-run eqr calibrate --force")
+        rules[precision] = dict(rule)
+    return rules
 
 
 def graph_metadata(manifest: dict[str, Any], precision: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ from eqr.errors import EqRError, missing_extra
 # `pip install eqr` is the runtime alone: a command whose packages are missing names its extra.
 COMMAND_EXTRAS = {"train": "train", "bench": "all"}  # where the package's own extra is not the one to name
 SUBCOMMANDS: dict[str, str] = {
-    "bench": "eqr.bench:bench",
+    "bench": "eqr.bench.cli:bench",
     "calibrate": "eqr.calibration.cli:calibrate",
     "data": "eqr.tasks.cli:data",
     "export": "eqr.export.cli:export",

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from eqr.artifact import (ENGINE_SUFFIXES, MANIFEST_FILE, MANIFEST_FORMAT, METADATA_KEY, PRECISION_KEY, PRECISIONS,
-                          check_manifest, embedded_manifest, precision_of, read_manifest, recommended_tol)
+                          check_manifest, embedded_manifest, precision_of, read_manifest, recommended_tol,
+                          split_precision, stopping_rules)
 from eqr.config import ModelConfig
 from eqr.errors import EqRError
 from eqr.tasks import DEFAULT_SIZES, TASKS, Task, get_task
@@ -49,9 +50,16 @@ class Artifact:
     batch: tuple[int, int, int] = (1, 64, 256)  # min/opt/max batch the export was built for
     source: dict[str, Any] | None = None  # the manifest's record of the weights an export came from
     precision: str | None = None  # the one precision a single .onnx or engine file holds
+    # precision -> the stopping rule `eqr calibrate` fitted (eqr.artifact.RULE_FIELDS)
+    stopping: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def default_tol(self, precision: str) -> float:
         return self.tol.get(precision, recommended_tol(precision)["tol"])
+
+    def stopping_rule(self, precision: str) -> dict[str, Any]:
+        """The calibrated rule of `precision` (a cascade: its high stage's), else only its tol."""
+        precision = split_precision(precision)[-1]
+        return dict(self.stopping.get(precision) or {"tol": self.default_tol(precision)})
 
 
 def load_artifact(location: str | os.PathLike[str], init_std: tuple[float, float] | None = None,
@@ -114,7 +122,7 @@ def _from_manifest(data: dict[str, Any], root: Path, location: str, where: str |
     task = data.get("task") if isinstance(data.get("task"), dict) and data["task"].get("name") else None
     source = data.get("source") if isinstance(data.get("source"), dict) else None
     return Artifact("export", location, config.seq_len, config.hidden_size, config.vocab_size, init_std,
-                    config, task, onnx, engines, tol, None, batch, source)
+                    config, task, onnx, engines, tol, None, batch, source, stopping=stopping_rules(data, where))
 
 
 def _single_file(base: Artifact, kind: str, precision: str, path: Path) -> Artifact:
@@ -122,7 +130,7 @@ def _single_file(base: Artifact, kind: str, precision: str, path: Path) -> Artif
     onnx, engines = ({precision: path}, {}) if kind == "onnx" else ({}, {precision: path})
     return Artifact(kind, base.location, base.seq_len, base.hidden_size, base.vocab_size, base.init_std,
                     base.config, base.task, onnx, engines, base.tol, base.checkpoint, base.batch, base.source,
-                    precision)
+                    precision, base.stopping)
 
 
 def _from_onnx(path: Path, location: str, init_std: tuple[float, float] | None, tol: float | None) -> Artifact:

@@ -9,12 +9,11 @@ from typing import Any
 import click
 import numpy as np
 
-from eqr.artifact import PRECISIONS
+from eqr.artifact import CASCADES, PRECISIONS
 from eqr.cli_options import Progress, backend_option, batch_option, output_options, precision_option
 from eqr.errors import EqRError
 from eqr.runtime.aggregate import aggregator_names
 from eqr.runtime.backends.registry import AUTO, backend_names
-from eqr.runtime.config import SolveConfig
 
 FORMATS = ("text", "csv", "hrm")
 # --provider: ONNX Runtime execution providers by short name
@@ -47,18 +46,24 @@ def parse_init_std(text: str | None) -> tuple[float, float] | None:
               help="ONNX Runtime execution provider to require (implies --backend onnxruntime); "
                    "exit 2 when it is not available, unless --fallback.")
 @click.option("--fallback", is_flag=True, help="With --provider: fall back to the CPU provider when it is missing.")
-@precision_option(default=None, choices=tuple(PRECISIONS), multiple=False,
-                  help="[default: the file's own for a .onnx or engine path (model.step.int8.onnx: int8), else fp32]")
-@click.option("--max-steps", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Outer-step cap per trajectory.")
-@click.option("--tol", type=float, help="Relative-residual tolerance [default: the artifact's, per precision].")
+@precision_option(default=None, choices=(*PRECISIONS, *CASCADES), multiple=False,
+                  help="A precision, or a cascade LOW+HIGH (low-precision steps to the residual floor, then "
+                       "high-precision ones under the high precision's rule) [default: the file's own for a .onnx "
+                       "or engine path (model.step.int8.onnx: int8), else fp32]")
+@click.option("--max-steps", type=click.IntRange(min=1), help="Outer-step cap per trajectory [default: the "
+              "precision's calibrated stopping rule (`eqr calibrate`), else 256].")
+@click.option("--tol", type=float, help="Relative-residual tolerance [default: the calibrated rule's, else the "
+              "artifact's per-precision tol].")
 @click.option("--init-std", metavar="STD[,STD]", default=None,
               help="Initial-state std of z_H (and z_L) for a foreign .onnx without eqr metadata (needs --tol too).")
-@click.option("--patience", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Steps the residual must stay below --tol.")
-@click.option("--window", type=click.IntRange(min=0), default=16, show_default=True,
-              help="Stop when the answer is unchanged this many steps (0: off).")
-@click.option("--q-halt", is_flag=True, help="Also stop when the q_halt head says halt for --patience steps.")
+@click.option("--patience", type=click.IntRange(min=1), help="Steps the residual (or q_halt) must stay below "
+              "--tol (above --q-halt-threshold) [default: the calibrated rule's, else 2].")
+@click.option("--window", type=click.IntRange(min=0), help="Stop when the answer is unchanged this many steps, "
+              "0: off [default: the calibrated rule's, else 16].")
+@click.option("--q-halt/--no-q-halt", default=None, help="Also stop when the q_halt head says halt for --patience "
+              "steps [default: the calibrated rule's, else off].")
+@click.option("--q-halt-threshold", type=float, help="q_halt logit above which a step says halt [default: the "
+              "calibrated rule's, else 0].")
 @click.option("--breadth", type=click.IntRange(min=1), default=1, show_default=True,
               help="Trajectories per puzzle from independent seeded initial states.")
 @click.option("--aggregate", type=click.Choice(aggregator_names()), default="converged", show_default=True,
@@ -72,10 +77,10 @@ def parse_init_std(text: str | None) -> tuple[float, float] | None:
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
 @output_options
 def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: str, provider: str | None,
-          fallback: bool, precision: str | None, max_steps: int, tol: float | None, init_std: str | None,
-          patience: int, window: int, q_halt: bool, breadth: int, aggregate: str, agree: int | None,
-          fixed_depth: int | None, seed: int, batch: int, threads: int | None, as_json: bool, quiet: bool,
-          verbose: int) -> None:
+          fallback: bool, precision: str | None, max_steps: int | None, tol: float | None, init_std: str | None,
+          patience: int | None, window: int | None, q_halt: bool | None, q_halt_threshold: float | None,
+          breadth: int, aggregate: str, agree: int | None, fixed_depth: int | None, seed: int, batch: int,
+          threads: int | None, as_json: bool, quiet: bool, verbose: int) -> None:
     """Solve puzzles with ARTIFACT, giving each puzzle only the outer steps it needs.
 
     ARTIFACT is an export directory, an ONNX step file, a TensorRT engine, a checkpoint or a
@@ -93,6 +98,7 @@ def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: 
       eqr solve export/ -i test.csv --format csv --breadth 8 --aggregate converged --agree 3
       eqr solve export/ --provider cuda --precision fp16 -i puzzles.txt
       eqr solve ckpt.pt -i data/sudoku --format hrm --fixed-depth 16 --json
+      eqr solve maze-small-eqr/ -i mazes.txt --precision int8+fp32
 
     \b
     Exit status: 0 every puzzle solved; 1 an input line was malformed; 2 usage or input
@@ -115,8 +121,10 @@ def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: 
     good = [(line, tokens, solution) for line, tokens, solution in entries if not isinstance(tokens, str)]
     backend, options = _backend_options(backend, provider, fallback, threads)
     solver = Solver.load(art, backend=backend, precision=precision, batch_size=batch, **options)
-    cfg = SolveConfig(max_steps=max_steps, tol=solver.default_tol if tol is None else tol, patience=patience,
-                      window=window or None, q_halt=q_halt, fixed_depth=fixed_depth, agree=agree)
+    flags = {"patience": patience, "window": None if window is None else window or None, "q_halt": q_halt,
+             "q_halt_threshold": q_halt_threshold}
+    given = {k: v for k, v in flags.items() if v is not None or (k == "window" and window == 0)}
+    cfg = solver.config(max_steps, tol, fixed_depth=fixed_depth, agree=agree, **given)
     started = time.perf_counter()
     result, ran = None, None
     if good:

@@ -22,20 +22,28 @@ class SolveConfig(JsonConfig):
     tol: float | None = None  # relative-residual tolerance; None disables residual gating
     patience: int = 2  # residual must stay below tol this many consecutive steps
     window: int | None = 16  # stop when preds are unchanged for this many steps; None disables
-    q_halt: bool = False  # also stop when the q_halt logit stays > 0 for `patience` steps
+    q_halt: bool = False  # also stop when the q_halt logit stays > q_halt_threshold for `patience` steps
+    q_halt_threshold: float = 0.0  # the q_halt logit above which a step counts as "halt"
     fixed_depth: int | None = None  # the paper's protocol: exactly D steps, no gating at all
     agree: int | None = None  # stop a puzzle once this many of its trajectories converged to one answer
     score_window: int = 3  # steps averaged in the `converged` score (mean logit_delta, spec 3.3)
     stats: str = "final"  # "trace" adds (B, N) residual/logit_delta traces; "none"/"final": O(B) finals only
     compaction: bool = True  # drop settled rows from the batch (dynamic-shape backends only)
+    # Precision cascade (a backend with two stages, e.g. int8+fp32): a row leaves the low-precision
+    # stage once its residual has made no new low for cascade_patience steps (its floor), or is below
+    # cascade_tol; the stopping rules above apply only to the high-precision stage.
+    cascade_patience: int = 2
+    cascade_tol: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
             raise EqRError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.tol is not None and not self.tol > 0:
             raise EqRError(f"tol must be > 0, got {self.tol}")
-        if self.patience < 1 or self.score_window < 1:
-            raise EqRError("patience and score_window must be >= 1")
+        if self.patience < 1 or self.score_window < 1 or self.cascade_patience < 1:
+            raise EqRError("patience, score_window and cascade_patience must be >= 1")
+        if self.cascade_tol is not None and not self.cascade_tol > 0:
+            raise EqRError(f"cascade_tol must be > 0, got {self.cascade_tol}")
         if self.window is not None and self.window < 1:
             raise EqRError(f"window must be >= 1 (or None to disable), got {self.window}")
         if self.fixed_depth is not None and self.fixed_depth < 1:

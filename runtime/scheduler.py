@@ -93,7 +93,7 @@ class Scheduler:
         if cfg is not None and cfg.stats == "trace":
             raise EqRError("the scheduler keeps no per-step traces; use stats='final' or 'none'")
         self.solver = solver
-        self.cfg = cfg if cfg is not None else solver.config()
+        self.cfg = cfg if cfg is not None else solver.config()  # the precision's calibrated stopping rule
         self.batch_size, self.breadth, self.seed = batch_size, breadth, seed
         self.choose = get_aggregator(aggregate)
         self._queue: deque[_Request] = deque()

@@ -12,9 +12,16 @@ stays on the backend's device. A row stops (first rule that fires, in this order
   fixed_depth  `cfg.fixed_depth` steps done (the paper's protocol: no other rule applies).
   tol          residual < cfg.tol for cfg.patience consecutive steps.
   stable       preds unchanged for cfg.window consecutive steps.
-  q_halt       cfg.q_halt and the q_halt logit > 0 for cfg.patience consecutive steps.
+  q_halt       cfg.q_halt and the q_halt logit > cfg.q_halt_threshold for cfg.patience consecutive steps.
   agree        cfg.agree rows of the same group (puzzle) converged to one answer.
   max_steps    cfg.max_steps steps done (or the row's own lower cap, `Rows.max_steps`).
+
+Precision cascade (a backend with `stages == 2`, e.g. int8+fp32, runtime/backends/cascade.py):
+every row starts in the low-precision stage, where only diverged and max_steps stop it; once its
+residual makes no new low for cfg.cascade_patience steps (the low precision's floor), falls
+below cfg.cascade_tol, or a settling rule (tol, stable, q_halt) fires, it moves to the
+high-precision stage with fresh counters, and the rules above stop it there. The loop tells the backend each row's stage before every step (`route`); the
+state stays on the device across the switch.
 
 The returned iterate is the LAST one (the state after the row's final step), not the
 lowest-residual one: stopping rules make the last iterate the settled one, and `converged`
@@ -78,6 +85,7 @@ class Finished:
     q_halt: np.ndarray  # fp32 (R,)
     residual_trace: np.ndarray | None  # fp32 (R, N) NaN-padded
     logit_delta_trace: np.ndarray | None  # fp32 (R, N)
+    low_steps: np.ndarray | None = None  # int32 (R,) steps in the cascade's low-precision stage
 
 
 @dataclass
@@ -125,15 +133,20 @@ class _Table:
     ring: np.ndarray  # (B, W) last W logit_deltas
     residual_trace: np.ndarray | None  # (B, N)
     logit_delta_trace: np.ndarray | None
+    stage: np.ndarray  # int8 (B,): 0 low-precision, 1 high-precision stage of a cascade (always 1 otherwise)
+    low_steps: np.ndarray  # int32 (B,) steps taken in the low stage
+    lowest: np.ndarray  # fp32 (B,) lowest residual of the low stage so far
+    floor_count: np.ndarray  # int32 (B,) low-stage steps since the residual last made a new low
 
     @classmethod
-    def empty(cls, n: int, seq_len: int, window: int, trace_steps: int | None) -> "_Table":
+    def empty(cls, n: int, seq_len: int, window: int, trace_steps: int | None, stage: int = 1) -> "_Table":
         trace = (lambda: np.full((n, trace_steps), np.nan, np.float32)) if trace_steps else (lambda: None)
         return cls(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros(n, bool), np.zeros(n, np.int32),
                    np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32),
                    np.zeros((n, seq_len), np.int32), np.full(n, np.nan, np.float32),
                    np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32),
-                   np.zeros((n, window), np.float32), trace(), trace())
+                   np.zeros((n, window), np.float32), trace(), trace(), np.full(n, stage, np.int8),
+                   np.zeros(n, np.int32), np.full(n, np.inf, np.float32), np.zeros(n, np.int32))
 
     def _arrays(self) -> dict[str, np.ndarray | None]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -235,6 +248,8 @@ def run_loop(backend: Backend, cfg: SolveConfig, source: RowSource, on_finish: C
                 batch = _admit(backend, batch, rows, trace_steps, cfg, capacity)
         if batch is None or not batch.table.live.any():
             continue
+        if backend.stages > 1:
+            backend.route(batch.table.stage)
         outputs = _step(backend, batch, on_fault)
         if outputs is None:  # the step kept failing: its rows fail, the queue is still served
             _finish(batch.table, batch.table.live.copy(), None, on_finish, agreement, code=REASON_CODE["failed"])
@@ -272,7 +287,7 @@ def _step(backend: Backend, batch: _Batch, on_fault: FaultHandler | None) -> dic
 def _admit(backend: Backend, batch: _Batch | None, rows: Rows, trace_steps: int | None, cfg: SolveConfig,
            capacity: int | None) -> _Batch:
     """Add `rows` to the working batch: appended (compacting backends) or written into free slots."""
-    table = _Table.empty(len(rows), rows.tokens.shape[1], cfg.score_window, trace_steps)
+    table = _Table.empty(len(rows), rows.tokens.shape[1], cfg.score_window, trace_steps, stage=2 - backend.stages)
     table.ids[:], table.groups[:], table.live[:] = rows.ids, rows.groups, True
     table.cap[:] = cfg.max_steps if rows.max_steps is None else np.minimum(rows.max_steps, cfg.max_steps)
     tokens, z_H, z_L = (backend.upload(a) for a in (rows.tokens.astype(np.int32), rows.z_H, rows.z_L))
@@ -311,7 +326,7 @@ def _update(backend: Backend, t: _Table, outputs: dict[str, Any], cfg: SolveConf
     changed = (preds != t.preds).any(axis=1) | first
     t.stable_count[ok] = np.where(changed, 0, t.stable_count + 1)[ok]
     t.tol_count[ok] = np.where(residual < (cfg.tol or 0.0), t.tol_count + 1, 0)[ok]
-    t.halt_count[ok] = np.where(q_halt > 0, t.halt_count + 1, 0)[ok]
+    t.halt_count[ok] = np.where(q_halt > cfg.q_halt_threshold, t.halt_count + 1, 0)[ok]
     t.preds[ok], t.residual[ok], t.logit_delta[ok], t.q_halt[ok] = preds[ok], residual[ok], logit_delta[ok], q_halt[ok]
     W = t.ring.shape[1]
     t.ring[ok, (t.nstep[ok] - 1) % W] = logit_delta[ok]
@@ -320,15 +335,24 @@ def _update(backend: Backend, t: _Table, outputs: dict[str, Any], cfg: SolveConf
         t.residual_trace[at, t.nstep[at] - 1] = residual[at]
         t.logit_delta_trace[at, t.nstep[at] - 1] = logit_delta[at]
 
+    settles: list[tuple[str, np.ndarray]] = []  # the rules that say a row has settled
+    if cfg.gated:
+        if cfg.tol is not None:
+            settles.append(("tol", ok & (t.tol_count >= cfg.patience)))
+        if cfg.window is not None:
+            settles.append(("stable", ok & (t.stable_count >= cfg.window)))
+        if cfg.q_halt:
+            settles.append(("q_halt", ok & (t.halt_count >= cfg.patience)))
+    if backend.stages > 1:  # a low-stage row that settled moves on to the high stage instead of stopping
+        low = ok & (t.stage == 0)
+        settled = np.logical_or.reduce([hit for _, hit in settles]) if settles else np.zeros(len(t), bool)
+        _cascade_switch(t, low, residual, cfg, settled)
+        settles = [(name, hit & ~low) for name, hit in settles]
+
     reason = np.full(len(t), -1, np.int8)
     rules: list[tuple[str, np.ndarray]] = [("diverged", live & ~finite)]
     if cfg.gated:
-        if cfg.tol is not None:
-            rules.append(("tol", ok & (t.tol_count >= cfg.patience)))
-        if cfg.window is not None:
-            rules.append(("stable", ok & (t.stable_count >= cfg.window)))
-        if cfg.q_halt:
-            rules.append(("q_halt", ok & (t.halt_count >= cfg.patience)))
+        rules += settles
         rules.append(("max_steps", live & (t.nstep >= t.cap)))
     else:
         rules.append(("fixed_depth", live & (t.nstep >= cfg.fixed_depth)))
@@ -337,6 +361,21 @@ def _update(backend: Backend, t: _Table, outputs: dict[str, Any], cfg: SolveConf
     if agreement.agree is not None:
         _apply_agreement(t, reason, agreement)
     return reason >= 0, reason
+
+
+def _cascade_switch(t: _Table, low: np.ndarray, residual: np.ndarray, cfg: SolveConfig, settled: np.ndarray) -> None:
+    """Low-stage rows whose residual reached its floor, or that a stopping rule calls settled,
+    move to the high-precision stage."""
+    t.low_steps[low] += 1
+    improved = residual < t.lowest
+    t.floor_count[low] = np.where(improved, 0, t.floor_count + 1)[low]
+    t.lowest[low] = np.minimum(t.lowest, residual)[low]
+    floor = (t.floor_count >= cfg.cascade_patience) | settled
+    if cfg.cascade_tol is not None:
+        floor |= residual < cfg.cascade_tol
+    switch = low & floor
+    t.stage[switch] = 1
+    t.tol_count[switch] = t.stable_count[switch] = t.halt_count[switch] = 0  # the high stage judges afresh
 
 
 def _apply_agreement(t: _Table, reason: np.ndarray, agreement: _Agreement) -> None:
@@ -361,7 +400,7 @@ def _finish(t: _Table, stop: np.ndarray, reason: np.ndarray | None, on_finish: C
         t.ids[rows].copy(), t.groups[rows].copy(), t.preds[rows].copy(), t.nstep[rows].copy(), codes,
         t.residual[rows].copy(), t.logit_delta[rows].copy(), score.astype(np.float32), t.q_halt[rows].copy(),
         None if t.residual_trace is None else t.residual_trace[rows].copy(),
-        None if t.logit_delta_trace is None else t.logit_delta_trace[rows].copy())
+        None if t.logit_delta_trace is None else t.logit_delta_trace[rows].copy(), t.low_steps[rows].copy())
     t.live[rows] = False
     agreement.finished(finished.groups)
     on_finish(finished)
@@ -432,6 +471,7 @@ def solve(backend: Backend, tokens: np.ndarray, z0: tuple[np.ndarray, np.ndarray
         collected.residual[ids], collected.logit_delta[ids], collected.q_halt[ids] = \
             done.residual, done.logit_delta, done.q_halt
         score[ids] = done.score
+        collected.low_steps[ids] = done.low_steps
         if done.residual_trace is not None:
             collected.residual_trace[ids], collected.logit_delta_trace[ids] = done.residual_trace, done.logit_delta_trace
         if progress is not None:
@@ -444,5 +484,6 @@ def solve(backend: Backend, tokens: np.ndarray, z0: tuple[np.ndarray, np.ndarray
         score=score, q_halt=collected.q_halt,
         residual_trace=None if trace_steps is None else collected.residual_trace[:, :longest],
         logit_delta_trace=None if trace_steps is None else collected.logit_delta_trace[:, :longest],
-        batch_size=np.asarray(sizes, np.int32), step_time=np.asarray(times, np.float64))
+        batch_size=np.asarray(sizes, np.int32), step_time=np.asarray(times, np.float64),
+        low_steps=collected.low_steps if backend.stages > 1 else None)
     return {"preds": collected.preds}, stats

@@ -2,9 +2,14 @@
 
     solver = Solver.load("maze-small-eqr/", backend="auto", precision="fp32")
     tokens = solver.task.parse(lines)  # the artifact's task reads its text format: int32 [P, L]
-    result = solver.solve(tokens, max_steps=256, tol=None, breadth=8, aggregate="converged", seed=0)
+    result = solver.solve(tokens, breadth=8, aggregate="converged", seed=0)
     result.preds, result.steps, result.converged, result.residual, result.agreement
     answers = solver.task.format(result.preds)
+
+Stopping: the rule `eqr calibrate` fitted for the precision (manifest `stopping`, docs/algorithm.md)
+is the default; arguments given to `solve`/`config` override it field by field. A precision
+cascade ("int8+fp32") steps at the low precision to its residual floor, then at the high one
+under the high precision's rule.
 
 Initial states have the distribution of `EqRModel.initial_state` (the compensated truncated
 normal of eqr.artifact, with the manifest's init_std) but are drawn by numpy, so the runtime
@@ -25,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from eqr.artifact import INIT_SCALE, INIT_TRUNCATION, precision_row, recommended_tol
+from eqr.artifact import INIT_SCALE, INIT_TRUNCATION, recommended_tol, split_precision
 from eqr.errors import EqRError
 from eqr.runtime.aggregate import get_aggregator, vote_share
 from eqr.runtime.artifact import Artifact, load_artifact, resolve_task
@@ -97,14 +102,17 @@ class SolveResult:
 
 
 class Solver:
-    """A backend plus what the loop needs from the artifact: sizes, init stds, default tol."""
+    """A backend plus what the loop needs from the artifact: sizes, init stds, default stopping rule."""
 
     def __init__(self, backend: Backend, seq_len: int, hidden_size: int, init_std: tuple[float, float] = (1.0, 1.0),
                  default_tol: float | None = None, artifact: Artifact | None = None, batch_size: int | None = None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", rule: dict[str, Any] | None = None) -> None:
+        """rule: SolveConfig fields (RULE_FIELDS, plus cascade_tol) used unless a call overrides them;
+        None: only `default_tol`."""
         self.backend = backend
         self.seq_len, self.hidden_size, self.init_std = seq_len, hidden_size, init_std
-        self.default_tol = default_tol
+        self.rule = dict(rule) if rule is not None else {"tol": default_tol}
+        self.default_tol = default_tol  # the precision's residual tolerance (the rule may switch tol off)
         self.artifact = artifact
         self.batch_size = batch_size  # working-batch cap; None: all rows at once
         self.precision = precision
@@ -124,13 +132,21 @@ class Solver:
     def load(cls, artifact: str | os.PathLike[str] | Artifact, backend: str = AUTO, precision: str | None = None,
              batch_size: int | None = None, **backend_options: Any) -> "Solver":
         """ARTIFACT: export dir, ONNX file, engine, checkpoint, bundled name or preset.
-        precision None: the one a single .onnx or engine file holds (model.step.int8.onnx: int8),
-        else fp32. Heavy work (loading weights, building sessions) happens on first use, not here."""
+        precision: one of PRECISIONS or a cascade "low+high" (eqr.artifact.CASCADES); None: the one
+        a single .onnx or engine file holds (model.step.int8.onnx: int8), else fp32. Heavy work
+        (loading weights, building sessions) happens on first use, not here."""
         art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
-        precision = precision_row(precision).name if precision else art.precision or "fp32"
-        runner = create_backend(backend, art, precision, batch_size=batch_size, **backend_options)
-        return cls(runner, art.seq_len, art.hidden_size, art.init_std, art.default_tol(precision), art,
-                   batch_size, precision)
+        stages = split_precision(precision) if precision else (art.precision or "fp32",)
+        rule = art.stopping_rule(stages[-1])
+        runner = create_backend(backend, art, stages[0], batch_size=batch_size, **backend_options)
+        if len(stages) == 2:
+            from eqr.runtime.backends.cascade import CascadeBackend
+
+            high = create_backend(runner.name, art, stages[1], batch_size=batch_size, **backend_options)
+            runner = CascadeBackend(runner, high, "+".join(stages))
+            rule["cascade_tol"] = art.default_tol(stages[0])  # the low precision's floor rule
+        return cls(runner, art.seq_len, art.hidden_size, art.init_std, art.default_tol(stages[-1]), art,
+                   batch_size, "+".join(stages), rule)
 
     @classmethod
     def from_model(cls, model: "EqRModel", batch_size: int | None = None,
@@ -155,15 +171,16 @@ class Solver:
     def close(self) -> None:
         self.backend.deactivate()
 
-    def config(self, max_steps: int = 256, tol: float | None = None, **options: Any) -> SolveConfig:
-        """A SolveConfig whose tol defaults to this artifact's per-precision value."""
-        return SolveConfig.from_dict({"max_steps": max_steps, "tol": self.default_tol if tol is None else tol} | options)
+    def config(self, max_steps: int | None = None, tol: float | None = None, **options: Any) -> SolveConfig:
+        """A SolveConfig: this precision's stopping rule, overridden by every argument given (not None)."""
+        given = {k: v for k, v in (("max_steps", max_steps), ("tol", tol)) if v is not None}
+        return SolveConfig.from_dict(self.rule | given | options)
 
-    def solve(self, tokens: np.ndarray, max_steps: int = 256, tol: float | None = None, breadth: int = 1,
+    def solve(self, tokens: np.ndarray, max_steps: int | None = None, tol: float | None = None, breadth: int = 1,
               aggregate: str = "converged", seed: int = 0, progress: Callable[[int], None] | None = None,
               **options: Any) -> SolveResult:
-        """Solve puzzles `tokens` (int [P, L]). options: the other SolveConfig fields
-        (patience, window, q_halt, fixed_depth, agree, stats, ...)."""
+        """Solve puzzles `tokens` (int [P, L]). max_steps, tol and options (the other SolveConfig
+        fields: patience, window, q_halt, fixed_depth, agree, stats, ...) override the default rule."""
         return self.run(tokens, self.config(max_steps, tol, **options), breadth, aggregate, seed, progress)
 
     def run(self, tokens: np.ndarray, cfg: SolveConfig, breadth: int = 1, aggregate: str = "converged",

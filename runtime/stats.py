@@ -32,6 +32,7 @@ class SolveStats:
     logit_delta_trace  fp32 (B, N) or None   per-step logit_delta, same layout
     batch_size   int32 (T,)    active rows in each batched step (shrinks with compaction)
     step_time    fp64  (T,)    seconds of each batched backend step (as timed by the backend)
+    low_steps    int32 (B,) or None   steps in a precision cascade's low-precision stage (None: no cascade)
     """
 
     nstep: np.ndarray
@@ -44,6 +45,7 @@ class SolveStats:
     logit_delta_trace: np.ndarray | None
     batch_size: np.ndarray
     step_time: np.ndarray
+    low_steps: np.ndarray | None = None
 
     @property
     def converged(self) -> np.ndarray:
@@ -75,4 +77,4 @@ class SolveStats:
             "batched_steps": int(self.batch_size.size),
             "row_steps": int(self.batch_size.sum()),
             "step_time_s": float(self.step_time.sum()),
-        }
+        } | ({} if self.low_steps is None else {"low_precision_steps": int(self.low_steps.sum())})

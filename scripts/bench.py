@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`python scripts/bench.py ARGS` is `eqr bench ARGS`; the measurements live in eqr/bench.py."""
+"""`python scripts/bench.py ARGS` is `eqr bench ARGS`; the measurements live in eqr/bench/."""
 import sys
 
 from eqr.cli import main

@@ -10,21 +10,27 @@ import torch
 from click.testing import CliRunner
 
 from conftest import tiny_config
-from eqr.bench import (MEASUREMENTS, Measurement, ReferenceRun, exact_correct, parse_result_line,
-                       reference_solve)
+from eqr.bench import (MEASURE, MEASUREMENTS, Measurement, MeasurementError, ReferenceRun, exact_correct,
+                       parse_result_line, reference_solve)
 from eqr.cli import cli
 from eqr.model import EqRModel
 from eqr.step_graph import StepGraph
 
 
-def test_bench_smoke_prints_a_parsable_result_line_per_measurement() -> None:
-    args = ["bench", "--model", "tiny", "--puzzles", "3", "--breadth", "2", "--depth", "3", "--batch-size", "4",
-            "--stream", "5", "--precision", "fp32"]
+def test_bench_smoke_prints_a_parsable_result_line_per_measurement(monkeypatch) -> None:
+    import eqr.bench.efficiency as efficiency
+
+    # The tiny model's step can beat a GEMM peak measured a moment apart on a shared machine (which
+    # fails the run, see below); here the peak is fixed high so the smoke test is about the output.
+    monkeypatch.setattr(efficiency, "gemm_peaks", lambda threads: {"torch": 1e15, "onnxruntime": 2e15})
+    args = ["bench", "--model", "tiny", "--puzzles", "3", "--breadth", "2", "--depth", "3", "--batch", "4",
+            "--stream", "5", "--precision", "FP32,int8", "--rule-puzzles", "6", "-q"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("RESULT ")]
     parsed = dict(parse_result_line(line) for line in lines)
-    assert list(parsed) == list(MEASUREMENTS)
+    assert list(parsed) == list(MEASUREMENTS) == list(MEASURE)  # the one table drives --only and the order
+    assert "stopping rule: {" in result.output and "fitted here (6 puzzles" in result.output
     for name, fields in parsed.items():
         value = float(fields[name])
         assert math.isnan(value) or value >= 0, (name, fields)
@@ -32,7 +38,14 @@ def test_bench_smoke_prints_a_parsable_result_line_per_measurement() -> None:
     assert "{flops" not in result.output and "M/sample)" in result.output  # notes are formatted
     assert 0 <= float(parsed["host_overhead"]["host_overhead"]) <= 1
     assert float(parsed["memory"]["peak_rss_mib_b256"]) > 0
-    assert {"torch_fp32_b64", "onnxruntime_fp32_b64"} <= set(parsed["step_efficiency"])
+    efficiency = parsed["step_efficiency"]
+    assert {"torch_fp32_b64", "onnxruntime_fp32_b64", "onnxruntime_int8_b64"} <= set(efficiency)
+    assert {"torch_gemm_gflops", "onnxruntime_gemm_gflops"} <= set(efficiency)
+    assert float(efficiency["step_efficiency"]) <= 1.0
+    assert "goal_min" not in efficiency  # the goal is defined on the paper-size model only
+    assert float(parsed["continuous_vs_static"]["bound"]) >= 1.0 and "(bound " in result.output
+    cascade = parsed["cascade_vs_fp32"]
+    assert cascade["cascade"] == "int8+fp32" and float(cascade["cascade_low_steps"]) >= 1
     accuracy = parsed["reference_vs_runtime"]
     assert 0 <= float(accuracy["reference_accuracy"]) <= 1 and 0 <= float(accuracy["runtime_accuracy"]) <= 1
 
@@ -41,12 +54,14 @@ def test_bench_json_holds_the_same_measurements() -> None:
     import json
 
     args = ["bench", "--model", "tiny", "--puzzles", "2", "--breadth", "1", "--depth", "2", "--batch-size", "2",
-            "--only", "reference_vs_runtime", "--only", "adaptive_steps", "--precision", "fp32", "--json"]
+            "--only", "reference_vs_runtime", "--only", "adaptive_steps", "--precision", "fp32", "--json",
+            "--window", "2", "--max-steps", "5", "--rule-puzzles", "4"]
     result = CliRunner(mix_stderr=False).invoke(cli, args) if _has_mix_stderr() else CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert [m["name"] for m in payload["measurements"]] == ["reference_vs_runtime", "adaptive_steps"]
     assert payload["run"]["config"]["depth"] == 2
+    assert payload["run"]["rule"]["rule"]["max_steps"] >= 1  # fitted, then the flags on top
 
 
 def _has_mix_stderr() -> bool:
@@ -61,6 +76,7 @@ def _has_mix_stderr() -> bool:
     (["--model", "no-such-model"], "not a file, bundled model or preset"),
     (["--batch-size", "2", "--breadth", "4", "--model", "tiny"], "must hold one puzzle's --breadth"),
     (["--model", "tiny", "--export-dir", "."], "no manifest.json"),
+    (["--model", "tiny", "--precision", "fp8"], "--precision fp8: choose from fp32, fp16, int8"),
 ])
 def test_bad_flags_are_one_line_errors(args: list[str], fragment: str) -> None:
     result = CliRunner().invoke(cli, ["bench", *args])
@@ -112,3 +128,29 @@ def test_result_line_goal_and_parsing() -> None:
     assert Measurement("reference_vs_runtime", 1.0, {}, ("a",), [], goal_applies=False).met is None
     with pytest.raises(ValueError):
         parse_result_line("eqr bench 2026")
+
+
+def test_a_step_faster_than_every_gemm_peak_fails_loudly(monkeypatch) -> None:
+    """A value over 1 "of peak" is a measurement error, never a result."""
+    import eqr.bench.efficiency as efficiency
+
+    monkeypatch.setattr(efficiency, "gemm_peaks", lambda threads: {"torch": 1e3, "onnxruntime": 2e3})
+    result = CliRunner().invoke(cli, ["bench", "--model", "tiny", "--only", "step_efficiency", "--precision", "fp32",
+                                      "--rule-puzzles", "2", "-q"])
+    assert result.exit_code == 1
+    assert "above the best GEMM peak" in result.output and "Traceback" not in result.output
+    assert issubclass(MeasurementError, RuntimeError)
+
+
+def test_gemm_peaks_measure_every_engine_the_bench_uses() -> None:
+    from eqr.bench.efficiency import gemm_peaks
+
+    peaks = gemm_peaks(1, size=64, repeats=2)
+    assert {"torch", "onnxruntime", "numpy"} <= set(peaks) and all(v > 0 for v in peaks.values())
+
+
+def test_precision_flags_default_to_every_precision() -> None:
+    from eqr.bench.cli import _precisions
+
+    assert _precisions(None, None, ()) == ()  # the command then exports and times fp32, fp16 and int8
+    assert _precisions(None, None, ("INT8", "fp16,fp32")) == ("fp32", "int8", "fp16")

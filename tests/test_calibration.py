@@ -235,3 +235,32 @@ def test_record_in_card_updates_json_and_markdown_idempotently(tmp_path) -> None
     text = (tmp_path / "card.md").read_text()
     assert text.startswith("# tiny") and text.count(BEGIN) == 1 and text.count(END) == 1
     assert "| onnxruntime-int8 | 90.0% | 10.0 |" in text
+
+
+def test_results_of_256_puzzles_fit_in_one_megabyte(tmp_path) -> None:
+    """maze-size runs (L 81, D 64, 64 steps, four runs, eight calibration depths): the states are
+    saved as errors against the reference, answers as uint8 and traces as fp16."""
+    from eqr.calibration.collect import save_results
+
+    cfg = ReportConfig()
+    rng = np.random.default_rng(0)
+    P, L, D, N = 256, 81, 64, 64
+    labels = rng.integers(0, 6, (P, L))
+    results = Results({"artifact": "synthetic"}, labels.astype(np.uint8), labels.astype(np.uint8))
+    for name in ("torch-fp32", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8"):
+        preds = np.where(rng.random((P, L)) < 0.01, 0, labels).astype(np.int32)
+        results.runs[name] = {
+            "precision": name.split("-")[1], "backend": name.split("-")[0], "tol": 1e-3,
+            "curve": {curve_key(a, k, d): preds for a, k, d in curve_keys(cfg)},
+            "fixed": {"preds": preds, "score": rng.random(P, dtype=np.float32),
+                      "residual_trace": rng.random((P, N), dtype=np.float32)},
+            "gated": {"nstep": rng.integers(1, 16, P), "converged": np.ones(P, bool), "preds": preds,
+                      "residual": rng.random(P, dtype=np.float32), "residual_trace": rng.random((P, 16), dtype=np.float32)},
+            "one_step": {d: rng.standard_normal((64, 2, L, D), dtype=np.float32) for d in (0, 1, 2, 4, 8, 16, 32, 64)},
+            "settled": rng.standard_normal((8, 2, L, D), dtype=np.float32),
+            "radius": rng.random(8), "radius_history": rng.random((12, 8)), "speed": {"gated_seconds": 1.0}}
+    save_results(tmp_path / "results.npz", results, "torch-fp32")
+    assert (tmp_path / "results.npz").stat().st_size < 1 << 20
+    with np.load(tmp_path / "results.npz", allow_pickle=False) as saved:
+        assert saved["onnxruntime-int8/one_step_error/4"].shape == (64,)
+        assert saved["onnxruntime-int8/curve/first@K1@D32"].dtype == np.uint8

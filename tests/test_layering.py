@@ -8,7 +8,7 @@ are read with ast and checked against the layers, bottom up:
     export       eqr.export.*
     runtime      eqr.runtime.*  (eqr solve included: it must run without torch)
     calibration  eqr.calibration.*
-    tools        the command lines (*.cli, eqr.cli, eqr.train, eqr.models_cli, eqr.bench), eqr.training.bundle,
+    tools        the command lines (*.cli, eqr.cli, eqr.train, eqr.models_cli, eqr.bench.*), eqr.training.bundle,
                  and serving (eqr.serving.*: the Triton model repository, model.py, server and clients)
 
 A module may import its own layer and the layers below, except the arrows in FORBIDDEN. Imports
@@ -26,7 +26,7 @@ FOLDERS = {"eqr": "eqr", "export": "eqr.export", "runtime": "eqr.runtime", "cali
 LAYERS = ("floor", "tasks", "model", "training", "export", "runtime", "calibration", "tools")
 FLOOR = ("eqr.artifact", "eqr.errors", "eqr.io", "eqr.config", "eqr.trt_engine")
 MODEL = ("eqr.model", "eqr.step_graph", "eqr.checkpoint", "eqr.load")
-TOOLS = ("eqr.cli", "eqr.__main__", "eqr.train", "eqr.models_cli", "eqr.bench", "eqr.training.bundle")
+TOOLS = ("eqr.cli", "eqr.__main__", "eqr.train", "eqr.models_cli", "eqr.bench", "eqr.training.bundle", "eqr.serving")
 HEAVY = ("torch", "onnx", "onnxruntime", "tensorrt", "polygraphy", "onnx_graphsurgeon", "matplotlib")
 
 # layer -> what it must not import: layers, or top-level third-party packages
@@ -62,7 +62,8 @@ def layer_of(name: str) -> str | None:
     """The layer of an eqr module (None outside eqr)."""
     if name == "eqr":
         return "floor"  # the package root's imports are lazy strings
-    if name in TOOLS or name.endswith(".cli") and not name.startswith("eqr.runtime") or name.startswith("eqr.serving"):
+    if any(name == t or name.startswith(t + ".") for t in TOOLS) or name.endswith(".cli") \
+            and not name.startswith("eqr.runtime"):
         return "tools"
     if name in FLOOR:
         return "floor"

@@ -38,7 +38,8 @@ def calibrated(tmp_path_factory) -> Path:
     model = contracting_model()
     save_checkpoint(root / "tiny.pt", model.config, model.state_dict(), metadata={"task": {"name": "sudoku", "size": 4}})
     export_model(load_model(root / "tiny.pt"), root / "export", ExportConfig(engine="never", check_steps=16))
-    result = invoke("calibrate", root / "export", "--generate", 4, "--starts", 2, "--depths", "0,1,2,4,8,16")
+    result = invoke("calibrate", root / "export", "--generate", 4, "--starts", 2, "--depths", "0,1,2,4,8,16",
+                    "--rule-puzzles", 16, "--rule-steps", 24)
     assert result.exit_code == 0, result.output
     return root / "export"
 
@@ -94,12 +95,13 @@ def test_calibrate_adds_to_an_export_and_replaces_only_its_own_files(tmp_path: P
     out = tmp_path / "export"
     export_model(load_model(tmp_path / "tiny.pt"), out,
                  ExportConfig(precision=("fp16",), engine="never", check_steps=4))
-    fp16 = (out / "model.step.fp16.onnx").read_bytes()
+    fp16 = onnx.load(out / "model.step.fp16.onnx").graph
     args = ["calibrate", str(out), "--generate", "2", "--starts", "1", "--depths", "0,2"]
     first = CliRunner().invoke(cli, args)
     assert first.exit_code == 0, first.output
     assert "fp16: kept the export's graph" in first.stdout and "int8: model.step.int8.onnx" in first.stdout
-    assert (out / "model.step.fp16.onnx").read_bytes() == fp16 and (out / "calib.npz").is_file()
+    # the export's FP16 graph is kept (not rebuilt); only its embedded manifest gains the stopping rules
+    assert onnx.load(out / "model.step.fp16.onnx").graph == fp16 and (out / "calib.npz").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precisions"]["int8"]["built_by"] == "eqr calibrate" and "parity" in manifest["precisions"]["fp16"]
     again = CliRunner().invoke(cli, [*args, "--precision", "INT8", "-q"])
@@ -115,6 +117,45 @@ def test_calibrate_adds_to_an_export_and_replaces_only_its_own_files(tmp_path: P
     (out / "report" / "report.json").write_text("{}")
     export_model(load_model(tmp_path / "tiny.pt"), out, ExportConfig(engine="never", check_steps=4, force=True))
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.step.onnx"]
+
+
+def test_calibrate_fits_a_stopping_rule_per_precision_and_the_runtime_uses_it(calibrated: Path) -> None:
+    from eqr.runtime import Solver
+
+    manifest = json.loads((calibrated / "manifest.json").read_text())
+    for precision in ("fp32", "fp16", "int8"):
+        stopping = manifest["precisions"][precision]["stopping"]
+        held = stopping["heldout"]
+        assert stopping["fit"]["puzzles"] == held["puzzles"] == 8  # disjoint halves of 16
+        assert 1 <= stopping["rule"]["max_steps"] <= 24 and 1 <= held["mean_steps"] <= 24
+        assert 0 <= held["accuracy"] <= 100
+        # on the fitting half the rule keeps the margin to the best fixed depth
+        assert stopping["fit"]["accuracy"] >= stopping["fit"]["best_fixed_accuracy"] - stopping["margin"]
+    rule = manifest["precisions"]["int8"]["stopping"]["rule"]
+    with Solver.load(calibrated, backend="onnxruntime", precision="int8") as solver:
+        cfg = solver.config()
+        assert {k: getattr(cfg, k) for k in rule} == rule  # the calibrated rule is the default
+        assert solver.config(window=7, max_steps=99).window == 7  # explicit values override
+        assert solver.config(window=7, max_steps=99).max_steps == 99
+
+
+@pytest.mark.parametrize("cascade", ["fp16+fp32", "int8+fp32"])
+def test_precision_cascade_reaches_the_fp32_answers(calibrated: Path, cascade: str) -> None:
+    """Low-precision steps to the floor, then FP32 steps from that state, in the one loop."""
+    from eqr.runtime import Solver
+    from eqr.tasks import get_task
+
+    inputs = get_task("sudoku", 4).generate(12, seed=5).inputs
+    rule = {"max_steps": 64, "tol": 1e-4, "window": None, "patience": 2}
+    with Solver.load(calibrated, backend="onnxruntime") as fp32, \
+            Solver.load(calibrated, backend="onnxruntime", precision=cascade.upper()) as both:
+        assert both.backend.describe()["precision"] == cascade
+        reference = fp32.solve(inputs, seed=0, **rule)
+        result = both.solve(inputs, seed=0, **rule)
+    np.testing.assert_array_equal(result.preds, reference.preds)
+    assert (result.residual < 1e-4).all()  # the landing is FP32's: below a tol only FP32 reaches
+    low = result.stats.low_steps
+    assert low is not None and (low >= 1).all() and (low < result.stats.nstep).all()
 
 
 def test_calibrate_rejects_bad_input(calibrated: Path, tmp_path: Path) -> None:
@@ -151,8 +192,21 @@ def test_report_passes_on_healthy_precisions(calibrated: Path, labelled: Path, t
     assert report["runs"]["onnxruntime-fp32"]["state_error"]["settled_median"] < 1e-5
     assert 0 < int8["contraction"]["median"] < 1.0
     assert int8["diagnosis"]["worst_activations"]
+    decision = report["decision"]
+    rows = {r["run"]: r for r in decision["rows"]}
+    assert set(rows) == set(report["runs"]) | {"onnxruntime-fp16+fp32", "onnxruntime-int8+fp32"}
+    for row in rows.values():
+        assert row["puzzles_per_s"] > 0 and row["mean_steps"] >= 1 and row["provider"]
+    assert set(rows["onnxruntime-int8"]["latency_ms"]) == {"1", "16", "64"}
+    assert rows["onnxruntime-int8"]["file_bytes"] > 0 and rows["onnxruntime-int8+fp32"]["low_steps"] >= 1
+    assert rows["onnxruntime-fp32"]["provider"] == "CPUExecutionProvider"
+    assert decision["fastest"] in rows and rows[decision["fastest"]]["within"]
+    assert decision["headline"].startswith(f"fastest precision within --max-drop: {decision['fastest']}")
+    assert decision["headline"] in result.output
+    assert (out / "results.npz").stat().st_size < 1 << 20
     html = (out / "report.html").read_text()
-    for png in ("accuracy_vs_depth.png", "residual_curves.png", "steps_histogram.png", "state_error_vs_depth.png"):
+    assert "fastest precision within --max-drop" in html and all(c in html for c in decision["columns"])
+    for png in ("accuracy_vs_speed.png", "accuracy_vs_depth.png", "residual_curves.png", "steps_histogram.png", "state_error_vs_depth.png"):
         assert f"src='{png}'" in html
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "onnxruntime-int8" in (out / "report.md").read_text()
@@ -211,6 +265,15 @@ def test_damaged_int8_graph_fails_the_report(calibrated: Path, labelled: Path, t
     assert int8["diagnosis"]["suggested_policy"]["exclude_nodes"]
 
 
+def test_report_takes_cascades_in_its_precision_list(calibrated: Path, labelled: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    result = invoke("report", calibrated, "--data", labelled, "--out", out, "--precisions", "fp32,fp16+fp32",
+                    "--backends", "onnxruntime", "--depths", "4", "--breadth", "1", "--max-steps", 16)
+    assert result.exit_code == 0, result.output
+    rows = [r["run"] for r in json.loads((out / "report.json").read_text())["decision"]["rows"]]
+    assert rows == ["onnxruntime-fp32", "onnxruntime-fp16+fp32"]
+
+
 def test_report_needs_the_precision_graphs(calibrated: Path, tmp_path: Path) -> None:
     copy = tmp_path / "export"
     shutil.copytree(calibrated, copy)
@@ -218,3 +281,34 @@ def test_report_needs_the_precision_graphs(calibrated: Path, tmp_path: Path) -> 
     result = CliRunner().invoke(cli, ["report", str(copy), "--precision", "fp32,int8"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"eqr calibrate {copy} --precision int8" in result.output
+
+
+def test_eqr_solve_takes_a_cascade_and_rule_flags(calibrated: Path, tmp_path: Path) -> None:
+    from eqr.tasks import get_task
+
+    task = get_task("sudoku", 4)
+    puzzles = tmp_path / "puzzles.txt"
+    puzzles.write_text("\n".join(task.format_tokens(p) for p in task.generate(4, seed=2).inputs) + "\n")
+    cascade = invoke("solve", calibrated, "-i", puzzles, "--precision", "INT8+FP32", "--json", "--backend",
+                     "onnxruntime", "--max-steps", 40, "--tol", "1e-4", "--window", 0)
+    fp32 = invoke("solve", calibrated, "-i", puzzles, "--json", "--backend", "onnxruntime", "--max-steps", 40,
+                  "--tol", "1e-4", "--window", 0)
+    assert cascade.exit_code == 0 and fp32.exit_code == 0, cascade.output
+    answers = lambda out: [json.loads(line)["answer"] for line in out.splitlines() if line.startswith("{")]  # noqa: E731
+    assert answers(cascade.output) == answers(fp32.output) and len(answers(fp32.output)) == 4
+
+
+def test_a_copied_graph_keeps_its_calibrated_stopping_rule(calibrated: Path, tmp_path: Path) -> None:
+    """Each graph embeds the manifest with the stopping rules, so a lone copy stops like the directory."""
+    from eqr.io import sha256_file
+    from eqr.runtime import Solver
+
+    manifest = json.loads((calibrated / "manifest.json").read_text())
+    for precision, name in (("fp32", "model.step.onnx"), ("int8", "model.step.int8.onnx")):
+        copy = tmp_path / name
+        shutil.copy(calibrated / name, copy)
+        with Solver.load(copy, backend="onnxruntime") as alone:
+            cfg = alone.config()
+        rule = manifest["precisions"][precision]["stopping"]["rule"]
+        assert alone.precision == precision and {k: getattr(cfg, k) for k in rule} == rule
+        assert manifest["precisions"][precision]["sha256"] == sha256_file(calibrated / name)

@@ -45,6 +45,8 @@ class Backend(ABC):
         # Largest batch the backend runs (an engine's profile max), known after activate();
         # with static_shapes it is THE batch size. None: no limit.
         self.max_batch: int | None = None
+        # 2 for a precision cascade (runtime/backends/cascade.py): the loop calls `route` before each step.
+        self.stages = 1
 
     # ------------------------------------------------------------------ lifecycle
     def activate(self) -> "Backend":
@@ -129,6 +131,10 @@ class Backend(ABC):
     def put(self, array: Any, rows: np.ndarray, values: Any) -> Any:
         """Write `values` into rows `rows` of `array` (static-shape backends); returns the array."""
         raise NotImplementedError(f"{self.name} backend has dynamic shapes; the loop compacts instead")
+
+    def route(self, stage: np.ndarray) -> None:
+        """Two-stage backends: row b of the next step runs stage[b] (0 low, 1 high precision)."""
+        raise NotImplementedError(f"{self.name} backend has one stage")
 
     def freeze(self, done: np.ndarray) -> None:
         """Static-shape backends: rows with done[b] keep their state unchanged from now on."""

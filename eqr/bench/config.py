@@ -1,0 +1,70 @@
+"""`BenchConfig` (one `eqr bench` run, every field a flag) and the constants the measurements share."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from eqr.errors import EqRError
+
+# The bundled models where puzzle difficulty varies, preferred in this order (a 6x6 Sudoku model
+# goes first once it ships); then any bundled model, then FALLBACK_MODEL.
+DEFAULT_MODELS = ("maze-small",)
+FALLBACK_MODEL = "cpu-sudoku-4x4"  # a preset (fresh weights) used until bundled models exist
+PAPER_MODEL = "paper-sudoku"
+PAPER_HIDDEN = 512  # step_efficiency's goal is defined at this width (the paper's model)
+EFFICIENCY_BATCHES = (1, 16, 64)
+MEMORY_BATCHES = (64, 256)
+SIDE_BY_SIDE_ROUNDS = 4  # reference and runtime alternate over this many slices of the puzzle set
+MAX_FIXED_DEPTH = 64  # adaptive_steps extends the reference's fixed depths up to this
+GEMM_SIZE = 1024
+BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# Goals (docs/performance.md): (comparison, threshold).
+GOALS: dict[str, tuple[str, float]] = {
+    "reference_vs_runtime": (">=", 3.0), "adaptive_steps": ("<=", 0.35), "continuous_vs_static": (">=", 1.5),
+    "host_overhead": ("<=", 0.05), "step_efficiency": (">=", 0.75),
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One `eqr bench` run; every field is a flag."""
+
+    model: str  # bundled name, checkpoint or preset
+    measurements: tuple[str, ...]  # names in eqr.bench.table.MEASURE, in run order
+    puzzles: int = 128  # mixed-difficulty set for reference_vs_runtime, split evenly over the task's tiers
+    breadth: int = 4  # K trajectories per puzzle (both sides)
+    depth: int = 16  # D: the official protocol's fixed depth
+    batch_size: int = 64  # working batch (trajectories) of the runtime, the scheduler and static batches
+    stream: int = 256  # puzzles in the continuous_vs_static stream (breadth 1)
+    backend: str = "onnxruntime"  # the runtime side's backend
+    # The runtime's stopping rule: None takes the export's calibrated rule (`eqr calibrate`), else
+    # the bench fits one on `rule_puzzles` labelled puzzles (eqr.calibration.stopping).
+    max_steps: int | None = None
+    tol: float | None = None
+    patience: int | None = None
+    window: int | None = None  # 0: off
+    rule_puzzles: int = 128
+    threads: int = 1  # torch, ONNX Runtime and the GEMM peaks all use this many threads
+    seed: int = 0
+    reference_noise: float | None = None  # path noise of the reference; None: the model's sigma (official)
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")  # exported; step_efficiency times each
+    cascade: str = "int8+fp32"  # cascade_vs_fp32's cascade
+    export_dir: str | None = None  # reuse an export of the model instead of exporting to a temp dir
+    paper: bool = False  # reference_vs_runtime only, on paper-sudoku with random weights
+
+    def __post_init__(self) -> None:
+        for name in ("puzzles", "breadth", "depth", "batch_size", "stream", "threads", "rule_puzzles"):
+            if getattr(self, name) < 1:
+                raise EqRError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise EqRError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < self.breadth:
+            raise EqRError(f"--batch-size {self.batch_size} must hold one puzzle's --breadth {self.breadth} rows")
+
+    def rule_overrides(self) -> dict[str, object]:
+        """The stopping-rule fields given as flags (they override the calibrated rule)."""
+        given = {"max_steps": self.max_steps, "tol": self.tol, "patience": self.patience}
+        overrides = {k: v for k, v in given.items() if v is not None}
+        if self.window is not None:
+            overrides["window"] = self.window or None
+        return overrides

@@ -1,0 +1,126 @@
+"""Running a bench: the model, its export, the runtime's stopping rule, then the measurements."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eqr.bench.config import DEFAULT_MODELS, FALLBACK_MODEL, BenchConfig
+from eqr.bench.result import Measurement
+from eqr.bench.setting import Reporter, Setting, mixed_puzzles, model_task
+from eqr.bench.table import MEASURE
+from eqr.errors import EqRError
+
+
+def export_for_bench(model: Any, out_dir: Path, precisions: tuple[str, ...], paper: bool) -> list[str]:
+    """Export fp32 (+ fp16, int8 where they pass the export checks) into out_dir; -> notes on skips."""
+    from eqr.calibration.record import int8_calibration
+    from eqr.export import ExportConfig, export_model
+    from eqr.export.exporter import ExportError
+
+    checks = {"check_batch": 1, "check_steps": 2} if paper else {"check_batch": 2, "check_steps": 8}
+    wanted = tuple(p for p in precisions if p != "fp32")
+    try:
+        config = ExportConfig(precision=("fp32", *wanted), engine="never", force=True, **checks)
+        export_model(model, out_dir, config, calibrate=int8_calibration(model, config))
+        return []
+    except ExportError as e:
+        if not wanted:
+            raise
+        notes = [f"export of {', '.join(wanted)} failed its checks ({e}); fp32 only"]
+    export_model(model, out_dir, ExportConfig(precision=("fp32",), engine="never", force=True, **checks))
+    return notes
+
+
+def check_export_matches(export_dir: Path, model: Any, name: str) -> None:
+    """--export-dir must hold this model's architecture (weights are the user's word)."""
+    from eqr.runtime.artifact import load_artifact
+
+    artifact = load_artifact(export_dir)
+    if artifact.kind != "export" or artifact.config != model.config:
+        raise EqRError(f"--export-dir {export_dir}: not an export of {name}'s architecture; "
+                       f"export it with `eqr export {name} --out DIR` or drop --export-dir")
+
+
+def default_model() -> str:
+    """The first bundled model of DEFAULT_MODELS (difficulty varies), else any bundled one, else the preset."""
+    from eqr.load import bundled_names
+
+    names = bundled_names()
+    preferred = [name for name in DEFAULT_MODELS if name in names]
+    return (preferred or names or [FALLBACK_MODEL])[0]
+
+
+def bench_rule(setting: Setting, info: dict[str, Any]) -> dict[str, Any]:
+    """The runtime's stopping rule: the export's calibrated FP32 rule, else one fitted here on
+    `rule_puzzles` labelled puzzles (as `eqr calibrate` does), then the rule flags on top."""
+    from eqr.calibration.config import CalibConfig
+    from eqr.calibration.stopping import fit_and_evaluate, record_trajectories
+    from eqr.runtime import Solver
+    from eqr.runtime.artifact import load_artifact
+
+    c = setting.config
+    overrides = c.rule_overrides()
+    if c.paper:  # random weights: nothing to calibrate; the protocol's depth is the cap
+        info["rule"] = {"source": "--paper: random weights, nothing to fit"}
+        return {"max_steps": c.depth} | overrides
+    calibrated = load_artifact(setting.export_dir).stopping.get("fp32")
+    if calibrated:
+        info["rule"] = {"source": "the export's manifest (eqr calibrate)", "rule": calibrated}
+        return calibrated | overrides
+    steps = CalibConfig.rule_steps
+    setting.report.stage(f"stopping rule: fit on {c.rule_puzzles} labelled puzzles, {steps} recorded fp32 steps "
+                         "each (the export has no calibrated rule)")
+    puzzles = mixed_puzzles(setting.task, c.rule_puzzles, c.seed + 200)
+    with Solver.load(setting.export_dir, backend="onnxruntime", threads=c.threads) as solver:
+        traj = record_trajectories(solver, puzzles.inputs, steps, c.seed)
+    fitted = fit_and_evaluate(traj, puzzles.labels, CalibConfig.rule_margin)
+    info["rule"] = {"source": f"fitted here ({c.rule_puzzles} puzzles, margin {CalibConfig.rule_margin})",
+                    "rule": fitted["rule"], "heldout": fitted["heldout"]}
+    return fitted["rule"] | overrides
+
+
+def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> tuple[list[Measurement], dict[str, Any]]:
+    """Run the selected measurements -> (measurements, run description)."""
+    from eqr.export.exporter import fp32_model
+    from eqr.load import load_model
+
+    unknown = sorted(set(config.measurements) - set(MEASURE))
+    if unknown:
+        raise EqRError(f"unknown measurement(s) {', '.join(unknown)}; choose from {', '.join(MEASURE)}")
+    reporter = reporter or Reporter()
+    torch.set_num_threads(config.threads)
+    # Both sides compute in float32: a bf16-configured checkpoint would make torch CPU ~6x slower
+    # (docs/performance.md) and flatter the runtime, whose exported step is float32.
+    model = fp32_model(load_model(config.model))
+    task = model_task(model)
+    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": config.model,
+            "task": repr(task), "parameters": model.num_parameters(), "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
+            "torch": torch.__version__, "config": dataclasses.asdict(config), "notes": []}
+    with contextlib.ExitStack() as stack:
+        if config.export_dir:
+            export_dir = Path(config.export_dir)
+            check_export_matches(export_dir, model, config.model)
+        else:
+            export_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="eqr-bench-"))) / "export"
+            reporter.stage(f"export {config.model} to ONNX ({', '.join(config.precisions)}) in {export_dir}")
+            started = time.perf_counter()
+            info["notes"] += export_for_bench(model, export_dir, config.precisions, config.paper)
+            info["export_s"] = round(time.perf_counter() - started, 1)
+        setting = Setting(config, model, task, export_dir, reporter)
+        setting.rule = bench_rule(setting, info)
+        measurements = []
+        for name in config.measurements:
+            reporter.stage(f"== {name}")
+            measurements.append(MEASURE[name](setting))
+    info["wall_s"] = round(time.perf_counter() - reporter.started, 1)
+    info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    return measurements, info

@@ -1,0 +1,162 @@
+"""What every measurement shares: the model, its task's puzzles, its export, the stopping rule, a reporter."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from eqr.bench.config import BenchConfig
+from eqr.errors import EqRError
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class PuzzleSet:
+    inputs: np.ndarray  # int32 (P, L)
+    labels: np.ndarray  # int32 (P, L)
+    tiers: np.ndarray  # str (P,)
+
+
+@dataclass
+class Setting:
+    """What every measurement shares: the model, its task's puzzles, its export, a reporter."""
+
+    config: BenchConfig
+    model: Any  # EqRModel
+    task: Any  # eqr.tasks.Task
+    export_dir: Path
+    report: "Reporter"
+    rule: dict[str, Any] = field(default_factory=dict)  # the runtime's stopping rule (SolveConfig fields)
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def once(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+
+class Reporter:
+    """Stage lines and bars on stderr; stdout carries only tables, RESULT lines or JSON."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.started = time.perf_counter()
+        self.quiet = quiet
+
+    def stage(self, text: str) -> None:
+        if not self.quiet:
+            click.echo(f"[{time.perf_counter() - self.started:6.1f}s] {text}", err=True)
+
+    @contextlib.contextmanager
+    def bar(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
+        if self.quiet:
+            yield lambda n: None
+            return
+        with click.progressbar(length=total, label=f"          {label}", file=sys.stderr, show_pos=True) as bar:
+            yield bar.update
+
+
+def model_task(model: Any) -> Any:
+    """The task a model solves: its checkpoint metadata, its preset's recipe, or inferred from L and V."""
+    from eqr.config import PRESETS
+    from eqr.export.inputs import infer_task
+    from eqr.tasks import get_task
+
+    recorded = (model.metadata or {}).get("task") or {}
+    if not recorded.get("name") and model.source is not None and model.source.location in PRESETS:
+        recorded = PRESETS[model.source.location][1].extra.get("task") or {}
+    if recorded.get("name"):
+        return get_task(recorded["name"], recorded.get("size"))
+    inferred = infer_task(model)
+    if inferred.name is None:
+        raise EqRError(f"{model.source.location if model.source else 'model'}: cannot tell its puzzle task "
+                       f"(L {model.config.seq_len}, V {model.config.vocab_size}); "
+                       "bench a bundled model or a checkpoint")
+    return get_task(inferred.name, inferred.size)
+
+
+def mixed_puzzles(task: Any, n: int, seed: int, tiers: bool = True) -> PuzzleSet:
+    """n puzzles split evenly over the task's difficulty tiers (a tier that cannot be made is skipped)."""
+    parts = []
+    names = list(task.tiers) if tiers else [None]
+    for i, tier in enumerate(names):
+        count = n // len(names) + (1 if i < n % len(names) else 0)
+        if count == 0:
+            continue
+        try:
+            parts.append(task.generate(count, seed=seed + i, tier=tier))
+        except EqRError as e:
+            log.warning("skipping tier %s: %s", tier, e)
+    if not parts:
+        raise EqRError(f"could not generate any {task!r} puzzles; try another --seed")
+    return PuzzleSet(np.concatenate([p.inputs for p in parts]).astype(np.int32),
+                     np.concatenate([p.labels for p in parts]).astype(np.int32),
+                     np.concatenate([p.tiers for p in parts]))
+
+
+def exact_correct(preds: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """bool (P,): every non-PAD label matched (labels cover the givens too, spec 8.11)."""
+    from eqr.tasks import PAD_ID
+
+    return ((preds == labels) | (labels == PAD_ID)).all(axis=1)
+
+
+
+
+def solver_for(setting: Setting, precision: str = "fp32", batch_size: int | None = None) -> Any:
+    """An active `Solver` (the bench's --backend) of the export whose default rule is the bench's rule."""
+    from eqr.runtime import Solver
+
+    solver = Solver.load(setting.export_dir, backend=setting.config.backend, precision=precision,
+                         batch_size=batch_size or setting.config.batch_size, threads=setting.config.threads)
+    solver.rule.update(setting.rule)  # a cascade keeps its cascade_tol
+    solver.backend.activate()
+    return solver
+
+
+def puzzle_set(setting: Setting) -> PuzzleSet:
+    """The shared mixed-difficulty set, shuffled so every round mixes the tiers."""
+    c = setting.config
+
+    def make() -> PuzzleSet:
+        ordered = mixed_puzzles(setting.task, c.puzzles, c.seed, tiers=not c.paper)
+        order = np.random.default_rng(c.seed).permutation(len(ordered.inputs))
+        return PuzzleSet(ordered.inputs[order], ordered.labels[order], ordered.tiers[order])
+
+    return setting.once("puzzles", make)
+
+
+def rule_text(cfg: Any) -> str:
+    """The gating of a SolveConfig in a few words."""
+    parts = [f"max {cfg.max_steps} steps"]
+    if cfg.tol is not None:
+        parts.append(f"tol {cfg.tol:.3g} x{cfg.patience}")
+    if cfg.window is not None:
+        parts.append(f"window {cfg.window}")
+    if cfg.q_halt:
+        parts.append(f"q_halt > {cfg.q_halt_threshold:g} x{cfg.patience}")
+    return ", ".join(parts)
+
+
+def flops(setting: Setting) -> int:
+    from eqr.model import flops_per_step
+
+    return flops_per_step(setting.model.config)
+
+
+def best_time(fn: Callable[[], Any], repeats: int, min_seconds: float = 0.0) -> float:
+    fn()  # warm-up
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - started < min_seconds:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
