@@ -13,7 +13,7 @@ from eqr.bench.reference import ReferenceRun, reference_solve
 from eqr.bench.result import Measurement, MeasurementError, parse_result_line
 from eqr.bench.run import run_bench
 from eqr.bench.setting import exact_correct
-from eqr.bench.table import MEASURE, MEASUREMENTS
+from eqr.bench.table import DEFAULT_MEASUREMENTS, MEASURE, MEASUREMENTS
 
-__all__ = ["GOALS", "MEASURE", "MEASUREMENTS", "BenchConfig", "Measurement", "MeasurementError", "ReferenceRun",
+__all__ = ["DEFAULT_MEASUREMENTS", "GOALS", "MEASURE", "MEASUREMENTS", "BenchConfig", "Measurement", "MeasurementError", "ReferenceRun",
            "bench", "exact_correct", "parse_result_line", "reference_solve", "run_bench"]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -13,18 +12,10 @@ from eqr.bench.render import render
 from eqr.bench.result import MeasurementError
 from eqr.bench.run import default_model, run_bench
 from eqr.bench.setting import Reporter
-from eqr.bench.table import MEASUREMENTS
+from eqr.bench.table import DEFAULT_MEASUREMENTS, MEASUREMENTS
+from eqr.cli_options import backend_option, batch_option, force_option, out_option, output_options, precision_option
 from eqr.errors import EqRError
 from eqr.artifact import CASCADES, PRECISIONS
-
-
-def _precisions(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
-    """Repeatable and comma lists, case-insensitive: --precision FP16,int8 --precision fp32."""
-    names = [n.strip().lower() for v in values for n in v.split(",") if n.strip()]
-    unknown = [n for n in names if n not in PRECISIONS]
-    if unknown:
-        raise EqRError(f"--precision {', '.join(unknown)}: choose from {', '.join(PRECISIONS)} (repeatable or comma lists)")
-    return tuple(dict.fromkeys(("fp32", *names))) if names else ()  # (): every precision
 
 
 @click.command()
@@ -38,12 +29,12 @@ def _precisions(ctx: click.Context, param: click.Parameter, values: tuple[str, .
               f"[{BenchConfig.puzzles}; paper 4].")
 @click.option("--breadth", type=int, default=None, help="K trajectories per puzzle [4; paper 1].")
 @click.option("--depth", type=int, default=None, help="D: fixed depth of the official protocol [16; paper 2].")
-@click.option("--batch", "--batch-size", "batch", type=int, default=BenchConfig.batch_size, show_default=True,
-              help="Working batch in trajectories (--batch-size: old spelling).")
+@batch_option(default=BenchConfig.batch_size, old="--batch-size", type=click.IntRange(min=1),
+              help="Working batch in trajectories.")
 @click.option("--stream", type=int, default=BenchConfig.stream, show_default=True,
               help="Puzzles in the continuous_vs_static stream.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
-              help="Runtime backend of the runtime side (the reference is torch eager).")
+@backend_option(choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                help="Runtime backend of the runtime side (the reference is torch eager).")
 @click.option("--max-steps", type=int, default=None, help="Runtime step cap [default: the calibrated rule's].")
 @click.option("--tol", type=float, default=None, help="Runtime residual tolerance [default: the calibrated rule's].")
 @click.option("--window", type=click.IntRange(min=0), default=None,
@@ -55,8 +46,9 @@ def _precisions(ctx: click.Context, param: click.Parameter, values: tuple[str, .
               help="Labelled puzzles the FP32 stopping rule is fitted on when the export has none.")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="CPU threads for torch, ONNX Runtime and the GEMM peaks.")
-@click.option("--precision", "precisions", multiple=True, callback=_precisions, metavar="P[,P]",
-              help="Precisions to export and time (repeatable, comma lists) [default: fp32,fp16,int8].")
+@precision_option(default=(), choices=tuple(PRECISIONS),
+                  help="Precisions to export and time, fp32 always among them (repeat or comma list) "
+                       "[default: fp32,fp16,int8].")
 @click.option("--cascade", type=click.Choice(CASCADES, case_sensitive=False), default=BenchConfig.cascade,
               show_default=True, help="The cascade of cascade_vs_fp32.")
 @click.option("--reference-noise", type=float, default=None,
@@ -65,16 +57,14 @@ def _precisions(ctx: click.Context, param: click.Parameter, values: tuple[str, .
               help="An `eqr export` directory of the same model to reuse (skips exporting; uses its calibrated rule).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--check-goals", is_flag=True, help="Exit 1 when a measured goal is missed.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables and RESULT lines.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Also write the output (tables or JSON) to this file.")
-@click.option("--force", is_flag=True, help="Replace an existing --out file.")
-@click.option("-q", "--quiet", is_flag=True, help="No stage lines or progress bars on stderr.")
-@click.option("-v", "--verbose", is_flag=True, help="Log the runtime's and the exporter's details on stderr.")
+@out_option(type=click.Path(dir_okay=False), help="Also write the output (tables or JSON) to this file.")
+@force_option(help="Replace an existing --out file.")
+@output_options
 def bench(model: str | None, paper: bool, only: tuple[str, ...], puzzles: int | None, breadth: int | None,
           depth: int | None, batch: int, stream: int, backend: str, max_steps: int | None, tol: float | None,
-          window: int | None, patience: int | None, rule_puzzles: int, threads: int, precisions: tuple[str, ...],
+          window: int | None, patience: int | None, rule_puzzles: int, threads: int, precision: tuple[str, ...],
           cascade: str, reference_noise: float | None, export_dir: str | None, seed: int, check_goals: bool,
-          as_json: bool, out: str | None, force: bool, quiet: bool, verbose: bool) -> None:
+          out: str | None, force: bool, as_json: bool, quiet: bool, verbose: int) -> None:
     """Measure the runtime against the official protocol, side by side, and print ratios.
 
     Prints a table per measurement, then one `RESULT name=value key=value ...` line each.
@@ -91,22 +81,21 @@ def bench(model: str | None, paper: bool, only: tuple[str, ...], puzzles: int | 
       eqr bench --export-dir maze-small-eqr/ --only cascade_vs_fp32 --cascade fp16+fp32
       eqr bench --paper
       eqr bench --paper --only step_efficiency --precision fp32
+      eqr bench --only serving --stream 256        # through tritonserver (the serve extra)
       python scripts/bench.py --only step_efficiency
     """
     if paper and model is not None:
         raise EqRError(f"--paper runs {PAPER_MODEL}; drop --model (or drop --paper to bench {model})")
     if out and Path(out).exists() and not force:
         raise EqRError(f"--out {out} exists; pass --force to replace it")
-    if verbose:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     config = BenchConfig(
         model=PAPER_MODEL if paper else (model or default_model()),
-        measurements=tuple(dict.fromkeys(only)) or (("reference_vs_runtime",) if paper else MEASUREMENTS),
+        measurements=tuple(dict.fromkeys(only)) or (("reference_vs_runtime",) if paper else DEFAULT_MEASUREMENTS),
         puzzles=_given(puzzles, 4 if paper else BenchConfig.puzzles), breadth=_given(breadth, 1 if paper else 4),
         depth=_given(depth, 2 if paper else 16), batch_size=min(batch, 4) if paper else batch, stream=stream,
         backend=backend, max_steps=max_steps, tol=tol, patience=patience, window=window, rule_puzzles=rule_puzzles,
         threads=threads, seed=seed, reference_noise=reference_noise,
-        precisions=("fp32",) if paper else (precisions or tuple(PRECISIONS)), cascade=cascade.lower(),
+        precisions=("fp32",) if paper else (tuple(dict.fromkeys(("fp32", *precision))) if precision else tuple(PRECISIONS)), cascade=cascade.lower(),
         export_dir=export_dir, paper=paper)
     try:
         measurements, info = run_bench(config, Reporter(quiet))

@@ -20,7 +20,7 @@ BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THR
 # Goals (docs/performance.md): (comparison, threshold).
 GOALS: dict[str, tuple[str, float]] = {
     "reference_vs_runtime": (">=", 3.0), "adaptive_steps": ("<=", 0.35), "continuous_vs_static": (">=", 1.5),
-    "host_overhead": ("<=", 0.05), "step_efficiency": (">=", 0.75),
+    "host_overhead": ("<=", 0.05), "step_efficiency": (">=", 0.75), "serving_vs_inprocess": (">=", 0.8),
 }
 
 

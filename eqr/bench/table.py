@@ -12,6 +12,16 @@ from eqr.bench.result import Measurement
 from eqr.bench.setting import Setting
 from eqr.bench.side_by_side import adaptive_steps, host_overhead, reference_vs_runtime
 
+
+def serving(setting: Setting) -> Measurement:
+    """Triton (eqr serve's server) vs the in-process Scheduler on one stream (eqr.serving.bench)."""
+    from eqr.serving.bench import NAME, measure_serving
+
+    c = setting.config
+    return Measurement(NAME, **measure_serving(setting.export_dir, puzzles=c.stream, batch=c.batch_size,
+                                               threads=c.threads, seed=c.seed, stage=setting.report.stage))
+
+
 MEASURE: dict[str, Callable[[Setting], Measurement]] = {
     "reference_vs_runtime": reference_vs_runtime,  # official protocol vs runtime, puzzles/s at equal accuracy
     "adaptive_steps": adaptive_steps,  # gated mean steps / smallest fixed depth at the gated accuracy
@@ -20,5 +30,7 @@ MEASURE: dict[str, Callable[[Setting], Measurement]] = {
     "step_efficiency": step_efficiency,  # step FLOP/s over the best GEMM peak of every engine
     "cascade_vs_fp32": cascade_vs_fp32,  # int8+fp32 cascade vs fp32, puzzles/s at equal accuracy
     "memory": memory,  # peak RSS of a fresh process at batch 64 and 256
+    "serving": serving,  # Triton vs in-process Scheduler, puzzles/s and latency (needs the serve extra)
 }
 MEASUREMENTS = tuple(MEASURE)
+DEFAULT_MEASUREMENTS = tuple(name for name in MEASURE if name != "serving")  # serving starts a server: --only

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from eqr.cli_options import batch_option
 from eqr.errors import EqRError
 from eqr.artifact import MANIFEST_FILE, PRECISIONS
 from eqr.serving.repository import SERVE_BACKENDS, ServeConfig
@@ -33,13 +34,13 @@ def model_options(fn: Callable) -> Callable:
                      help="eqr backend inside the model; tensorrt needs an engine built on the target (docs/serving.md)."),
         click.option("--precision", type=click.Choice(list(PRECISIONS), case_sensitive=False), default="fp32",
                      show_default=True, callback=lambda ctx, param, value: value.lower()),
-        # --batch-size is accepted too: `eqr solve` spells the same working-batch size that way.
-        click.option("--batch", "--batch-size", "batch", type=click.IntRange(min=1), default=defaults.batch,
-                     show_default=True, help="Trajectories in the working batch (settled ones are refilled)."),
+        batch_option(default=defaults.batch, old="--batch-size", type=click.IntRange(min=1),
+                     help="Trajectories in the working batch (settled ones are refilled)."),
         click.option("--breadth", type=click.IntRange(min=1), default=defaults.breadth, show_default=True,
                      help="Default trajectories per puzzle (a request's `breadth` overrides it)."),
-        click.option("--max-steps", type=click.IntRange(min=1), default=defaults.max_steps, show_default=True,
-                     help="Outer-step cap; a request's `max_steps` may only lower it."),
+        click.option("--max-steps", type=click.IntRange(min=1), default=defaults.max_steps,
+                     help="Outer-step cap; a request's `max_steps` may only lower it [default: the precision's "
+                          "calibrated stopping rule's (`eqr calibrate`), else 256]."),
         click.option("--max-queue", type=click.IntRange(min=1), default=defaults.max_queue, show_default=True,
                      help="Requests waiting beyond the working batch before new ones get a busy error."),
         click.option("--instances", type=click.IntRange(min=1), default=defaults.instances, show_default=True,

@@ -34,7 +34,7 @@ class ServeConfig:
     precision: str = "fp32"
     batch: int = 64  # trajectories in the scheduler's working batch
     breadth: int = 1  # default trajectories per puzzle (a request's `breadth` input overrides it)
-    max_steps: int = 256  # outer-step cap (a request's `max_steps` may only lower it)
+    max_steps: int | None = None  # outer-step cap; None: the precision's calibrated rule's (a request may only lower it)
     max_queue: int = 1024  # requests waiting beyond the working batch before "busy" errors
     instances: int = 1  # model instances (each its own stub process, scheduler and backend)
     stream_every: int = 4  # outer steps between provisional responses of a streaming request
@@ -48,7 +48,7 @@ class ServeConfig:
         for flag, value in (("--batch", self.batch), ("--breadth", self.breadth), ("--max-steps", self.max_steps),
                             ("--max-queue", self.max_queue), ("--instances", self.instances),
                             ("--stream-every", self.stream_every)):
-            if value < 1:
+            if value is not None and value < 1:
                 raise EqRError(f"{flag} must be >= 1, got {value}")
         if self.breadth > self.batch:
             raise EqRError(f"--breadth {self.breadth} does not fit in --batch {self.batch}; raise --batch")
@@ -100,7 +100,7 @@ def config_pbtxt(cfg: ServeConfig, seq_len: int) -> str:
 
     kind = "KIND_GPU" if cfg.backend == "tensorrt" else "KIND_CPU"
     params = {"backend": cfg.backend, "precision": cfg.precision, "batch": cfg.batch, "breadth": cfg.breadth,
-              "max_steps": cfg.max_steps, "max_queue": cfg.max_queue, "stream_every": cfg.stream_every,
+              "max_steps": cfg.max_steps or "", "max_queue": cfg.max_queue, "stream_every": cfg.stream_every,
               "threads": cfg.threads or ""}
     parameters = "\n".join(f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items())
     return f"""# Written by `eqr triton` (docs/serving.md). The eqr settings are the parameters below.

@@ -55,7 +55,8 @@ class TritonPythonModel:
         solver.backend.activate()  # build sessions/engines now: the model is ready only when it can run
         self.task = solver.task  # the export's task: its text format in and out
         self.default_seed = int(params.get("seed", 0))
-        self.scheduler = Scheduler(solver, solver.config(max_steps=int(params.get("max_steps", 256))), batch_size=batch,
+        cap = params.get("max_steps")  # "" or absent: the precision's calibrated stopping rule (docs/serving.md)
+        self.scheduler = Scheduler(solver, solver.config(max_steps=int(cap) if cap else None), batch_size=batch,
                                    breadth=int(params.get("breadth", 1)), seed=self.default_seed,
                                    max_queue=int(params.get("max_queue", 1024)),
                                    stream_every=int(params.get("stream_every", 4)))
