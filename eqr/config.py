@@ -154,6 +154,27 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
                                 {"options": {"blanks": [4, 16]}, "halt_max_steps": 8}),
                     extra={"task": {"name": "sudoku", "size": 4}}),
     ),
+    # 6x6 Sudoku: the 4x4 recipe (token MLP, d 64, init std 0.1 so learning starts, lr 1e-3) with
+    # the maze lessons that make answers hold past the supervised depth: exploration 0.5 and
+    # N_sup >= 2 from the first stage keep solved puzzles supervised, so their answer must stay put.
+    # A light step (L_layers 1, 8 blocks, ~0.2 s per batch of 64 on one core) leaves hard puzzles
+    # to several outer steps (adaptive compute): N_sup grows with the blanks up to 16. The last
+    # stage, blanks 10-28 (minimal 6x6 puzzles have 24-28), holds the three tiers about equally and
+    # is the held-out range. Evaluating to depth 64 (4x N_sup) shows any drift past N_sup; 128
+    # puzzles every 1000 steps keep that under a tenth of the time; a checkpoint is ~1 min of work.
+    "cpu-sudoku-6x6": (
+        ModelConfig(seq_len=36, vocab_size=8, hidden_size=64, L_layers=1, H_cycles=2, L_cycles=3, mlp_t=True,
+                    H_init_std=0.1, L_init_std=0.1, halt_max_steps=16, halt_exploration_prob=0.5),
+        TrainConfig(global_batch_size=64, epochs=60_000, lr=1e-3, lr_warmup_steps=100, weight_decay=0.1,
+                    ema_rate=0.998, eval_interval=1000, checkpoint_interval=200, eval_size=128,
+                    eval_depths=(1, 2, 4, 8, 16, 32, 64), promote_accuracy=0.9, promote_window=50,
+                    curriculum=({"options": {"blanks": [1, 4]}, "halt_max_steps": 2},
+                                {"options": {"blanks": [1, 10]}, "halt_max_steps": 2},
+                                {"options": {"blanks": [4, 16]}, "halt_max_steps": 4},
+                                {"options": {"blanks": [6, 22]}, "halt_max_steps": 8},
+                                {"options": {"blanks": [10, 28]}, "halt_max_steps": 16}),
+                    extra={"task": {"name": "sudoku", "size": 6}}),
+    ),
     # Attention with 2D RoPE (rope_theta 10: on a 9-wide board theta 1e4 leaves one useful frequency,
     # so attending to a neighbouring square is hard to learn). One outer step learns paths of 2-3
     # moves, so N_sup grows with the path lengths: longer paths are solved over several outer steps.

@@ -225,3 +225,17 @@ def test_halting_follows_cap_q_head_and_exploration_minimum():
     # row 0: q says halt; row 1: q says halt but exploration wants 3 steps; row 3: cap
     assert Trainer._halted(steps, q_halt, 4, min_steps).tolist() == [True, False, False, True]
     assert Trainer._halted(steps, q_halt, 1, min_steps).tolist() == [True, True, True, True]  # N_sup 1: cap only
+
+
+@pytest.mark.parametrize("name", ["cpu-sudoku-4x4", "cpu-sudoku-6x6", "cpu-maze-9"])
+def test_cpu_preset_fits_its_task_and_every_curriculum_stage_generates(name):
+    from eqr.config import preset
+    from eqr.tasks import get_task
+
+    model_config, train_config = preset(name)
+    task = get_task(train_config.extra["task"]["name"], train_config.extra["task"]["size"])
+    assert (model_config.seq_len, model_config.vocab_size) == (task.seq_len, task.vocab_size)
+    for stage in train_config.curriculum:
+        options = {k: tuple(v) for k, v in stage["options"].items()}
+        puzzles = task.generate(2, seed=0, **options)
+        assert puzzles.inputs.shape == (2, task.seq_len)

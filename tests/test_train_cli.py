@@ -154,6 +154,37 @@ def test_remeasure_reproduces_the_card_and_keeps_its_precision_section(tmp_path:
     assert text.count(BEGIN) == 1 and "old precision table" not in text and "8 puzzles, depth 2" in text
 
 
+def test_card_accuracy_is_noise_free_by_default_and_remeasure_keeps_the_cards_noise(tmp_path: Path) -> None:
+    from eqr.training.bundle import ema_model, generate_heldout, make_bundle, remeasure
+    from eqr.checkpoint import read_checkpoint
+    from eqr.training.data import to_training_labels
+    from eqr.training.evaluate import evaluate
+
+    out = tmp_path / "run"
+    assert _run(*TINY, "--out", str(out), "--steps", "2").exit_code == 0
+    args = ["--task", "sudoku", "--size", "4", "--blanks", "4:10", "--n", "32", "--split", "test"]
+    heldout = generate_heldout(args, 99, tmp_path / "heldout")
+    model = ema_model(read_checkpoint(out / "last.pt"))
+
+    def cells(noise: float) -> list[float]:
+        report = evaluate(model, torch.as_tensor(heldout.inputs).long(), to_training_labels(heldout.labels),
+                          [1, 2], seed=99, noise=noise)
+        return [r["cell"] for r in report["by_depth"]]
+
+    assert cells(0.0) != cells(3.0)  # a noise this large changes answers, so the test can tell them apart
+    root = tmp_path / "bundled"
+    card = make_bundle(out, "quiet", args, heldout_seed=99, depths=[1, 2], summary="toy", root=root)
+    assert card["evaluation"]["noise_scale"] == 0.0
+    assert [r["cell"] for r in card["accuracy_by_depth"]] == cells(0.0)
+    assert "breadth 1, noise off)" in (root / "quiet" / "card.md").read_text()
+    noisy = make_bundle(out, "noisy", args, heldout_seed=99, depths=[1, 2], summary="toy", root=root, noise=3.0)
+    assert [r["cell"] for r in noisy["accuracy_by_depth"]] == cells(3.0)
+    assert "breadth 1, noise on)" in (root / "noisy" / "card.md").read_text()
+    assert [r["cell"] for r in remeasure("noisy", root=root)["accuracy_by_depth"]] == cells(3.0)
+    switched = remeasure("noisy", root=root, noise=0.0)
+    assert switched["evaluation"]["noise_scale"] == 0.0 and [r["cell"] for r in switched["accuracy_by_depth"]] == cells(0.0)
+
+
 def test_init_from_starts_a_new_run_from_earlier_weights_and_keeps_its_history(tmp_path: Path) -> None:
     from eqr.training.bundle import run_chain
 

@@ -3,7 +3,9 @@
 The held-out set is made by `eqr data generate` (the exact arguments go into the card) with a
 seed no training batch used; the card's numbers are measured on it with the EMA weights:
 exact accuracy by depth, steps-to-stable-answer by difficulty tier, and the steps the runtime's
-gating spends by difficulty (adaptive compute).
+gating spends by difficulty (adaptive compute). Accuracy by depth is measured from a random
+initial state with path noise off (the map the runtime iterates) unless `--noise` says otherwise;
+the card records the sigma, and `remeasure` keeps it.
 
     python -m eqr.training.bundle make RUN_DIR NAME --heldout "--task sudoku --size 4 --n 1000 --split test" \\
         --heldout-seed 1000
@@ -50,9 +52,10 @@ def generate_heldout(args: Sequence[str], seed: int, out: Path) -> Any:
 
 
 def measure(model: EqRModel, inputs: np.ndarray, labels: np.ndarray, tiers: Sequence[str],
-            depths: Sequence[int], seed: int, groups: dict[str, Sequence[str]] | None = None) -> dict[str, Any]:
+            depths: Sequence[int], seed: int, groups: dict[str, Sequence[str]] | None = None,
+            noise: float | None = None) -> dict[str, Any]:
     return evaluate(model, torch.as_tensor(inputs).long(), to_training_labels(labels), depths, seed=seed,
-                    tiers=list(tiers), groups=groups)
+                    tiers=list(tiers), groups=groups, noise=noise)
 
 
 def steps_to_settle(model: EqRModel, inputs: np.ndarray, labels: np.ndarray, groups: dict[str, Sequence[str]],
@@ -128,7 +131,7 @@ def run_chain(meta: dict[str, Any]) -> list[dict[str, Any]]:
 
 def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_seed: int, depths: Sequence[int],
                 summary: str, notes: Sequence[str] = (), force: bool = False,
-                root: Path | None = None) -> dict[str, Any]:
+                root: Path | None = None, noise: float = 0.0) -> dict[str, Any]:
     ckpt = read_checkpoint(run_dir / CHECKPOINT_NAME)
     meta = ckpt.metadata
     if ckpt.ema is None:
@@ -157,7 +160,7 @@ def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_s
             "train_config": train_config,
             "curve": training_curve(run_dir),
         },
-    } | measure_card(model, name, heldout_args, heldout_seed, depths)
+    } | measure_card(model, name, heldout_args, heldout_seed, depths, noise)
     generate_args = card["heldout"]["generate_args"]
     metadata = meta | {"task": dict(meta.get("task") or {}) | {"generate_args": generate_args}, "card": card["claim"]}
     target.mkdir(parents=True, exist_ok=True)
@@ -180,15 +183,17 @@ def ema_model(ckpt: Any) -> EqRModel:
 
 
 def measure_card(model: EqRModel, name: str, heldout_args: Sequence[str], heldout_seed: int,
-                 depths: Sequence[int]) -> dict[str, Any]:
+                 depths: Sequence[int], noise: float) -> dict[str, Any]:
     """The card's measured part, on a held-out set made by `eqr data generate ARGS --seed SEED`:
-    accuracy by depth, steps to a stable answer and the runtime's gated steps by difficulty."""
+    accuracy by depth and steps to a stable answer (path noise sigma `noise`), and the runtime's
+    gated steps by difficulty (always noise-free: the exported step has no noise)."""
     with tempfile.TemporaryDirectory() as tmp:
         heldout = generate_heldout(heldout_args, heldout_seed, Path(tmp))
     task = heldout.task
     tiers = [str(t) for t in task.tier_of(heldout.inputs)]
     groups = difficulty_groups(task, heldout.inputs)
-    report = measure(model, heldout.inputs, heldout.labels, tiers, depths, seed=heldout_seed, groups=groups)
+    report = measure(model, heldout.inputs, heldout.labels, tiers, depths, seed=heldout_seed, groups=groups,
+                     noise=noise)
     settle = steps_to_settle(model, heldout.inputs, heldout.labels, {"tier": tiers} | groups, max(depths),
                              heldout_seed)
     order = {tier: i for i, tier in enumerate(task.tiers)}
@@ -199,7 +204,7 @@ def measure_card(model: EqRModel, name: str, heldout_args: Sequence[str], heldou
         "heldout": {"generate_args": generate_args, "seed": heldout_seed, "n": len(heldout.inputs),
                     "data_command": " ".join(["eqr data generate", *map(shlex.quote, generate_args),
                                               "--seed", str(heldout_seed), "--out", f"heldout/{name}"])},
-        "evaluation": {"noise_scale": model.config.noise_scale, "initial_state_std": model.config.H_init_std,
+        "evaluation": {"noise_scale": noise, "initial_state_std": model.config.H_init_std,
                        "breadth": 1, "seed": heldout_seed,
                        "loop": "eqr.training.evaluate: exactly D outer steps of model.step from a random state"},
         "accuracy_by_depth": report["by_depth"],
@@ -211,10 +216,11 @@ def measure_card(model: EqRModel, name: str, heldout_args: Sequence[str], heldou
     }
 
 
-def remeasure(name: str, root: Path | None = None) -> dict[str, Any]:
+def remeasure(name: str, root: Path | None = None, noise: float | None = None) -> dict[str, Any]:
     """Re-run the measured part of a bundle's card from its shipped weights (same held-out
-    arguments, seed and depths), e.g. after the evaluation gained a measure. The training
-    record and the precision report section are kept."""
+    arguments, seed, depths and, unless `noise` is given, the path noise the card records), e.g.
+    after the evaluation gained a measure. The training record and the precision report section
+    are kept."""
     from eqr.calibration.card import with_precision_section
 
     target = (root or bundled_dir()) / name
@@ -222,7 +228,8 @@ def remeasure(name: str, root: Path | None = None) -> dict[str, Any]:
     ckpt = read_checkpoint(target / "model.pt")
     depths = [int(row["depth"]) for row in card["accuracy_by_depth"]]
     heldout = card["heldout"]
-    card |= measure_card(ema_model(ckpt), name, heldout["generate_args"], int(heldout["seed"]), depths)
+    noise = float(card["evaluation"]["noise_scale"]) if noise is None else noise
+    card |= measure_card(ema_model(ckpt), name, heldout["generate_args"], int(heldout["seed"]), depths, noise)
     if ckpt.metadata.get("card") != card["claim"]:
         save_checkpoint(target / "model.pt", ckpt.config, ckpt.model, ckpt.ema, ckpt.metadata | {"card": card["claim"]})
     text = render_card(card)
@@ -260,7 +267,7 @@ def render_card(card: dict[str, Any]) -> str:
         f"- wall time {tr['wall_time_s'] / 60:.1f} min of training in total ({tr['machine']})",
         f"- model: {card['model']['parameters']:,} parameters, preset {card['model']['preset']}, "
         f"weights {card['model']['weights']}, file {card['model'].get('file_bytes', 0) / 1024:.0f} KiB",
-        "", "## Exact accuracy by depth (held-out, breadth 1, noise on)", "",
+        "", f"## Exact accuracy by depth (held-out, breadth 1, {_noise_words(card['evaluation'])})", "",
         "| depth | exact | cell |", "|---:|---:|---:|",
     ]
     lines += [f"| {r['depth']} | {100 * r['exact']:.1f}% | {100 * r['cell']:.1f}% |" for r in card["accuracy_by_depth"]]
@@ -290,6 +297,11 @@ def render_card(card: dict[str, Any]) -> str:
                   + " | ".join(f"{100 * c['exact_by_depth'].get(d, float('nan')):.1f}" for d in depths) + " |"
                   for c in tr["curve"]]
     return "\n".join(lines) + "\n"
+
+
+def _noise_words(evaluation: dict[str, Any]) -> str:
+    """How a card names its accuracy measurement's path noise."""
+    return "noise on" if float(evaluation["noise_scale"]) else "noise off"
 
 
 def _settle_lines(settle: dict[str, Any]) -> list[str]:
@@ -326,9 +338,12 @@ def main() -> None:
 @click.option("--depths", default="1,2,4,8,16,32,64", show_default=True, help="Depths to report.")
 @click.option("--summary", default="", help="One paragraph for the card.")
 @click.option("--note", "notes", multiple=True, help="A line for the card's Notes section (repeatable).")
+@click.option("--noise", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="Path noise sigma of the accuracy-by-depth measurement (0: the noise-free map the runtime "
+                   "iterates; the training noise_scale reproduces the official evaluation).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 def make(run_dir: Path, name: str, heldout: str, heldout_seed: int, depths: str, summary: str, notes: tuple[str, ...],
-         force: bool) -> None:
+         noise: float, force: bool) -> None:
     """Bundle RUN_DIR's EMA model as eqr/bundled/NAME with a measured model card.
 
     \b
@@ -337,20 +352,24 @@ def make(run_dir: Path, name: str, heldout: str, heldout_seed: int, depths: str,
           --heldout "--task sudoku --size 4 --blanks 4:16 --n 1000 --split test" --heldout-seed 1000
     """
     card = make_bundle(run_dir, name, shlex.split(heldout), heldout_seed, [int(d) for d in depths.split(",")],
-                       summary, notes, force)
+                       summary, notes, force, noise=noise)
     click.echo(render_card(card))
 
 
 @main.command("remeasure")
 @click.argument("name")
-def remeasure_command(name: str) -> None:
-    """Re-measure bundled model NAME's card from its shipped weights (same held-out set and depths).
+@click.option("--noise", type=click.FloatRange(min=0.0), default=None,
+              help="Path noise sigma of the accuracy-by-depth measurement  [default: the card's]")
+def remeasure_command(name: str, noise: float | None) -> None:
+    """Re-measure bundled model NAME's card from its shipped weights (same held-out set, depths
+    and path noise unless --noise is given).
 
     \b
     Example:
       python -m eqr.training.bundle remeasure sudoku-small
+      python -m eqr.training.bundle remeasure sudoku-small --noise 0
     """
-    click.echo(render_card(remeasure(name)))
+    click.echo(render_card(remeasure(name, noise=noise)))
 
 
 if __name__ == "__main__":

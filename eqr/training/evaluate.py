@@ -1,7 +1,8 @@
 """Held-out evaluation of a model at several depths, and how fast each answer settles.
 
 A simple loop over `model.step` (the runtime's solver is for deployment; here we need every
-step's prediction). Noise and random initial states stay on, as in official evaluation.
+step's prediction). Random initial states always; path noise on by default, as in official
+evaluation (`noise=0.0` measures the noise-free map the runtime iterates).
 """
 from __future__ import annotations
 
@@ -53,11 +54,12 @@ def steps_to_stable(preds: torch.Tensor) -> torch.Tensor:
 
 def evaluate(model: EqRModel, inputs: torch.Tensor, labels: torch.Tensor, depths: Sequence[int], seed: int,
              tiers: Sequence[str] | None = None, batch_size: int = 256,
-             groups: dict[str, Sequence[str]] | None = None) -> dict[str, Any]:
+             groups: dict[str, Sequence[str]] | None = None, noise: float | None = None) -> dict[str, Any]:
     """Exact and cell accuracy at each depth; steps-to-stable-answer by tier (if tiers are given)
-    and by any other labelling in `groups` (name -> one label per puzzle), e.g. maze path length."""
+    and by any other labelling in `groups` (name -> one label per puzzle), e.g. maze path length.
+    noise: path noise sigma (None: the model's training noise_scale)."""
     depths = sorted(set(int(d) for d in depths))
-    preds = trajectory_predictions(model, inputs, depths[-1], seed, batch_size)  # [N, B, L]
+    preds = trajectory_predictions(model, inputs, depths[-1], seed, batch_size, noise)  # [N, B, L]
     exact = exact_by_step(preds, labels)  # [N, B]
     valid = labels != IGNORE_LABEL
     cell = ((preds.long() == labels) & valid).sum(-1) / valid.sum(-1).clamp_min(1)  # [N, B]
