@@ -9,7 +9,7 @@ from typing import Any
 import click
 import numpy as np
 
-from eqr.artifact import CASCADES, PRECISIONS
+from eqr.artifact import CASCADES, PRECISIONS, describe_rule
 from eqr.calibration.config import METHODS, CalibConfig, ReportConfig, parse_ints
 from eqr.cli_options import Progress, backend_option, calib_data_option, force_option, out_option, output_options, \
     precision_option
@@ -124,15 +124,9 @@ def calibrate(export_dir: str, calib_data: str | None, puzzles: int, starts: int
 
 def rule_text(stopping: dict[str, Any]) -> str:
     """One line: the rule, then its held-out accuracy and mean steps against the best fixed depth."""
-    rule, held = stopping["rule"], stopping["heldout"]
-    parts = [f"max_steps {rule['max_steps']}"]
-    if rule.get("tol") is not None:
-        parts.append(f"tol {rule['tol']:.3g} x{rule['patience']}")
-    if rule.get("window") is not None:
-        parts.append(f"window {rule['window']}")
-    if rule.get("q_halt"):
-        parts.append(f"q_halt > {rule['q_halt_threshold']:g} x{rule['patience']}")
-    return (f"{', '.join(parts)}: held-out {held['accuracy']:.1f}% at {held['mean_steps']:.2f} mean steps "
+    held = stopping["heldout"]
+    return (f"{describe_rule(stopping['rule'])}: held-out {held['accuracy']:.1f}% at {held['mean_steps']:.2f} "
+            f"mean steps "
             f"(fixed depth {held['fixed_depth']}, the best on the fitting half: {held['fixed_depth_accuracy']:.1f}%; "
             f"{held['puzzles']} puzzles)")
 

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from eqr.artifact import describe_rule
 from eqr.io import atomic_open, atomic_write_text
 
 PLOTS = {"decision": "accuracy_vs_speed.png", "accuracy": "accuracy_vs_depth.png", "residual": "residual_curves.png",
@@ -110,16 +111,7 @@ def decision_rows(report: dict[str, Any]) -> list[list[str]]:
 
 
 def rule_words(rule: dict[str, Any]) -> str:
-    if not rule:
-        return "n/a"
-    parts = [f"cap {rule.get('max_steps')}"]
-    if rule.get("tol") is not None:
-        parts.append(f"tol {rule['tol']:.2g}x{rule.get('patience')}")
-    if rule.get("window") is not None:
-        parts.append(f"window {rule['window']}")
-    if rule.get("q_halt"):
-        parts.append(f"q_halt>{rule.get('q_halt_threshold', 0):g}x{rule.get('patience')}")
-    return ", ".join(parts)
+    return describe_rule(rule) if rule else "n/a"
 
 
 def _size(n: int | None) -> str:

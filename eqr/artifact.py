@@ -230,6 +230,18 @@ def stopping_rules(manifest: dict[str, Any], where: str | os.PathLike[str]) -> d
     return rules
 
 
+def describe_rule(rule: dict[str, Any]) -> str:
+    """A stopping rule (RULE_FIELDS) in a few words: 'max 32 steps, tol 0.001 x2, window 4'."""
+    parts = [f"max {rule.get('max_steps')} steps"]
+    if rule.get("tol") is not None:
+        parts.append(f"tol {rule['tol']:.3g} x{rule.get('patience')}")
+    if rule.get("window") is not None:
+        parts.append(f"window {rule['window']}")
+    if rule.get("q_halt"):
+        parts.append(f"q_halt > {rule.get('q_halt_threshold') or 0:g} x{rule.get('patience')}")
+    return ", ".join(parts)
+
+
 def graph_metadata(manifest: dict[str, Any], precision: str) -> dict[str, str]:
     """The ONNX metadata_props a step graph of `precision` carries."""
     return {METADATA_KEY: manifest_text(manifest), PRECISION_KEY: precision}

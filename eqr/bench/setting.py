@@ -13,6 +13,7 @@ from typing import Any
 import click
 import numpy as np
 
+from eqr.artifact import RULE_FIELDS, describe_rule
 from eqr.bench.config import BenchConfig
 from eqr.errors import EqRError
 
@@ -102,7 +103,7 @@ def mixed_puzzles(task: Any, n: int, seed: int, tiers: bool = True) -> PuzzleSet
 
 
 def exact_correct(preds: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """bool (P,): every non-PAD label matched (labels cover the givens too, spec 8.11)."""
+    """bool (P,): every non-PAD label matched (labels cover the givens too, docs/training.md#losses)."""
     from eqr.tasks import PAD_ID
 
     return ((preds == labels) | (labels == PAD_ID)).all(axis=1)
@@ -135,14 +136,7 @@ def puzzle_set(setting: Setting) -> PuzzleSet:
 
 def rule_text(cfg: Any) -> str:
     """The gating of a SolveConfig in a few words."""
-    parts = [f"max {cfg.max_steps} steps"]
-    if cfg.tol is not None:
-        parts.append(f"tol {cfg.tol:.3g} x{cfg.patience}")
-    if cfg.window is not None:
-        parts.append(f"window {cfg.window}")
-    if cfg.q_halt:
-        parts.append(f"q_halt > {cfg.q_halt_threshold:g} x{cfg.patience}")
-    return ", ".join(parts)
+    return describe_rule({name: getattr(cfg, name) for name in RULE_FIELDS})
 
 
 def flops(setting: Setting) -> int:
