@@ -17,7 +17,7 @@ METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_OP_TYPES = ("MatMul", "Gemm")
 # Geometric depths from the random start to (near) the fixed point.
 DEFAULT_DEPTHS = (1, 2, 4, 8, 16, 32)
-# Goal of the issue: FP16 within 0.5 points of FP32, INT8 within 2.
+# Default accuracy budget: FP16 within 0.5 points of FP32, INT8 within 2.
 DEFAULT_MAX_DROP = {"fp32": 0.5, "fp16": 0.5, "int8": 2.0}  # fp32: other backends vs the reference
 # Relative finite-difference step of the contraction estimate: far above each precision's
 # round-off (an INT8 step is piecewise constant below its quantization scale).

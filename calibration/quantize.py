@@ -7,7 +7,7 @@ their input activations; residual adds, damping, norms, the state path and the o
 FP32 (quantizing every op was slower and 6-16% off after 100 steps on a toy block).
 
 ONNX Runtime ignores bin settings of the entropy/percentile calibrators unless passed the
-right way (deployment spec: entropy once gave exactly the MinMax scales), so every non-MinMax
+right way (entropy once gave exactly the MinMax scales; docs/formats.md#precision-graphs), so every non-MinMax
 build is checked against a MinMax build of the same data: `scale_change` says how much the
 method really moved the activation scales.
 """

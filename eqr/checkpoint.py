@@ -5,7 +5,7 @@ eqr format: one `torch.save` dict, written atomically and read with `weights_onl
      "model": state dict, "ema": state dict or None, "metadata": JSON-able dict,
      "train_state": optional plain containers and tensors (training resume)}
 
-Official EqR files (spec 1.10) pickle their training carry as `models.eqr.*` dataclasses and
+Official EqR files (docs/formats.md#checkpoints) pickle their training carry as `models.eqr.*` dataclasses and
 hold numpy RNG arrays. They are read with torch's weights-only unpickler after a scan of the
 pickle's globals: official carry classes load as inert `OfficialObject` placeholders, numpy
 arrays load through an explicit allow-list, and any other global is refused by name.
@@ -133,7 +133,7 @@ def _short(e: BaseException) -> str:
 
 # --------------------------------------------------------------------------- official layout
 
-# Official parameter names (spec 1.9, after prefix stripping) -> eqr names. Every key must
+# Official parameter names (docs/formats.md#checkpoints, after prefix stripping) -> eqr names. Every key must
 # match one row; the fused gate|up and q|k|v layouts are kept as they are.
 OFFICIAL_KEY_MAP: list[tuple[str, str]] = [
     (r"embed_tokens\.embedding_weight", r"embed.weight"),

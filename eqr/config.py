@@ -1,4 +1,4 @@
-"""Configuration dataclasses and the official presets (spec eqr.md section 1.8).
+"""Configuration dataclasses and the official presets (docs/training.md#recipes).
 
 `ModelConfig` holds everything that defines the step f(z, x); `TrainConfig` holds the
 training recipe. Both are frozen, saved as plain JSON-able dicts with `asdict`, and rebuilt
@@ -87,7 +87,7 @@ class TrainConfig(JsonConfig):
     """The training recipe. Defaults are the official `cfg_pretrain.yaml` / `eqr_sudoku.yaml`."""
 
     global_batch_size: int = 768
-    epochs: int = 50_000  # = optimizer steps (one batch per epoch, spec 2.3)
+    epochs: int = 50_000  # = optimizer steps (one batch per epoch, docs/training.md#optimizer-and-schedule)
     lr: float = 1e-4
     lr_warmup_steps: int = 2000
     lr_min_ratio: float = 1.0  # 1.0: constant after warmup
@@ -101,7 +101,7 @@ class TrainConfig(JsonConfig):
     seed: int = 0
     q_loss_weight: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)  # recipe knobs of small CPU presets
-    # --- CPU recipe (spec cpu-training.md); the defaults are the official behaviour.
+    # --- CPU recipe (docs/training.md#recipes); the defaults are the official behaviour.
     # Curriculum stages, easiest first: {"options": task.generate options (e.g. {"blanks": [1, 4]}),
     # "halt_max_steps": N_sup in this stage (optional; ModelConfig.halt_max_steps otherwise)}.
     curriculum: tuple[dict[str, Any], ...] = ()
@@ -120,7 +120,7 @@ class TrainConfig(JsonConfig):
                            f"got {self.global_batch_size}, {self.epochs}")
 
 
-# Official presets (spec 1.8). seq_len / vocab come from the data sets: Sudoku-Extreme 81 / 11,
+# Official presets (docs/training.md#recipes). seq_len / vocab come from the data sets: Sudoku-Extreme 81 / 11,
 # Maze-Unique 30x30 900 / 6.
 PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "paper-sudoku": (
@@ -131,7 +131,7 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
         ModelConfig(seq_len=900, vocab_size=6, hidden_size=128, L_layers=1, H_cycles=3, L_cycles=4, mlp_t=False),
         TrainConfig(epochs=100_000),
     ),
-    # Small CPU recipes (spec cpu-training.md): small init std, short N_sup ramped up by a
+    # Small CPU recipes (docs/training.md#recipes): small init std, short N_sup ramped up by a
     # curriculum that starts at trivial puzzles, lr x10 with weight decay /10 (same lr * wd).
     # seq_len / vocab are the task's; the task is named in TrainConfig.extra["task"].
     "tiny": (

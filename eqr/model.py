@@ -1,7 +1,7 @@
 """The Equilibrium Reasoner step f(z, x): one weight-tied block stack, iterated by the caller.
 
-References: spec eqr.md section 1 (the official `locuslab/EqR` models/eqr.py and
-models/layers.py, written anew from the spec), TRM for the H/L schedule. This file owns only
+The math is described in docs/algorithm.md#the-step-f (written anew from the official
+`locuslab/EqR` models/eqr.py and models/layers.py; TRM for the H/L schedule). This file owns only
 the math of one outer step; loops over outer steps live in `eqr.runtime` (inference) and
 `eqr.training` (deep supervision).
 
@@ -29,7 +29,7 @@ _Z = math.erf(_TRUNC / math.sqrt(2.0))
 
 def trunc_normal(shape: tuple[int, ...], std: float, generator: torch.Generator | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
-    """Compensated truncated normal: std exactly `std`, support +-2.2737 std (spec 1.7)."""
+    """Compensated truncated normal: std exactly `std`, support +-2.2737 std (docs/algorithm.md#initial-states)."""
     if std == 0:
         return torch.zeros(shape, dtype=dtype, device=device)
     c = std * TRUNC_NORMAL_SCALE
@@ -168,7 +168,8 @@ class ReasoningBlock(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.mlp_t:
             t = h.transpose(1, 2)  # [B, D, L]
-            t = rms_norm(t + self.token_mlp(t), self.eps)  # normalised over tokens (spec 8.1)
+            # normalised over tokens (docs/algorithm.md#the-block-stack)
+            t = rms_norm(t + self.token_mlp(t), self.eps)
             h = t.transpose(1, 2)  # [B, L, D]
         else:
             h = rms_norm(h + self.attn(h), self.eps)
@@ -190,7 +191,8 @@ class StepOutput(NamedTuple):
 
 
 class EqRModel(nn.Module):
-    """The weight-tied EqR network. `step` is one outer step (spec 1.5); callers own the loop."""
+    """The weight-tied EqR network. `step` is one outer step (docs/algorithm.md#the-hl-schedule);
+    callers own the loop."""
 
     def __init__(self, config: ModelConfig, seed: int = 0) -> None:
         super().__init__()
@@ -220,7 +222,7 @@ class EqRModel(nn.Module):
 
     def initial_state(self, batch_size: int, generator: torch.Generator | None = None,
                       device: torch.device | str | None = None) -> LatentState:
-        """Fresh i.i.d. truncated-normal z_H, z_L per sample, token and channel (spec 1.7)."""
+        """Fresh i.i.d. truncated-normal z_H, z_L per sample, token and channel (docs/algorithm.md#initial-states)."""
         shape = (batch_size, self.config.seq_len, self.config.hidden_size)
         z_H = trunc_normal(shape, self.config.H_init_std, generator, self.dtype, device)
         z_L = trunc_normal(shape, self.config.L_init_std, generator, self.dtype, device)
@@ -254,7 +256,8 @@ class EqRModel(nn.Module):
 
     def step(self, state: LatentState, tokens: torch.Tensor, noise: float = 0.0,
              generator: torch.Generator | None = None) -> StepOutput:
-        """One outer step: H_cycles latent recursions, gradient only through the last (spec 1.5)."""
+        """One outer step: H_cycles latent recursions, gradient only through the last
+        (docs/algorithm.md#the-hl-schedule)."""
         x = self.embed_input(tokens)  # [B, L, D]
         state = LatentState(state.z_H.to(self.dtype), state.z_L.to(self.dtype))
         with torch.no_grad():
@@ -270,7 +273,7 @@ class EqRModel(nn.Module):
 
 
 def flops_per_step(config: ModelConfig) -> int:
-    """Forward FLOPs (2 x multiply-accumulate) of one outer step for one sample (spec section 7)."""
+    """Forward FLOPs (2 x multiply-accumulate) of one outer step for one sample."""
     L, D, V = config.seq_len, config.hidden_size, config.vocab_size
 
     def swiglu_params(h: int) -> int:

@@ -137,7 +137,7 @@ def train(preset_name: str | None, out: Path, task_name: str | None, size: int |
           steps: int | None, batch: int | None, lr: float | None, seed: int | None, eval_interval: int | None,
           checkpoint_interval: int | None, noise_scale: float | None, max_minutes: float | None,
           init_from: Path | None, resume: bool, force: bool, quiet: bool) -> None:
-    """Train an EqR with rolling-batch deep supervision (spec section 2).
+    """Train an EqR with rolling-batch deep supervision (docs/training.md).
 
     Checkpoints are atomic: killing the process loses at most the steps since the last one.
     Metrics (train and held-out exact accuracy by depth) go to OUT/metrics.jsonl.

@@ -342,8 +342,8 @@ def cpu_threads(requested: int) -> Iterator[int]:
     """Run the checks on `requested` threads, or (0) on the cores the load average leaves idle.
 
     Spinning torch threads on busy cores collapse: measured here on 2 shared cores, a
-    paper-size step took 13.7 s on 2 threads and 1.7 s on 1 (deployment spec: "torch eager
-    collapsed"). ONNX Runtime sessions follow `torch.get_num_threads()`.
+    paper-size step took 13.7 s on 2 threads and 1.7 s on 1. ONNX Runtime sessions follow
+    `torch.get_num_threads()`.
     """
     previous = torch.get_num_threads()
     if requested:

@@ -1,6 +1,6 @@
 """FP16 step graph: FP16 compute, FP32 state I/O, the known overflow spots kept in FP32.
 
-Kept FP32 (deployment spec, FP16): every reduction with the ops that feed and finish it (the
+Kept FP32 (docs/formats.md#precision-graphs): every reduction with the ops that feed and finish it (the
 RMSNorm sum of squares, its eps and rsqrt; the residual norms), softmax, argmax, and the
 output heads (logits, preds, residual, logit_delta, q_halt: they read the FP16 state cast up,
 so the convergence scores are not rounded to FP16), and the `done` select of the state outputs

@@ -2,7 +2,7 @@
 
 The checks feed the step what it sees in deployment: puzzles of the model's task (generated
 by `eqr.tasks`: Sudoku grids with blanks, mazes with a start and a goal) and latent states recorded along noise-free
-FP32 trajectories from random initial states, at every depth (deployment spec, INT8).
+FP32 trajectories from random initial states, at every depth (docs/formats.md#precision-graphs).
 """
 from __future__ import annotations
 

@@ -77,7 +77,7 @@ def quantize_int8(onnx_path: str | os.PathLike[str], calib_feeds: Iterable[Feed]
     `calib_feeds` yields {"tokens", "z_H", "z_L"} numpy feeds; `method` estimates the activation
     ranges. The ranges are computed here, with the calibrator's histogram settings, and handed
     to `quantize_static` as a calibration cache: `quantize_static` drops `num_bins`, which made
-    its entropy calibrator return exactly the MinMax ranges (deployment spec, INT8).
+    its entropy calibrator return exactly the MinMax ranges (docs/formats.md#precision-graphs).
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static

@@ -34,7 +34,7 @@ class OnnxFromModel:
     """Loader: the noise-free `StepGraph` of `model` as an FP32 ONNX ModelProto, dynamic batch.
 
     Uses the TorchScript exporter (`dynamo=False`): its graph is the one ONNX Runtime fuses
-    RMSNorm in (deployment spec), and it keeps the weights inside the proto.
+    RMSNorm in (docs/formats.md#precision-graphs), and it keeps the weights inside the proto.
     """
 
     def __init__(self, model: EqRModel, opset: int) -> None:

@@ -48,7 +48,8 @@ def _answer_ids(preds: np.ndarray) -> np.ndarray:
 
 @register_aggregator("converged")
 def converged_top1(preds: np.ndarray, score: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """The paper's top-1 selection (spec 3.3): the lowest score; ties go to the earliest."""
+    """The paper's top-1 selection (docs/algorithm.md#breadth-and-aggregation): the lowest score;
+    ties go to the earliest."""
     masked = np.where(valid & np.isfinite(score), score, np.inf)
     chosen = masked.argmin(axis=1)
     fallback = first_valid(preds, score, valid)  # no finite score (e.g. cancelled at step 0)
@@ -57,7 +58,8 @@ def converged_top1(preds: np.ndarray, score: np.ndarray, valid: np.ndarray) -> n
 
 @register_aggregator("vote")
 def majority(preds: np.ndarray, score: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """The most frequent full answer among valid trajectories; ties go to the earliest (spec 8.7)."""
+    """The most frequent full answer among valid trajectories; ties go to the earliest
+    (docs/algorithm.md#breadth-and-aggregation)."""
     ids = _answer_ids(preds)
     P, K = ids.shape
     chosen = np.zeros(P, np.int64)

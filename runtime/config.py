@@ -26,7 +26,8 @@ class SolveConfig(JsonConfig):
     q_halt_threshold: float = 0.0  # the q_halt logit above which a step counts as "halt"
     fixed_depth: int | None = None  # the paper's protocol: exactly D steps, no gating at all
     agree: int | None = None  # stop a puzzle once this many of its trajectories converged to one answer
-    score_window: int = 3  # steps averaged in the `converged` score (mean logit_delta, spec 3.3)
+    # steps averaged in the `converged` score (mean logit_delta, docs/algorithm.md#breadth-and-aggregation)
+    score_window: int = 3
     stats: str = "final"  # "trace" adds (B, N) residual/logit_delta traces; "none"/"final": O(B) finals only
     compaction: bool = True  # drop settled rows from the batch (dynamic-shape backends only)
     # Precision cascade (a backend with two stages, e.g. int8+fp32): a row leaves the low-precision

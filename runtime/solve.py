@@ -5,7 +5,7 @@ working batch from the remaining rows (continuous batching); `Scheduler` drives 
 `run_loop` from a request queue. No other module loops over outer steps.
 
 Per step the host reads only residual, logit_delta, q_halt (B,) and preds (B, L); the state
-stays on the backend's device. A row stops (first rule that fires, in this order):
+stays on the backend's device. A row stops (first rule that fires, in this order; docs/algorithm.md#stopping-rules):
 
   diverged     residual or logit_delta is NaN/Inf: the state went non-finite. The row keeps its
                last finite preds and is dropped from its puzzle's vote; the batch carries on.
@@ -25,7 +25,7 @@ state stays on the device across the switch.
 
 The returned iterate is the LAST one (the state after the row's final step), not the
 lowest-residual one: stopping rules make the last iterate the settled one, and `converged`
-scoring (spec 3.3) is defined on the final steps.
+scoring (docs/algorithm.md#breadth-and-aggregation) is defined on the final steps.
 
 Listeners (both optional, both off for `solve`): `on_step` sees every running row's current
 preds after each step, from the host copies the loop reads anyway (no extra transfer, and no

@@ -18,8 +18,8 @@ needs no torch: each trajectory (puzzle i, breadth k) has its own generator seed
 
 Inference is noise-free: the exported step has no noise input, so every backend computes the
 same map and the residual can actually fall to a tolerance. The official evaluation keeps
-sigma = 0.01 path noise on (spec 3.1); our fixed-depth mode reproduces its depth and breadth
-protocol exactly, but without that noise.
+sigma = 0.01 path noise on; our fixed-depth mode reproduces its depth and breadth protocol
+exactly, but without that noise (docs/algorithm.md#the-official-evaluation-protocol-and-the-runtime).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Builders for official-layout EqR state dicts and checkpoint files (spec 1.9-1.10), for tests."""
+"""Builders for official-layout EqR state dicts and checkpoint files (docs/formats.md#checkpoints), for tests."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +13,8 @@ import torch
 from eqr.config import ModelConfig
 from eqr.model import EqRModel
 
-# eqr name -> official name, written out by hand from spec 1.9 (independent of OFFICIAL_KEY_MAP).
+# eqr name -> official name, written out by hand from the official key names
+# (docs/formats.md#checkpoints), independent of OFFICIAL_KEY_MAP.
 def official_name(key: str) -> str:
     fixed = {"embed.weight": "embed_tokens.embedding_weight", "lm_head.weight": "lm_head.weight",
              "q_head.weight": "q_head.weight", "q_head.bias": "q_head.bias"}

@@ -319,7 +319,9 @@ def accuracy_cases() -> list[str]:
     return bundled_names() or ["tiny"]
 
 
-PAPER_EVAL_DEPTH = 16  # the official evaluation's fixed depth (the paper models' training cap, spec 3.1)
+# the official evaluation's fixed depth, the paper models' training cap
+# (docs/algorithm.md#the-official-evaluation-protocol-and-the-runtime)
+PAPER_EVAL_DEPTH = 16
 
 
 @pytest.mark.parametrize("name", accuracy_cases())

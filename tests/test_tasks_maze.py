@@ -32,7 +32,7 @@ def test_generated_mazes_pass_the_validator(size):
 def test_layout_is_a_perfect_maze(size):
     task = get_task("maze", size)
     maze = task.generate(1, seed=0).inputs[0].reshape(size, size)
-    if size % 2 == 0:  # spec 2.1: the last row and column are walls
+    if size % 2 == 0:  # even N: the last row and column are walls (eqr/tasks/maze.py)
         assert (maze[-1] == WALL).all() and (maze[:, -1] == WALL).all()
     open_ = maze != WALL
     assert open_[::2, ::2].all()  # every lattice cell is open

@@ -17,7 +17,8 @@ import torch
 
 @dataclass
 class ReferenceRun:
-    """The official depth x breadth evaluation (spec 3.3b), with what every depth would have given.
+    """The official depth x breadth evaluation, with what every depth would have given
+    (docs/algorithm.md#the-official-evaluation-protocol-and-the-runtime).
 
     preds        uint8 (N, P*K, L)  argmax after every outer step, row p*K + k
     logit_delta  fp32  (N, P*K)     mean over positions of ||logits_t - logits_{t-1}||_2 (t = 1 uses
@@ -46,7 +47,7 @@ class ReferenceRun:
 @torch.inference_mode()
 def reference_solve(model: Any, tokens: np.ndarray, depth: int, breadth: int, batch_size: int, seed: int,
                     noise: float, progress: Callable[[int], None] | None = None) -> ReferenceRun:
-    """Spec 3.3b with torch eager: rows = each puzzle K times, random init, exactly D steps, noise on."""
+    """The official protocol with torch eager: rows = each puzzle K times, random init, exactly D steps, noise on."""
     rows = torch.as_tensor(tokens).long().repeat_interleave(breadth, dim=0)  # (P*K, L)
     R, L = rows.shape
     preds = np.empty((depth, R, L), np.uint8)

@@ -8,7 +8,7 @@
 
     from eqr.tasks.dataset import save_dataset, load_dataset, check_split   # HRM/EqR directories
     from eqr.tasks.io import read_puzzles        # text / csv / hrm files -> (line, tokens or error)
-    from eqr.tasks.sudoku import augment         # spec 2.2 isomorphs for any box shape
+    from eqr.tasks.sudoku import augment         # Sudoku isomorphs for any box shape
 
 Token ids are the official ones: Sudoku 0 PAD, 1 blank, 2..n+1 digits; maze 0 PAD, "# SGo" 1..5.
 """

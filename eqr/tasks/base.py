@@ -15,7 +15,7 @@ import numpy as np
 
 from eqr.errors import EqRError
 
-PAD_ID = 0  # padding token of every task (spec 2.1); labels equal to it are ignored by the loss
+PAD_ID = 0  # padding token of every task (docs/formats.md#token-ids); labels equal to it are ignored by the loss
 
 ProgressFn = Callable[[int], None]  # called with the number of newly finished puzzles
 

@@ -44,7 +44,7 @@ def _other_split_inputs(out: Path, split: str, seq_len: int) -> np.ndarray | Non
 
 @click.group()
 def data() -> None:
-    """Generate and check puzzle data sets (HRM/EqR layout, spec 2.1).
+    """Generate and check puzzle data sets (HRM/EqR layout, docs/formats.md#hrm).
 
     \b
     Examples:
@@ -67,7 +67,8 @@ def data() -> None:
 @click.option("--path-len", default=None, metavar="LO:HI",
               help="Maze: S-G shortest path length in moves (default scaled from 100:140 at 30x30).")
 @click.option("--augment", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Sudoku: add this many random isomorphs after each puzzle (spec 2.2; train splits).")
+              help="Sudoku: add this many random isomorphs after each puzzle (train splits; "
+                   "docs/training.md#data-and-curricula).")
 @force_option(help="Replace an existing split.")
 @output_options
 def generate(task_name: str, size: int | None, count: int, seed: int, out: Path, split: str, tier: str | None,
@@ -94,7 +95,7 @@ def generate(task_name: str, size: int | None, count: int, seed: int, out: Path,
     if task.name == "maze":
         options["path_len"] = _range_option(path_len, "--path-len")
         if augment:
-            raise EqRError("--augment is for sudoku (spec 2.2); mazes are not augmented")
+            raise EqRError("--augment is for sudoku; mazes are not augmented")
     elif path_len is not None:
         raise EqRError("--path-len is for mazes; sudoku takes --blanks")
     if (out / split / "dataset.json").exists() and not force:

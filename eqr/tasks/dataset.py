@@ -1,4 +1,4 @@
-"""The HRM/EqR data set directory (spec 2.1): write, read, check.
+"""The HRM/EqR data set directory (docs/formats.md#hrm): write, read, check.
 
     <root>/identifiers.json                      ["<blank>"]
     <root>/<split>/dataset.json                  metadata (+ "eqr_task": which task made it)

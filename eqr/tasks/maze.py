@@ -1,9 +1,9 @@
-"""Maze-Unique (spec 2.1) at any size N from 9 to 30.
+"""Maze-Unique (the official maze data set; docs/formats.md#token-ids) at any size N from 9 to 30.
 
 Tokens: 0 PAD, then the characters "# SGo" as 1..5 (wall, open, start, goal, path). S = N*N,
 row-major. A maze is a perfect (spanning-tree) maze carved by randomised depth-first search on
 the lattice of cells at even coordinates; the squares between two joined cells are opened and
-every other square is wall. For even N this is the spec's layout exactly (inner (N-1)x(N-1)
+every other square is wall. For even N this is the official data set's layout exactly (inner (N-1)x(N-1)
 grid, last row and column walls: N = 30 gives the official 15x15 cells); for odd N the lattice
 reaches the last row and column, so no row is wasted.
 

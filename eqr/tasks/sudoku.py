@@ -1,6 +1,6 @@
 """Sudoku for any box shape: 4x4 (2x2 boxes), 6x6 (2x3), 9x9 (3x3).
 
-Tokens (spec 2.1, Sudoku-Extreme): 0 PAD, 1 blank, 2..n+1 the digits 1..n, row-major; labels
+Tokens (docs/formats.md#token-ids, Sudoku-Extreme): 0 PAD, 1 blank, 2..n+1 the digits 1..n, row-major; labels
 are the full solved grid. Internally a grid is a list of cell values 0..n (0 blank).
 
 The solver keeps one candidate bitmask per cell (bit d-1 for digit d), propagates naked and
@@ -223,7 +223,7 @@ class Solver:
 
 
 # --------------------------------------------------------------------------------------------
-# Isomorphs (spec 2.2, generalised to box shapes)
+# Isomorphs (docs/training.md#data-and-curricula, generalised to box shapes)
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ class Transform:
 
 
 def random_transform(size: int, rng: np.random.Generator) -> Transform:
-    """Spec 2.2: relabel digits; transpose with p=0.5 (square boxes only: a 2x3 box would become
+    """Relabel digits; transpose with p=0.5 (square boxes only: a 2x3 box would become
     3x2); permute bands and the rows inside each band, stacks and the columns inside each."""
     geo = geometry(size)
     token_map = np.concatenate([[PAD_ID, BLANK_ID], 2 + rng.permutation(size)]).astype(np.uint8)
@@ -256,7 +256,7 @@ def random_transform(size: int, rng: np.random.Generator) -> Transform:
 
 
 def augment(inputs: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One random isomorph per row (spec 2.2), the same transform for a puzzle and its solution.
+    """One random isomorph per row, the same transform for a puzzle and its solution.
 
     inputs, labels: uint8 [L] or [N, L] with L = n*n; returns arrays of the same shapes.
     """
@@ -277,7 +277,7 @@ def augment(inputs: np.ndarray, labels: np.ndarray, rng: np.random.Generator) ->
 
 def augment_groups(inputs: np.ndarray, labels: np.ndarray, copies: int,
                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each puzzle followed by `copies` augmented variants (spec 2.1/2.2 train layout).
+    """Each puzzle followed by `copies` augmented variants (the group layout of docs/formats.md#hrm).
 
     Returns inputs, labels [N * (1 + copies), L] and group offsets int32 [N + 1].
     """

@@ -1,4 +1,4 @@
-"""EqR training (spec eqr.md section 2): rolling-batch deep supervision, stablemax + q-halt losses,
+"""EqR training (docs/training.md): rolling-batch deep supervision, stablemax + q-halt losses,
 AdamATan2, EMA, curriculum, atomic resumable checkpoints, torchrun (gloo) data parallelism.
 
     losses.py    stablemax cross-entropy (fp64), q-halt BCE

@@ -3,8 +3,9 @@
 Two sources share one interface, `batch(step, size, options) -> (inputs, labels)`, both
 [B, L] int64 with ignored positions labelled -100:
 
-* `ArraySource`: a fixed data set (spec 2.3): each epoch is a seeded permutation of the
-  puzzle groups, one random member per group, batches filled in order, the short tail dropped.
+* `ArraySource`: a fixed data set (docs/training.md#data-and-curricula): each epoch is a
+  seeded permutation of the puzzle groups, one random member per group, batches filled in
+  order, the short tail dropped.
 * `GeneratedSource`: fresh puzzles from an `eqr.tasks` task, seeded by (seed, step), with the
   current curriculum stage's options (e.g. sudoku `blanks`, maze `path_len`).
 """
@@ -19,7 +20,7 @@ import torch
 from eqr.errors import EqRError
 from eqr.training.losses import IGNORE_LABEL
 
-IGNORE_LABEL_ID = 0  # label id that means "no label" in the HRM/EqR data layout (spec 2.1)
+IGNORE_LABEL_ID = 0  # label id that means "no label" in the HRM/EqR data layout (docs/formats.md#hrm)
 
 
 class BatchSource(Protocol):

@@ -1,4 +1,4 @@
-"""Exponential moving average of the trainable parameters (spec eqr.md 2.8).
+"""Exponential moving average of the trainable parameters (docs/training.md#optimizer-and-schedule).
 
 Unlike the official code, the shadow is saved in checkpoints and restored on resume.
 """

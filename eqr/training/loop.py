@@ -1,4 +1,5 @@
-"""Deep-supervision training with a rolling batch (spec eqr.md 2.4-2.8), resumable and distributed.
+"""Deep-supervision training with a rolling batch, resumable and distributed
+(docs/training.md#deep-supervision-with-a-rolling-batch).
 
 Every optimizer step runs one outer step for every row of a persistent carry. Rows that halted
 on the previous step are refilled from the step's batch with a fresh random state; the others
@@ -234,7 +235,8 @@ class Trainer:
 
     @staticmethod
     def _halted(steps: torch.Tensor, q_halt: torch.Tensor, n_sup: int, min_steps: torch.Tensor) -> torch.Tensor:
-        """[B] halt at the N_sup cap, or once q_halt > 0 but not before the exploration minimum (spec 1.6)."""
+        """[B] halt at the N_sup cap, or once q_halt > 0 but not before the exploration minimum
+        (docs/training.md#halting-and-exploration)."""
         halted = steps >= n_sup
         if n_sup > 1:
             halted |= q_halt > 0

@@ -1,4 +1,4 @@
-"""Deep-supervision losses (spec eqr.md 2.5): stablemax cross-entropy in fp64 and the q-halt BCE.
+"""Deep-supervision losses (docs/training.md#losses): stablemax cross-entropy in fp64 and the q-halt BCE.
 
 Both return sums over the batch; the caller divides by the global batch size, so that summing
 gradients over ranks gives the single-process gradient.

@@ -1,4 +1,4 @@
-"""AdamATan2 in pure torch and the learning-rate schedule (spec eqr.md 2.7).
+"""AdamATan2 in pure torch and the learning-rate schedule (docs/training.md#optimizer-and-schedule).
 
 AdamATan2 replaces Adam's m / (sqrt(v) + eps) by atan2(m, sqrt(v)): bounded steps, no eps.
 Weight decay is decoupled and scaled by the learning rate, on every parameter (as official).

@@ -102,7 +102,7 @@ class OrtBackend(Backend):
         if threads:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        # Spinning threads starve everything else on a shared or small machine (spec deployment.md).
+        # Spinning threads starve everything else on a shared or small machine.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # The CPU arena kept ~113 MiB more per batch-256 step as shapes shrank under compaction.
         options.enable_cpu_mem_arena = False

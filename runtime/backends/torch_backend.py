@@ -2,8 +2,9 @@
 
 State stays as torch tensors on the model's device; this is the semantics every other backend
 is compared against. It is the runtime's one door to torch and the model: checkpoints, bundled
-names and presets resolve to an `Artifact` here (`checkpoint_artifact`). fp32 only (torch CPU half precision is ~6x slower than fp32, spec
-deployment.md); lower precisions run through ONNX Runtime or TensorRT.
+names and presets resolve to an `Artifact` here (`checkpoint_artifact`). fp32 only (torch CPU
+half precision is ~6x slower than fp32, docs/performance.md); lower precisions run through ONNX
+Runtime or TensorRT.
 """
 from __future__ import annotations
 
