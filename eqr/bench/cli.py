@@ -20,7 +20,7 @@ from eqr.artifact import CASCADES, PRECISIONS
 
 @click.command()
 @click.option("--model", default=None, help="Bundled model, checkpoint or preset [default: the bundled model "
-              f"where puzzle difficulty varies (sudoku-6x6, else maze-small); {FALLBACK_MODEL} (fresh weights) while none is bundled].")
+              f"where puzzle difficulty varies (maze-small); {FALLBACK_MODEL} (fresh weights) while none is bundled].")
 @click.option("--paper", is_flag=True, help=f"reference_vs_runtime (or the --only measurements) on {PAPER_MODEL} "
               "(hidden 512) with random weights for a few steps: the per-step cost at paper scale.")
 @click.option("--only", "only", multiple=True, type=click.Choice(MEASUREMENTS), help="Run only these (repeatable).")

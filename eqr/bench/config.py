@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 from eqr.errors import EqRError
 
-# The bundled models where puzzle difficulty varies, preferred in this order; then any bundled
-# model, then FALLBACK_MODEL.
-DEFAULT_MODELS = ("sudoku-6x6", "maze-small")
+# The bundled models where puzzle difficulty varies, preferred in this order (a 6x6 Sudoku model
+# goes first once it ships); then any bundled model, then FALLBACK_MODEL.
+DEFAULT_MODELS = ("maze-small",)
 FALLBACK_MODEL = "cpu-sudoku-4x4"  # a preset (fresh weights) used until bundled models exist
 PAPER_MODEL = "paper-sudoku"
 PAPER_HIDDEN = 512  # step_efficiency's goal is defined at this width (the paper's model)
