@@ -210,10 +210,12 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig,
                 update_manifest(export_dir, precision, entry)
             entries[precision] = entry
             advance(1)
-    # Every graph this run touched describes itself (a copy of it runs like this directory, with
-    # every precision's stopping rule); its own hash cannot be inside it, so manifest.json records
-    # that after the metadata is written.
-    for precision in measured:
+    # Every graph this run built describes itself (a copy of it runs like this directory, with every
+    # precision's stopping rule); its own hash cannot be inside it, so manifest.json records that
+    # after the metadata is written. Graphs `eqr export` wrote (fp32 included) keep their bytes: the
+    # engines built from them and calib.npz's provenance name their hashes; their stopping rules
+    # live in manifest.json.
+    for precision in build:
         path = root / PRECISIONS[precision].onnx
         manifest = with_precision(read_manifest(export_dir), precision, {})  # a copy
         manifest["precisions"][precision].pop("sha256", None)
