@@ -14,7 +14,17 @@ class CheckpointError(EqRError):
 # Optional packages -> the pyproject extra that installs them (`pip install 'eqr[EXTRA]'`).
 # `pip install eqr` is the runtime alone: numpy, click and onnx (reading step graphs), no engine.
 EXTRAS = {"torch": "export", "polygraphy": "export", "onnx_graphsurgeon": "export", "matplotlib": "export",
-          "onnxruntime": "cpu", "tensorrt": "tensorrt", "cuda": "tensorrt"}  # cuda: cuda-python
+          "jinja2": "export", "onnxruntime": "cpu", "tensorrt": "tensorrt", "cuda": "tensorrt",  # cuda: cuda-python
+          "tritonclient": "serve", "pytriton": "serve"}
+
+
+class RequestError(EqRError):
+    """A request a Scheduler cannot serve (it does not fit, or the model is not ready): the
+    request's own error, not a fault of the backend on its puzzles."""
+
+
+class NotReady(RequestError):
+    """A Scheduler that stopped serving after repeated backend faults (docs/serving.md)."""
 
 
 class MissingExtra(EqRError):

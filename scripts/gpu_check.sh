@@ -52,7 +52,7 @@ run_step "export $MODEL fp32,fp16,int8 with engines" "$WORK/export.log" \
 data_ok=0
 if [ $export_ok = 1 ]; then
     task_args="$(python -c "
-from eqr.export import read_manifest
+from eqr.artifact import read_manifest
 task = read_manifest('$WORK/export')['task']
 print(f\"--task {task['name']} --size {task['size']}\")")"
     # shellcheck disable=SC2086
@@ -70,7 +70,7 @@ for precision in fp32 fp16 int8; do
         continue
     fi
     engine="$(python -c "
-from eqr.export import read_manifest
+from eqr.artifact import read_manifest
 print(read_manifest('$WORK/export').get('engines', {}).get('$precision', {}).get('engine', ''))")"
     if [ -z "$engine" ]; then
         report FAIL "$precision engine" "the manifest lists no $precision engine"
@@ -81,10 +81,10 @@ print(read_manifest('$WORK/export').get('engines', {}).get('$precision', {}).get
     trt_ok=0; ort_ok=0
     run_step "$precision eqr solve --backend tensorrt" "$WORK/solve.trt.$precision.log" \
         sh -c "eqr solve '$WORK/export' -i '$WORK/data/test' --format hrm --backend tensorrt \
-               --precision $precision --batch-size 32 --json >'$WORK/trt.$precision.jsonl'" && trt_ok=1
+               --precision $precision --batch 32 --json >'$WORK/trt.$precision.jsonl'" && trt_ok=1
     run_step "$precision eqr solve --backend onnxruntime" "$WORK/solve.ort.$precision.log" \
         sh -c "eqr solve '$WORK/export' -i '$WORK/data/test' --format hrm --backend onnxruntime \
-               --precision $precision --batch-size 32 --json >'$WORK/ort.$precision.jsonl'" && ort_ok=1
+               --precision $precision --batch 32 --json >'$WORK/ort.$precision.jsonl'" && ort_ok=1
     if [ $trt_ok = 0 ] || [ $ort_ok = 0 ]; then
         report SKIP "$precision agreement" "a solve failed"
         continue

@@ -56,13 +56,13 @@ m = json.load(open(f"{sys.argv[1]}/manifest.json"))
 for p, e in m.get("engines", {}).items():
     print(f"  engine {p}: {e['engine']}, built in {e.get('build_seconds', '?')} s")
 PY
-step report-paper eqr report "$PAPER" --backends tensorrt,onnxruntime --generate 256 --force --json
+step report-paper eqr report "$PAPER" --backend tensorrt,onnxruntime --generate 256 --force --json
 step bench-paper eqr bench --paper --export-dir "$PAPER" --json
 eqr data generate --task sudoku --size 9 --n 512 --seed 7 --out "$OUT/paper-data" --split test --force >/dev/null 2>&1
 for run in "tensorrt fp16" "tensorrt int8" "tensorrt fp32" "onnxruntime fp32" "onnxruntime fp16"; do
     set -- $run
     step "solve-paper-$1-$2" sh -c "eqr solve '$PAPER' -i '$OUT/paper-data/test' --format hrm --backend $1 \
-        --precision $2 --batch-size 256 --json >'$OUT/solve-paper-$1-$2.jsonl'"
+        --precision $2 --batch 256 --json >'$OUT/solve-paper-$1-$2.jsonl'"
     tail -n 1 "$OUT/solve-paper-$1-$2.log" | sed "s/^/  $1 $2: /" >>"$SUMMARY"  # "... N s on <backend>"
 done
 note "done: logs in $OUT"

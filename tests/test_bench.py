@@ -76,9 +76,8 @@ def _has_mix_stderr() -> bool:
     (["--breadth", "0"], "--breadth must be >= 1"),
     (["--model", "tiny", "--paper"], "--paper runs paper-sudoku"),
     (["--model", "no-such-model"], "not a file, bundled model or preset"),
-    (["--batch-size", "2", "--breadth", "4", "--model", "tiny"], "must hold one puzzle's --breadth"),
+    (["--batch", "2", "--breadth", "4", "--model", "tiny"], "must hold one puzzle's --breadth"),
     (["--model", "tiny", "--export-dir", "."], "no manifest.json"),
-    (["--model", "tiny", "--precision", "fp8"], "--precision fp8: choose from fp32, fp16, int8"),
 ])
 def test_bad_flags_are_one_line_errors(args: list[str], fragment: str) -> None:
     result = CliRunner().invoke(cli, ["bench", *args])
@@ -151,8 +150,22 @@ def test_gemm_peaks_measure_every_engine_the_bench_uses() -> None:
     assert {"torch", "onnxruntime", "numpy"} <= set(peaks) and all(v > 0 for v in peaks.values())
 
 
-def test_precision_flags_default_to_every_precision() -> None:
-    from eqr.bench.cli import _precisions
+def test_precision_flags_default_to_every_precision(monkeypatch) -> None:
+    """bench takes the shared --precision (repeatable, comma lists, any case; fp32 always first)."""
+    import eqr.bench.cli as bench_cli
 
-    assert _precisions(None, None, ()) == ()  # the command then exports and times fp32, fp16 and int8
-    assert _precisions(None, None, ("INT8", "fp16,fp32")) == ("fp32", "int8", "fp16")
+    seen = []
+
+    def fake_run(config, reporter):
+        seen.append(config.precisions)
+        return [], {}
+
+    monkeypatch.setattr(bench_cli, "run_bench", fake_run)
+    monkeypatch.setattr(bench_cli, "render", lambda measurements, info: "")
+    for args in ([], ["--precision", "INT8", "--precision", "fp16,fp32"]):
+        assert CliRunner().invoke(cli, ["bench", "--model", "tiny", "-q", *args]).exit_code == 0
+    assert seen == [("fp32", "fp16", "int8"), ("fp32", "int8", "fp16")]  # default: every precision
+    bad = CliRunner().invoke(cli, ["bench", "--model", "tiny", "--precision", "fp8"])
+    assert bad.exit_code == 2 and "'fp8': choose from fp32, fp16, int8" in bad.output and "Traceback" not in bad.output
+
+

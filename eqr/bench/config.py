@@ -54,12 +54,13 @@ class BenchConfig:
     def __post_init__(self) -> None:
         for name in ("puzzles", "breadth", "depth", "batch_size", "stream", "threads", "rule_puzzles"):
             if getattr(self, name) < 1:
-                raise EqRError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                flag = "batch" if name == "batch_size" else name.replace("_", "-")
+                raise EqRError(f"--{flag} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "patience"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise EqRError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < self.breadth:
-            raise EqRError(f"--batch-size {self.batch_size} must hold one puzzle's --breadth {self.breadth} rows")
+            raise EqRError(f"--batch {self.batch_size} must hold one puzzle's --breadth {self.breadth} rows")
 
     def rule_overrides(self) -> dict[str, object]:
         """The stopping-rule fields given as flags (they override the calibrated rule)."""
