@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from eqr.errors import EqRError
+from eqr.errors import EqRError, NotReady, RequestError
 from eqr.runtime.aggregate import get_aggregator
 from eqr.runtime.config import SolveConfig
 from eqr.runtime.solve import Finished, Progress, Rows, run_loop
@@ -148,7 +148,7 @@ class Scheduler:
             if not self._cond.wait_for(lambda: self._closed or len(self._queue) < self._max_queue, timeout):
                 raise queue.Full(f"scheduler queue is full ({self._max_queue} requests)")
             if self._broken is not None:
-                raise EqRError(f"the model is not ready: {self._broken_reason()}")
+                raise NotReady(f"the model is not ready: {self._broken_reason()}")
             if self._closed:
                 raise RuntimeError("scheduler is shut down; create a new one")
             self._queue.append(request)
@@ -234,6 +234,12 @@ class Scheduler:
                 if free is not None:
                     n = min(n, free // request.breadth)
                 if n == 0:
+                    if block and not taken:  # the batch is empty and one puzzle still does not fit: never will
+                        self._queue.popleft()
+                        _settle(request.future, exception=RequestError(
+                            f"breadth {request.breadth} does not fit the backend's working batch of {room} "
+                            "trajectories; lower the breadth or raise the batch"))
+                        continue
                     break
                 taken.append((request, request.admitted, n))
                 request.admitted += n
@@ -347,7 +353,7 @@ class Scheduler:
             with self._cond:
                 self._closed = True
                 self._cond.notify_all()
-            self._drain(exception=EqRError(f"the model is not ready: {self._broken_reason()}"))
+            self._drain(exception=NotReady(f"the model is not ready: {self._broken_reason()}"))
         return False
 
 

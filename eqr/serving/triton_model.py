@@ -18,7 +18,7 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
-from eqr.errors import EqRError
+from eqr.errors import EqRError, RequestError
 from eqr.serving.protocol import INPUTS, OUTPUTS, parse_request, partial_tensors, result_tensors
 
 log = logging.getLogger("eqr.serving")
@@ -109,6 +109,8 @@ class TritonPythonModel:
             kind, sender, job, partial, future = item
             try:
                 if kind == "partial":
+                    if all(f.done() for f in future):  # its final is sent or queued: this one is stale
+                        continue
                     if sender.is_cancelled():  # the client went away: admit no more of its puzzles
                         for cancelled in future:
                             cancelled.cancel()
@@ -125,7 +127,7 @@ class TritonPythonModel:
             sender.send(_response(result_tensors(job, None, self.task)), flags=FINAL)
         elif future.cancelled():
             _send_error(sender, f"{self.name} is shutting down; the request was cancelled before it finished")
-        elif isinstance(future.exception(), EqRError):  # the model went not ready while it waited
+        elif isinstance(future.exception(), RequestError):  # not ready, or the request cannot fit
             _send_error(sender, str(future.exception()))
         elif future.exception() is not None:  # a backend fault on its batch: its puzzles failed
             error = future.exception()

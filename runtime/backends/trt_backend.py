@@ -198,12 +198,9 @@ class TensorRTBackend(Backend):
             return (f"no {precision} TensorRT engine in the artifact; build one on the target GPU with "
                     f"`eqr export MODEL --precision {precision} --engine always`")
         try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            return "tensorrt is not installed (pip install 'eqr[tensorrt]')"
-        try:
+            import_tensorrt()
             cudart = import_cudart()
-        except EqRError as e:
+        except (EqRError, ImportError) as e:  # ImportError: cuda-python present, its driver library not
             return str(e)
         err, count = cudart.cudaGetDeviceCount()
         if int(err) != 0 or count < 1:
