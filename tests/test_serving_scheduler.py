@@ -113,3 +113,24 @@ def test_repeated_faults_mark_the_scheduler_not_ready_and_fail_the_queue(model):
     assert 2 <= faulted <= 4 and sum(m.startswith("the model is not ready") for m in messages) == 10 - faulted
     with pytest.raises(EqRError, match="not ready"):
         scheduler.submit(random_puzzles(1)[0])
+
+
+class SmallBatchBackend(TorchBackend):
+    """A backend whose working batch (e.g. a TensorRT profile's max) holds 2 trajectories."""
+
+    def activate_impl(self) -> None:
+        super().activate_impl()
+        self.max_batch = 2
+
+
+def test_a_breadth_the_backend_cannot_hold_fails_its_request_and_the_queue_goes_on(model) -> None:
+    from eqr.errors import RequestError
+
+    puzzles = random_puzzles(2, seed=4)
+    with Scheduler(solver_for(model, SmallBatchBackend(model)), SolveConfig(max_steps=4, tol=None), batch_size=8,
+                   breadth=1) as scheduler:
+        too_wide = scheduler.submit(puzzles[0], breadth=4)  # fits the scheduler's 8, not the backend's 2
+        fits = scheduler.submit(puzzles[1], breadth=2)
+        with pytest.raises(RequestError, match="breadth 4 does not fit the backend's working batch of 2"):
+            too_wide.result(timeout=60)
+        assert fits.result(timeout=60).preds.shape == (1, 16)
