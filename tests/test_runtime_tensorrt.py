@@ -256,3 +256,22 @@ def test_auto_prefers_the_native_engine(export_dir):
     with Solver.load(export_dir, backend="auto") as solver:
         assert solver.backend.name == "tensorrt"
         assert solver.solve(random_puzzles(3)).preds.shape == (3, 16)
+
+
+def test_a_cascade_of_two_engines_waits_for_the_rows_it_moves_between_streams(fake, onnx_path):
+    """Each TensorRT backend has its own stream; the cascade gathers on the high stage's, so the
+    low stage must wait for it (the fake runs queued work only when its stream is synchronized)."""
+    from eqr.runtime.backends.cascade import CascadeBackend
+
+    cudart, trt, engine = fake
+    puzzles = random_puzzles(9, seed=43)
+    cfg = SolveConfig(max_steps=40, tol=1e-4, stats="trace", cascade_patience=2)
+
+    def cascade(make):
+        return CascadeBackend(make(), make(), "fp32+fp32")
+
+    want, want_stats = _solve(cascade(lambda: OrtBackend(onnx_path, threads=1)), puzzles, cfg=cfg)
+    got, stats = _solve(cascade(lambda: TensorRTBackend(engine, cuda_graphs=False, static_shapes=False)), puzzles,
+                        cfg=cfg)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(stats.residual_trace, want_stats.residual_trace)

@@ -136,6 +136,10 @@ class Backend(ABC):
         """Two-stage backends: row b of the next step runs stage[b] (0 low, 1 high precision)."""
         raise NotImplementedError(f"{self.name} backend has one stage")
 
+    def synchronize(self) -> None:
+        """Wait until the device work this backend queued (gathers, concats, uploads) is done.
+        Backends whose array ops finish before they return need nothing."""
+
     def freeze(self, done: np.ndarray) -> None:
         """Static-shape backends: rows with done[b] keep their state unchanged from now on."""
         raise NotImplementedError(f"{self.name} backend has dynamic shapes; the loop compacts instead")

@@ -63,9 +63,12 @@ class CascadeBackend(Backend):
         if stage is None or not (stage == 0).any():
             return self.high.step(feeds)
         if (stage == 0).all():
+            self.high.synchronize()  # the feeds were gathered/concatenated on high's stream, low has its own
             return self.low.step(feeds)
         low, high = np.flatnonzero(stage == 0), np.flatnonzero(stage == 1)
-        a = self.low.step({k: self.take(v, low) for k, v in feeds.items()})
+        low_feeds = {k: self.take(v, low) for k, v in feeds.items()}
+        self.high.synchronize()
+        a = self.low.step(low_feeds)
         b = self.high.step({k: self.take(v, high) for k, v in feeds.items()})
         back = np.argsort(np.concatenate([low, high]))  # merged position -> batch row
         return {name: self.take(self.concat([a[name], b[name]]), back) for name in OUTPUT_NAMES}

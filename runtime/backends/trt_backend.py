@@ -273,6 +273,9 @@ class TensorRTBackend(Backend):
             cudart.cudaStreamDestroy(self.stream)
             self.stream = None
 
+    def synchronize(self) -> None:
+        cuda_check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
     def describe(self) -> dict[str, Any]:
         info = {"backend": self.name, "device": f"cuda:{self.device}", "precision": self.precision,
                 "engine": str(self.engine_path), "cuda_graphs": self.cuda_graphs, "static_shapes": self.static_shapes,
