@@ -42,6 +42,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
@@ -88,14 +89,39 @@ class Finished:
     low_steps: np.ndarray | None = None  # int32 (R,) steps in the cascade's low-precision stage
 
 
-@dataclass
 class Progress:
-    """The rows still running after one step (host copies; a listener may keep them)."""
+    """The rows still running after one step. Each field is a host copy, made when first read
+    (during the `on_step` call: the loop reuses its table afterwards), so a listener that reads
+    nothing costs nothing; the copies themselves may be kept.
 
-    ids: np.ndarray  # int64 (R,)
-    preds: np.ndarray  # int32 (R, L) current predictions
-    nstep: np.ndarray  # int32 (R,) steps taken so far
-    residual: np.ndarray  # fp32 (R,) current relative residual
+    ids       int64 (R,)
+    preds     int32 (R, L) current predictions
+    nstep     int32 (R,)   steps taken so far
+    residual  fp32  (R,)   current relative residual
+    """
+
+    def __init__(self, table: "_Table", running: np.ndarray) -> None:
+        self._table, self._running = table, running  # running: bool (B,) over the batch's rows
+
+    @cached_property
+    def _rows(self) -> np.ndarray:
+        return np.flatnonzero(self._running)
+
+    @cached_property
+    def ids(self) -> np.ndarray:
+        return self._table.ids[self._rows]
+
+    @cached_property
+    def preds(self) -> np.ndarray:
+        return self._table.preds[self._rows]
+
+    @cached_property
+    def nstep(self) -> np.ndarray:
+        return self._table.nstep[self._rows]
+
+    @cached_property
+    def residual(self) -> np.ndarray:
+        return self._table.residual[self._rows]
 
 
 # on_fault(error, attempt) -> True to retry the same step once more, False to fail its rows.
@@ -260,9 +286,7 @@ def run_loop(backend: Backend, cfg: SolveConfig, source: RowSource, on_finish: C
         stop, reason = _update(backend, batch.table, outputs, cfg, agreement)
         batch.z_H, batch.z_L = outputs["z_H_out"], outputs["z_L_out"]
         if on_step is not None:
-            running = np.flatnonzero(batch.table.live & ~stop)
-            t = batch.table
-            on_step(Progress(t.ids[running], t.preds[running], t.nstep[running], t.residual[running]))
+            on_step(Progress(batch.table, batch.table.live & ~stop))  # read before _finish frees the rows
         if stop.any():
             _finish(batch.table, stop, reason, on_finish, agreement)
             batch = _release(backend, batch, cfg)
