@@ -11,9 +11,8 @@ from eqr.bench.config import FALLBACK_MODEL, PAPER_MODEL, BenchConfig
 from eqr.bench.render import render
 from eqr.bench.result import MeasurementError
 from eqr.bench.run import default_model, run_bench
-from eqr.bench.setting import Reporter
 from eqr.bench.table import DEFAULT_MEASUREMENTS, MEASUREMENTS
-from eqr.cli_options import backend_option, batch_option, force_option, out_option, output_options, precision_option
+from eqr.cli_options import Progress, backend_option, batch_option, force_option, out_option, output_options, precision_option
 from eqr.errors import EqRError
 from eqr.artifact import CASCADES, PRECISIONS
 
@@ -98,7 +97,7 @@ def bench(model: str | None, paper: bool, only: tuple[str, ...], puzzles: int | 
         precisions=("fp32",) if paper else (tuple(dict.fromkeys(("fp32", *precision))) if precision else tuple(PRECISIONS)), cascade=cascade.lower(),
         export_dir=export_dir, paper=paper)
     try:
-        measurements, info = run_bench(config, Reporter(quiet))
+        measurements, info = run_bench(config, Progress(quiet))
     except MeasurementError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)

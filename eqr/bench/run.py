@@ -14,8 +14,9 @@ import torch
 
 from eqr.bench.config import DEFAULT_MODELS, FALLBACK_MODEL, BenchConfig
 from eqr.bench.result import Measurement
-from eqr.bench.setting import Reporter, Setting, mixed_puzzles, model_task
+from eqr.bench.setting import Setting, mixed_puzzles, model_task
 from eqr.bench.table import MEASURE
+from eqr.cli_options import Progress
 from eqr.errors import EqRError
 
 
@@ -87,7 +88,7 @@ def bench_rule(setting: Setting, info: dict[str, Any]) -> dict[str, Any]:
     return fitted["rule"] | overrides
 
 
-def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> tuple[list[Measurement], dict[str, Any]]:
+def run_bench(config: BenchConfig, reporter: Progress | None = None) -> tuple[list[Measurement], dict[str, Any]]:
     """Run the selected measurements -> (measurements, run description)."""
     from eqr.export.exporter import fp32_model
     from eqr.load import load_model
@@ -95,7 +96,7 @@ def run_bench(config: BenchConfig, reporter: Reporter | None = None) -> tuple[li
     unknown = sorted(set(config.measurements) - set(MEASURE))
     if unknown:
         raise EqRError(f"unknown measurement(s) {', '.join(unknown)}; choose from {', '.join(MEASURE)}")
-    reporter = reporter or Reporter()
+    reporter = reporter or Progress()
     torch.set_num_threads(config.threads)
     # Both sides compute in float32: a bf16-configured checkpoint would make torch CPU ~6x slower
     # (docs/performance.md) and flatter the runtime, whose exported step is float32.

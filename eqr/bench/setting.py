@@ -1,23 +1,22 @@
 """What every measurement shares: the model, its task's puzzles, its export, the stopping rule, a reporter."""
 from __future__ import annotations
 
-import contextlib
 import logging
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 
 from eqr.artifact import RULE_FIELDS, describe_rule
 from eqr.bench.config import BenchConfig
+from eqr.cli_options import Progress
 from eqr.errors import EqRError
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class PuzzleSet:
@@ -34,7 +33,7 @@ class Setting:
     model: Any  # EqRModel
     task: Any  # eqr.tasks.Task
     export_dir: Path
-    report: "Reporter"
+    report: Progress  # stage lines and bars on stderr (stdout carries only tables, RESULT lines or JSON)
     rule: dict[str, Any] = field(default_factory=dict)  # the runtime's stopping rule (SolveConfig fields)
     cache: dict[str, Any] = field(default_factory=dict)
 
@@ -42,26 +41,6 @@ class Setting:
         if key not in self.cache:
             self.cache[key] = make()
         return self.cache[key]
-
-
-class Reporter:
-    """Stage lines and bars on stderr; stdout carries only tables, RESULT lines or JSON."""
-
-    def __init__(self, quiet: bool = False) -> None:
-        self.started = time.perf_counter()
-        self.quiet = quiet
-
-    def stage(self, text: str) -> None:
-        if not self.quiet:
-            click.echo(f"[{time.perf_counter() - self.started:6.1f}s] {text}", err=True)
-
-    @contextlib.contextmanager
-    def bar(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
-        if self.quiet:
-            yield lambda n: None
-            return
-        with click.progressbar(length=total, label=f"          {label}", file=sys.stderr, show_pos=True) as bar:
-            yield bar.update
 
 
 def model_task(model: Any) -> Any:
