@@ -10,6 +10,7 @@ from concurrent.futures import CancelledError, wait
 import numpy as np
 import pytest
 
+from eqr.errors import NotReady
 from eqr.runtime import Scheduler, SolveConfig, Solver
 from eqr.runtime.backends.torch_backend import TorchBackend
 from runtime_helpers import StaticTorchBackend, contractive_model, random_puzzles
@@ -130,8 +131,8 @@ def test_backend_failure_fails_every_request_instead_of_hanging(model):
     scheduler = Scheduler(solver_for(model, FailingBackend(model)), batch_size=4)
     futures = [scheduler.submit(p) for p in random_puzzles(10)]
     scheduler.shutdown(wait=True)
-    for future in futures:
-        with pytest.raises((RuntimeError, CancelledError), match="device lost|"):
+    for future in futures:  # the working batches fail; after 3 faulted steps in a row, those still queued get NotReady
+        with pytest.raises((RuntimeError, CancelledError, NotReady), match="device lost|"):
             future.result(timeout=1)
     assert any(isinstance(f.exception(), RuntimeError) for f in futures)
 
