@@ -154,7 +154,7 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig,
     """The work of `eqr calibrate` -> (the manifest entries it wrote, {calib, states, kept, recorded_on})."""
     from eqr.artifact import CALIB_FILE, read_manifest, update_manifest, with_precision
     from eqr.calibration.data import load_puzzles
-    from eqr.calibration.quantize import QuantPolicy, build_fp16, build_int8, embed_manifest, fp32_onnx
+    from eqr.calibration.quantize import embed_manifest, fp32_onnx
     from eqr.calibration.record import record_calibration, save_calib
     from eqr.io import sha256_file
     from eqr.runtime import Solver
@@ -184,30 +184,21 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig,
     calibration = {"file": CALIB_FILE, "states": len(calib), "sha256": sha256_file(root / CALIB_FILE),
                    "puzzles": len(puzzles), "starts": cfg.starts, "depths": list(cfg.depths),
                    "seed": cfg.seed, "data": puzzles.source}
-    # fp32 and the export's own graphs get a stopping rule only; the graphs calibrate builds, everything
+    # fp32 and the export's own graphs only get a stopping rule; the graphs calibrate builds get everything
     measured = ("fp32", *build, *kept) if rules_on is not None else build
     entries: dict[str, dict[str, Any]] = {}
     with progress.bar("building precision graphs and fitting stopping rules", len(measured)) as advance:
         for precision in measured:
-            entry: dict[str, Any] = {}
-            if precision in build:
-                if precision == "fp16":
-                    entry = build_fp16(export_dir, cfg.keep_fp32_ops, force=True)
-                else:
-                    policy = QuantPolicy(cfg.method, cfg.op_types, cfg.exclude_nodes, cfg.percentile)
-                    entry = build_int8(export_dir, calib, policy, force=True)
-                entry["built_by"] = BUILT_BY
+            built = precision in build
+            entry = build_graph(export_dir, precision, calib, cfg) if built else {}
             onnx_name = entry.get("onnx") or artifact.onnx[precision].name
             entry |= measure_precision(export_dir, precision, onnx_name, puzzles.inputs if rules_on is None
                                        else rules_on.inputs, None if rules_on is None else rules_on.labels, cfg)
-            if precision not in build:
+            if not built:
                 entry.pop("tol"), entry.pop("tol_rule")  # its tol is the export's (its parity run)
             if rules_on is not None:
                 entry["stopping"]["data"] = rules_on.source
-            if precision in build:
-                update_manifest(export_dir, precision, entry, calibration, replace=True)
-            else:
-                update_manifest(export_dir, precision, entry)
+            update_manifest(export_dir, precision, entry, calibration if built else None, replace=built)
             entries[precision] = entry
             advance(1)
     # Every graph this run built describes itself (a copy of it runs like this directory, with every
@@ -224,6 +215,18 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig,
         update_manifest(export_dir, precision, {"sha256": entries[precision]["sha256"]})
     info = {"calib": str(root / CALIB_FILE), "states": len(calib), "kept": list(kept), "recorded_on": recorded_on}
     return entries, info
+
+
+def build_graph(export_dir: str, precision: str, calib: Any, cfg: CalibConfig) -> dict[str, Any]:
+    """Write calibrate's FP16 or INT8 graph of the export -> its manifest entry."""
+    from eqr.calibration.quantize import QuantPolicy, build_fp16, build_int8
+
+    if precision == "fp16":
+        entry = build_fp16(export_dir, cfg.keep_fp32_ops, force=True)
+    else:
+        policy = QuantPolicy(cfg.method, cfg.op_types, cfg.exclude_nodes, cfg.percentile)
+        entry = build_int8(export_dir, calib, policy, force=True)
+    return entry | {"built_by": BUILT_BY}
 
 
 def measure_precision(export_dir: str, precision: str, onnx_name: str, inputs: np.ndarray,
