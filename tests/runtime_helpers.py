@@ -72,3 +72,10 @@ class StaticTorchBackend(TorchBackend):
 
     def freeze(self, done):
         self.frozen = done.copy()
+
+
+def solver_for(model: EqRModel, backend=None):
+    """A Solver over `model` (the 16-token test models) on the torch backend, or on `backend`."""
+    from eqr.runtime import Solver
+
+    return Solver(backend or TorchBackend(model), 16, 16, default_tol=1e-3)

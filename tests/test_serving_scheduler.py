@@ -8,18 +8,14 @@ import numpy as np
 import pytest
 
 from eqr.errors import EqRError
-from eqr.runtime import Scheduler, SolveConfig, Solver
+from eqr.runtime import Scheduler, SolveConfig
 from eqr.runtime.backends.torch_backend import TorchBackend
-from runtime_helpers import contractive_model, random_puzzles
+from runtime_helpers import contractive_model, random_puzzles, solver_for
 
 
 @pytest.fixture(scope="module")
 def model():
     return contractive_model(L_layers=1, H_cycles=1, L_cycles=1)
-
-
-def solver_for(model, backend=None) -> Solver:
-    return Solver(backend or TorchBackend(model), 16, 16, default_tol=1e-3)
 
 
 class FaultyBackend(TorchBackend):
