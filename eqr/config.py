@@ -196,6 +196,17 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     ),
 }
 
+# Continue cpu-maze-9 (--init-from its checkpoint) so its answers hold past the supervised depth:
+# only the final stage (paths of 2-13 moves), supervised to N_sup 32 (exploration keeps solved
+# mazes in the batch up to step 32, so drifting away from a correct answer costs loss there), a
+# fresh warmup for the new optimizer and a cosine decay of lr to a tenth; evaluated to depth 64.
+_maze_model, _maze_train = PRESETS["cpu-maze-9"]
+PRESETS["cpu-maze-9-hold"] = (
+    dataclasses.replace(_maze_model, halt_max_steps=32),
+    dataclasses.replace(_maze_train, epochs=30_000, lr_min_ratio=0.1, eval_depths=(1, 2, 4, 8, 16, 32, 64),
+                        curriculum=({"options": {"path_len": [2, 13]}, "halt_max_steps": 32},)),
+)
+
 
 def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
     try:
