@@ -82,6 +82,35 @@ def steps_to_settle(model: EqRModel, inputs: np.ndarray, labels: np.ndarray, gro
     return report
 
 
+def calibrated_gating(model: str, inputs: np.ndarray, labels: np.ndarray, tiers: Sequence[str],
+                      seed: int) -> dict[str, Any]:
+    """Outer steps the runtime spends per puzzle on the model as deployed: exported, calibrated
+    with `eqr calibrate`'s defaults (its stopping rules are fitted on puzzles it generates itself,
+    not on these), and solved with each precision's rule from the manifest, by tier."""
+    from eqr.artifact import describe_rule
+    from eqr.cli import cli
+    from eqr.runtime.solver import Solver
+
+    commands = [["export", model, "--out", "{export}", "--engine", "never", "--precision", "fp32", "-q"],
+                ["calibrate", "{export}", "-q"]]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        export_dir = str(Path(tmp) / "export")
+        for args in commands:
+            cli.main([a.replace("{export}", export_dir) for a in args], standalone_mode=False)
+        for precision in ("fp32", "fp16", "int8"):
+            with Solver.load(export_dir, backend="onnxruntime", precision=precision) as solver:
+                rule = describe_rule(solver.config().to_dict())
+                result = solver.solve(inputs.astype(np.int32), seed=seed)
+            correct = (result.preds == labels).all(-1)
+            rows.append({"precision": precision, "rule": rule,
+                         "exact": float(correct.mean()), "mean_steps": float(result.steps.mean()),
+                         "by_tier": [{"tier": tier, "n": int(mask.sum()), "mean_steps": float(result.steps[mask].mean()),
+                                      "exact": float(correct[mask].mean())}
+                                     for tier in dict.fromkeys(tiers) for mask in [np.asarray(tiers) == tier]]})
+    return {"commands": [" ".join(["eqr", *a]).replace("{export}", "EXPORT") for a in commands], "by_precision": rows}
+
+
 def difficulty_groups(task: Any, inputs: np.ndarray) -> dict[str, list[str]]:
     """Finer difficulty labels than the tiers where the task has them: maze S-G path length bands."""
     if not hasattr(task, "path_lengths"):
@@ -131,7 +160,9 @@ def run_chain(meta: dict[str, Any]) -> list[dict[str, Any]]:
 
 def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_seed: int, depths: Sequence[int],
                 summary: str, notes: Sequence[str] = (), force: bool = False,
-                root: Path | None = None, noise: float = 0.0) -> dict[str, Any]:
+                root: Path | None = None, noise: float = 0.0, calibrated: bool = True) -> dict[str, Any]:
+    """Bundle `run_dir`'s EMA model as `name` with its measured card (`calibrated`: also export and
+    calibrate it to measure the deployed runtime's gated steps)."""
     ckpt = read_checkpoint(run_dir / CHECKPOINT_NAME)
     meta = ckpt.metadata
     if ckpt.ema is None:
@@ -160,7 +191,8 @@ def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_s
             "train_config": train_config,
             "curve": training_curve(run_dir),
         },
-    } | measure_card(model, name, heldout_args, heldout_seed, depths, noise)
+    } | measure_card(model, name, heldout_args, heldout_seed, depths, noise,
+                   str(run_dir / CHECKPOINT_NAME) if calibrated else None)
     generate_args = card["heldout"]["generate_args"]
     metadata = meta | {"task": dict(meta.get("task") or {}) | {"generate_args": generate_args}, "card": card["claim"]}
     target.mkdir(parents=True, exist_ok=True)
@@ -183,10 +215,11 @@ def ema_model(ckpt: Any) -> EqRModel:
 
 
 def measure_card(model: EqRModel, name: str, heldout_args: Sequence[str], heldout_seed: int,
-                 depths: Sequence[int], noise: float) -> dict[str, Any]:
+                 depths: Sequence[int], noise: float, deployed: str | None) -> dict[str, Any]:
     """The card's measured part, on a held-out set made by `eqr data generate ARGS --seed SEED`:
     accuracy by depth and steps to a stable answer (path noise sigma `noise`), and the runtime's
-    gated steps by difficulty (always noise-free: the exported step has no noise)."""
+    gated steps by difficulty (always noise-free: the exported step has no noise), from the
+    checkpoint and, given `deployed` (what `eqr export` names the checkpoint by), from its calibrated export."""
     with tempfile.TemporaryDirectory() as tmp:
         heldout = generate_heldout(heldout_args, heldout_seed, Path(tmp))
     task = heldout.task
@@ -213,10 +246,12 @@ def measure_card(model: EqRModel, name: str, heldout_args: Sequence[str], heldou
         "steps_to_stable_by_path_length": report.get("steps_to_stable_by_path_length"),
         "steps_to_stable_max_depth": report["max_depth"],
         "steps_to_settle": settle,
-    }
+    } | ({"steps_calibrated": calibrated_gating(deployed, heldout.inputs, heldout.labels, tiers, heldout_seed)}
+         if deployed is not None else {})
 
 
-def remeasure(name: str, root: Path | None = None, noise: float | None = None) -> dict[str, Any]:
+def remeasure(name: str, root: Path | None = None, noise: float | None = None,
+              calibrated: bool = True) -> dict[str, Any]:
     """Re-run the measured part of a bundle's card from its shipped weights (same held-out
     arguments, seed, depths and, unless `noise` is given, the path noise the card records), e.g.
     after the evaluation gained a measure. The training record and the precision report section
@@ -229,7 +264,8 @@ def remeasure(name: str, root: Path | None = None, noise: float | None = None) -
     depths = [int(row["depth"]) for row in card["accuracy_by_depth"]]
     heldout = card["heldout"]
     noise = float(card["evaluation"]["noise_scale"]) if noise is None else noise
-    card |= measure_card(ema_model(ckpt), name, heldout["generate_args"], int(heldout["seed"]), depths, noise)
+    card |= measure_card(ema_model(ckpt), name, heldout["generate_args"], int(heldout["seed"]), depths, noise,
+                         (name if root is None else str(target / "model.pt")) if calibrated else None)
     if ckpt.metadata.get("card") != card["claim"]:
         save_checkpoint(target / "model.pt", ckpt.config, ckpt.model, ckpt.ema, ckpt.metadata | {"card": card["claim"]})
     text = render_card(card)
@@ -286,6 +322,8 @@ def render_card(card: dict[str, Any]) -> str:
                   for r in sorted(card["steps_to_stable_by_path_length"], key=_band_start)]
     if card.get("steps_to_settle"):
         lines += _settle_lines(card["steps_to_settle"])
+    if card.get("steps_calibrated"):
+        lines += _calibrated_lines(card["steps_calibrated"], card["task"]["tiers"])
     if card.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {note}" for note in card["notes"]]
     if tr["curve"]:
@@ -297,6 +335,22 @@ def render_card(card: dict[str, Any]) -> str:
                   + " | ".join(f"{100 * c['exact_by_depth'].get(d, float('nan')):.1f}" for d in depths) + " |"
                   for c in tr["curve"]]
     return "\n".join(lines) + "\n"
+
+
+def _calibrated_lines(calibrated: dict[str, Any], tiers: Sequence[str]) -> list[str]:
+    """The deployed model's gated steps: one row per precision, mean steps per tier, hardest / easiest."""
+    lines = ["", "## Steps the deployed runtime spends, by difficulty (calibrated export)", "",
+             "The same held-out puzzles through ONNX Runtime, each precision stopping by the rule "
+             "`eqr calibrate` fitted for it (the rule `eqr solve`, `Solver` and `Scheduler` then use by default): "
+             + "; ".join(f"`{c}`" for c in calibrated["commands"]) + ".", "",
+             "| precision | rule | exact | " + " | ".join(tiers) + f" | {tiers[-1]} / {tiers[0]} |",
+             "|---|---|---:|" + "---:|" * len(tiers) + "---:|"]
+    for row in calibrated["by_precision"]:
+        steps = {r["tier"]: r["mean_steps"] for r in row["by_tier"]}
+        ratio = steps[tiers[-1]] / steps[tiers[0]] if tiers[0] in steps and tiers[-1] in steps else float("nan")
+        lines.append(f"| {row['precision']} | {row['rule']} | {100 * row['exact']:.1f}% | "
+                     + " | ".join(f"{steps[t]:.2f}" if t in steps else "-" for t in tiers) + f" | {ratio:.2f}x |")
+    return lines
 
 
 def _noise_words(evaluation: dict[str, Any]) -> str:
