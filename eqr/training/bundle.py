@@ -74,12 +74,16 @@ def steps_to_settle(model: EqRModel, inputs: np.ndarray, labels: np.ndarray, gro
     report: dict[str, Any] = {"tol": tol, "window": solver.config().window, "max_steps": max_steps,
                               "exact": float(correct.mean()), "mean_steps": float(result.steps.mean())}
     for name, labels_of_rows in groups.items():
-        report[f"by_{name}"] = [
-            {"tier": label, "n": int(mask.sum()), "mean_steps": float(result.steps[mask].mean()),
-             "median_steps": float(np.median(result.steps[mask])), "exact": float(correct[mask].mean())}
-            for label in dict.fromkeys(labels_of_rows)
-            for mask in [np.array([x == label for x in labels_of_rows])]]
+        report[f"by_{name}"] = steps_by_label(result.steps, correct, labels_of_rows)
     return report
+
+
+def steps_by_label(steps: np.ndarray, correct: np.ndarray, labels: Sequence[str]) -> list[dict[str, Any]]:
+    """Per label (in first-seen order): puzzles, mean and median gated steps, exact accuracy."""
+    labels = np.asarray(labels)
+    return [{"tier": str(label), "n": int(mask.sum()), "mean_steps": float(steps[mask].mean()),
+             "median_steps": float(np.median(steps[mask])), "exact": float(correct[mask].mean())}
+            for label in dict.fromkeys(labels.tolist()) for mask in [labels == label]]
 
 
 def calibrated_gating(model: str, inputs: np.ndarray, labels: np.ndarray, tiers: Sequence[str],
@@ -87,7 +91,7 @@ def calibrated_gating(model: str, inputs: np.ndarray, labels: np.ndarray, tiers:
     """Outer steps the runtime spends per puzzle on the model as deployed: exported, calibrated
     with `eqr calibrate`'s defaults (its stopping rules are fitted on puzzles it generates itself,
     not on these), and solved with each precision's rule from the manifest, by tier."""
-    from eqr.artifact import describe_rule
+    from eqr.artifact import PRECISIONS, describe_rule
     from eqr.cli import cli
     from eqr.runtime.solver import Solver
 
@@ -98,16 +102,14 @@ def calibrated_gating(model: str, inputs: np.ndarray, labels: np.ndarray, tiers:
         export_dir = str(Path(tmp) / "export")
         for args in commands:
             cli.main([a.replace("{export}", export_dir) for a in args], standalone_mode=False)
-        for precision in ("fp32", "fp16", "int8"):
+        for precision in PRECISIONS:  # calibrate builds every precision of the table
             with Solver.load(export_dir, backend="onnxruntime", precision=precision) as solver:
                 rule = describe_rule(solver.config().to_dict())
                 result = solver.solve(inputs.astype(np.int32), seed=seed)
             correct = (result.preds == labels).all(-1)
             rows.append({"precision": precision, "rule": rule,
                          "exact": float(correct.mean()), "mean_steps": float(result.steps.mean()),
-                         "by_tier": [{"tier": tier, "n": int(mask.sum()), "mean_steps": float(result.steps[mask].mean()),
-                                      "exact": float(correct[mask].mean())}
-                                     for tier in dict.fromkeys(tiers) for mask in [np.asarray(tiers) == tier]]})
+                         "by_tier": steps_by_label(result.steps, correct, tiers)})
     return {"commands": [" ".join(["eqr", *a]).replace("{export}", "EXPORT") for a in commands], "by_precision": rows}
 
 
