@@ -95,13 +95,15 @@ def calibrated_gating(model: str, inputs: np.ndarray, labels: np.ndarray, tiers:
     from eqr.cli import cli
     from eqr.runtime.solver import Solver
 
-    commands = [["export", model, "--out", "{export}", "--engine", "never", "--precision", "fp32", "-q"],
-                ["calibrate", "{export}", "-q"]]
+    def commands(export_dir: str) -> list[list[str]]:
+        return [["export", model, "--out", export_dir, "--engine", "never", "--precision", "fp32", "-q"],
+                ["calibrate", export_dir, "-q"]]
+
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = str(Path(tmp) / "export")
-        for args in commands:
-            cli.main([a.replace("{export}", export_dir) for a in args], standalone_mode=False)
+        for args in commands(export_dir):
+            cli.main(args, standalone_mode=False)
         for precision in PRECISIONS:  # calibrate builds every precision of the table
             with Solver.load(export_dir, backend="onnxruntime", precision=precision) as solver:
                 rule = describe_rule(solver.config().to_dict())
@@ -110,7 +112,7 @@ def calibrated_gating(model: str, inputs: np.ndarray, labels: np.ndarray, tiers:
             rows.append({"precision": precision, "rule": rule,
                          "exact": float(correct.mean()), "mean_steps": float(result.steps.mean()),
                          "by_tier": steps_by_label(result.steps, correct, tiers)})
-    return {"commands": [" ".join(["eqr", *a]).replace("{export}", "EXPORT") for a in commands], "by_precision": rows}
+    return {"commands": [" ".join(["eqr", *args]) for args in commands("EXPORT")], "by_precision": rows}
 
 
 def difficulty_groups(task: Any, inputs: np.ndarray) -> dict[str, list[str]]:
