@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def _export_artifact(export_dir: str) -> Any:
-    from eqr.runtime.artifact import load_artifact
+    from eqr.runtime.resolve import load_artifact
 
     artifact = load_artifact(export_dir)
     if artifact.kind != "export":

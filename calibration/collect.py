@@ -2,7 +2,7 @@
 
 Polygraphy's "run, then compare": this module only runs and records (`collect` -> `Results`),
 `eqr.calibration.compare` judges, `eqr.calibration.render` draws. All solving goes through the
-runtime (`Solver` -> `eqr.runtime.solve`); the only direct `backend.step` calls are single steps
+runtime (`Solver` -> `eqr.runtime.loop`); the only direct `backend.step` calls are single steps
 on recorded calibration states and the contraction probe.
 
 Results layout (arrays; P puzzles, L tokens, D width, N steps, S calibration states per depth):
@@ -35,9 +35,9 @@ from eqr.calibration.config import ReportConfig
 from eqr.calibration.contraction import spectral_radius
 from eqr.calibration.data import PuzzleSet
 from eqr.calibration.record import CalibSet, RecordingBackend, record_calibration
-from eqr.runtime.artifact import Artifact
+from eqr.runtime.resolve import Artifact
 from eqr.runtime.backends.registry import unavailable_reason
-from eqr.runtime.solve import solve
+from eqr.runtime.loop import solve
 
 log = logging.getLogger(__name__)
 

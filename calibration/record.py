@@ -1,7 +1,7 @@
 """Trajectory-aware calibration data: the step inputs the FP32 loop sees, from random start to fixed point.
 
 `RecordingBackend` wraps any backend and keeps a host copy of each step's feeds at chosen
-depths; the runtime loop (`eqr.runtime.solve`, via `Solver`) drives it, so calibration never
+depths; the runtime loop (`eqr.runtime.loop`, via `Solver`) drives it, so calibration never
 owns a loop. With `fixed_depth` and every row admitted at once, the t-th batched step sees
 every row at depth t (only diverged rows ever leave early, and those are recorded as they go).
 

@@ -1,6 +1,6 @@
 """Stopping rules fitted per precision: the fewest outer steps at the best fixed depth's accuracy.
 
-`record_trajectories` runs the runtime loop (`eqr.runtime.solve`, through `Solver` and a
+`record_trajectories` runs the runtime loop (`eqr.runtime.loop`, through `Solver` and a
 `RecordingBackend`) once at a fixed depth N and keeps, per trajectory and step, the predictions,
 residual, logit_delta and q_halt logit. Every stopping rule the loop knows (tol + patience,
 stable window, q_halt + threshold, a max_steps cap) is a pure function of that record, so

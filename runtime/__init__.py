@@ -1,6 +1,6 @@
 """eqr.runtime: the convergence-gated inference loop, its backends, `Solver` and `Scheduler`."""
 from eqr.runtime.config import SolveConfig
-from eqr.runtime.solve import solve
+from eqr.runtime.loop import solve
 from eqr.runtime.solver import Solver, SolveResult
 from eqr.runtime.stats import SolveStats
 

@@ -1,4 +1,4 @@
-"""`eqr solve`: puzzles in, one answer per puzzle out; the loop is `eqr.runtime.solve`."""
+"""`eqr solve`: puzzles in, one answer per puzzle out; the loop is `eqr.runtime.loop`."""
 from __future__ import annotations
 
 import json
@@ -104,7 +104,7 @@ def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: 
     Exit status: 0 every puzzle solved; 1 an input line was malformed; 2 usage or input
     error (artifact, flags, a requested provider missing); 130 interrupted.
     """
-    from eqr.runtime.artifact import load_artifact, resolve_task
+    from eqr.runtime.resolve import load_artifact, resolve_task
     from eqr.runtime.solver import Solver
     from eqr.tasks.io import read_puzzles
 

@@ -1,6 +1,6 @@
 """`SolveConfig`: every knob of the inference loop, in one frozen dataclass (saved as JSON).
 
-The loop (`eqr.runtime.solve`) reads nothing else. Each field maps 1:1 to an `eqr solve` flag.
+The loop (`eqr.runtime.loop`) reads nothing else. Each field maps 1:1 to an `eqr solve` flag.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """`Scheduler`: continuous batching for servers.
 
 A worker thread keeps one working batch of at most `batch_size` trajectories and drives
-`eqr.runtime.solve.run_loop` with it; whenever trajectories settle, their slots are refilled
+`eqr.runtime.loop.run_loop` with it; whenever trajectories settle, their slots are refilled
 from a bounded request queue. `submit(tokens) -> Future[SolveResult]` is thread-safe; a request
 holds P >= 1 puzzles ([L] or [P, L]) and enters the batch a whole puzzle (K trajectories) at a
 time, so a request larger than the batch still runs. A full queue blocks the caller
@@ -39,7 +39,7 @@ import numpy as np
 from eqr.errors import EqRError, NotReady, RequestError
 from eqr.runtime.aggregate import get_aggregator
 from eqr.runtime.config import SolveConfig
-from eqr.runtime.solve import Finished, Progress, Rows, run_loop
+from eqr.runtime.loop import Finished, Progress, Rows, run_loop
 from eqr.runtime.solver import Solver, aggregate_rows, initial_states
 from eqr.runtime.stats import REASON_CODE, SolveStats
 

@@ -33,11 +33,11 @@ import numpy as np
 from eqr.artifact import INIT_SCALE, INIT_TRUNCATION, recommended_tol, split_precision
 from eqr.errors import EqRError
 from eqr.runtime.aggregate import get_aggregator, vote_share
-from eqr.runtime.artifact import Artifact, load_artifact, resolve_task
+from eqr.runtime.resolve import Artifact, load_artifact, resolve_task
 from eqr.runtime.backends.base import Backend
 from eqr.runtime.backends.registry import AUTO, create_backend
 from eqr.runtime.config import SolveConfig
-from eqr.runtime.solve import solve
+from eqr.runtime.loop import solve
 from eqr.runtime.stats import SolveStats
 
 if TYPE_CHECKING:

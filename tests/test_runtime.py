@@ -11,7 +11,7 @@ from eqr.runtime.aggregate import aggregator_names, converged_top1, first_valid,
 from eqr.runtime.backends import backend_names, create_backend
 from eqr.runtime.backends.ort_backend import OrtBackend
 from eqr.runtime.backends.torch_backend import TorchBackend
-from eqr.runtime.artifact import load_artifact
+from eqr.runtime.resolve import load_artifact
 from runtime_helpers import StaticTorchBackend, contractive_model, export_onnx, random_puzzles
 
 

@@ -166,7 +166,7 @@ def export_dir(tmp_path_factory):
 
 
 def _on_gpu(export_dir, precision="fp32", **kwargs) -> TensorRTBackend:
-    from eqr.runtime.artifact import load_artifact
+    from eqr.runtime.resolve import load_artifact
 
     return TensorRTBackend(load_artifact(export_dir).engines[precision], precision=precision, **kwargs)
 

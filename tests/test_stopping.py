@@ -15,7 +15,7 @@ from eqr.calibration.stopping import (
     simulate,
 )
 from eqr.runtime import Scheduler, Solver
-from eqr.runtime.artifact import Artifact
+from eqr.runtime.resolve import Artifact
 from eqr.runtime.backends.cascade import CascadeBackend
 from eqr.runtime.backends.torch_backend import TorchBackend
 from eqr.runtime.config import SolveConfig

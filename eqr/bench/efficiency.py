@@ -72,7 +72,7 @@ def numpy_gemm_seconds() -> None:
 
 def step_backends(setting: Setting) -> Iterator[tuple[str, Any]]:
     """(label, active backend) for torch fp32 and every exported ONNX Runtime precision."""
-    from eqr.runtime.artifact import load_artifact
+    from eqr.runtime.resolve import load_artifact
     from eqr.runtime.backends.ort_backend import OrtBackend
     from eqr.runtime.backends.torch_backend import TorchBackend
 

@@ -1,7 +1,7 @@
 """The official depth x breadth evaluation (torch eager, exactly D steps, noise on), as a baseline.
 
 This loop is a benchmark baseline, not product code: the style rule that only
-`runtime/solve.py` loops over outer steps applies to the product, and this loop exists to be
+`runtime/loop.py` loops over outer steps applies to the product, and this loop exists to be
 compared against it (docs/performance.md).
 """
 from __future__ import annotations

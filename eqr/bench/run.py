@@ -42,7 +42,7 @@ def export_for_bench(model: Any, out_dir: Path, precisions: tuple[str, ...], pap
 
 def check_export_matches(export_dir: Path, model: Any, name: str) -> None:
     """--export-dir must hold this model's architecture (weights are the user's word)."""
-    from eqr.runtime.artifact import load_artifact
+    from eqr.runtime.resolve import load_artifact
 
     artifact = load_artifact(export_dir)
     if artifact.kind != "export" or artifact.config != model.config:
@@ -65,7 +65,7 @@ def bench_rule(setting: Setting, info: dict[str, Any]) -> dict[str, Any]:
     from eqr.calibration.config import CalibConfig
     from eqr.calibration.stopping import fit_and_evaluate, record_trajectories
     from eqr.runtime import Solver
-    from eqr.runtime.artifact import load_artifact
+    from eqr.runtime.resolve import load_artifact
 
     c = setting.config
     overrides = c.rule_overrides()

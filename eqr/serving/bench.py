@@ -29,8 +29,8 @@ def measure_serving(export_dir: str | Path, puzzles: int = 256, concurrency: tup
                     stage: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
     """-> {"value", "fields", "header", "rows", "note"}: the arguments of bench's `Measurement`."""
     from eqr.runtime import Scheduler, Solver
-    from eqr.runtime.artifact import load_artifact
-    from eqr.runtime.artifact import resolve_task
+    from eqr.runtime.resolve import load_artifact
+    from eqr.runtime.resolve import resolve_task
     from eqr.serving.repository import ServeConfig, write_repository
     from eqr.serving.server import Ports, TritonServer, free_ports
 

@@ -180,8 +180,8 @@ def _announce(server: Any, name: str, repository: Path) -> None:
 
 
 def _example_puzzle(model_dir: Path) -> str:
-    from eqr.runtime.artifact import load_artifact
-    from eqr.runtime.artifact import resolve_task
+    from eqr.runtime.resolve import load_artifact
+    from eqr.runtime.resolve import resolve_task
 
     task = resolve_task(load_artifact(model_dir / "1" / "export"), None)
     return task.format_tokens(task.generate(1, seed=0).inputs[0])

@@ -3,7 +3,7 @@ into a model repository as NAME/1/model.py, next to the export it serves (NAME/1
 
 Thin on purpose: `initialize` builds eqr's `Solver` and `Scheduler` from the parameters in
 config.pbtxt; `execute` only checks each request and enqueues it, then returns. The scheduler's
-worker thread runs the one loop over outer steps (eqr.runtime.solve) for every request at once;
+worker thread runs the one loop over outer steps (eqr.runtime.loop) for every request at once;
 a responder thread turns finished futures (and streaming progress) into responses on each
 request's own response sender, so sending never stalls the loop.
 """
@@ -35,7 +35,7 @@ COUNTERS = (("eqr_puzzles_answered", "answered", "Puzzles answered"),
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         from eqr.runtime import Scheduler, Solver
-        from eqr.runtime.artifact import load_artifact
+        from eqr.runtime.resolve import load_artifact
 
         logging.basicConfig(level=logging.INFO, format="eqr %(levelname)s %(name)s: %(message)s")
         config = json.loads(args["model_config"])

@@ -2,7 +2,7 @@
 floor, then at high precision (mixed-precision iterative refinement, docs/algorithm.md).
 
 Both precisions compute the same map, so they share its attractor: the cheap steps do the
-travelling and the exact steps the landing. The loop (`eqr.runtime.solve`) decides when a row
+travelling and the exact steps the landing. The loop (`eqr.runtime.loop`) decides when a row
 switches and says so with `route(stage)` before each step; this backend only runs the rows of
 each stage on its own inner backend. The two inner backends must share device arrays (two ONNX
 Runtime sessions on one provider, say), so the state moves between them without leaving the

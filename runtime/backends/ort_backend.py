@@ -25,7 +25,7 @@ from eqr.errors import EqRError, missing_extra
 from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
 
 if TYPE_CHECKING:
-    from eqr.runtime.artifact import Artifact
+    from eqr.runtime.resolve import Artifact
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 from eqr.artifact import OUTPUT_NAMES
 from eqr.errors import EqRError
 from eqr.model import EqRModel
-from eqr.runtime.artifact import Artifact
+from eqr.runtime.resolve import Artifact
 from eqr.runtime.backends.base import Backend
 from eqr.step_graph import StepGraph
 

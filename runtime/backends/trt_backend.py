@@ -44,7 +44,7 @@ from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
 from eqr.trt_engine import check_engine, cuda_gpu, trt_logger
 
 if TYPE_CHECKING:
-    from eqr.runtime.artifact import Artifact
+    from eqr.runtime.resolve import Artifact
 
 log = logging.getLogger(__name__)
 
