@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from eqr.errors import EqRError
-from eqr.io import atomic_write_text
+from eqr.contract.errors import EqRError
+from eqr.contract.io import atomic_write_text
 
 CARD_JSON, CARD_MD = "card.json", "card.md"
 BEGIN, END = "<!-- eqr:precision-report:begin -->", "<!-- eqr:precision-report:end -->"
@@ -18,7 +18,7 @@ def card_dir(name_or_dir: str | os.PathLike[str]) -> Path:
     path = Path(name_or_dir)
     if path.is_dir():
         return path
-    from eqr.load import bundled_dir
+    from eqr.model.load import bundled_dir
 
     bundled = bundled_dir() / str(name_or_dir)
     if bundled.is_dir():

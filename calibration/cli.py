@@ -9,11 +9,11 @@ from typing import Any
 import click
 import numpy as np
 
-from eqr.artifact import CASCADES, PRECISIONS, describe_rule
+from eqr.contract.artifact import CASCADES, PRECISIONS, describe_rule
 from eqr.calibration.config import METHODS, CalibConfig, ReportConfig, parse_ints
 from eqr.cli_options import Progress, backend_option, calib_data_option, force_option, out_option, output_options, \
     precision_option
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.runtime.backends.registry import backend_names
 from eqr.runtime.cli import backend_info, describe_run
 
@@ -152,11 +152,11 @@ def plan_precisions(manifest: dict[str, Any], root: Path, requested: tuple[str, 
 def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig,
                   progress: Progress | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The work of `eqr calibrate` -> (the manifest entries it wrote, {calib, states, kept, recorded_on})."""
-    from eqr.artifact import CALIB_FILE, read_manifest, update_manifest, with_precision
+    from eqr.contract.artifact import CALIB_FILE, read_manifest, update_manifest, with_precision
     from eqr.calibration.data import load_puzzles
     from eqr.calibration.quantize import embed_manifest, fp32_onnx
     from eqr.calibration.record import record_calibration, save_calib
-    from eqr.io import sha256_file
+    from eqr.contract.io import sha256_file
     from eqr.runtime import Solver
 
     progress = progress or Progress(quiet=True)
@@ -233,7 +233,7 @@ def measure_precision(export_dir: str, precision: str, onnx_name: str, inputs: n
                       labels: np.ndarray | None, cfg: CalibConfig) -> dict[str, Any]:
     """One recorded fixed-depth run of this graph: the export's tol rule applied to the residual
     floor it reaches and, with labels, the fitted stopping rule (`eqr.calibration.stopping`)."""
-    from eqr.artifact import recommended_tol
+    from eqr.contract.artifact import recommended_tol
     from eqr.calibration.stopping import fit_and_evaluate, record_trajectories
     from eqr.runtime import Solver
     from eqr.runtime.backends.ort_backend import OrtBackend
@@ -347,8 +347,8 @@ def run_report(export_dir: str, data: str | None, cfg: ReportConfig, calib_path:
     from eqr.calibration.compare import compare
     from eqr.calibration.data import load_puzzles
     from eqr.calibration.render import load_report, render
-    from eqr.artifact import REPORT_DIR
-    from eqr.io import atomic_write_text
+    from eqr.contract.artifact import REPORT_DIR
+    from eqr.contract.io import atomic_write_text
 
     progress = progress or Progress(quiet=True)
     artifact = _export_artifact(export_dir)
@@ -385,7 +385,7 @@ def run_report(export_dir: str, data: str | None, cfg: ReportConfig, calib_path:
 def _report_calib(artifact: Any, export_dir: str, calib_path: str | None, puzzles: Any, cfg: ReportConfig,
                   progress: Progress) -> Any:
     """--calib-data, else EXPORT_DIR/calib.npz, else a fresh small recording on the report's puzzles."""
-    from eqr.artifact import CALIB_FILE
+    from eqr.contract.artifact import CALIB_FILE
     from eqr.calibration.record import load_calib, record_calibration
     from eqr.runtime import Solver
 

@@ -83,7 +83,7 @@ def plan_units(cfg: ReportConfig, n_pairs: int) -> int:
 def runnable_cascades(artifact: Artifact, cfg: ReportConfig) -> list[str]:
     """The cascades to run: cfg.cascades, or (None) every one whose two precisions are both compared;
     either way only those ONNX Runtime can run."""
-    from eqr.artifact import CASCADES
+    from eqr.contract.artifact import CASCADES
 
     wanted = CASCADES if cfg.cascades is None else cfg.cascades
     return [c for c in wanted if all((cfg.cascades is not None or p in cfg.precisions)
@@ -284,7 +284,7 @@ def save_results(path: Any, results: Results, reference: str | None = None) -> N
     saved as relative errors against `reference` (a run name), answers as uint8, traces as fp16."""
     import json
 
-    from eqr.io import atomic_open
+    from eqr.contract.io import atomic_open
 
     arrays: dict[str, np.ndarray] = {"inputs": results.inputs}
     if results.labels is not None:

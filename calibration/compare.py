@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from eqr.artifact import recommended_tol
+from eqr.contract.artifact import recommended_tol
 from eqr.calibration.collect import Results, curve_key, curve_keys, relative_error
 from eqr.calibration.config import ReportConfig
 

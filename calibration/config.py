@@ -7,9 +7,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from eqr.artifact import CASCADES, PRECISIONS
-from eqr.config import JsonConfig
-from eqr.errors import EqRError
+from eqr.contract.artifact import CASCADES, PRECISIONS
+from eqr.contract.config import JsonConfig
+from eqr.contract.errors import EqRError
 
 METHODS = ("minmax", "entropy", "percentile")
 # Default INT8 policy: only the matrix products (weights per channel + their input activations);

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from eqr.errors import EqRError
-from eqr.io import read_npz
+from eqr.contract.errors import EqRError
+from eqr.contract.io import read_npz
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
-from eqr.artifact import MANIFEST_FILE, PRECISIONS, graph_metadata, read_manifest
-from eqr.errors import EqRError
-from eqr.io import atomic_write_bytes, sha256_file
+from eqr.contract.artifact import MANIFEST_FILE, PRECISIONS, graph_metadata, read_manifest
+from eqr.contract.errors import EqRError
+from eqr.contract.io import atomic_write_bytes, sha256_file
 
 if TYPE_CHECKING:
     import onnx

@@ -29,15 +29,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from eqr.artifact import graph_feeds
-from eqr.errors import EqRError
-from eqr.io import atomic_open, read_npz
+from eqr.contract.artifact import graph_feeds
+from eqr.contract.errors import EqRError
+from eqr.contract.io import atomic_open, read_npz
 from eqr.runtime.backends.base import Backend
 
 if TYPE_CHECKING:
     from eqr.export.config import ExportConfig
     from eqr.export.exporter import Calibrate
-    from eqr.model import EqRModel
+    from eqr.model.network import EqRModel
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from eqr.artifact import RULE_FIELDS
+from eqr.contract.artifact import RULE_FIELDS
 
 WINDOWS = (None, 1, 2, 3, 4, 6, 8, 12, 16)
 PATIENCES = (1, 2, 3, 4)

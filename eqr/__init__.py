@@ -15,13 +15,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "load_model": "eqr.load",
-    "EqRModel": "eqr.model",
-    "LatentState": "eqr.model",
-    "StepOutput": "eqr.model",
-    "ModelConfig": "eqr.config",
-    "TrainConfig": "eqr.config",
-    "EqRError": "eqr.errors",
+    "load_model": "eqr.model.load",
+    "EqRModel": "eqr.model.network",
+    "LatentState": "eqr.model.network",
+    "StepOutput": "eqr.model.network",
+    "ModelConfig": "eqr.contract.config",
+    "TrainConfig": "eqr.contract.config",
+    "EqRError": "eqr.contract.errors",
 }
 __all__ = [*_PUBLIC, "__version__"]
 

@@ -12,7 +12,7 @@ import click
 
 from eqr import __version__
 from eqr.cli_options import json_option, run_reporting_errors as report_errors
-from eqr.errors import EqRError, missing_extra
+from eqr.contract.errors import EqRError, missing_extra
 
 # name -> "module:attribute" of a click command; imported only when that command runs.
 # `pip install eqr` is the runtime alone: a command whose packages are missing names its extra.
@@ -121,7 +121,7 @@ def info(model: str, weights: str, as_json: bool) -> None:
       eqr info downloaded_checkpoints/sudoku-extreme/eqr.pth --weights model
       eqr info my-run/last.pt --json
     """
-    from eqr.load import load_model, model_summary
+    from eqr.model.load import load_model, model_summary
 
     summary = model_summary(load_model(model, weights=weights))
     if as_json:

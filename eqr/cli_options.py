@@ -33,7 +33,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 

@@ -8,8 +8,8 @@ from typing import Any
 import click
 
 from eqr.cli_options import json_option
-from eqr.errors import EqRError
-from eqr.load import bundled_dir, bundled_names
+from eqr.contract.errors import EqRError
+from eqr.model.load import bundled_dir, bundled_names
 
 CARD_JSON = "card.json"
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from eqr.cli_options import Progress, batch_option, force_option, out_option, run_command
-from eqr.config import PRESETS, ModelConfig, TrainConfig, preset
-from eqr.errors import EqRError
+from eqr.contract.config import PRESETS, ModelConfig, TrainConfig, preset
+from eqr.contract.errors import EqRError
 from eqr.tasks import TASKS, get_task
 from eqr.training.data import ArraySource, BatchSource, GeneratedSource, step_seed, to_training_labels
 from eqr.training.loop import CHECKPOINT_NAME, METRICS_NAME, EvalSet, Trainer, ranks_from_env
@@ -89,7 +89,7 @@ RESUMABLE_OVERRIDES = {"epochs", "eval_interval", "checkpoint_interval"}
 
 
 def resume_configs(out: Path, overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
-    from eqr.checkpoint import read_checkpoint
+    from eqr.model.checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(out / CHECKPOINT_NAME)
     meta = ckpt.metadata

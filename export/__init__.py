@@ -4,7 +4,7 @@
     manifest = export_model(load_model("paper-sudoku"), "sudoku-eqr", ExportConfig(precision=("fp16",)))
 
 What an export directory holds (file names, manifest, I/O names, tolerance rule) is
-`eqr.artifact`. Library functions for other modules: `convert_fp16(onnx_path, out_path,
+`eqr.contract.artifact`. Library functions for other modules: `convert_fp16(onnx_path, out_path,
 keep_fp32_ops=...)`, `quantize_int8(onnx_path, calib_feeds, out_path, method=..., op_types=...)`,
 `check_engine`. Importing this package imports neither torch, onnx, onnxruntime nor tensorrt;
 they load on use.

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import click
 
-from eqr.artifact import PRECISIONS
+from eqr.contract.artifact import PRECISIONS
 from eqr.cli_options import Progress, calib_data_option, force_option, out_option, output_options, precision_option
 from eqr.export.config import DEFAULT_OPSET, ENGINE_MODES, ExportConfig, parse_batch
 
@@ -78,7 +78,7 @@ def export(model: str, precision: tuple[str, ...], out: str | None, batch: str, 
     """
     from eqr.calibration.record import int8_calibration
     from eqr.export.exporter import export_model
-    from eqr.load import load_model
+    from eqr.model.load import load_model
 
     config = ExportConfig(precision=precision, batch=parse_batch(batch), opset=opset, engine=engine,
                           calib_data=calib_data, force=force, seed=seed, check_batch=check_batch,

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from eqr.artifact import PRECISIONS
-from eqr.config import JsonConfig
-from eqr.errors import EqRError
+from eqr.contract.artifact import PRECISIONS
+from eqr.contract.config import JsonConfig
+from eqr.contract.errors import EqRError
 
 ENGINE_MODES = ("auto", "always", "never")
 # Opset 17 is where the TorchScript exporter's graph gets ONNX Runtime's RMSNorm fusion; ONNX

@@ -6,7 +6,7 @@ beside the output and moved in only when every check passed, so a failed or inte
 export leaves no partial files; each file is written atomically.
 
 Every ONNX file carries the manifest JSON and its own precision in its `metadata_props`
-(`eqr.artifact.graph_metadata`), as the manifest stood when the graphs were written: its
+(`eqr.contract.artifact.graph_metadata`), as the manifest stood when the graphs were written: its
 "engines" entry is empty there, because engines are built from those very files; manifest.json
 adds them.
 
@@ -31,14 +31,14 @@ import numpy as np
 import torch
 
 from eqr import __version__
-from eqr.artifact import (CALIB_FILE, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, OWN_FILE_PATTERNS,
+from eqr.contract.artifact import (CALIB_FILE, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, OWN_FILE_PATTERNS,
                           PRECISIONS, REPORT_DIR, graph_metadata, io_contract, recommended_tol, write_manifest)
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.export import parity
 from eqr.export.config import ExportConfig
 from eqr.export.inputs import TaskInfo, infer_task, initial_states, task_inputs
-from eqr.io import atomic_write_bytes
-from eqr.model import EqRModel
+from eqr.contract.io import atomic_write_bytes
+from eqr.model.network import EqRModel
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
-from eqr.io import atomic_write_bytes
+from eqr.contract.io import atomic_write_bytes
 
 if TYPE_CHECKING:
     import onnx

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from eqr.errors import EqRError
-from eqr.model import EqRModel, LatentState
+from eqr.contract.errors import EqRError
+from eqr.model.network import EqRModel, LatentState
 
 SUDOKU_TOKENS = {"pad": 0, "blank": 1, "digit_offset": 1}  # token = digit + 1, digits 1..size
 MAZE_TOKENS = {"pad": 0, "wall": 1, "open": 2, "start": 3, "goal": 4, "path": 5}  # "# SGo" -> 1..5

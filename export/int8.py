@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 import numpy as np
 
 from eqr.export.fp16 import name_nodes, to_fp16
-from eqr.io import atomic_write_bytes
+from eqr.contract.io import atomic_write_bytes
 
 if TYPE_CHECKING:
     import onnx

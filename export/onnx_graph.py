@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from eqr.artifact import BATCH_DIM, INPUT_NAMES, OUTPUT_NAMES, io_contract
-from eqr.model import EqRModel
-from eqr.step_graph import StepGraph
+from eqr.contract.artifact import BATCH_DIM, INPUT_NAMES, OUTPUT_NAMES, io_contract
+from eqr.model.network import EqRModel
+from eqr.model.step_graph import StepGraph
 
 if TYPE_CHECKING:
     import onnx

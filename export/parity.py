@@ -13,7 +13,7 @@ states; its states at every depth are the teacher-forced inputs of the graph che
 
 Recommended convergence tolerance (manifest `tol`): the median over trajectories of the
 lowest residual reached in N steps is the floor, turned into a tol by the one rule,
-`eqr.artifact.recommended_tol`.
+`eqr.contract.artifact.recommended_tol`.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from eqr.artifact import OUTPUT_NAMES, graph_feeds
+from eqr.contract.artifact import OUTPUT_NAMES, graph_feeds
 from eqr.export.inputs import Trajectory
-from eqr.model import EqRModel
-from eqr.step_graph import StepGraph
+from eqr.model.network import EqRModel
+from eqr.model.step_graph import StepGraph
 
 FP32_STEP_ATOL = 1e-4  # per step, in units of max(1, output RMS): beyond it the export fails
 FLOAT_OUTPUTS = tuple(n for n in OUTPUT_NAMES if n != "preds")

@@ -13,7 +13,7 @@ shapes (`--batch N`), layers the DLA cannot run fall back to the GPU. TensorRT 1
 are weakly typed with the FP16 (and INT8) flags; on 11 the strongly typed graph decides
 (docs/jetson.md). The FP32 engine stays a GPU engine.
 
-Engine names, sidecars and the machine checks live in `eqr.trt_engine` (the runtime reads them
+Engine names, sidecars and the machine checks live in `eqr.contract.trt_engine` (the runtime reads them
 too); they are re-exported here.
 """
 from __future__ import annotations
@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from eqr.artifact import engine_file
-from eqr.errors import EqRError
-from eqr.io import atomic_write_bytes, atomic_write_text, sha256_file
-from eqr.trt_engine import (  # noqa: F401  (re-exported: export's public engine API)
+from eqr.contract.artifact import engine_file
+from eqr.contract.errors import EqRError
+from eqr.contract.io import atomic_write_bytes, atomic_write_text, sha256_file
+from eqr.contract.trt_engine import (  # noqa: F401  (re-exported: export's public engine API)
     INSTALL_HINT, SIDECAR_FORMAT, SIDECAR_VERSION, GpuInfo, check_engine, cuda_gpu, gpu_tag,
     sidecar_path, tensorrt_version, trt_logger,
 )
@@ -133,7 +133,7 @@ class EngineFromOnnx:
                               **plan.config)
         config = PostprocessConfig(config, lambda builder, network, cfg: finish_config(trt, builder, cfg, plan.dla_core))
         network = NetworkFromOnnxBytes(self.onnx_bytes, strongly_typed=plan.strongly_typed)
-        trt_logger()  # Polygraphy's logger is the process's one (eqr.trt_engine)
+        trt_logger()  # Polygraphy's logger is the process's one (eqr.contract.trt_engine)
         try:
             with _quiet_polygraphy():
                 return bytes(EngineBytesFromNetwork(network, config=config,

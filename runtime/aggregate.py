@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 
 AggregateFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 _AGGREGATORS: dict[str, AggregateFn] = {}

@@ -9,9 +9,9 @@ from typing import Any
 import click
 import numpy as np
 
-from eqr.artifact import CASCADES, PRECISIONS
+from eqr.contract.artifact import CASCADES, PRECISIONS
 from eqr.cli_options import Progress, backend_option, batch_option, output_options, precision_option
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.runtime.aggregate import aggregator_names
 from eqr.runtime.backends.registry import AUTO, backend_names
 

@@ -8,8 +8,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from eqr.config import JsonConfig
-from eqr.errors import EqRError
+from eqr.contract.config import JsonConfig
+from eqr.contract.errors import EqRError
 
 STATS_LEVELS = ("none", "final", "trace")
 

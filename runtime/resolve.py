@@ -3,7 +3,7 @@
 ARTIFACT is an export directory, a step .onnx file, a TensorRT engine, an eqr or official
 checkpoint, a bundled model name or a preset. The runtime needs only the I/O sizes, the
 initial-state stds and the per-precision tolerances; the weights stay wherever they are. The
-export directory's facts (file names, manifest, precisions, tol rule) come from `eqr.artifact`.
+export directory's facts (file names, manifest, precisions, tol rule) come from `eqr.contract.artifact`.
 
 A step .onnx describes itself: it carries its export's manifest and its precision in its ONNX
 metadata, so a file copied out of its directory behaves exactly like the directory. A foreign
@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eqr.artifact import (ENGINE_SUFFIXES, MANIFEST_FILE, MANIFEST_FORMAT, METADATA_KEY, PRECISION_KEY, PRECISIONS,
+from eqr.contract.artifact import (ENGINE_SUFFIXES, MANIFEST_FILE, MANIFEST_FORMAT, METADATA_KEY, PRECISION_KEY, PRECISIONS,
                           check_manifest, embedded_manifest, precision_of, read_manifest, recommended_tol,
                           split_precision, stopping_rules)
-from eqr.config import ModelConfig
-from eqr.errors import EqRError
+from eqr.contract.config import ModelConfig
+from eqr.contract.errors import EqRError
 from eqr.tasks import DEFAULT_SIZES, TASKS, Task, get_task
 
 
@@ -46,11 +46,11 @@ class Artifact:
     onnx: dict[str, Path] = field(default_factory=dict)  # precision -> step ONNX file
     engines: dict[str, Path] = field(default_factory=dict)  # precision -> TensorRT engine
     tol: dict[str, float] = field(default_factory=unmeasured_tols)
-    checkpoint: str | None = None  # anything eqr.load.load_model accepts (torch backend)
+    checkpoint: str | None = None  # anything eqr.model.load.load_model accepts (torch backend)
     batch: tuple[int, int, int] = (1, 64, 256)  # min/opt/max batch the export was built for
     source: dict[str, Any] | None = None  # the manifest's record of the weights an export came from
     precision: str | None = None  # the one precision a single .onnx or engine file holds
-    # precision -> the stopping rule `eqr calibrate` fitted (eqr.artifact.RULE_FIELDS)
+    # precision -> the stopping rule `eqr calibrate` fitted (eqr.contract.artifact.RULE_FIELDS)
     stopping: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def default_tol(self, precision: str) -> float:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from eqr.errors import EqRError, NotReady, RequestError
+from eqr.contract.errors import EqRError, NotReady, RequestError
 from eqr.runtime.aggregate import get_aggregator
 from eqr.runtime.config import SolveConfig
 from eqr.runtime.loop import Finished, Progress, Rows, run_loop

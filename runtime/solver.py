@@ -12,7 +12,7 @@ cascade ("int8+fp32") steps at the low precision to its residual floor, then at 
 under the high precision's rule.
 
 Initial states have the distribution of `EqRModel.initial_state` (the compensated truncated
-normal of eqr.artifact, with the manifest's init_std) but are drawn by numpy, so the runtime
+normal of eqr.contract.artifact, with the manifest's init_std) but are drawn by numpy, so the runtime
 needs no torch: each trajectory (puzzle i, breadth k) has its own generator seeded by
 (seed, i, k), so an answer does not depend on batch composition, batch size or backend.
 
@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from eqr.artifact import INIT_SCALE, INIT_TRUNCATION, recommended_tol, split_precision
-from eqr.errors import EqRError
+from eqr.contract.artifact import INIT_SCALE, INIT_TRUNCATION, recommended_tol, split_precision
+from eqr.contract.errors import EqRError
 from eqr.runtime.aggregate import get_aggregator, vote_share
 from eqr.runtime.resolve import Artifact, load_artifact, resolve_task
 from eqr.runtime.backends.base import Backend
@@ -41,7 +41,7 @@ from eqr.runtime.loop import solve
 from eqr.runtime.stats import SolveStats
 
 if TYPE_CHECKING:
-    from eqr.model import EqRModel
+    from eqr.model.network import EqRModel
     from eqr.tasks import Task
 
 
@@ -132,7 +132,7 @@ class Solver:
     def load(cls, artifact: str | os.PathLike[str] | Artifact, backend: str = AUTO, precision: str | None = None,
              batch_size: int | None = None, **backend_options: Any) -> "Solver":
         """ARTIFACT: export dir, ONNX file, engine, checkpoint, bundled name or preset.
-        precision: one of PRECISIONS or a cascade "low+high" (eqr.artifact.CASCADES); None: the one
+        precision: one of PRECISIONS or a cascade "low+high" (eqr.contract.artifact.CASCADES); None: the one
         a single .onnx or engine file holds (model.step.int8.onnx: int8), else fp32. Heavy work
         (loading weights, building sessions) happens on first use, not here."""
         art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)

@@ -16,7 +16,7 @@
 # needs:   a CUDA GPU, `pip install -e '.[tensorrt]'` (TensorRT + cuda-python) or JetPack.
 set -uo pipefail
 
-MODEL="${1:-$(python -c 'from eqr.load import bundled_names; print((bundled_names() or ["paper-sudoku"])[0])')}"
+MODEL="${1:-$(python -c 'from eqr.model.load import bundled_names; print((bundled_names() or ["paper-sudoku"])[0])')}"
 WORK="${2:-$(mktemp -d -t eqr-gpu-check.XXXXXX)}"
 PUZZLES="${PUZZLES:-64}"
 BATCH="${BATCH:-1:32:64}"
@@ -52,7 +52,7 @@ run_step "export $MODEL fp32,fp16,int8 with engines" "$WORK/export.log" \
 data_ok=0
 if [ $export_ok = 1 ]; then
     task_args="$(python -c "
-from eqr.artifact import read_manifest
+from eqr.contract.artifact import read_manifest
 task = read_manifest('$WORK/export')['task']
 print(f\"--task {task['name']} --size {task['size']}\")")"
     # shellcheck disable=SC2086
@@ -70,7 +70,7 @@ for precision in fp32 fp16 int8; do
         continue
     fi
     engine="$(python -c "
-from eqr.artifact import read_manifest
+from eqr.contract.artifact import read_manifest
 print(read_manifest('$WORK/export').get('engines', {}).get('$precision', {}).get('engine', ''))")"
     if [ -z "$engine" ]; then
         report FAIL "$precision engine" "the manifest lists no $precision engine"

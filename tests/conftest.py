@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eqr.config import ModelConfig
-from eqr.model import EqRModel
+from eqr.contract.config import ModelConfig
+from eqr.model.network import EqRModel
 
 torch.set_num_threads(1)
 

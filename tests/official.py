@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eqr.config import ModelConfig
-from eqr.model import EqRModel
+from eqr.contract.config import ModelConfig
+from eqr.model.network import EqRModel
 
 # eqr name -> official name, written out by hand from the official key names
 # (docs/formats.md#checkpoints), independent of OFFICIAL_KEY_MAP.

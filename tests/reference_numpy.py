@@ -1,7 +1,7 @@
 """An independent, slow NumPy (float64) reference of one EqR outer step, written from docs/algorithm.md#the-step-f.
 
 It reads the *official* parameter names (docs/formats.md#checkpoints, after prefix stripping) and shares no code
-with eqr.model, so agreement between the two is evidence that both follow docs/algorithm.md.
+with eqr.model.network, so agreement between the two is evidence that both follow docs/algorithm.md.
 """
 from __future__ import annotations
 

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 
 from conftest import tiny_config
-from eqr.artifact import INPUT_NAMES, OUTPUT_NAMES
-from eqr.model import EqRModel
+from eqr.contract.artifact import INPUT_NAMES, OUTPUT_NAMES
+from eqr.model.network import EqRModel
 from eqr.runtime.backends.torch_backend import TorchBackend
-from eqr.step_graph import StepGraph
+from eqr.model.step_graph import StepGraph
 
 
 def contractive_model(seed: int = 0, **overrides) -> EqRModel:

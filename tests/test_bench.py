@@ -13,8 +13,8 @@ from conftest import tiny_config
 from eqr.bench import (DEFAULT_MEASUREMENTS, MEASURE, MEASUREMENTS, Measurement, MeasurementError, ReferenceRun,
                        exact_correct, parse_result_line, reference_solve)
 from eqr.cli import cli
-from eqr.model import EqRModel
-from eqr.step_graph import StepGraph
+from eqr.model.network import EqRModel
+from eqr.model.step_graph import StepGraph
 
 
 def test_bench_smoke_prints_a_parsable_result_line_per_measurement(monkeypatch) -> None:

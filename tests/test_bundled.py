@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from eqr.cli import cli
-from eqr.load import bundled_dir, bundled_names, load_model
+from eqr.model.load import bundled_dir, bundled_names, load_model
 from eqr.models_cli import bundled_cards
 from eqr.tasks import get_task
 from eqr.training.data import to_training_labels

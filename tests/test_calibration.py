@@ -18,8 +18,8 @@ from eqr.calibration.config import CalibConfig, ReportConfig, parse_ints
 from eqr.calibration.contraction import spectral_radius
 from eqr.calibration.quantize import scale_change
 from eqr.calibration.record import RecordingBackend, load_calib, read_calib_file, record_calibration, save_calib
-from eqr.errors import EqRError
-from eqr.model import EqRModel
+from eqr.contract.errors import EqRError
+from eqr.model.network import EqRModel
 from eqr.runtime import Solver
 from eqr.runtime.backends.base import Backend
 from eqr.runtime.solver import initial_states
@@ -54,7 +54,7 @@ def test_recording_captures_every_depth_of_the_runtime_loop() -> None:
     np.testing.assert_array_equal(calib.z_H[row], z_H[0])
     np.testing.assert_array_equal(calib.tokens[row], tokens[2])
     # depth 3 is three model steps from that start.
-    from eqr.model import LatentState
+    from eqr.model.network import LatentState
 
     state = LatentState(torch.from_numpy(z_H), torch.from_numpy(z_L))
     with torch.no_grad():

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from eqr.checkpoint import OfficialObject, official_to_eqr, read_checkpoint, safe_load, save_checkpoint
-from eqr.errors import CheckpointError
-from eqr.io import atomic_open
-from eqr.load import load_model
-from eqr.model import EqRModel
+from eqr.model.checkpoint import OfficialObject, official_to_eqr, read_checkpoint, safe_load, save_checkpoint
+from eqr.contract.errors import CheckpointError
+from eqr.contract.io import atomic_open
+from eqr.model.load import load_model
+from eqr.model.network import EqRModel
 from official import write_official_checkpoint
 
 

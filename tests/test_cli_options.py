@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from eqr.checkpoint import save_checkpoint
+from eqr.model.checkpoint import save_checkpoint
 from eqr.cli import cli
 from eqr.cli_options import Progress, backend_option, batch_option, calib_data_option, output_options, \
     precision_option, run_command
-from eqr.errors import EqRError
-from eqr.io import read_npz
+from eqr.contract.errors import EqRError
+from eqr.contract.io import read_npz
 
 
 @click.command()

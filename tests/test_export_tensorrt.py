@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.export import tensorrt as trt_export
-from eqr.artifact import engine_file
+from eqr.contract.artifact import engine_file
 from eqr.export.tensorrt import EngineProfile, GpuInfo, check_engine, gpu_tag, sidecar, sidecar_path
 
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
@@ -50,7 +50,7 @@ def _engine(tmp_path: Path, gpu: GpuInfo = H100, version: str = "10.16.0") -> Pa
     onnx_file.write_bytes(b"graph")
     engine = tmp_path / engine_file("fp16", gpu.tag, version)
     engine.write_bytes(b"plan")  # the plan as TensorRT wrote it: no header
-    from eqr.io import sha256_file
+    from eqr.contract.io import sha256_file
     meta = sidecar("fp16", gpu, version, onnx_file.name, sha256_file(onnx_file), EngineProfile((1, 4, 8), 81, 64), 256)
     sidecar_path(engine).write_text(json.dumps(meta))
     return engine
@@ -111,7 +111,7 @@ def test_engines_build_for_every_precision_and_load(tmp_path: Path) -> None:
     from conftest import tiny_config
     from eqr.calibration.record import int8_calibration
     from eqr.export import ExportConfig, export_model, load_engine
-    from eqr.model import EqRModel
+    from eqr.model.network import EqRModel
 
     model = EqRModel(tiny_config(), seed=0).eval()
     config = ExportConfig(precision=("fp16", "int8"), engine="always", batch=(1, 4, 8), check_batch=2, check_steps=4)

@@ -1,9 +1,9 @@
 """The import layering stays true: every module's imports (including those inside functions)
 are read with ast and checked against the layers, bottom up:
 
-    floor        eqr.artifact, eqr.errors, eqr.io, eqr.config, eqr.trt_engine   (the export contract; no torch, no engine)
+    floor        eqr.contract.artifact, eqr.contract.errors, eqr.contract.io, eqr.contract.config, eqr.contract.trt_engine   (the export contract; no torch, no engine)
     tasks        eqr.tasks.*
-    model        eqr.model, eqr.step_graph, eqr.checkpoint, eqr.load
+    model        eqr.model.network, eqr.model.step_graph, eqr.model.checkpoint, eqr.model.load
     training     eqr.training.*
     export       eqr.export.*
     runtime      eqr.runtime.*  (eqr solve included: it must run without torch)
@@ -24,8 +24,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"eqr": "eqr", "export": "eqr.export", "runtime": "eqr.runtime", "calibration": "eqr.calibration"}
 LAYERS = ("floor", "tasks", "model", "training", "export", "runtime", "calibration", "tools")
-FLOOR = ("eqr.artifact", "eqr.errors", "eqr.io", "eqr.config", "eqr.trt_engine")
-MODEL = ("eqr.model", "eqr.step_graph", "eqr.checkpoint", "eqr.load")
+FLOOR = ("eqr.contract.artifact", "eqr.contract.errors", "eqr.contract.io", "eqr.contract.config", "eqr.contract.trt_engine")
+MODEL = ("eqr.model.network", "eqr.model.step_graph", "eqr.model.checkpoint", "eqr.model.load")
 TOOLS = ("eqr.cli", "eqr.__main__", "eqr.train", "eqr.models_cli", "eqr.bench", "eqr.training.bundle", "eqr.serving")
 HEAVY = ("torch", "onnx", "onnxruntime", "tensorrt", "polygraphy", "onnx_graphsurgeon", "matplotlib")
 
@@ -43,7 +43,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
 # The runtime's one door to torch and the model: the torch backend. The engine-file contract
 # (sidecars, the GPU's identity, the one TensorRT logger), which export and runtime share, asks
 # TensorRT its version and takes Polygraphy's logger where it is installed, inside functions.
-ALLOWED = {"eqr.runtime.backends.torch_backend": ("model", "torch"), "eqr.trt_engine": ("tensorrt", "polygraphy")}
+ALLOWED = {"eqr.runtime.backends.torch_backend": ("model", "torch"), "eqr.contract.trt_engine": ("tensorrt", "polygraphy")}
 # Known exceptions, each until the change named beside it lands.
 KNOWN: dict[str, str] = {}
 
@@ -134,8 +134,8 @@ def test_known_exceptions_still_need_their_exception() -> None:
 def test_the_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
     source = tmp_path / "probe.py"
     source.write_text("def f():\n    from eqr.runtime.solver import Solver\n    import torch\n"
-                      "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from eqr.model import EqRModel\n")
+                      "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from eqr.model.network import EqRModel\n")
     found = imports(source, "eqr.export.probe")
-    assert {"eqr.runtime.solver", "torch"} <= found and "eqr.model" not in found
+    assert {"eqr.runtime.solver", "torch"} <= found and "eqr.model.network" not in found
     assert layer_of("eqr.runtime.solver") in FORBIDDEN["export"]
     assert layer_of("eqr.export.cli") == "tools" and layer_of("eqr.runtime.cli") == "runtime"

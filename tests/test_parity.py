@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from eqr.checkpoint import official_to_eqr
-from eqr.config import ModelConfig
-from eqr.model import EqRModel
+from eqr.model.checkpoint import official_to_eqr
+from eqr.contract.config import ModelConfig
+from eqr.model.network import EqRModel
 from official import official_state_dict
 from reference_numpy import outer_step
 

@@ -31,7 +31,7 @@ def blocks() -> list[tuple[str, str, str | None]]:
 
 def _unmet(needs: str) -> str | None:
     assert needs in NEEDS, f"README block needs {needs!r}, which tests/test_readme.py cannot probe"
-    from eqr.errors import EqRError
+    from eqr.contract.errors import EqRError
     from eqr.serving.server import find_tritonserver
 
     try:

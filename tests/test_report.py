@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from conftest import contracting_model
-from eqr.artifact import METADATA_KEY, PRECISION_KEY
-from eqr.checkpoint import save_checkpoint
+from eqr.contract.artifact import METADATA_KEY, PRECISION_KEY
+from eqr.model.checkpoint import save_checkpoint
 from eqr.cli import cli
-from eqr.io import sha256_file
+from eqr.contract.io import sha256_file
 
 PUZZLES = 8
 DEPTH = 32
@@ -32,7 +32,7 @@ def invoke(*args: str) -> "CliRunner.Result":
 def calibrated(tmp_path_factory) -> Path:
     """An fp32 export of the tiny model, calibrated: calib.npz, fp16 and int8 graphs, manifest tols."""
     from eqr.export import ExportConfig, export_model
-    from eqr.load import load_model
+    from eqr.model.load import load_model
 
     root = tmp_path_factory.mktemp("calibrated")
     model = contracting_model()
@@ -87,7 +87,7 @@ def test_calibrate_adds_to_an_export_and_replaces_only_its_own_files(tmp_path: P
     """After `export --precision fp16`, calibrate adds calib.npz and int8 without --force, keeps the
     export's fp16, replaces its own files on a re-run, and needs --force for the export's graph."""
     from eqr.export import ExportConfig, export_model
-    from eqr.load import load_model
+    from eqr.model.load import load_model
 
     model = contracting_model()
     save_checkpoint(tmp_path / "tiny.pt", model.config, model.state_dict(),
@@ -301,7 +301,7 @@ def test_a_copied_graph_keeps_its_calibrated_stopping_rule(calibrated: Path, tmp
     """Each graph calibrate built embeds the manifest with the stopping rules, so a lone copy stops
     like the directory; the export's own FP32 graph keeps its bytes (engines and calib.npz name its
     hash), and its rule is read from manifest.json."""
-    from eqr.io import sha256_file
+    from eqr.contract.io import sha256_file
     from eqr.runtime import Solver
 
     manifest = json.loads((calibrated / "manifest.json").read_text())

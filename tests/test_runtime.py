@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.runtime import Solver, SolveConfig, solve
 from eqr.runtime.aggregate import aggregator_names, converged_top1, first_valid, majority, vote_share
 from eqr.runtime.backends import backend_names, create_backend
@@ -287,7 +287,7 @@ def test_bad_artifacts_give_one_line_errors(tmp_path):
 
 
 def test_checkpoint_artifact_runs_on_torch_by_default(model, tmp_path):
-    from eqr.checkpoint import save_checkpoint
+    from eqr.model.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "tiny.pt", model.config, model.state_dict())
     with Solver.load(tmp_path / "tiny.pt") as solver, Solver.from_model(model) as eager:
@@ -314,7 +314,7 @@ def test_static_shape_backends_freeze_and_refill_slots_with_the_same_answers(mod
 
 
 def accuracy_cases() -> list[str]:
-    from eqr.load import bundled_names
+    from eqr.model.load import bundled_names
 
     return bundled_names() or ["tiny"]
 
@@ -354,7 +354,7 @@ def test_gating_keeps_fixed_depth_accuracy_and_breadth_does_not_hurt(name, model
 
 
 def test_solver_knows_its_task_from_the_artifact(model, tmp_path):
-    from eqr.checkpoint import save_checkpoint
+    from eqr.model.checkpoint import save_checkpoint
     from eqr.tasks import get_task
 
     save_checkpoint(tmp_path / "tiny.pt", model.config, model.state_dict(), metadata={"task": {"name": "sudoku", "size": 4}})

@@ -7,9 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import tiny_config
-from eqr.checkpoint import save_checkpoint
+from eqr.model.checkpoint import save_checkpoint
 from eqr.cli import cli
-from eqr.model import EqRModel
+from eqr.model.network import EqRModel
 from eqr.tasks import get_task
 from runtime_helpers import contractive_model, export_onnx
 
@@ -231,7 +231,7 @@ def test_help_lists_examples():
 
 def sudoku9_models() -> list[str]:
     """Bundled 9x9 Sudoku models, or "tiny" (a small random 9x9 model) when none is bundled."""
-    from eqr.load import bundled_names
+    from eqr.model.load import bundled_names
     from eqr.runtime.resolve import load_artifact
 
     names = [n for n in bundled_names() if (load_artifact(n).seq_len, load_artifact(n).vocab_size) == (81, 11)]

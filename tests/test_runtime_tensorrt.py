@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.export import tensorrt as trt_export
 from eqr.runtime import SolveConfig, solve
 from eqr.runtime.backends import trt_backend
@@ -204,7 +204,7 @@ def test_graph_replay_equals_enqueue_bitwise_on_the_gpu(export_dir, precision):
 def test_fresh_uploads_are_complete_before_the_engine_reads_them(export_dir):
     """The stream race: inputs copied on one stream, the engine run on another without a wait."""
     from eqr.export.onnx_graph import session
-    from eqr.artifact import graph_feeds
+    from eqr.contract.artifact import graph_feeds
 
     ort = session(str(export_dir / "model.step.onnx"))
     with _on_gpu(export_dir, cuda_graphs=False) as backend:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.runtime import Solver
 from eqr.serving.client import ServerError, StreamClient, decoded, generate, generate_stream
 from eqr.serving.repository import ServeConfig, write_repository

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from eqr.cli import cli
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.serving import server as server_module
 from eqr.serving.protocol import parse_request
 from eqr.tasks import get_task

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.runtime import Scheduler, SolveConfig
 from eqr.runtime.backends.torch_backend import TorchBackend
 from runtime_helpers import contractive_model, random_puzzles, solver_for
@@ -120,7 +120,7 @@ class SmallBatchBackend(TorchBackend):
 
 
 def test_a_breadth_the_backend_cannot_hold_fails_its_request_and_the_queue_goes_on(model) -> None:
-    from eqr.errors import RequestError
+    from eqr.contract.errors import RequestError
 
     puzzles = random_puzzles(2, seed=4)
     with Scheduler(solver_for(model, SmallBatchBackend(model)), SolveConfig(max_steps=4, tol=None), batch_size=8,

@@ -21,8 +21,8 @@ from eqr.runtime.backends.torch_backend import TorchBackend
 from eqr.runtime.config import SolveConfig
 from runtime_helpers import contractive_model, random_puzzles
 
-from eqr.artifact import RULE_FIELDS, split_precision
-from eqr.errors import EqRError
+from eqr.contract.artifact import RULE_FIELDS, split_precision
+from eqr.contract.errors import EqRError
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from eqr.cli import cli
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.tasks import get_task
 from eqr.tasks.dataset import check_split, load_dataset, save_dataset
 from eqr.tasks.io import read_puzzles

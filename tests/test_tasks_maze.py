@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.tasks import get_task
 from eqr.tasks.maze import GOAL, OPEN, PATH, START, WALL, bfs, default_path_len
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.tasks import get_task
 from eqr.tasks.sudoku import Solver, augment, augment_groups, grade
 

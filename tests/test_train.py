@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from eqr.config import TrainConfig
-from eqr.model import EqRModel
+from eqr.contract.config import TrainConfig
+from eqr.model.network import EqRModel
 from eqr.training.data import ArraySource
 from eqr.training.ema import EMA
 from eqr.training.evaluate import steps_to_stable
@@ -229,7 +229,7 @@ def test_halting_follows_cap_q_head_and_exploration_minimum():
 
 @pytest.mark.parametrize("name", ["cpu-sudoku-4x4", "cpu-sudoku-6x6", "cpu-maze-9"])
 def test_cpu_preset_fits_its_task_and_every_curriculum_stage_generates(name):
-    from eqr.config import preset
+    from eqr.contract.config import preset
     from eqr.tasks import get_task
 
     model_config, train_config = preset(name)

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from eqr.cli import cli
-from eqr.load import load_model
+from eqr.model.load import load_model
 
 TINY = ["--preset", "tiny", "--task", "sudoku", "--size", "4", "--quiet"]
 
@@ -166,7 +166,7 @@ def test_remeasure_reproduces_the_card_and_keeps_its_precision_section(tmp_path:
 
 def test_card_accuracy_is_noise_free_by_default_and_remeasure_keeps_the_cards_noise(tmp_path: Path) -> None:
     from eqr.training.bundle import ema_model, generate_heldout, make_bundle, remeasure
-    from eqr.checkpoint import read_checkpoint
+    from eqr.model.checkpoint import read_checkpoint
     from eqr.training.data import to_training_labels
     from eqr.training.evaluate import evaluate
 

@@ -13,8 +13,8 @@ from eqr.bench.result import MeasurementError
 from eqr.bench.run import default_model, run_bench
 from eqr.bench.table import DEFAULT_MEASUREMENTS, MEASUREMENTS
 from eqr.cli_options import Progress, backend_option, batch_option, force_option, out_option, output_options, precision_option
-from eqr.errors import EqRError
-from eqr.artifact import CASCADES, PRECISIONS
+from eqr.contract.errors import EqRError
+from eqr.contract.artifact import CASCADES, PRECISIONS
 
 
 @click.command()
@@ -107,7 +107,7 @@ def bench(model: str | None, paper: bool, only: tuple[str, ...], puzzles: int | 
         text = render(measurements, info)
     click.echo(text)
     if out:
-        from eqr.io import atomic_write_text
+        from eqr.contract.io import atomic_write_text
 
         atomic_write_text(out, text + "\n")
     if check_goals and any(m.met is False for m in measurements):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 
 # The bundled models where puzzle difficulty varies, preferred in this order (a 6x6 Sudoku model
 # goes first once it ships); then any bundled model, then FALLBACK_MODEL.

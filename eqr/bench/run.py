@@ -17,7 +17,7 @@ from eqr.bench.result import Measurement
 from eqr.bench.setting import Setting, mixed_puzzles, model_task
 from eqr.bench.table import MEASURE
 from eqr.cli_options import Progress
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 
 
 def export_for_bench(model: Any, out_dir: Path, precisions: tuple[str, ...], paper: bool) -> list[str]:
@@ -52,7 +52,7 @@ def check_export_matches(export_dir: Path, model: Any, name: str) -> None:
 
 def default_model() -> str:
     """The first bundled model of DEFAULT_MODELS (difficulty varies), else any bundled one, else the preset."""
-    from eqr.load import bundled_names
+    from eqr.model.load import bundled_names
 
     names = bundled_names()
     preferred = [name for name in DEFAULT_MODELS if name in names]
@@ -91,7 +91,7 @@ def bench_rule(setting: Setting, info: dict[str, Any]) -> dict[str, Any]:
 def run_bench(config: BenchConfig, reporter: Progress | None = None) -> tuple[list[Measurement], dict[str, Any]]:
     """Run the selected measurements -> (measurements, run description)."""
     from eqr.export.exporter import fp32_model
-    from eqr.load import load_model
+    from eqr.model.load import load_model
 
     unknown = sorted(set(config.measurements) - set(MEASURE))
     if unknown:

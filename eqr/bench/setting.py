@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from eqr.artifact import RULE_FIELDS, describe_rule
+from eqr.contract.artifact import RULE_FIELDS, describe_rule
 from eqr.bench.config import BenchConfig
 from eqr.cli_options import Progress
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Setting:
 
 def model_task(model: Any) -> Any:
     """The task a model solves: its checkpoint metadata, its preset's recipe, or inferred from L and V."""
-    from eqr.config import PRESETS
+    from eqr.contract.config import PRESETS
     from eqr.export.inputs import infer_task
     from eqr.tasks import get_task
 
@@ -119,7 +119,7 @@ def rule_text(cfg: Any) -> str:
 
 
 def flops(setting: Setting) -> int:
-    from eqr.model import flops_per_step
+    from eqr.model.network import flops_per_step
 
     return flops_per_step(setting.model.config)
 

@@ -14,8 +14,8 @@ from typing import Any
 import click
 
 from eqr.cli_options import batch_option
-from eqr.errors import EqRError
-from eqr.artifact import MANIFEST_FILE, PRECISIONS
+from eqr.contract.errors import EqRError
+from eqr.contract.artifact import MANIFEST_FILE, PRECISIONS
 from eqr.serving.repository import SERVE_BACKENDS, ServeConfig
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.serving.protocol import INPUTS, OUTPUTS
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 
 # (name, numpy dtype, Triton type, dims with L for the sequence length); the one table that
 # config.pbtxt, model.py and the clients read.

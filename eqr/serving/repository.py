@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.serving.protocol import INPUTS, OUTPUTS
 
 MODEL_FILE = Path(__file__).with_name("triton_model.py")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 
 MISSING = ("tritonserver not found: install the serve extra (pip install 'eqr[cpu,serve]') or run inside "
            "NVIDIA's Triton Inference Server container")

@@ -18,7 +18,7 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
-from eqr.errors import EqRError, RequestError
+from eqr.contract.errors import EqRError, RequestError
 from eqr.serving.protocol import INPUTS, OUTPUTS, parse_request, partial_tensors, result_tensors
 
 log = logging.getLogger("eqr.serving")

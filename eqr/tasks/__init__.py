@@ -14,7 +14,7 @@ Token ids are the official ones: Sudoku 0 PAD, 1 blank, 2..n+1 digits; maze 0 PA
 """
 from __future__ import annotations
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.tasks.base import PAD_ID, Puzzles, Task
 from eqr.tasks.maze import MazeTask
 from eqr.tasks.sudoku import SudokuTask

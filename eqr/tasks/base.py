@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 
 PAD_ID = 0  # padding token of every task (docs/formats.md#token-ids); labels equal to it are ignored by the loss
 

@@ -11,7 +11,7 @@ import click
 import numpy as np
 
 from eqr.cli_options import Progress, force_option, out_option, output_options
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.tasks import TASKS, get_task
 from eqr.tasks.dataset import check_split, load_dataset, save_dataset, split_dirs
 

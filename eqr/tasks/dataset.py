@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from eqr.errors import EqRError
-from eqr.io import atomic_open, atomic_write_text
+from eqr.contract.errors import EqRError
+from eqr.contract.io import atomic_open, atomic_write_text
 from eqr.tasks import TASKS, Task, get_task
 
 SET_NAME = "all"

@@ -24,7 +24,7 @@ from typing import IO, Iterator, Union
 
 import numpy as np
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.tasks import Task, get_task
 
 FORMATS = ("text", "csv", "hrm")

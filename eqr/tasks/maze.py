@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.tasks.base import ProgressFn, Puzzles, Task, parse_range, puzzle_rng
 
 CHARS = "# SGo"

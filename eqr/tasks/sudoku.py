@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.tasks.base import PAD_ID, ProgressFn, Puzzles, Task, parse_range, puzzle_rng
 
 BLANK_ID = 1  # digits d are tokens d + 1

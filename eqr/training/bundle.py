@@ -25,11 +25,11 @@ import click
 import numpy as np
 import torch
 
-from eqr.checkpoint import read_checkpoint, save_checkpoint
-from eqr.errors import EqRError
-from eqr.io import atomic_write_text
-from eqr.load import bundled_dir, load_model
-from eqr.model import EqRModel
+from eqr.model.checkpoint import read_checkpoint, save_checkpoint
+from eqr.contract.errors import EqRError
+from eqr.contract.io import atomic_write_text
+from eqr.model.load import bundled_dir, load_model
+from eqr.model.network import EqRModel
 from eqr.training.data import to_training_labels
 from eqr.training.evaluate import evaluate
 from eqr.training.loop import CHECKPOINT_NAME, METRICS_NAME
@@ -64,7 +64,7 @@ def steps_to_settle(model: EqRModel, inputs: np.ndarray, labels: np.ndarray, gro
     below the FP32 tol, or the answer unchanged for the window), by each labelling in `groups`:
     the adaptive-compute measure (easy puzzles should stop earlier), with the gated answer's
     exact accuracy."""
-    from eqr.artifact import recommended_tol
+    from eqr.contract.artifact import recommended_tol
     from eqr.runtime.solver import Solver
 
     tol = recommended_tol("fp32")["tol"]  # what the runtime uses for a checkpoint (no measured floor)
@@ -91,7 +91,7 @@ def calibrated_gating(model: str, inputs: np.ndarray, labels: np.ndarray, tiers:
     """Outer steps the runtime spends per puzzle on the model as deployed: exported, calibrated
     with `eqr calibrate`'s defaults (its stopping rules are fitted on puzzles it generates itself,
     not on these), and solved with each precision's rule from the manifest, by tier."""
-    from eqr.artifact import PRECISIONS, describe_rule
+    from eqr.contract.artifact import PRECISIONS, describe_rule
     from eqr.cli import cli
     from eqr.runtime.solver import Solver
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 from eqr.training.losses import IGNORE_LABEL
 
 IGNORE_LABEL_ID = 0  # label id that means "no label" in the HRM/EqR data layout (docs/formats.md#hrm)

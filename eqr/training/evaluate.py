@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
-from eqr.model import EqRModel
+from eqr.model.network import EqRModel
 from eqr.training.data import step_seed
 from eqr.training.losses import IGNORE_LABEL
 

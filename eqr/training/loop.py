@@ -30,11 +30,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from eqr.checkpoint import read_checkpoint, save_checkpoint
-from eqr.config import ModelConfig, TrainConfig
-from eqr.errors import EqRError
-from eqr.io import atomic_write_text
-from eqr.model import EqRModel, LatentState
+from eqr.model.checkpoint import read_checkpoint, save_checkpoint
+from eqr.contract.config import ModelConfig, TrainConfig
+from eqr.contract.errors import EqRError
+from eqr.contract.io import atomic_write_text
+from eqr.model.network import EqRModel, LatentState
 from eqr.training.data import BatchSource, step_seed
 from eqr.training.ema import EMA
 from eqr.training.evaluate import evaluate
@@ -310,7 +310,7 @@ class Trainer:
 
     def init_from(self, path: Path) -> dict[str, Any]:
         """Start from another run's weights and EMA (fresh optimizer and carry); returns its provenance."""
-        from eqr.checkpoint import check_state_dict
+        from eqr.model.checkpoint import check_state_dict
 
         ckpt = read_checkpoint(path)
         check_state_dict(self.model.state_dict(), ckpt.model, f"{path} (--init-from)")

@@ -10,7 +10,7 @@ from typing import Iterable
 
 import torch
 
-from eqr.config import TrainConfig
+from eqr.contract.config import TrainConfig
 
 
 class AdamATan2(torch.optim.Optimizer):

@@ -1,4 +1,4 @@
-"""`Backend`: a Polygraphy-style runner for the deployable step (the I/O contract of eqr.artifact).
+"""`Backend`: a Polygraphy-style runner for the deployable step (the I/O contract of eqr.contract.artifact).
 
 A backend runs one outer step on a batch: `step(feeds) -> outputs`, both keyed by the ONNX names
 (`STEP_FEEDS`, `OUTPUT_NAMES`); the graph's fourth input, `done`, is the backend's own: static-shape
@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from eqr.artifact import OUTPUT_NAMES, STATE_OUTPUTS, STEP_FEEDS
+from eqr.contract.artifact import OUTPUT_NAMES, STATE_OUTPUTS, STEP_FEEDS
 
 log = logging.getLogger(__name__)
 

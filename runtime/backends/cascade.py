@@ -14,10 +14,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from eqr.artifact import OUTPUT_NAMES
+from eqr.contract.artifact import OUTPUT_NAMES
 from eqr.runtime.backends.base import Backend
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 
 
 class CascadeBackend(Backend):

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from eqr.artifact import INPUT_NAMES, OUTPUT_NAMES, STEP_FEEDS
-from eqr.errors import EqRError, missing_extra
+from eqr.contract.artifact import INPUT_NAMES, OUTPUT_NAMES, STEP_FEEDS
+from eqr.contract.errors import EqRError, missing_extra
 from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
 
 if TYPE_CHECKING:

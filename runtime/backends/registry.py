@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from eqr.errors import EqRError, missing_extra
+from eqr.contract.errors import EqRError, missing_extra
 
 if TYPE_CHECKING:
     from eqr.runtime.resolve import Artifact

@@ -1,4 +1,4 @@
-"""The reference backend: eqr/step_graph.py's `StepGraph` run eagerly by torch.
+"""The reference backend: eqr/model/step_graph.py's `StepGraph` run eagerly by torch.
 
 State stays as torch tensors on the model's device; this is the semantics every other backend
 is compared against. It is the runtime's one door to torch and the model: checkpoints, bundled
@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from eqr.artifact import OUTPUT_NAMES
-from eqr.errors import EqRError
-from eqr.model import EqRModel
+from eqr.contract.artifact import OUTPUT_NAMES
+from eqr.contract.errors import EqRError
+from eqr.model.network import EqRModel
 from eqr.runtime.resolve import Artifact
 from eqr.runtime.backends.base import Backend
-from eqr.step_graph import StepGraph
+from eqr.model.step_graph import StepGraph
 
 
 class TorchArrays:
@@ -52,7 +52,7 @@ class TorchBackend(TorchArrays, Backend):
 
     def __init__(self, model: EqRModel | None = None, *, loader: str | None = None,
                  device: str | torch.device = "cpu") -> None:
-        """Give a model, or `loader`: anything `eqr.load.load_model` accepts (loaded at activate)."""
+        """Give a model, or `loader`: anything `eqr.model.load.load_model` accepts (loaded at activate)."""
         super().__init__()
         if model is None and loader is None:
             raise ValueError("TorchBackend needs a model or a loader (checkpoint path or name)")
@@ -75,7 +75,7 @@ class TorchBackend(TorchArrays, Backend):
 
     def activate_impl(self) -> None:
         if self.model is None:
-            from eqr.load import load_model
+            from eqr.model.load import load_model
 
             self.model = load_model(self.loader)
         self.graph = StepGraph(self.model.to(self.device).eval())
@@ -96,9 +96,9 @@ class TorchBackend(TorchArrays, Backend):
 
 def checkpoint_artifact(location: str) -> Artifact:
     """A checkpoint path, bundled name or preset as an `Artifact` (one-line EqRError for unknown names)."""
-    from eqr.checkpoint import read_checkpoint
-    from eqr.config import PRESETS
-    from eqr.load import resolve
+    from eqr.model.checkpoint import read_checkpoint
+    from eqr.contract.config import PRESETS
+    from eqr.model.load import resolve
 
     kind, resolved = resolve(location)
     task = None
@@ -121,8 +121,8 @@ def weights_of(artifact: Artifact) -> str | None:
     source = artifact.source
     if not source or source.get("kind") in (None, "init") or not source.get("location"):
         return None
-    from eqr.io import sha256_file
-    from eqr.load import resolve
+    from eqr.contract.io import sha256_file
+    from eqr.model.load import resolve
 
     try:
         _, resolved = resolve(source["location"])

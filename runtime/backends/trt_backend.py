@@ -18,7 +18,7 @@ Two modes:
   share one USER_MANAGED scratch allocation (they never run at the same time: one stream). Each
   context runs once before its capture (TensorRT allocates and selects lazily on the first
   run), and capture is thread-local so another thread's CUDA calls cannot invalidate it. Frozen
-  rows keep their state through the graph's own `done` input (eqr/artifact.py); the loop
+  rows keep their state through the graph's own `done` input (eqr/contract/artifact.py); the loop
   freezes settled rows and refills slots instead of compacting.
 - cuda_graphs=False (dynamic shapes): one context, `set_input_shape` per call, so compaction
   shrinks the work; state output buffers ping-pong per batch size; `done` is all False.
@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from eqr.artifact import INPUT_NAMES, OUTPUT_NAMES, STEP_FEEDS
-from eqr.errors import EqRError, missing_extra
+from eqr.contract.artifact import INPUT_NAMES, OUTPUT_NAMES, STEP_FEEDS
+from eqr.contract.errors import EqRError, missing_extra
 from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
-from eqr.trt_engine import check_engine, cuda_gpu, trt_logger
+from eqr.contract.trt_engine import check_engine, cuda_gpu, trt_logger
 
 if TYPE_CHECKING:
     from eqr.runtime.resolve import Artifact

@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eqr.artifact import INIT_SCALE as TRUNC_NORMAL_SCALE
-from eqr.artifact import INIT_TRUNCATION as _TRUNC
-from eqr.config import ModelConfig
+from eqr.contract.artifact import INIT_SCALE as TRUNC_NORMAL_SCALE
+from eqr.contract.artifact import INIT_TRUNCATION as _TRUNC
+from eqr.contract.config import ModelConfig
 
 # --------------------------------------------------------------------------- initialisation
 
 # The truncated normal keeps +-2 standard deviations of the underlying normal, rescaled to have
-# exactly the nominal std (the distribution is part of the step contract: eqr.artifact).
+# exactly the nominal std (the distribution is part of the step contract: eqr.contract.artifact).
 _Z = math.erf(_TRUNC / math.sqrt(2.0))
 
 
@@ -203,7 +203,7 @@ class EqRModel(nn.Module):
         self.lm_head = Linear(D, V)
         self.q_head = Linear(D, 2, bias=True)  # output 0 is q_halt; output 1 is never used
         self.reset_parameters(torch.Generator().manual_seed(seed))
-        self.source = None  # eqr.load.ModelSource, set by load_model
+        self.source = None  # eqr.model.load.ModelSource, set by load_model
         self.metadata: dict = {}  # checkpoint metadata (training command, data, metrics)
 
     @property

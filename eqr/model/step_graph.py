@@ -2,7 +2,7 @@
 
 Every backend (torch, ONNX Runtime, TensorRT) runs exactly this computation, so host loops
 read only O(B) convergence scalars and O(B*L) predictions per step. The names and dtypes are
-`eqr.artifact.INPUTS` and `OUTPUTS`:
+`eqr.contract.artifact.INPUTS` and `OUTPUTS`:
 
 inputs   tokens int32 [B, L]; z_H, z_L float32 [B, L, D]; done bool [B]
 outputs  z_H_out, z_L_out float32 [B, L, D]; logits float32 [B, L, V]; preds int32 [B, L];
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from eqr.model import EqRModel, LatentState
+from eqr.model.network import EqRModel, LatentState
 
 
 class StepGraph(nn.Module):

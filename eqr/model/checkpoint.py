@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from eqr.config import ModelConfig
-from eqr.errors import CheckpointError
-from eqr.io import atomic_open, sha256_file
+from eqr.contract.config import ModelConfig
+from eqr.contract.errors import CheckpointError
+from eqr.contract.io import atomic_open, sha256_file
 
 FORMAT = "eqr-checkpoint"
 VERSION = 1

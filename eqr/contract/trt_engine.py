@@ -1,5 +1,5 @@
 """TensorRT engine files as export writes and the runtime reads them: the sidecar check, the
-GPU's identity, and the process's one `trt.Logger` (the file names are `eqr.artifact.engine_file`).
+GPU's identity, and the process's one `trt.Logger` (the file names are `eqr.contract.artifact.engine_file`).
 
 Bottom floor (export and runtime both read it): imports neither torch nor TensorRT at import
 time. Engines are tied to the TensorRT version and the GPU: the file name says both, and a
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eqr.errors import EqRError
-from eqr.io import sha256_file
+from eqr.contract.errors import EqRError
+from eqr.contract.io import sha256_file
 
 log = logging.getLogger(__name__)
 

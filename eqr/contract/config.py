@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 
 POS_ENCODINGS = ("none", "rope", "rope2d")
 DTYPES = ("float32", "bfloat16", "float16")

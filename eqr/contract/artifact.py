@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from eqr.errors import EqRError
-from eqr.io import atomic_write_text
+from eqr.contract.errors import EqRError
+from eqr.contract.io import atomic_write_text
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "eqr-export"

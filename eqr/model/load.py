@@ -7,10 +7,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from eqr.checkpoint import check_state_dict, read_checkpoint
-from eqr.config import PRESETS
-from eqr.errors import EqRError
-from eqr.model import EqRModel, flops_per_step
+from eqr.model.checkpoint import check_state_dict, read_checkpoint
+from eqr.contract.config import PRESETS
+from eqr.contract.errors import EqRError
+from eqr.model.network import EqRModel, flops_per_step
 
 WEIGHTS = ("ema", "model")
 BUNDLED_FILE = "model.pt"

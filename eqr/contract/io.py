@@ -11,7 +11,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from eqr.errors import EqRError
+from eqr.contract.errors import EqRError
 
 
 @contextlib.contextmanager
