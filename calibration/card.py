@@ -8,8 +8,8 @@ from typing import Any
 
 from eqr.contract.errors import EqRError
 from eqr.contract.io import atomic_write_text
+from eqr.model.load import CARD_JSON, CARD_MD, bundled_dir
 
-CARD_JSON, CARD_MD = "card.json", "card.md"
 BEGIN, END = "<!-- eqr:precision-report:begin -->", "<!-- eqr:precision-report:end -->"
 
 
@@ -18,8 +18,6 @@ def card_dir(name_or_dir: str | os.PathLike[str]) -> Path:
     path = Path(name_or_dir)
     if path.is_dir():
         return path
-    from eqr.model.load import bundled_dir
-
     bundled = bundled_dir() / str(name_or_dir)
     if bundled.is_dir():
         return bundled

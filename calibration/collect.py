@@ -35,13 +35,13 @@ from eqr.calibration.config import ReportConfig
 from eqr.calibration.contraction import spectral_radius
 from eqr.calibration.data import PuzzleSet
 from eqr.calibration.record import CalibSet, RecordingBackend, record_calibration
-from eqr.runtime.resolve import Artifact
+from eqr.contract.artifact import Artifact
 from eqr.runtime.backends.registry import unavailable_reason
 from eqr.runtime.loop import solve
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int], None]
+Advance = Callable[[int], None]  # a bar's advance(n)
 
 
 @dataclass
@@ -75,7 +75,7 @@ def curve_key(aggregate: str, breadth: int, depth: int) -> str:
 
 
 def plan_units(cfg: ReportConfig, n_pairs: int) -> int:
-    """Progress units: one per depth curve, floor run, gated run, calibration batch, settled run, probe
+    """Progress bar units: one per depth curve, floor run, gated run, calibration batch, settled run, probe
     and speed probe; one per cascade."""
     return n_pairs * (len(cfg.breadth) + 6) + len(cfg.cascades or ())
 
@@ -104,7 +104,7 @@ def runnable_pairs(artifact: Artifact, cfg: ReportConfig) -> tuple[list[tuple[st
 
 
 def collect(artifact: Artifact, puzzles: PuzzleSet, cfg: ReportConfig, calib: CalibSet | None,
-            progress: Progress | None = None) -> Results:
+            progress: Advance | None = None) -> Results:
     """Run every runnable precision x backend of `artifact` on `puzzles` (same seeds everywhere)."""
     from eqr.runtime import Solver
 
@@ -177,7 +177,7 @@ def _file_bytes(backend: Any) -> int | None:
 
 
 def collect_run(solver: Any, inputs: np.ndarray, cfg: ReportConfig, calib: CalibSet | None,
-                tick: Progress) -> dict[str, Any]:
+                tick: Advance) -> dict[str, Any]:
     """Everything measured on one solver (one backend at one precision)."""
     run: dict[str, Any] = {"curve": {}}
     for K in cfg.breadth:

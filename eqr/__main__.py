@@ -1,3 +1,3 @@
-from eqr.cli import main
+from eqr.commands import main
 
 main()

@@ -34,6 +34,7 @@ from eqr import __version__
 from eqr.contract.artifact import (CALIB_FILE, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, OWN_FILE_PATTERNS,
                           PRECISIONS, REPORT_DIR, graph_metadata, io_contract, recommended_tol, write_manifest)
 from eqr.contract.errors import EqRError
+from eqr.contract.progress import Progress
 from eqr.export import parity
 from eqr.export.config import ExportConfig
 from eqr.export.inputs import TaskInfo, infer_task, initial_states, task_inputs
@@ -44,27 +45,13 @@ log = logging.getLogger(__name__)
 
 Feeds = list[dict[str, np.ndarray]]  # step inputs keyed by INPUT_NAMES, one dict per batch
 # (fp32 model, its task, progress) -> (INT8 calibration feeds, their provenance for the manifest)
-Calibrate = Callable[[EqRModel, TaskInfo, "Progress"], tuple[Feeds, dict[str, Any]]]
+Calibrate = Callable[[EqRModel, TaskInfo, Progress], tuple[Feeds, dict[str, Any]]]
 
 
 class ExportError(EqRError):
     """The export ran but a check failed (parity, lint, TensorRT): exit 1, no files written."""
 
     exit_code = 1
-
-
-class Progress:
-    """Stage reporting; the library logs, the CLI prints lines and bars on stderr."""
-
-    def stage(self, name: str) -> None:
-        log.info("%s", name)
-
-    def done(self, detail: str) -> None:
-        log.info("  %s", detail)
-
-    @contextlib.contextmanager
-    def bar(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
-        yield lambda n: None
 
 
 # --------------------------------------------------------------------------- output directory
@@ -310,7 +297,7 @@ def export_model(model: EqRModel, out_dir: str | os.PathLike[str] | None, config
     from eqr.export.onnx_graph import set_metadata
     from eqr.export.tensorrt import engine_support
 
-    progress = progress or Progress()
+    progress = progress or Progress(quiet=True)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
     check_out_dir(out, config.force)
     if "int8" in config.precisions and calibrate is None:

@@ -89,7 +89,7 @@ class Finished:
     low_steps: np.ndarray | None = None  # int32 (R,) steps in the cascade's low-precision stage
 
 
-class Progress:
+class RunningRows:
     """The rows still running after one step. Each field is a host copy, made when first read
     (during the `on_step` call: the loop reuses its table afterwards), so a listener that reads
     nothing costs nothing; the copies themselves may be kept.
@@ -234,7 +234,7 @@ class _Agreement:
 
 
 def run_loop(backend: Backend, cfg: SolveConfig, source: RowSource, on_finish: Callable[[Finished], None],
-             capacity: int | None = None, on_step: Callable[[Progress], None] | None = None,
+             capacity: int | None = None, on_step: Callable[[RunningRows], None] | None = None,
              on_fault: FaultHandler | None = None) -> tuple[list[int], list[float]]:
     """Step the working batch until `source` is exhausted; report stopped rows to `on_finish`.
 
@@ -286,7 +286,7 @@ def run_loop(backend: Backend, cfg: SolveConfig, source: RowSource, on_finish: C
         stop, reason = _update(backend, batch.table, outputs, cfg, agreement)
         batch.z_H, batch.z_L = outputs["z_H_out"], outputs["z_L_out"]
         if on_step is not None:
-            on_step(Progress(batch.table, batch.table.live & ~stop))  # read before _finish frees the rows
+            on_step(RunningRows(batch.table, batch.table.live & ~stop))  # read before _finish frees the rows
         if stop.any():
             _finish(batch.table, stop, reason, on_finish, agreement)
             batch = _release(backend, batch, cfg)

@@ -12,54 +12,19 @@ Checkpoints, bundled names and presets resolve through the torch backend (they n
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eqr.contract.artifact import (ENGINE_SUFFIXES, MANIFEST_FILE, MANIFEST_FORMAT, METADATA_KEY, PRECISION_KEY, PRECISIONS,
-                          check_manifest, embedded_manifest, precision_of, read_manifest, recommended_tol,
-                          split_precision, stopping_rules)
+from eqr.contract.artifact import (ENGINE_SUFFIXES, MANIFEST_FILE, MANIFEST_FORMAT, METADATA_KEY, PRECISION_KEY,
+                                   PRECISIONS, Artifact, check_manifest, embedded_manifest, precision_of, read_manifest,
+                                   stopping_rules, unmeasured_tols)
 from eqr.contract.config import ModelConfig
 from eqr.contract.errors import EqRError
 from eqr.tasks import DEFAULT_SIZES, TASKS, Task, get_task
-
-
-def unmeasured_tols() -> dict[str, float]:
-    return {p: recommended_tol(p)["tol"] for p in PRECISIONS}
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A deployable model, whatever its container."""
-
-    kind: str  # "export" | "onnx" | "engine" | "checkpoint" (files, bundled names, presets) | "model" (in memory)
-    location: str  # as the user gave it
-    seq_len: int  # L
-    hidden_size: int  # D
-    vocab_size: int  # V
-    init_std: tuple[float, float] = (1.0, 1.0)  # (z_H, z_L) truncated-normal stds
-    config: ModelConfig | None = None
-    task: dict[str, Any] | None = None  # {"name", "size", ...} when known
-    onnx: dict[str, Path] = field(default_factory=dict)  # precision -> step ONNX file
-    engines: dict[str, Path] = field(default_factory=dict)  # precision -> TensorRT engine
-    tol: dict[str, float] = field(default_factory=unmeasured_tols)
-    checkpoint: str | None = None  # anything eqr.model.load.load_model accepts (torch backend)
-    batch: tuple[int, int, int] = (1, 64, 256)  # min/opt/max batch the export was built for
-    source: dict[str, Any] | None = None  # the manifest's record of the weights an export came from
-    precision: str | None = None  # the one precision a single .onnx or engine file holds
-    # precision -> the stopping rule `eqr calibrate` fitted (eqr.contract.artifact.RULE_FIELDS)
-    stopping: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def default_tol(self, precision: str) -> float:
-        return self.tol.get(precision, recommended_tol(precision)["tol"])
-
-    def stopping_rule(self, precision: str) -> dict[str, Any]:
-        """The calibrated rule of `precision` (a cascade: its high stage's), else only its tol."""
-        precision = split_precision(precision)[-1]
-        return dict(self.stopping.get(precision) or {"tol": self.default_tol(precision)})
 
 
 def load_artifact(location: str | os.PathLike[str], init_std: tuple[float, float] | None = None,
@@ -121,16 +86,15 @@ def _from_manifest(data: dict[str, Any], root: Path, location: str, where: str |
         raise EqRError(f"{where}: malformed manifest ({type(e).__name__}: {e}); re-run `eqr export --force`") from None
     task = data.get("task") if isinstance(data.get("task"), dict) and data["task"].get("name") else None
     source = data.get("source") if isinstance(data.get("source"), dict) else None
-    return Artifact("export", location, config.seq_len, config.hidden_size, config.vocab_size, init_std,
-                    config, task, onnx, engines, tol, None, batch, source, stopping=stopping_rules(data, where))
+    return Artifact(kind="export", location=location, seq_len=config.seq_len, hidden_size=config.hidden_size,
+                    vocab_size=config.vocab_size, init_std=init_std, config=config, task=task, onnx=onnx,
+                    engines=engines, tol=tol, batch=batch, source=source, stopping=stopping_rules(data, where))
 
 
 def _single_file(base: Artifact, kind: str, precision: str, path: Path) -> Artifact:
     """`base` (an export) narrowed to one of its files."""
     onnx, engines = ({precision: path}, {}) if kind == "onnx" else ({}, {precision: path})
-    return Artifact(kind, base.location, base.seq_len, base.hidden_size, base.vocab_size, base.init_std,
-                    base.config, base.task, onnx, engines, base.tol, base.checkpoint, base.batch, base.source,
-                    precision, base.stopping)
+    return dataclasses.replace(base, kind=kind, onnx=onnx, engines=engines, precision=precision)
 
 
 def _from_onnx(path: Path, location: str, init_std: tuple[float, float] | None, tol: float | None) -> Artifact:
@@ -163,7 +127,8 @@ def _foreign_onnx(path: Path, location: str, sizes: tuple[int, int, int], init_s
                        f"unknown; pass {' and '.join(missing)}, or use the export directory it came from")
     L, D, V = sizes
     precision = precision_of(path) or "fp32"
-    return Artifact("onnx", location, L, D, V, init_std, onnx={precision: path},
+    return Artifact(kind="onnx", location=location, seq_len=L, hidden_size=D, vocab_size=V, init_std=init_std,
+                    onnx={precision: path},
                     tol=unmeasured_tols() | {precision: float(tol)}, precision=precision)
 
 

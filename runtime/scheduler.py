@@ -39,7 +39,7 @@ import numpy as np
 from eqr.contract.errors import EqRError, NotReady, RequestError
 from eqr.runtime.aggregate import get_aggregator
 from eqr.runtime.config import SolveConfig
-from eqr.runtime.loop import Finished, Progress, Rows, run_loop
+from eqr.runtime.loop import Finished, RunningRows, Rows, run_loop
 from eqr.runtime.solver import Solver, aggregate_rows, initial_states
 from eqr.runtime.stats import REASON_CODE, SolveStats
 
@@ -318,7 +318,7 @@ class Scheduler:
         self.counts["converged"] += int(result.converged.sum())
         _settle(request.future, result=result)
 
-    def _on_step(self, progress: Progress) -> None:
+    def _on_step(self, progress: RunningRows) -> None:
         """After every good step: reset the fault streak; stream to requests that asked for it."""
         self._failed_steps = 0
         if not self._streaming:

@@ -33,7 +33,8 @@ import numpy as np
 from eqr.contract.artifact import INIT_SCALE, INIT_TRUNCATION, recommended_tol, split_precision
 from eqr.contract.errors import EqRError
 from eqr.runtime.aggregate import get_aggregator, vote_share
-from eqr.runtime.resolve import Artifact, load_artifact, resolve_task
+from eqr.contract.artifact import Artifact
+from eqr.runtime.resolve import load_artifact, resolve_task
 from eqr.runtime.backends.base import Backend
 from eqr.runtime.backends.registry import AUTO, create_backend
 from eqr.runtime.config import SolveConfig
@@ -156,8 +157,9 @@ class Solver:
 
         c = model.config
         task = model.metadata.get("task") if isinstance(getattr(model, "metadata", None), dict) else None
-        artifact = Artifact("model", "the model in memory", c.seq_len, c.hidden_size, c.vocab_size,
-                            (c.H_init_std, c.L_init_std), c, task if isinstance(task, dict) else None)
+        artifact = Artifact(kind="model", location="the model in memory", seq_len=c.seq_len,
+                            hidden_size=c.hidden_size, vocab_size=c.vocab_size, init_std=(c.H_init_std, c.L_init_std),
+                            config=c, task=task if isinstance(task, dict) else None)
         return cls(TorchBackend(model), c.seq_len, c.hidden_size, (c.H_init_std, c.L_init_std), default_tol,
                    artifact, batch_size=batch_size)
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import tiny_config
 from eqr.bench import (DEFAULT_MEASUREMENTS, MEASURE, MEASUREMENTS, Measurement, MeasurementError, ReferenceRun,
                        exact_correct, parse_result_line, reference_solve)
-from eqr.cli import cli
+from eqr.commands import cli
 from eqr.model.network import EqRModel
 from eqr.model.step_graph import StepGraph
 
@@ -55,7 +55,7 @@ def test_bench_smoke_prints_a_parsable_result_line_per_measurement(monkeypatch) 
 def test_bench_json_holds_the_same_measurements() -> None:
     import json
 
-    args = ["bench", "--model", "tiny", "--puzzles", "2", "--breadth", "1", "--depth", "2", "--batch-size", "2",
+    args = ["bench", "--model", "tiny", "--puzzles", "2", "--breadth", "1", "--depth", "2", "--batch", "2",
             "--only", "reference_vs_runtime", "--only", "adaptive_steps", "--precision", "fp32", "--json",
             "--window", "2", "--max-steps", "5", "--rule-puzzles", "4"]
     result = CliRunner(mix_stderr=False).invoke(cli, args) if _has_mix_stderr() else CliRunner().invoke(cli, args)
@@ -152,7 +152,7 @@ def test_gemm_peaks_measure_every_engine_the_bench_uses() -> None:
 
 def test_precision_flags_default_to_every_precision(monkeypatch) -> None:
     """bench takes the shared --precision (repeatable, comma lists, any case; fp32 always first)."""
-    import eqr.bench.cli as bench_cli
+    import eqr.commands.bench as bench_cli
 
     seen = []
 

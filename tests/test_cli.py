@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import tiny_config
 from eqr import __version__
 from eqr.model.checkpoint import save_checkpoint
-from eqr.cli import cli
+from eqr.commands import cli
 from eqr.model.network import EqRModel
 from official import write_official_checkpoint
 

@@ -1,4 +1,4 @@
-"""The shared flag vocabulary (eqr/cli_options.py): list flags, deprecated spellings, progress
+"""The shared flag vocabulary (eqr/commands/options.py): list flags, one spelling each, progress
 without a terminal, exit codes (130 on Ctrl-C), and one-line errors for bad data files."""
 from __future__ import annotations
 
@@ -10,18 +10,19 @@ import pytest
 from click.testing import CliRunner
 
 from eqr.model.checkpoint import save_checkpoint
-from eqr.cli import cli
-from eqr.cli_options import Progress, backend_option, batch_option, calib_data_option, output_options, \
+from eqr.commands import cli
+from eqr.contract.progress import Progress
+from eqr.commands.options import backend_option, batch_option, calib_data_option, output_options, \
     precision_option, run_command
 from eqr.contract.errors import EqRError
 from eqr.contract.io import read_npz
 
 
 @click.command()
-@precision_option(default=("fp32",), old="--precisions")
-@backend_option(choices=("onnxruntime", "torch"), default=("onnxruntime",), multiple=True, old="--backends")
-@calib_data_option(old=("--data", "--calib"), help="calibration data")
-@batch_option(default=8, old="--batch-size", type=int, help="batch")
+@precision_option(default=("fp32",))
+@backend_option(choices=("onnxruntime", "torch"), default=("onnxruntime",), multiple=True)
+@calib_data_option(help="calibration data")
+@batch_option(default=8, type=int, help="batch")
 @output_options
 def probe(precision, backend, calib_data, batch, as_json, quiet, verbose) -> None:
     click.echo(f"{','.join(precision)}|{','.join(backend)}|{calib_data}|{batch}|{as_json}|{quiet}|{verbose}")
@@ -39,19 +40,11 @@ def test_precision_is_repeatable_comma_separated_and_case_insensitive() -> None:
     assert bad.exit_code == 2 and "'fp8': choose from fp32, fp16, int8" in bad.stderr
 
 
-def test_old_spellings_work_with_a_one_line_notice() -> None:
-    result = invoke("--precisions", "fp32,int8", "--backends", "torch", "--data", "d.npz", "--batch-size", "4")
-    assert result.exit_code == 0 and result.stdout.startswith("fp32,int8|torch|d.npz|4|")
-    renames = (("--precisions", "--precision"), ("--backends", "--backend"), ("--data", "--calib-data"),
-               ("--batch-size", "--batch"))
-    assert sorted(result.stderr.splitlines()) == sorted(
-        f"eqr: {old} is deprecated and goes in the next release; use {new}" for old, new in renames)
-    merged = invoke("--precision", "fp16", "--precisions", "int8")
-    assert merged.stdout.startswith("fp16,int8|")
-    clash = invoke("--calib", "a.npz", "--calib-data", "b.npz")
-    assert clash.exit_code == 2
-    assert "--calib is the old spelling of --calib-data; pass only --calib-data" in clash.stderr
-    assert "--precisions" not in CliRunner().invoke(probe, ["--help"]).stdout  # hidden
+@pytest.mark.parametrize("old", ["--precisions", "--backends", "--data", "--calib", "--batch-size"])
+def test_one_spelling_per_flag(old: str) -> None:
+    """The pre-release spellings are gone: each is an unknown option (exit 2), not a silent alias."""
+    result = invoke(old, "x")
+    assert result.exit_code == 2 and f"No such option '{old}'" in result.stderr
 
 
 def test_quiet_verbose_and_json_flags() -> None:
@@ -75,12 +68,12 @@ def test_progress_without_a_terminal_prints_one_line_per_bar_and_nothing_when_qu
 
 
 def test_ctrl_c_exits_130_without_aborted(monkeypatch: pytest.MonkeyPatch) -> None:
-    import eqr.models_cli
+    import eqr.commands.models
 
     def interrupted() -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(eqr.models_cli, "bundled_cards", interrupted)
+    monkeypatch.setattr(eqr.commands.models, "bundled_cards", interrupted)
     result = CliRunner().invoke(cli, ["models"])
     assert result.exit_code == 130 and result.stderr == "interrupted\n" and "Aborted" not in result.output
 

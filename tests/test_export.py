@@ -19,7 +19,7 @@ from eqr.contract.artifact import (INPUT_NAMES, METADATA_KEY, OUTPUT_NAMES, PREC
                           recommended_tol)
 from eqr.calibration.record import int8_calibration
 from eqr.model.checkpoint import save_checkpoint
-from eqr.cli import cli
+from eqr.commands import cli
 from eqr.contract.errors import EqRError
 from eqr.model.load import bundled_names
 from eqr.export import ExportConfig, parse_batch

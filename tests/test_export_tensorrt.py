@@ -156,7 +156,7 @@ def test_dla_requests_are_checked_before_any_work(kwargs, message) -> None:
 def test_export_cli_refuses_a_dynamic_dla_batch_in_one_line() -> None:
     from click.testing import CliRunner
 
-    from eqr.cli import cli
+    from eqr.commands import cli
 
     result = CliRunner().invoke(cli, ["export", "paper-sudoku", "--precision", "fp16", "--dla-core", "0",
                                       "--batch", "1:8:16", "--out", "unused"])

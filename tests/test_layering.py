@@ -1,18 +1,8 @@
-"""The import layering stays true: every module's imports (including those inside functions)
-are read with ast and checked against the layers, bottom up:
-
-    floor        eqr.contract.artifact, eqr.contract.errors, eqr.contract.io, eqr.contract.config, eqr.contract.trt_engine   (the export contract; no torch, no engine)
-    tasks        eqr.tasks.*
-    model        eqr.model.network, eqr.model.step_graph, eqr.model.checkpoint, eqr.model.load
-    training     eqr.training.*
-    export       eqr.export.*
-    runtime      eqr.runtime.*  (eqr solve included: it must run without torch)
-    calibration  eqr.calibration.*
-    tools        the command lines (*.cli, eqr.cli, eqr.train, eqr.models_cli, eqr.bench.*), eqr.training.bundle,
-                 and serving (eqr.serving.*: the Triton model repository, model.py, server and clients)
-
-A module may import its own layer and the layers below, except the arrows in FORBIDDEN. Imports
-under `if TYPE_CHECKING:` never run and are not counted.
+"""The house stays layered: every module's imports (those inside functions included) are read
+with ast and checked against the floor of its folder (docs/README.md#the-house). A floor imports
+only the floors listed for it, and no third-party package its floor must run without. Imports
+under `if TYPE_CHECKING:` never run and are not counted. There are no exceptions by module name:
+a module that needs another floor's imports belongs in that floor's folder.
 """
 from __future__ import annotations
 
@@ -22,58 +12,74 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"eqr": "eqr", "export": "eqr.export", "runtime": "eqr.runtime", "calibration": "eqr.calibration"}
-LAYERS = ("floor", "tasks", "model", "training", "export", "runtime", "calibration", "tools")
-FLOOR = ("eqr.contract.artifact", "eqr.contract.errors", "eqr.contract.io", "eqr.contract.config", "eqr.contract.trt_engine")
-MODEL = ("eqr.model.network", "eqr.model.step_graph", "eqr.model.checkpoint", "eqr.model.load")
-TOOLS = ("eqr.cli", "eqr.__main__", "eqr.train", "eqr.models_cli", "eqr.bench", "eqr.training.bundle", "eqr.serving")
-HEAVY = ("torch", "onnx", "onnxruntime", "tensorrt", "polygraphy", "onnx_graphsurgeon", "matplotlib")
+PACKAGES = {"eqr": "eqr", "export": "eqr.export", "runtime": "eqr.runtime", "calibration": "eqr.calibration"}
 
-# layer -> what it must not import: layers, or top-level third-party packages
-FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "floor": ("tasks", "model", "training", "export", "runtime", "calibration", "tools", *HEAVY),
-    "tasks": ("model", "training", "export", "runtime", "calibration", "tools", "torch"),
-    "model": ("training", "export", "runtime", "calibration", "tools"),
-    "training": ("export", "runtime", "calibration", "tools"),
-    "export": ("runtime", "calibration", "tools"),
-    "runtime": ("model", "training", "export", "calibration", "tools", "torch"),
-    "calibration": ("tools",),
-    "tools": (),
+# floor -> its folders (repository paths), bottom up
+FLOORS: dict[str, tuple[str, ...]] = {
+    "root": (),  # eqr/__init__.py: the version and lazily loaded public names, importing nothing
+    "contract": ("eqr/contract",),
+    "tasks": ("eqr/tasks",),
+    "model": ("eqr/model",),
+    "training": ("eqr/training",),
+    "export": ("export",),
+    "backends": ("runtime/backends",),
+    "runtime": ("runtime",),
+    "calibration": ("calibration",),
+    "apps": ("eqr/serving", "eqr/bench", "eqr/bundling"),
+    "commands": ("eqr/commands",),  # and eqr/__main__.py, `python -m eqr`
 }
-# The runtime's one door to torch and the model: the torch backend. The engine-file contract
-# (sidecars, the GPU's identity, the one TensorRT logger), which export and runtime share, asks
-# TensorRT its version and takes Polygraphy's logger where it is installed, inside functions.
-ALLOWED = {"eqr.runtime.backends.torch_backend": ("model", "torch"), "eqr.contract.trt_engine": ("tensorrt", "polygraphy")}
-# Known exceptions, each until the change named beside it lands.
-KNOWN: dict[str, str] = {}
+_BELOW_RUNTIME = ("root", "contract", "tasks")
+# floor -> the eqr floors it may import (its own included)
+MAY_IMPORT: dict[str, tuple[str, ...]] = {
+    "root": ("root",),
+    "contract": ("root", "contract"),
+    "tasks": ("root", "contract", "tasks"),
+    "model": ("root", "contract", "tasks", "model"),
+    "training": ("root", "contract", "tasks", "model", "training"),
+    "export": ("root", "contract", "tasks", "model", "export"),  # never the runtime or calibration
+    # a backend wraps one engine; the torch backend's engine is the model itself
+    "backends": (*_BELOW_RUNTIME, "model", "backends"),
+    "runtime": (*_BELOW_RUNTIME, "backends", "runtime"),  # no model, training or export: no torch
+    "calibration": (*_BELOW_RUNTIME, "model", "training", "export", "backends", "runtime", "calibration"),
+    "apps": tuple(f for f in FLOORS if f != "commands"),
+    "commands": tuple(FLOORS),
+}
+HEAVY = ("torch", "onnxruntime", "onnx_graphsurgeon", "matplotlib")
+# floor -> third-party packages it must not import: what `pip install eqr` (the edge runtime) lacks
+FORBIDDEN_PACKAGES: dict[str, tuple[str, ...]] = {
+    "root": ("numpy", "onnx", *HEAVY),
+    "contract": HEAVY,  # TensorRT and Polygraphy only inside functions that ask them (engine files)
+    "tasks": HEAVY,
+    "runtime": ("torch", "onnx_graphsurgeon", "matplotlib"),
+}
 
 
 def modules() -> dict[str, Path]:
     found = {}
-    for folder, package in FOLDERS.items():
+    for folder, package in PACKAGES.items():
         for path in sorted((ROOT / folder).rglob("*.py")):
             parts = path.relative_to(ROOT / folder).with_suffix("").parts
-            name = ".".join((package, *parts)).removesuffix(".__init__")
-            found[name] = path
+            if "bundled" in parts:
+                continue
+            found[".".join((package, *parts)).removesuffix(".__init__")] = path
     return found
 
 
-def layer_of(name: str) -> str | None:
-    """The layer of an eqr module (None outside eqr)."""
-    if name == "eqr":
-        return "floor"  # the package root's imports are lazy strings
-    if any(name == t or name.startswith(t + ".") for t in TOOLS) or name.endswith(".cli") \
-            and not name.startswith("eqr.runtime"):
-        return "tools"
-    if name in FLOOR:
-        return "floor"
-    if name in MODEL:
-        return "model"
-    for prefix, layer in (("eqr.tasks", "tasks"), ("eqr.training", "training"), ("eqr.export", "export"),
-                          ("eqr.runtime", "runtime"), ("eqr.calibration", "calibration")):
-        if name == prefix or name.startswith(prefix + "."):
-            return layer
-    return "floor" if name.startswith("eqr.") else None
+MODULES = modules()
+
+
+def floor_of(path: Path) -> str:
+    """The floor of a file in the repository, from its folder (the deepest folder that has one)."""
+    relative = path.resolve().relative_to(ROOT).as_posix()
+    if relative == "eqr/__init__.py":
+        return "root"
+    if relative == "eqr/__main__.py":
+        return "commands"
+    matches = [(len(folder), floor) for floor, folders in FLOORS.items() for folder in folders
+               if relative.startswith(folder + "/")]
+    if not matches:
+        raise AssertionError(f"{relative}: its folder is no floor; add it to FLOORS (and docs/README.md)")
+    return max(matches)[1]
 
 
 def imports(path: Path, name: str) -> set[str]:
@@ -103,39 +109,59 @@ def _is_type_checking(test: ast.expr) -> bool:
         (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-MODULES = modules()
-
-
-def violations(name: str) -> list[str]:
-    layer = layer_of(name)
-    allowed = ALLOWED.get(name, ())
+def violations(name: str, path: Path) -> list[str]:
+    floor = floor_of(path)
     bad = []
-    for target in sorted(imports(MODULES[name], name)):
+    for target in sorted(imports(path, name)):
         top = target.split(".")[0]
-        kind = layer_of(target) if top == "eqr" else top
-        if kind in FORBIDDEN[layer] and kind not in allowed:
-            bad.append(f"{name} ({layer}) imports {target} ({kind})")
+        if top == "eqr":
+            module = next((m for m in (target, target.rpartition(".")[0]) if m in MODULES), None)
+            kind = floor_of(MODULES[module]) if module else "root"
+            if kind not in MAY_IMPORT[floor]:
+                bad.append(f"{name} ({floor}) imports {target} ({kind})")
+        elif top in FORBIDDEN_PACKAGES.get(floor, ()):
+            bad.append(f"{name} ({floor}) imports {target}")
     return bad
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
-def test_no_forbidden_import(name: str) -> None:
-    if name in KNOWN:
-        pytest.skip(f"known exception until {KNOWN[name]}")
-    assert violations(name) == []
+def test_every_import_stays_on_its_floor_or_goes_down(name: str) -> None:
+    assert violations(name, MODULES[name]) == []
 
 
-def test_known_exceptions_still_need_their_exception() -> None:
-    """Once an exception's module obeys the rules, it leaves KNOWN (so the list never goes stale)."""
-    for name in KNOWN:
-        assert violations(name), f"{name} obeys the layering now: remove it from KNOWN"
+def test_every_folder_of_code_is_a_floor() -> None:
+    assert {floor_of(path) for path in MODULES.values()} == set(FLOORS)
 
 
-def test_the_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
-    source = tmp_path / "probe.py"
-    source.write_text("def f():\n    from eqr.runtime.solver import Solver\n    import torch\n"
-                      "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from eqr.model.network import EqRModel\n")
-    found = imports(source, "eqr.export.probe")
-    assert {"eqr.runtime.solver", "torch"} <= found and "eqr.model.network" not in found
-    assert layer_of("eqr.runtime.solver") in FORBIDDEN["export"]
-    assert layer_of("eqr.export.cli") == "tools" and layer_of("eqr.runtime.cli") == "runtime"
+def test_the_checker_sees_imports_inside_functions_and_skips_type_checking(tmp_path: Path) -> None:
+    probe = ROOT / "export" / "probe_for_the_layering_test.py"
+    source = ("def f():\n    from eqr.runtime.solver import Solver\n    import torch\n"
+              "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from eqr.calibration.record import CalibSet\n")
+    found = imports(_write(tmp_path, source), "eqr.export.probe")
+    assert {"eqr.runtime.solver", "torch"} <= found and "eqr.calibration.record" not in found
+    MODULES["eqr.export.probe"] = probe  # as if it were in export/
+    try:
+        probe.write_text(source)
+        assert violations("eqr.export.probe", probe) == ["eqr.export.probe (export) imports eqr.runtime.solver "
+                                                         "(runtime)"]
+    finally:
+        probe.unlink()
+        del MODULES["eqr.export.probe"]
+
+
+def test_the_runtime_floor_runs_without_torch_and_the_contract_without_onnxruntime(tmp_path: Path) -> None:
+    probe = ROOT / "runtime" / "probe_for_the_layering_test.py"
+    MODULES["eqr.runtime.probe"] = probe
+    try:
+        probe.write_text("import torch\nfrom eqr.model.network import EqRModel\n")
+        assert violations("eqr.runtime.probe", probe) == [
+            "eqr.runtime.probe (runtime) imports eqr.model.network (model)", "eqr.runtime.probe (runtime) imports torch"]
+    finally:
+        probe.unlink()
+        del MODULES["eqr.runtime.probe"]
+
+
+def _write(tmp_path: Path, source: str) -> Path:
+    path = tmp_path / "probe.py"
+    path.write_text(source)
+    return path

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from conftest import contracting_model
 from eqr.contract.artifact import METADATA_KEY, PRECISION_KEY
 from eqr.model.checkpoint import save_checkpoint
-from eqr.cli import cli
+from eqr.commands import cli
 from eqr.contract.io import sha256_file
 
 PUZZLES = 8
@@ -266,8 +266,8 @@ def test_damaged_int8_graph_fails_the_report(calibrated: Path, labelled: Path, t
 
 def test_report_takes_cascades_in_its_precision_list(calibrated: Path, labelled: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
-    result = invoke("report", calibrated, "--data", labelled, "--out", out, "--precisions", "fp32,fp16+fp32",
-                    "--backends", "onnxruntime", "--depths", "4", "--breadth", "1", "--max-steps", 16)
+    result = invoke("report", calibrated, "--data", labelled, "--out", out, "--precision", "fp32,fp16+fp32",
+                    "--backend", "onnxruntime", "--depths", "4", "--breadth", "1", "--max-steps", 16)
     assert result.exit_code == 0, result.output
     rows = [r["run"] for r in json.loads((out / "report.json").read_text())["decision"]["rows"]]
     assert rows == ["onnxruntime-fp32", "onnxruntime-fp16+fp32"]

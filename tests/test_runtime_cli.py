@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from conftest import tiny_config
 from eqr.model.checkpoint import save_checkpoint
-from eqr.cli import cli
+from eqr.commands import cli
 from eqr.model.network import EqRModel
 from eqr.tasks import get_task
 from runtime_helpers import contractive_model, export_onnx
@@ -280,14 +280,6 @@ def test_a_missing_gpu_provider_fails_in_one_line_unless_fallback(artifacts, puz
         {"CPUExecutionProvider"}
     wrong = run(str(artifacts / "tiny.pt"), "-i", str(puzzles_file), "--backend", "torch", "--provider", "cuda")
     assert wrong.exit_code == 2 and "--provider selects an ONNX Runtime provider" in wrong.stderr
-
-
-def test_old_batch_size_spelling_still_works_with_a_notice(artifacts, puzzles_file):
-    result = run(str(artifacts / "tiny.onnx"), "-i", str(puzzles_file), "--batch-size", "2", "--json", *FOREIGN)
-    assert result.exit_code == 1 and len(json_lines(result.stdout)) == 7
-    assert "eqr: --batch-size is deprecated and goes in the next release; use --batch" in result.stderr
-    both = run(str(artifacts / "tiny.onnx"), "-i", str(puzzles_file), "--batch-size", "2", "--batch", "4", *FOREIGN)
-    assert both.exit_code == 2 and "pass only --batch" in both.stderr
 
 
 def test_missing_graph_hint_names_the_precision_flag(artifacts, puzzles_file, tmp_path):

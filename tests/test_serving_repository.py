@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from eqr.cli import cli
+from eqr.commands import cli
 from eqr.contract.errors import EqRError
 from eqr.serving import server as server_module
 from eqr.serving.protocol import parse_request
@@ -49,7 +49,7 @@ def export_dir(tmp_path_factory):
 
 def test_eqr_triton_writes_a_self_contained_repository_and_never_overwrites_without_force(export_dir, tmp_path):
     runner = CliRunner()
-    args = ["triton", str(export_dir), "--out", str(tmp_path / "models"), "--batch-size", "32", "--breadth", "2",
+    args = ["triton", str(export_dir), "--out", str(tmp_path / "models"), "--batch", "32", "--breadth", "2",
             "--instances", "2", "--precision", "FP32"]
     assert runner.invoke(cli, args).exit_code == 0
     model = tmp_path / "models" / "eqr"

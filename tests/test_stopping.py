@@ -15,7 +15,7 @@ from eqr.calibration.stopping import (
     simulate,
 )
 from eqr.runtime import Scheduler, Solver
-from eqr.runtime.resolve import Artifact
+from eqr.contract.artifact import Artifact
 from eqr.runtime.backends.cascade import CascadeBackend
 from eqr.runtime.backends.torch_backend import TorchBackend
 from eqr.runtime.config import SolveConfig
@@ -112,12 +112,12 @@ def test_fit_and_evaluate_uses_disjoint_halves() -> None:
 
 def test_the_manifest_rule_is_the_default_and_explicit_values_win() -> None:
     rule = {"max_steps": 9, "tol": None, "patience": 3, "window": 2, "q_halt": True, "q_halt_threshold": 1.5}
-    artifact = Artifact("checkpoint", "tiny", 16, 16, 6, checkpoint="tiny", stopping={"fp32": rule})
+    artifact = Artifact(kind="checkpoint", location="tiny", seq_len=16, hidden_size=16, vocab_size=6, checkpoint="tiny", stopping={"fp32": rule})
     solver = Solver.load(artifact, backend="torch")
     cfg = solver.config()
     assert {k: getattr(cfg, k) for k in rule} == rule
     assert solver.config(window=None, tol=1e-3).window is None and solver.config(tol=1e-3).tol == 1e-3
-    assert Solver.load(Artifact("checkpoint", "tiny", 16, 16, 6, checkpoint="tiny"), backend="torch").config().window == 16
+    assert Solver.load(Artifact(kind="checkpoint", location="tiny", seq_len=16, hidden_size=16, vocab_size=6, checkpoint="tiny"), backend="torch").config().window == 16
     with Scheduler(solver, batch_size=2) as scheduler:  # the scheduler's default is the same rule
         assert scheduler.cfg == cfg
     assert split_precision("INT8+fp32") == ("int8", "fp32")

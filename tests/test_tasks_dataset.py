@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from eqr.cli import cli
+from eqr.commands import cli
 from eqr.contract.errors import EqRError
 from eqr.tasks import get_task
 from eqr.tasks.dataset import check_split, load_dataset, save_dataset

@@ -56,7 +56,7 @@ def test_solver_scheduler_and_eqr_solve_run_without_torch(export_dir: Path, tmp_
         import json, sys
         import numpy as np
         from click.testing import CliRunner
-        from eqr.cli import cli
+        from eqr.commands import cli
         from eqr.runtime import Scheduler, Solver
 
         export_dir, puzzles = sys.argv[1], sys.argv[2]
@@ -98,7 +98,7 @@ def test_commands_that_need_torch_name_the_extra(export_dir: Path) -> None:
     code = """
         import sys
         from click.testing import CliRunner
-        from eqr.cli import cli
+        from eqr.commands import cli
 
         for args in (["--help"], ["export", "sudoku-small"], ["train", "--help"],
                      ["solve", sys.argv[1], "--backend", "torch"], ["solve", "sudoku-small"]):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from eqr.cli import cli
+from eqr.commands import cli
 from eqr.model.load import load_model
 
 TINY = ["--preset", "tiny", "--task", "sudoku", "--size", "4", "--quiet"]
@@ -72,13 +72,13 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
     """Same global batch, path noise off: gradients summed over 2 gloo ranks equal one process's."""
     args = [*TINY, "--steps", "3", "--batch", "8", "--noise-scale", "0", "--eval-interval", "100"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "eqr.train", *args, "--out", str(tmp_path / "one")],
+    single = subprocess.run([sys.executable, "-m", "eqr.commands.train", *args, "--out", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0, single.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     for attempt in range(2):  # gloo can abort a rank while tearing its sockets down (a race in gloo, not eqr)
         two = tmp_path / f"two-{attempt}"
-        double = subprocess.run([*torchrun, "-m", "eqr.train", *args, "--out", str(two)],
+        double = subprocess.run([*torchrun, "-m", "eqr.commands.train", *args, "--out", str(two)],
                                 capture_output=True, text=True, env=env, timeout=300)
         if double.returncode == 0 or "SIGABRT" not in double.stderr:
             break
@@ -114,12 +114,13 @@ def test_train_on_a_generated_data_set_folder(tmp_path: Path) -> None:
 
 
 def test_make_bundle_writes_a_measured_card(tmp_path: Path) -> None:
-    from eqr.training.bundle import make_bundle
+    from eqr.bundling.card import make_bundle
+    from eqr.commands.bundle import generate_heldout
 
     out = tmp_path / "run"
     assert _run(*TINY, "--out", str(out), "--steps", "2").exit_code == 0
     args = ["--task", "sudoku", "--size", "4", "--blanks", "2:4", "--n", "8", "--split", "test"]
-    card = make_bundle(out, "toy", args, heldout_seed=99, depths=[1, 2], summary="toy", notes=["a note"],
+    card = make_bundle(out, "toy", generate_heldout, args, heldout_seed=99, depths=[1, 2], summary="toy", notes=["a note"],
                        root=tmp_path / "bundled")
     folder = tmp_path / "bundled" / "toy"
     assert json.loads((folder / "card.json").read_text()) == json.loads(json.dumps(card))
@@ -139,24 +140,25 @@ def test_make_bundle_writes_a_measured_card(tmp_path: Path) -> None:
     assert all(1 <= row["mean_steps"] for row in deployed["by_precision"])
     assert "(calibrated export)" in (folder / "card.md").read_text()
     with pytest.raises(Exception, match="--force"):
-        make_bundle(out, "toy", args, 99, [1], "toy", root=tmp_path / "bundled", calibrated=False)
+        make_bundle(out, "toy", generate_heldout, args, 99, [1], "toy", root=tmp_path / "bundled", calibrated=False)
 
 
 def test_remeasure_reproduces_the_card_and_keeps_its_precision_section(tmp_path: Path) -> None:
     from eqr.calibration.card import BEGIN, END
-    from eqr.training.bundle import make_bundle, remeasure
+    from eqr.bundling.card import make_bundle, remeasure
+    from eqr.commands.bundle import generate_heldout
 
     out = tmp_path / "run"
     assert _run(*TINY, "--out", str(out), "--steps", "2").exit_code == 0
     args = ["--task", "sudoku", "--size", "4", "--blanks", "2:4", "--n", "8", "--split", "test"]
-    card = make_bundle(out, "toy", args, heldout_seed=99, depths=[1, 2], summary="toy", root=tmp_path / "bundled",
+    card = make_bundle(out, "toy", generate_heldout, args, heldout_seed=99, depths=[1, 2], summary="toy", root=tmp_path / "bundled",
                        calibrated=False)
     folder = tmp_path / "bundled" / "toy"
     with (folder / "card.md").open("a") as f:
         f.write(f"{BEGIN}\nold precision table\n{END}\n")
     summary = {"puzzles": 8, "depth": 2, "reference": "torch-fp32", "passed": True, "runs": {}}
     (folder / "card.json").write_text(json.dumps(card | {"precision_report": summary}))
-    again = remeasure("toy", root=tmp_path / "bundled", calibrated=False)
+    again = remeasure("toy", generate_heldout, root=tmp_path / "bundled", calibrated=False)
     card = json.loads(json.dumps(card))  # as stored
     assert again["accuracy_by_depth"] == card["accuracy_by_depth"]  # same seed, same weights: same numbers
     assert again["steps_to_settle"] == card["steps_to_settle"] and again["training"] == card["training"]
@@ -165,7 +167,8 @@ def test_remeasure_reproduces_the_card_and_keeps_its_precision_section(tmp_path:
 
 
 def test_card_accuracy_is_noise_free_by_default_and_remeasure_keeps_the_cards_noise(tmp_path: Path) -> None:
-    from eqr.training.bundle import ema_model, generate_heldout, make_bundle, remeasure
+    from eqr.bundling.card import ema_model, make_bundle, remeasure
+    from eqr.commands.bundle import generate_heldout
     from eqr.model.checkpoint import read_checkpoint
     from eqr.training.data import to_training_labels
     from eqr.training.evaluate import evaluate
@@ -183,20 +186,20 @@ def test_card_accuracy_is_noise_free_by_default_and_remeasure_keeps_the_cards_no
 
     assert cells(0.0) != cells(3.0)  # a noise this large changes answers, so the test can tell them apart
     root = tmp_path / "bundled"
-    card = make_bundle(out, "quiet", args, heldout_seed=99, depths=[1, 2], summary="toy", root=root, calibrated=False)
+    card = make_bundle(out, "quiet", generate_heldout, args, heldout_seed=99, depths=[1, 2], summary="toy", root=root, calibrated=False)
     assert card["evaluation"]["noise_scale"] == 0.0
     assert [r["cell"] for r in card["accuracy_by_depth"]] == cells(0.0)
     assert "breadth 1, noise off)" in (root / "quiet" / "card.md").read_text()
-    noisy = make_bundle(out, "noisy", args, heldout_seed=99, depths=[1, 2], summary="toy", root=root, noise=3.0, calibrated=False)
+    noisy = make_bundle(out, "noisy", generate_heldout, args, heldout_seed=99, depths=[1, 2], summary="toy", root=root, noise=3.0, calibrated=False)
     assert [r["cell"] for r in noisy["accuracy_by_depth"]] == cells(3.0)
     assert "breadth 1, noise on)" in (root / "noisy" / "card.md").read_text()
-    assert [r["cell"] for r in remeasure("noisy", root=root, calibrated=False)["accuracy_by_depth"]] == cells(3.0)
-    switched = remeasure("noisy", root=root, noise=0.0, calibrated=False)
+    assert [r["cell"] for r in remeasure("noisy", generate_heldout, root=root, calibrated=False)["accuracy_by_depth"]] == cells(3.0)
+    switched = remeasure("noisy", generate_heldout, root=root, noise=0.0, calibrated=False)
     assert switched["evaluation"]["noise_scale"] == 0.0 and [r["cell"] for r in switched["accuracy_by_depth"]] == cells(0.0)
 
 
 def test_init_from_starts_a_new_run_from_earlier_weights_and_keeps_its_history(tmp_path: Path) -> None:
-    from eqr.training.bundle import run_chain
+    from eqr.bundling.card import run_chain
 
     first, second = tmp_path / "first", tmp_path / "second"
     assert _run(*TINY, "--out", str(first), "--steps", "2").exit_code == 0

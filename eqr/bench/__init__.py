@@ -5,9 +5,8 @@ One file per concern: `config` (BenchConfig, goals), `result` (Measurement, RESU
 baseline), the measurements (`side_by_side`: reference_vs_runtime, adaptive_steps,
 host_overhead; `batching`: continuous_vs_static; `efficiency`: step_efficiency and the GEMM
 peaks; `cascade`: cascade_vs_fp32; `memory`), `table` (THE name -> measurement table that
-`--only` reads), `run`, `render` and `cli`. docs/performance.md explains every measurement.
+`--only` reads), `run` and `render`; the command is eqr/commands/bench.py. docs/performance.md explains every measurement.
 """
-from eqr.bench.cli import bench
 from eqr.bench.config import GOALS, BenchConfig
 from eqr.bench.reference import ReferenceRun, reference_solve
 from eqr.bench.result import Measurement, MeasurementError, parse_result_line
@@ -16,4 +15,4 @@ from eqr.bench.setting import exact_correct
 from eqr.bench.table import DEFAULT_MEASUREMENTS, MEASURE, MEASUREMENTS
 
 __all__ = ["DEFAULT_MEASUREMENTS", "GOALS", "MEASURE", "MEASUREMENTS", "BenchConfig", "Measurement", "MeasurementError", "ReferenceRun",
-           "bench", "exact_correct", "parse_result_line", "reference_solve", "run_bench"]
+           "exact_correct", "parse_result_line", "reference_solve", "run_bench"]

@@ -16,7 +16,7 @@ from eqr.bench.config import DEFAULT_MODELS, FALLBACK_MODEL, BenchConfig
 from eqr.bench.result import Measurement
 from eqr.bench.setting import Setting, mixed_puzzles, model_task
 from eqr.bench.table import MEASURE
-from eqr.cli_options import Progress
+from eqr.contract.progress import Progress
 from eqr.contract.errors import EqRError
 
 

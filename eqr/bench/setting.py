@@ -12,7 +12,7 @@ import numpy as np
 
 from eqr.contract.artifact import RULE_FIELDS, describe_rule
 from eqr.bench.config import BenchConfig
-from eqr.cli_options import Progress
+from eqr.contract.progress import Progress
 from eqr.contract.errors import EqRError
 
 log = logging.getLogger(__name__)

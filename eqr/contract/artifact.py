@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from eqr.contract.config import ModelConfig
 from eqr.contract.errors import EqRError
 from eqr.contract.io import atomic_write_text
 
@@ -256,3 +257,39 @@ def embedded_manifest(metadata: dict[str, str], where: str | os.PathLike[str]) -
     except ValueError as e:
         raise EqRError(f"{where}: malformed {METADATA_KEY} metadata ({e}); re-run eqr export --force") from None
     return check_manifest(data, f"{where} ({METADATA_KEY} metadata)")
+
+
+def unmeasured_tols() -> dict[str, float]:
+    return {p: recommended_tol(p)["tol"] for p in PRECISIONS}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Artifact:
+    """A deployable model, whatever its container: what `eqr.runtime.resolve.load_artifact` makes
+    of a path or name, and what every backend is built from."""
+
+    kind: str  # "export" | "onnx" | "engine" | "checkpoint" (files, bundled names, presets) | "model" (in memory)
+    location: str  # as the user gave it
+    seq_len: int  # L
+    hidden_size: int  # D
+    vocab_size: int  # V
+    init_std: tuple[float, float] = (1.0, 1.0)  # (z_H, z_L) truncated-normal stds
+    config: ModelConfig | None = None
+    task: dict[str, Any] | None = None  # {"name", "size", ...} when known
+    onnx: dict[str, Path] = field(default_factory=dict)  # precision -> step ONNX file
+    engines: dict[str, Path] = field(default_factory=dict)  # precision -> TensorRT engine
+    tol: dict[str, float] = field(default_factory=unmeasured_tols)
+    checkpoint: str | None = None  # anything eqr.model.load.load_model accepts (torch backend)
+    batch: tuple[int, int, int] = (1, 64, 256)  # min/opt/max batch the export was built for
+    source: dict[str, Any] | None = None  # the manifest's record of the weights an export came from
+    precision: str | None = None  # the one precision a single .onnx or engine file holds
+    # precision -> the stopping rule `eqr calibrate` fitted (eqr.contract.artifact.RULE_FIELDS)
+    stopping: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def default_tol(self, precision: str) -> float:
+        return self.tol.get(precision, recommended_tol(precision)["tol"])
+
+    def stopping_rule(self, precision: str) -> dict[str, Any]:
+        """The calibrated rule of `precision` (a cascade: its high stage's), else only its tol."""
+        precision = split_precision(precision)[-1]
+        return dict(self.stopping.get(precision) or {"tol": self.default_tol(precision)})

@@ -13,7 +13,8 @@ from eqr.contract.errors import EqRError
 from eqr.model.network import EqRModel, flops_per_step
 
 WEIGHTS = ("ema", "model")
-BUNDLED_FILE = "model.pt"
+BUNDLED_FILE = "model.pt"  # a bundled model: eqr/bundled/<name>/model.pt, card.json, card.md
+CARD_JSON, CARD_MD = "card.json", "card.md"
 
 
 @dataclass(frozen=True)

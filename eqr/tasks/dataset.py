@@ -14,6 +14,7 @@ Every file is written atomically and dataset.json last, so a split without it is
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +24,7 @@ import numpy as np
 from eqr.contract.errors import EqRError
 from eqr.contract.io import atomic_open, atomic_write_text
 from eqr.tasks import TASKS, Task, get_task
+from eqr.tasks.base import ProgressFn, Puzzles
 
 SET_NAME = "all"
 ARRAYS = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")
@@ -296,3 +298,40 @@ def _file_errors(data: Dataset, task: Task | None) -> list[str]:
 
 __all__ = ["Dataset", "SplitReport", "check_split", "load_dataset", "save_dataset", "split_dirs",
            "task_from_metadata"]
+
+
+def split_seed(seed: int, split: str) -> int:
+    """Distinct puzzle streams per split from one --seed."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(split.encode())]).generate_state(1)[0])
+
+
+def _other_split_inputs(out: Path, split: str, seq_len: int) -> np.ndarray | None:
+    """Inputs of the other splits already in `out`, so a new split never repeats their puzzles."""
+    found = []
+    for child in sorted(out.iterdir()) if out.is_dir() else []:
+        if child.name != split and (child / "dataset.json").is_file():
+            data = load_dataset(child)
+            if data.inputs.shape[1] == seq_len:
+                found.append(data.inputs)
+    return np.concatenate(found) if found else None
+
+
+def generate_split(task: Task, count: int, seed: int, out: Path, split: str, tier: str | None = None,
+                   augment: int = 0, force: bool = False, advance: ProgressFn | None = None,
+                   **options: Any) -> tuple[Puzzles, np.ndarray]:
+    """Generate `count` puzzles of `task` into OUT/SPLIT (`eqr data generate`), never repeating a
+    puzzle of another split of OUT; `augment` random isomorphs follow each Sudoku puzzle.
+    -> (the generated puzzles, the rows written: inputs with their augmentations)."""
+    if (out / split / "dataset.json").exists() and not force:
+        raise EqRError(f"{out / split} already holds a data set; pass --force to replace it")
+    seed_used = split_seed(seed, split)
+    exclude = _other_split_inputs(out, split, task.seq_len)
+    puzzles = task.generate(count, seed_used, tier, progress=advance, exclude=exclude, **options)
+    inputs, labels, groups = puzzles.inputs, puzzles.labels, None
+    if augment:
+        from eqr.tasks.sudoku import augment_groups
+
+        inputs, labels, groups = augment_groups(inputs, labels, augment, np.random.default_rng([seed_used, 1]))
+    args = puzzles.generate_args | {"seed": seed, "split": split, "split_seed": seed_used, "augment": augment}
+    save_dataset(out, split, inputs, labels, task=task, groups=groups, generate_args=args, overwrite=force)
+    return puzzles, inputs

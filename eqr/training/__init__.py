@@ -7,5 +7,6 @@ AdamATan2, EMA, curriculum, atomic resumable checkpoints, torchrun (gloo) data p
     data.py      batches as pure functions of (seed, step): data sets or generated curricula
     loop.py      Trainer: carry, one optimizer step, evaluation, checkpoints, resume, ranks
     evaluate.py  exact accuracy by depth, steps-to-stable-answer by tier
-    bundle.py    run -> eqr/bundled/<name>/ with a measured model card
+
+The command is eqr/commands/train.py; bundling a run as a shipped model is eqr/bundling/.
 """

@@ -143,3 +143,21 @@ class Backend(ABC):
     def freeze(self, done: np.ndarray) -> None:
         """Static-shape backends: rows with done[b] keep their state unchanged from now on."""
         raise NotImplementedError(f"{self.name} backend has dynamic shapes; the loop compacts instead")
+
+
+def backend_info(backend: Any) -> dict[str, Any]:
+    """What ran the steps, from the active backend: name, precision, device and provider(s) or
+    TensorRT version (file paths left out)."""
+    return {k: v for k, v in backend.describe().items() if k not in ("onnx", "engine")}
+
+
+def describe_run(info: dict[str, Any] | None) -> str:
+    """'onnxruntime (CPUExecutionProvider)', 'tensorrt 10.3 on NVIDIA Orin', 'torch on cpu'."""
+    if not info:
+        return "no backend (nothing to solve)"
+    name = info.get("backend", "?")
+    if info.get("providers"):
+        return f"{name} ({', '.join(info['providers'])})"
+    if info.get("tensorrt"):
+        return f"{name} {info['tensorrt']} on {info.get('gpu') or info.get('device')}"
+    return f"{name} on {info.get('device', '?')}"

@@ -25,7 +25,7 @@ from eqr.contract.errors import EqRError, missing_extra
 from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
 
 if TYPE_CHECKING:
-    from eqr.runtime.resolve import Artifact
+    from eqr.contract.artifact import Artifact
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from eqr.contract.errors import EqRError, missing_extra
 
 if TYPE_CHECKING:
-    from eqr.runtime.resolve import Artifact
+    from eqr.contract.artifact import Artifact
     from eqr.runtime.backends.base import Backend
 
 # Preference order for `auto`: native TensorRT, then ONNX Runtime (its best provider), then torch.

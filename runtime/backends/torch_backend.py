@@ -18,7 +18,7 @@ import torch
 from eqr.contract.artifact import OUTPUT_NAMES
 from eqr.contract.errors import EqRError
 from eqr.model.network import EqRModel
-from eqr.runtime.resolve import Artifact
+from eqr.contract.artifact import Artifact
 from eqr.runtime.backends.base import Backend
 from eqr.model.step_graph import StepGraph
 
@@ -108,9 +108,9 @@ def checkpoint_artifact(location: str) -> Artifact:
         ckpt = read_checkpoint(resolved)
         config = ckpt.config
         task = ckpt.metadata.get("task") if isinstance(ckpt.metadata, dict) else None
-    return Artifact("checkpoint", location, config.seq_len, config.hidden_size, config.vocab_size,
-                    (config.H_init_std, config.L_init_std), config, task if isinstance(task, dict) else None,
-                    checkpoint=location)
+    return Artifact(kind="checkpoint", location=location, seq_len=config.seq_len, hidden_size=config.hidden_size,
+                    vocab_size=config.vocab_size, init_std=(config.H_init_std, config.L_init_std), config=config,
+                    task=task if isinstance(task, dict) else None, checkpoint=location)
 
 
 def weights_of(artifact: Artifact) -> str | None:

@@ -44,7 +44,7 @@ from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
 from eqr.contract.trt_engine import check_engine, cuda_gpu, trt_logger
 
 if TYPE_CHECKING:
-    from eqr.runtime.resolve import Artifact
+    from eqr.contract.artifact import Artifact
 
 log = logging.getLogger(__name__)
 

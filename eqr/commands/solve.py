@@ -10,9 +10,11 @@ import click
 import numpy as np
 
 from eqr.contract.artifact import CASCADES, PRECISIONS
-from eqr.cli_options import Progress, backend_option, batch_option, output_options, precision_option
+from eqr.contract.progress import Progress
+from eqr.commands.options import backend_option, batch_option, output_options, precision_option
 from eqr.contract.errors import EqRError
 from eqr.runtime.aggregate import aggregator_names
+from eqr.runtime.backends.base import backend_info, describe_run
 from eqr.runtime.backends.registry import AUTO, backend_names
 
 FORMATS = ("text", "csv", "hrm")
@@ -72,7 +74,7 @@ def parse_init_std(text: str | None) -> tuple[float, float] | None:
 @click.option("--fixed-depth", type=click.IntRange(min=1), metavar="D",
               help="The paper's protocol: exactly D steps, no gating.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@batch_option(default=256, old="--batch-size", type=click.IntRange(min=1),
+@batch_option(default=256, type=click.IntRange(min=1),
               help="Trajectories in the working batch (settled ones are replaced from the input).")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
 @output_options
@@ -153,24 +155,6 @@ def _backend_options(backend: str, provider: str | None, fallback: bool,
     wanted = PROVIDERS[provider.lower()]
     fallbacks = [p for p in ("CPUExecutionProvider",) if p != wanted] if fallback else []
     return "onnxruntime", options | {"providers": [wanted, *fallbacks], "require_provider": not fallback}
-
-
-def backend_info(backend: Any) -> dict[str, Any]:
-    """What ran the steps, from the active backend: name, precision, device and provider(s) or
-    TensorRT version (file paths left out)."""
-    return {k: v for k, v in backend.describe().items() if k not in ("onnx", "engine")}
-
-
-def describe_run(info: dict[str, Any] | None) -> str:
-    """'onnxruntime (CPUExecutionProvider)', 'tensorrt 10.3 on NVIDIA Orin', 'torch on cpu'."""
-    if not info:
-        return "no backend (nothing to solve)"
-    name = info.get("backend", "?")
-    if info.get("providers"):
-        return f"{name} ({', '.join(info['providers'])})"
-    if info.get("tensorrt"):
-        return f"{name} {info['tensorrt']} on {info.get('gpu') or info.get('device')}"
-    return f"{name} on {info.get('device', '?')}"
 
 
 def _records(entries: list, good: list, result: Any, task: Any, ran: dict[str, Any] | None) -> list[dict[str, Any]]:

@@ -7,28 +7,25 @@ gating spends by difficulty (adaptive compute). Accuracy by depth is measured fr
 initial state with path noise off (the map the runtime iterates) unless `--noise` says otherwise;
 the card records the sigma, and `remeasure` keeps it.
 
-    python -m eqr.training.bundle make RUN_DIR NAME --heldout "--task sudoku --size 4 --n 1000 --split test" \\
-        --heldout-seed 1000
-    python -m eqr.training.bundle remeasure NAME     # after the evaluation gained a measure
+The command is `python -m eqr.commands.bundle` (make, remeasure), which passes the held-out
+set's maker (`eqr data generate` with the card's arguments).
 """
 from __future__ import annotations
 
 import json
 import logging
 import shlex
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-import click
 import numpy as np
 import torch
 
 from eqr.model.checkpoint import read_checkpoint, save_checkpoint
 from eqr.contract.errors import EqRError
 from eqr.contract.io import atomic_write_text
-from eqr.model.load import bundled_dir, load_model
+from eqr.model.load import BUNDLED_FILE, CARD_JSON, CARD_MD, bundled_dir, load_model
 from eqr.model.network import EqRModel
 from eqr.training.data import to_training_labels
 from eqr.training.evaluate import evaluate
@@ -36,19 +33,9 @@ from eqr.training.loop import CHECKPOINT_NAME, METRICS_NAME
 
 log = logging.getLogger(__name__)
 
-CARD_JSON = "card.json"
-CARD_MD = "card.md"
+# (`eqr data generate` arguments less --seed/--out, seed, directory) -> the held-out split it wrote
+Heldout = Callable[[Sequence[str], int, Path], Any]
 MAX_BUNDLE_BYTES = 10 * 1024 * 1024
-
-
-def generate_heldout(args: Sequence[str], seed: int, out: Path) -> Any:
-    """Run `eqr data generate ARGS --seed SEED --out OUT` and load the split it wrote."""
-    from eqr.tasks.cli import data
-    from eqr.tasks.dataset import load_dataset
-
-    data.main(["generate", *args, "--seed", str(seed), "--out", str(out), "--json"], standalone_mode=False)
-    split = args[list(args).index("--split") + 1] if "--split" in args else "train"
-    return load_dataset(out, split)
 
 
 def measure(model: EqRModel, inputs: np.ndarray, labels: np.ndarray, tiers: Sequence[str],
@@ -91,19 +78,18 @@ def calibrated_gating(model: str, inputs: np.ndarray, labels: np.ndarray, tiers:
     """Outer steps the runtime spends per puzzle on the model as deployed: exported, calibrated
     with `eqr calibrate`'s defaults (its stopping rules are fitted on puzzles it generates itself,
     not on these), and solved with each precision's rule from the manifest, by tier."""
+    from eqr.calibration.calibrate import run_calibrate
+    from eqr.calibration.config import CalibConfig
     from eqr.contract.artifact import PRECISIONS, describe_rule
-    from eqr.cli import cli
+    from eqr.export.config import ExportConfig
+    from eqr.export.exporter import export_model
     from eqr.runtime.solver import Solver
-
-    def commands(export_dir: str) -> list[list[str]]:
-        return [["export", model, "--out", export_dir, "--engine", "never", "--precision", "fp32", "-q"],
-                ["calibrate", export_dir, "-q"]]
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = str(Path(tmp) / "export")
-        for args in commands(export_dir):
-            cli.main(args, standalone_mode=False)
+        export_model(load_model(model), export_dir, ExportConfig(precision=("fp32",), engine="never"))
+        run_calibrate(export_dir, None, CalibConfig(precisions=()))  # () as `eqr calibrate`: every graph it builds
         for precision in PRECISIONS:  # calibrate builds every precision of the table
             with Solver.load(export_dir, backend="onnxruntime", precision=precision) as solver:
                 rule = describe_rule(solver.config().to_dict())
@@ -112,7 +98,9 @@ def calibrated_gating(model: str, inputs: np.ndarray, labels: np.ndarray, tiers:
             rows.append({"precision": precision, "rule": rule,
                          "exact": float(correct.mean()), "mean_steps": float(result.steps.mean()),
                          "by_tier": steps_by_label(result.steps, correct, tiers)})
-    return {"commands": [" ".join(["eqr", *args]) for args in commands("EXPORT")], "by_precision": rows}
+    # the same work as these commands (what a reader of the card would run)
+    commands = [f"eqr export {model} --out EXPORT --engine never --precision fp32 -q", "eqr calibrate EXPORT -q"]
+    return {"commands": commands, "by_precision": rows}
 
 
 def difficulty_groups(task: Any, inputs: np.ndarray) -> dict[str, list[str]]:
@@ -162,8 +150,8 @@ def run_chain(meta: dict[str, Any]) -> list[dict[str, Any]]:
     return chain[::-1]
 
 
-def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_seed: int, depths: Sequence[int],
-                summary: str, notes: Sequence[str] = (), force: bool = False,
+def make_bundle(run_dir: Path, name: str, heldout: Heldout, heldout_args: Sequence[str], heldout_seed: int,
+                depths: Sequence[int], summary: str, notes: Sequence[str] = (), force: bool = False,
                 root: Path | None = None, noise: float = 0.0, calibrated: bool = True) -> dict[str, Any]:
     """Bundle `run_dir`'s EMA model as `name` with its measured card (`calibrated`: also export and
     calibrate it to measure the deployed runtime's gated steps)."""
@@ -172,7 +160,7 @@ def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_s
     if ckpt.ema is None:
         raise EqRError(f"{run_dir / CHECKPOINT_NAME}: has no EMA weights; bundles ship the EMA model")
     target = (root or bundled_dir()) / name
-    if (target / "model.pt").exists() and not force:
+    if (target / BUNDLED_FILE).exists() and not force:
         raise EqRError(f"{target} already holds a bundled model; pass --force to replace it")
     model = ema_model(ckpt)
     train_config = meta.get("train_config", {})
@@ -195,19 +183,19 @@ def make_bundle(run_dir: Path, name: str, heldout_args: Sequence[str], heldout_s
             "train_config": train_config,
             "curve": training_curve(run_dir),
         },
-    } | measure_card(model, name, heldout_args, heldout_seed, depths, noise,
+    } | measure_card(model, name, heldout, heldout_args, heldout_seed, depths, noise,
                    str(run_dir / CHECKPOINT_NAME) if calibrated else None)
     generate_args = card["heldout"]["generate_args"]
     metadata = meta | {"task": dict(meta.get("task") or {}) | {"generate_args": generate_args}, "card": card["claim"]}
     target.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(target / "model.pt", ckpt.config, ckpt.model, ckpt.ema, metadata)
-    size = (target / "model.pt").stat().st_size
+    save_checkpoint(target / BUNDLED_FILE, ckpt.config, ckpt.model, ckpt.ema, metadata)
+    size = (target / BUNDLED_FILE).stat().st_size
     if size > MAX_BUNDLE_BYTES:
-        raise EqRError(f"{target / 'model.pt'} is {size / 2**20:.1f} MiB, over the 10 MiB bundle limit; "
+        raise EqRError(f"{target / BUNDLED_FILE} is {size / 2**20:.1f} MiB, over the 10 MiB bundle limit; "
                        "use a smaller model")
     card["model"]["file_bytes"] = size
     _write_card(target, card, render_card(card))
-    load_model(target / "model.pt")  # the bundle must load
+    load_model(target / BUNDLED_FILE)  # the bundle must load
     return card
 
 
@@ -218,14 +206,14 @@ def ema_model(ckpt: Any) -> EqRModel:
     return model.eval()
 
 
-def measure_card(model: EqRModel, name: str, heldout_args: Sequence[str], heldout_seed: int,
-                 depths: Sequence[int], noise: float, deployed: str | None) -> dict[str, Any]:
+def measure_card(model: EqRModel, name: str, make_heldout: Heldout, heldout_args: Sequence[str],
+                 heldout_seed: int, depths: Sequence[int], noise: float, deployed: str | None) -> dict[str, Any]:
     """The card's measured part, on a held-out set made by `eqr data generate ARGS --seed SEED`:
     accuracy by depth and steps to a stable answer (path noise sigma `noise`), and the runtime's
     gated steps by difficulty (always noise-free: the exported step has no noise), from the
     checkpoint and, given `deployed` (what `eqr export` names the checkpoint by), from its calibrated export."""
     with tempfile.TemporaryDirectory() as tmp:
-        heldout = generate_heldout(heldout_args, heldout_seed, Path(tmp))
+        heldout = make_heldout(heldout_args, heldout_seed, Path(tmp))
     task = heldout.task
     tiers = [str(t) for t in task.tier_of(heldout.inputs)]
     groups = difficulty_groups(task, heldout.inputs)
@@ -254,7 +242,7 @@ def measure_card(model: EqRModel, name: str, heldout_args: Sequence[str], heldou
          if deployed is not None else {})
 
 
-def remeasure(name: str, root: Path | None = None, noise: float | None = None,
+def remeasure(name: str, heldout: Heldout, root: Path | None = None, noise: float | None = None,
               calibrated: bool = True) -> dict[str, Any]:
     """Re-run the measured part of a bundle's card from its shipped weights (same held-out
     arguments, seed, depths and, unless `noise` is given, the path noise the card records), e.g.
@@ -264,14 +252,14 @@ def remeasure(name: str, root: Path | None = None, noise: float | None = None,
 
     target = (root or bundled_dir()) / name
     card = json.loads((target / CARD_JSON).read_text(encoding="utf-8"))
-    ckpt = read_checkpoint(target / "model.pt")
+    ckpt = read_checkpoint(target / BUNDLED_FILE)
     depths = [int(row["depth"]) for row in card["accuracy_by_depth"]]
-    heldout = card["heldout"]
+    recorded = card["heldout"]
     noise = float(card["evaluation"]["noise_scale"]) if noise is None else noise
-    card |= measure_card(ema_model(ckpt), name, heldout["generate_args"], int(heldout["seed"]), depths, noise,
-                         (name if root is None else str(target / "model.pt")) if calibrated else None)
+    card |= measure_card(ema_model(ckpt), name, heldout, recorded["generate_args"], int(recorded["seed"]), depths, noise,
+                         (name if root is None else str(target / BUNDLED_FILE)) if calibrated else None)
     if ckpt.metadata.get("card") != card["claim"]:
-        save_checkpoint(target / "model.pt", ckpt.config, ckpt.model, ckpt.ema, ckpt.metadata | {"card": card["claim"]})
+        save_checkpoint(target / BUNDLED_FILE, ckpt.config, ckpt.model, ckpt.ema, ckpt.metadata | {"card": card["claim"]})
     text = render_card(card)
     if card.get("precision_report"):
         text = with_precision_section(text, card["precision_report"])
@@ -282,7 +270,7 @@ def remeasure(name: str, root: Path | None = None, noise: float | None = None,
 def _write_card(target: Path, card: dict[str, Any], markdown: str) -> None:
     atomic_write_text(target / CARD_JSON, json.dumps(card, indent=2) + "\n")
     atomic_write_text(target / CARD_MD, markdown)
-    for path in (target / "model.pt", target / CARD_JSON, target / CARD_MD):
+    for path in (target / BUNDLED_FILE, target / CARD_JSON, target / CARD_MD):
         path.chmod(0o644)  # package data: readable by everyone (temp files are created 0600)
 
 
@@ -380,59 +368,3 @@ def _settle_lines(settle: dict[str, Any]) -> list[str]:
 def _band_start(row: dict[str, Any]) -> int:
     head = row["tier"].split("-")[0].rstrip("+")
     return int(head) if head.isdigit() else 10**9
-
-
-@click.group()
-def main() -> None:
-    """Bundle a training run as a model shipped inside the package, with a measured model card."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-
-
-@main.command("make")
-@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.argument("name")
-@click.option("--heldout", required=True, help="`eqr data generate` arguments of the held-out set, less --seed/--out.")
-@click.option("--heldout-seed", type=int, required=True, help="Seed of the held-out set (not the training seed).")
-@click.option("--depths", default="1,2,4,8,16,32,64", show_default=True, help="Depths to report.")
-@click.option("--summary", default="", help="One paragraph for the card.")
-@click.option("--note", "notes", multiple=True, help="A line for the card's Notes section (repeatable).")
-@click.option("--noise", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
-              help="Path noise sigma of the accuracy-by-depth measurement (0: the noise-free map the runtime "
-                   "iterates; the training noise_scale reproduces the official evaluation).")
-@click.option("--force", is_flag=True, help="Replace an existing bundle.")
-def make(run_dir: Path, name: str, heldout: str, heldout_seed: int, depths: str, summary: str, notes: tuple[str, ...],
-         noise: float, force: bool) -> None:
-    """Bundle RUN_DIR's EMA model as eqr/bundled/NAME with a measured model card.
-
-    \b
-    Example:
-      python -m eqr.training.bundle make runs/sudoku4 sudoku-small \\
-          --heldout "--task sudoku --size 4 --blanks 4:16 --n 1000 --split test" --heldout-seed 1000
-    """
-    card = make_bundle(run_dir, name, shlex.split(heldout), heldout_seed, [int(d) for d in depths.split(",")],
-                       summary, notes, force, noise=noise)
-    click.echo(render_card(card))
-
-
-@main.command("remeasure")
-@click.argument("name")
-@click.option("--noise", type=click.FloatRange(min=0.0), default=None,
-              help="Path noise sigma of the accuracy-by-depth measurement  [default: the card's]")
-def remeasure_command(name: str, noise: float | None) -> None:
-    """Re-measure bundled model NAME's card from its shipped weights (same held-out set, depths
-    and path noise unless --noise is given).
-
-    \b
-    Example:
-      python -m eqr.training.bundle remeasure sudoku-small
-      python -m eqr.training.bundle remeasure sudoku-small --noise 0
-    """
-    click.echo(render_card(remeasure(name, noise=noise)))
-
-
-if __name__ == "__main__":
-    try:
-        main.main(standalone_mode=False)
-    except EqRError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from eqr.cli_options import batch_option
+from eqr.commands.options import batch_option
 from eqr.contract.errors import EqRError
 from eqr.contract.artifact import MANIFEST_FILE, PRECISIONS
 from eqr.serving.repository import SERVE_BACKENDS, ServeConfig
@@ -34,7 +34,7 @@ def model_options(fn: Callable) -> Callable:
                      help="eqr backend inside the model; tensorrt needs an engine built on the target (docs/serving.md)."),
         click.option("--precision", type=click.Choice(list(PRECISIONS), case_sensitive=False), default="fp32",
                      show_default=True, callback=lambda ctx, param, value: value.lower()),
-        batch_option(default=defaults.batch, old="--batch-size", type=click.IntRange(min=1),
+        batch_option(default=defaults.batch, type=click.IntRange(min=1),
                      help="Trajectories in the working batch (settled ones are refilled)."),
         click.option("--breadth", type=click.IntRange(min=1), default=defaults.breadth, show_default=True,
                      help="Default trajectories per puzzle (a request's `breadth` overrides it)."),

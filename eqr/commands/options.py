@@ -1,6 +1,7 @@
 """The flag vocabulary every `eqr` command shares, its exit codes and its progress output.
 
-One spelling per idea (docs/formats.md lists the exit codes):
+One spelling per idea (docs/formats.md lists the exit codes); the progress lines are
+`eqr.contract.progress.Progress`, which every command and library function shares:
 
     @click.command()
     @precision_option(default=("fp32",))          # --precision fp16 --precision INT8, or fp16,int8
@@ -13,27 +14,20 @@ One spelling per idea (docs/formats.md lists the exit codes):
     def cmd(precision, backend, calib_data, batch, as_json, quiet, verbose, force, out): ...
         progress = Progress(quiet)                 # stage lines, bars with ETA on a terminal
 
-Old spellings (`--precisions`, `--backends`, `--data`, `--calib`, `--batch-size`) still work for
-one release: `deprecated_alias` merges them into the new flag and says so in one line on stderr.
-
 Exit codes: 0 ok, 1 a check or a puzzle failed, 2 usage or input error, 130 interrupted.
 `run_command` maps EqRError, Ctrl-C and click's own errors to them for a command run on its own
-(`python -m eqr.train`); the `eqr` group does the same for every subcommand.
+(`python -m eqr.commands.train`); the `eqr` group does the same for every subcommand.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
-from click.core import ParameterSource
 
-from eqr.contract.errors import EqRError
+from eqr.contract.errors import EqRError, missing_extra
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 
@@ -73,44 +67,13 @@ def flatten(groups: Sequence[Sequence[str]] | Sequence[str] | None) -> tuple[str
     return tuple(names)
 
 
-def deprecated_alias(old: str, new: str, dest: str, **option: Any) -> Callable[[Callable], Callable]:
-    """A hidden `old` flag whose value goes to parameter `dest` (the `new` flag), with a one-line notice.
-
-    Given together, list values are merged; for a single value that is a usage error.
-    """
-    hidden_name = f"deprecated_{old.lstrip('-').replace('-', '_')}"
-
-    def decorator(f: Callable) -> Callable:
-        @functools.wraps(f)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            value = kwargs.pop(hidden_name)
-            if value is None or value == ():
-                return f(*args, **kwargs)
-            click.echo(f"eqr: {old} is deprecated and goes in the next release; use {new}", err=True)
-            ctx = click.get_current_context()
-            given = ctx.get_parameter_source(dest) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
-            if option.get("multiple"):
-                kwargs[dest] = flatten([kwargs[dest], *value]) if given else flatten(value)
-            elif given:
-                raise click.UsageError(f"{old} is the old spelling of {new}; pass only {new}", ctx)
-            else:
-                kwargs[dest] = value
-            return f(*args, **kwargs)
-
-        return click.option(old, hidden_name, hidden=True, default=None, **option)(wrapper)
-
-    return decorator
-
-
-def _list_option(flag: str, dest: str, choices: Sequence[str], default: Sequence[str] | None, help: str,
-                 old: str | None) -> Callable[[Callable], Callable]:
-    """--FLAG a --FLAG b,c -> dest=('a', 'b', 'c'); `default` when not given; `old` as a deprecated alias."""
+def _list_option(flag: str, dest: str, choices: Sequence[str], default: Sequence[str] | None,
+                 help: str) -> Callable[[Callable], Callable]:
+    """--FLAG a --FLAG b,c -> dest=('a', 'b', 'c'); `default` when not given."""
     def apply_default(ctx: click.Context, param: click.Parameter, value: Any) -> tuple[str, ...]:
         return flatten(value) or tuple(default or ())
 
     def decorator(f: Callable) -> Callable:
-        if old:
-            f = deprecated_alias(old, flag, dest, type=NameList(choices), multiple=True)(f)
         shown = f"  [default: {','.join(default)}]" if default else ""
         return click.option(flag, dest, type=NameList(choices), multiple=True, callback=apply_default,
                             help=help + shown)(f)
@@ -127,43 +90,31 @@ class CaseInsensitiveChoice(click.Choice):
 
 
 def precision_option(default: Sequence[str] | str = ("fp32",), choices: Sequence[str] = ("fp32", "fp16", "int8"),
-                     multiple: bool = True, help: str = "Precision(s); repeat the flag or give a comma list.",
-                     old: str | None = None) -> Callable[[Callable], Callable]:
-    """--precision: a tuple of names (multiple) or one name, case-insensitive; `old` e.g. '--precisions'."""
+                     multiple: bool = True, help: str = "Precision(s); repeat the flag or give a comma list.") -> Callable[[Callable], Callable]:
+    """--precision: a tuple of names (multiple) or one name, case-insensitive."""
     if multiple:
-        return _list_option("--precision", "precision", choices, tuple(default), help, old)
+        return _list_option("--precision", "precision", choices, tuple(default), help)
     return click.option("--precision", type=CaseInsensitiveChoice(choices), default=default, show_default=True,
                         help=help)
 
 
 def backend_option(choices: Sequence[str], default: Sequence[str] | str = "auto", multiple: bool = False,
-                   help: str = "Backend that runs the step.", old: str | None = None) -> Callable[[Callable], Callable]:
-    """--backend: one name, or (multiple) a tuple of names; `old` e.g. '--backends'."""
+                   help: str = "Backend that runs the step.") -> Callable[[Callable], Callable]:
+    """--backend: one name, or (multiple) a tuple of names."""
     if multiple:
-        return _list_option("--backend", "backend", choices, tuple(default), help, old)
+        return _list_option("--backend", "backend", choices, tuple(default), help)
     return click.option("--backend", type=CaseInsensitiveChoice(choices), default=default, show_default=True,
                         help=help)
 
 
-def calib_data_option(help: str, old: Sequence[str] = (), **option: Any) -> Callable[[Callable], Callable]:
-    """--calib-data FILE|DIR; each of `old` (e.g. '--data', '--calib') as a deprecated alias."""
-    def decorator(f: Callable) -> Callable:
-        for name in old:
-            f = deprecated_alias(name, "--calib-data", "calib_data", **option)(f)
-        return click.option("--calib-data", "calib_data", default=None, help=help, **option)(f)
-
-    return decorator
+def calib_data_option(help: str, **option: Any) -> Callable[[Callable], Callable]:
+    """--calib-data FILE|DIR: the states or puzzles a precision is calibrated on."""
+    return click.option("--calib-data", "calib_data", default=None, help=help, **option)
 
 
-def batch_option(default: Any, help: str, old: str | None = None, **option: Any) -> Callable[[Callable], Callable]:
-    """--batch; `old` (e.g. '--batch-size') as a deprecated alias."""
-    def decorator(f: Callable) -> Callable:
-        if old:
-            f = deprecated_alias(old, "--batch", "batch", **option)(f)
-        return click.option("--batch", "batch", default=default, show_default=default is not None, help=help,
-                            **option)(f)
-
-    return decorator
+def batch_option(default: Any, help: str, **option: Any) -> Callable[[Callable], Callable]:
+    """--batch N."""
+    return click.option("--batch", "batch", default=default, show_default=default is not None, help=help, **option)
 
 
 def force_option(help: str = "Replace this command's own existing output.") -> Callable[[Callable], Callable]:
@@ -192,69 +143,26 @@ def output_options(f: Callable) -> Callable:
     return json_option()(f)
 
 
-# --------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """Stage lines and bars on stderr, so stdout stays clean for --json.
-
-    On a terminal a bar shows position and ETA; without one (a log, CI) each bar becomes one
-    line when it ends ("solving: 200/200 in 2.9 s"); `quiet` prints nothing at all.
-    """
-
-    def __init__(self, quiet: bool = False, stream: Any = None) -> None:
-        self.quiet = quiet
-        self.stream = stream
-        self.started = time.perf_counter()
-
-    @property
-    def file(self) -> Any:
-        return self.stream or sys.stderr
-
-    @property
-    def interactive(self) -> bool:
-        return bool(getattr(self.file, "isatty", lambda: False)())
-
-    def stage(self, name: str) -> None:
-        if not self.quiet:
-            click.echo(f"[{time.perf_counter() - self.started:6.1f}s] {name}", file=self.file)
-
-    def done(self, detail: str) -> None:
-        if not self.quiet:
-            click.echo(f"          {detail}", file=self.file)
-
-    def note(self, line: str) -> None:
-        """A line the user should see even in a log (a summary, a hint); not shown with -q."""
-        if not self.quiet:
-            click.echo(line, file=self.file)
-
-    @contextlib.contextmanager
-    def bar(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
-        """Yields `advance(n)`."""
-        if self.quiet:
-            yield lambda n: None
-            return
-        if self.interactive:
-            with click.progressbar(length=max(total, 1), label=label, file=self.file, show_pos=True,
-                                   show_eta=True) as bar:
-                yield bar.update
-            return
-        count, start = [0], time.perf_counter()
-
-        def advance(n: int) -> None:
-            count[0] += n
-
-        yield advance
-        click.echo(f"{label}: {count[0]}/{total} in {time.perf_counter() - start:.1f} s", file=self.file)
-
-
 # --------------------------------------------------------------------------- exit codes
 
 
+# command -> the extra to name when its packages are missing, where it is not the one of the
+# package that is missing (`pip install eqr` is the runtime alone)
+COMMAND_EXTRAS = {"train": "train", "bench": "all"}
+
+
 def run_reporting_errors(ctx: click.Context, fn: Callable[[], Any]) -> Any:
-    """Run `fn`: EqRError -> its one line and exit code (2 input, 1 a check); Ctrl-C -> 130."""
+    """Run `fn`: EqRError -> its one line and exit code (2 input, 1 a check); a missing optional
+    package -> the extra that brings it (exit 2); Ctrl-C -> 130."""
     try:
-        return fn()
+        try:
+            return fn()
+        except ImportError as e:
+            command = ctx.invoked_subcommand or ctx.command.name or ""
+            missing = missing_extra(e, f"eqr {command}", COMMAND_EXTRAS.get(command))
+            if missing is None:
+                raise
+            raise missing from None
     except EqRError as e:
         click.echo(f"error: {e}", err=True)
         ctx.exit(e.exit_code)

@@ -7,11 +7,9 @@ from typing import Any
 
 import click
 
-from eqr.cli_options import json_option
+from eqr.commands.options import json_option
 from eqr.contract.errors import EqRError
-from eqr.model.load import bundled_dir, bundled_names
-
-CARD_JSON = "card.json"
+from eqr.model.load import CARD_JSON, bundled_dir, bundled_names
 
 
 def bundled_cards() -> list[dict[str, Any]]:

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import json
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
-from eqr.cli_options import Progress, force_option, out_option, output_options
+from eqr.contract.progress import Progress
+from eqr.commands.options import force_option, out_option, output_options
 from eqr.contract.errors import EqRError
 from eqr.tasks import TASKS, get_task
-from eqr.tasks.dataset import check_split, load_dataset, save_dataset, split_dirs
+from eqr.tasks.dataset import check_split, generate_split, split_dirs
 
 
 def _range_option(value: str | None, flag: str) -> tuple[int, int] | None:
@@ -24,22 +24,6 @@ def _range_option(value: str | None, flag: str) -> tuple[int, int] | None:
         return (int(lo), int(hi)) if sep else (int(lo), int(lo))
     except ValueError:
         raise EqRError(f"{flag} takes LO:HI (e.g. 10:20) or one number, got {value!r}") from None
-
-
-def split_seed(seed: int, split: str) -> int:
-    """Distinct puzzle streams per split from one --seed."""
-    return int(np.random.SeedSequence([seed, zlib.crc32(split.encode())]).generate_state(1)[0])
-
-
-def _other_split_inputs(out: Path, split: str, seq_len: int) -> np.ndarray | None:
-    """Inputs of the other splits already in `out`, so a new split never repeats their puzzles."""
-    found = []
-    for child in sorted(out.iterdir()) if out.is_dir() else []:
-        if child.name != split and (child / "dataset.json").is_file():
-            data = load_dataset(child)
-            if data.inputs.shape[1] == seq_len:
-                found.append(data.inputs)
-    return np.concatenate(found) if found else None
 
 
 @click.group()
@@ -98,21 +82,10 @@ def generate(task_name: str, size: int | None, count: int, seed: int, out: Path,
             raise EqRError("--augment is for sudoku; mazes are not augmented")
     elif path_len is not None:
         raise EqRError("--path-len is for mazes; sudoku takes --blanks")
-    if (out / split / "dataset.json").exists() and not force:
-        raise EqRError(f"{out / split} already holds a data set; pass --force to replace it")
-
     started = time.perf_counter()
-    seed_used = split_seed(seed, split)
-    exclude = _other_split_inputs(out, split, task.seq_len)
     with Progress(quiet).bar(f"generating {task.name} {task.size}x{task.size} {split}", count) as advance:
-        puzzles = task.generate(count, seed_used, tier, progress=advance, exclude=exclude, **options)
-    inputs, labels, groups = puzzles.inputs, puzzles.labels, None
-    if augment:
-        from eqr.tasks.sudoku import augment_groups
-
-        inputs, labels, groups = augment_groups(inputs, labels, augment, np.random.default_rng([seed_used, 1]))
-    args = puzzles.generate_args | {"seed": seed, "split": split, "split_seed": seed_used, "augment": augment}
-    save_dataset(out, split, inputs, labels, task=task, groups=groups, generate_args=args, overwrite=force)
+        puzzles, inputs = generate_split(task, count, seed, out, split, tier=tier, augment=augment, force=force,
+                                         advance=advance, **options)
     tiers = dict(zip(*np.unique(puzzles.tiers, return_counts=True)))
     summary = {"out": str(out), "split": split, "task": task.describe(), "puzzles": count, "rows": len(inputs),
                "groups": count, "tiers": {str(k): int(v) for k, v in tiers.items()},

@@ -12,7 +12,8 @@ from eqr.bench.render import render
 from eqr.bench.result import MeasurementError
 from eqr.bench.run import default_model, run_bench
 from eqr.bench.table import DEFAULT_MEASUREMENTS, MEASUREMENTS
-from eqr.cli_options import Progress, backend_option, batch_option, force_option, out_option, output_options, precision_option
+from eqr.contract.progress import Progress
+from eqr.commands.options import backend_option, batch_option, force_option, out_option, output_options, precision_option
 from eqr.contract.errors import EqRError
 from eqr.contract.artifact import CASCADES, PRECISIONS
 
@@ -28,7 +29,7 @@ from eqr.contract.artifact import CASCADES, PRECISIONS
               f"[{BenchConfig.puzzles}; paper 4].")
 @click.option("--breadth", type=int, default=None, help="K trajectories per puzzle [4; paper 1].")
 @click.option("--depth", type=int, default=None, help="D: fixed depth of the official protocol [16; paper 2].")
-@batch_option(default=BenchConfig.batch_size, old="--batch-size", type=click.IntRange(min=1),
+@batch_option(default=BenchConfig.batch_size, type=click.IntRange(min=1),
               help="Working batch in trajectories.")
 @click.option("--stream", type=int, default=BenchConfig.stream, show_default=True,
               help="Puzzles in the continuous_vs_static stream.")

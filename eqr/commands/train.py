@@ -1,8 +1,8 @@
-"""`eqr train` and its torchrun entry point `python -m eqr.train` (same flags).
+"""`eqr train` and its torchrun entry point `python -m eqr.commands.train` (same flags).
 
 \b
     eqr train --preset cpu-sudoku-4x4 --out runs/sudoku4 --max-minutes 30
-    torchrun --nproc_per_node 2 -m eqr.train --preset cpu-sudoku-4x4 --out runs/sudoku4
+    torchrun --nproc_per_node 2 -m eqr.commands.train --preset cpu-sudoku-4x4 --out runs/sudoku4
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import click
 import numpy as np
 import torch
 
-from eqr.cli_options import Progress, batch_option, force_option, out_option, run_command
+from eqr.contract.progress import Progress
+from eqr.commands.options import batch_option, force_option, out_option, run_command
 from eqr.contract.config import PRESETS, ModelConfig, TrainConfig, preset
 from eqr.contract.errors import EqRError
 from eqr.tasks import TASKS, get_task
@@ -103,7 +104,7 @@ Examples:
   eqr train --out runs/sudoku4 --resume --max-minutes 30        # continue exactly
   eqr train --preset cpu-maze-9 --out runs/maze9 --steps 200 --batch 32
   eqr train --preset paper-sudoku --data data/sudoku-extreme-full --out runs/paper
-  torchrun --nproc_per_node 2 -m eqr.train --preset tiny --task sudoku --size 4 --out runs/t
+  torchrun --nproc_per_node 2 -m eqr.commands.train --preset tiny --task sudoku --size 4 --out runs/t
 """
 
 
@@ -117,7 +118,7 @@ Examples:
 @click.option("--data", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="A data set folder from `eqr data generate` (train/ and optional test/).")
 @click.option("--steps", type=int, default=None, help="Optimizer steps in total (TrainConfig.epochs).")
-@batch_option(default=None, old="--batch-size", type=click.IntRange(min=1),
+@batch_option(default=None, type=click.IntRange(min=1),
               help="Global batch (summed over processes).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate.")
 @click.option("--seed", type=int, default=None, help="Seed of weights, data order and all noise.")
@@ -147,7 +148,7 @@ def train(preset_name: str | None, out: Path, task_name: str | None, size: int |
       eqr train --preset cpu-sudoku-4x4 --out runs/s4 --max-minutes 30
       eqr train --out runs/s4 --resume --steps 4000
       eqr train --preset paper-sudoku --data data/sudoku-extreme --out runs/paper
-      torchrun --nproc_per_node 2 -m eqr.train --preset tiny --out runs/ddp --noise-scale 0
+      torchrun --nproc_per_node 2 -m eqr.commands.train --preset tiny --out runs/ddp --noise-scale 0
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     ranks = ranks_from_env()
@@ -230,9 +231,9 @@ def _run_with_progress(trainer: Trainer, max_minutes: float | None, quiet: bool)
 
 
 def main() -> None:
-    """`python -m eqr.train` / torchrun entry: the `train` command with one-line errors."""
+    """`python -m eqr.commands.train` / torchrun entry: the `train` command with one-line errors."""
     try:
-        run_command(train, "python -m eqr.train")
+        run_command(train, "python -m eqr.commands.train")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
