@@ -10,11 +10,8 @@ from typing import Any
 from eqr.contract.artifact import CASCADES, PRECISIONS
 from eqr.contract.config import JsonConfig
 from eqr.contract.errors import EqRError
+from eqr.export.int8 import CALIBRATION_METHODS, DEFAULT_OP_TYPES
 
-METHODS = ("minmax", "entropy", "percentile")
-# Default INT8 policy: only the matrix products (weights per channel + their input activations);
-# residual adds, damping, norms, the state path and every output stay in higher precision.
-DEFAULT_OP_TYPES = ("MatMul", "Gemm")
 # Geometric depths from the random start to (near) the fixed point.
 DEFAULT_DEPTHS = (1, 2, 4, 8, 16, 32)
 # Default accuracy budget: FP16 within 0.5 points of FP32, INT8 within 2.
@@ -45,8 +42,8 @@ class CalibConfig(JsonConfig):
 
     def __post_init__(self) -> None:
         _freeze_tuples(self)
-        if self.method not in METHODS:
-            raise EqRError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in CALIBRATION_METHODS:
+            raise EqRError(f"--method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.method!r}")
         if self.puzzles < 1 or self.starts < 1:
             raise EqRError(f"--puzzles and --starts must be >= 1, got {self.puzzles}, {self.starts}")
         if not self.depths or min(self.depths) < 0:

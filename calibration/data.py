@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from eqr.contract.errors import EqRError
-from eqr.contract.io import read_npz
+from eqr.contract.io import puzzle_key, read_npz
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def _read_data(data: str) -> PuzzleSet:
         return PuzzleSet(dataset.inputs, dataset.labels, {"data": str(dataset.path)})
     if path.suffix == ".npz" and path.is_file():
         arrays = read_npz(path, data)
-        key = "inputs" if "inputs" in arrays else "tokens" if "tokens" in arrays else None
+        key = puzzle_key(arrays)
         if key is None:
             raise EqRError(f"{data}: has {sorted(arrays)}; needs 'inputs' [P, L] (and 'labels' for accuracy)")
         inputs, labels = arrays[key], arrays.get("labels")

@@ -25,6 +25,7 @@ import numpy as np
 from eqr.contract.artifact import MANIFEST_FILE, PRECISIONS, graph_metadata, read_manifest
 from eqr.contract.errors import EqRError
 from eqr.contract.io import atomic_write_bytes, sha256_file
+from eqr.export.int8 import DEFAULT_OP_TYPES
 
 if TYPE_CHECKING:
     import onnx
@@ -40,8 +41,8 @@ ROWS_PER_FEED = 16  # calibration rows per ONNX Runtime call
 class QuantPolicy:
     """Which ops are INT8 and how their activation ranges are estimated."""
 
-    method: str = "minmax"  # minmax | entropy | percentile
-    op_types: tuple[str, ...] = ("MatMul", "Gemm")
+    method: str = "minmax"  # one of CALIBRATION_METHODS
+    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     exclude_nodes: tuple[str, ...] = ()  # kept FP32 although their op type is quantized
     percentile: float = 99.999
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from eqr.contract.artifact import graph_feeds
 from eqr.contract.errors import EqRError
-from eqr.contract.io import atomic_open, read_npz
+from eqr.contract.io import atomic_open, puzzle_key, read_npz
 from eqr.runtime.backends.base import Backend
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ def read_calib_file(path: str | os.PathLike[str], seq_len: int | None = None, hi
         raise EqRError(f"{where}: no such file; pass puzzles as an .npz with 'tokens' [N, L], or record states "
                        "with `eqr calibrate EXPORT_DIR` (EXPORT_DIR/calib.npz)")
     arrays = read_npz(path, where)
-    key = "tokens" if "tokens" in arrays else "inputs" if "inputs" in arrays else None
+    key = puzzle_key(arrays)
     if key is None:
         raise EqRError(f"{where}: has {sorted(arrays)}, needs a 'tokens' (or 'inputs') array [N, {seq_len or 'L'}]")
     tokens = _checked_tokens(arrays[key], f"{where}: '{key}'", seq_len, vocab_size)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
+from eqr.contract.artifact import STATE_OUTPUTS
 from eqr.contract.io import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 
 FP32_OP_TYPES = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "ReduceMax",
                  "Softmax", "LogSoftmax", "ArgMax", "Range", "CumSum", "TopK")
-STATE_OUTPUTS = ("z_H_out", "z_L_out")
 # Elementwise ops that build a norm around a reduction (square before; eps, sqrt, 1/x, scale after).
 _NORM_FEEDERS = ("Mul", "Pow")
 _NORM_FINISHERS = ("Add", "Sqrt", "Div", "Reciprocal", "Mul", "Clip", "Max")
@@ -84,7 +84,7 @@ def _head_nodes(model: "onnx.ModelProto", producer) -> set[str]:
         return seen
 
     outputs = [o.name for o in model.graph.output]
-    return cone(o for o in outputs if o not in STATE_OUTPUTS) - cone(STATE_OUTPUTS)
+    return cone(o for o in outputs if o not in STATE_OUTPUTS.values()) - cone(STATE_OUTPUTS.values())
 
 
 def name_nodes(model: "onnx.ModelProto") -> None:

@@ -49,7 +49,7 @@ import numpy as np
 
 from eqr.runtime.backends.base import Backend
 from eqr.runtime.config import SolveConfig
-from eqr.runtime.stats import REASON_CODE, SolveStats
+from eqr.runtime.stats import CONVERGED_REASONS, REASON_CODE, SolveStats
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +404,7 @@ def _cascade_switch(t: _Table, low: np.ndarray, residual: np.ndarray, cfg: Solve
 
 def _apply_agreement(t: _Table, reason: np.ndarray, agreement: _Agreement) -> None:
     """Rows converged this step vote; a group reaching `agree` matching answers stops entirely."""
-    converged_now = np.isin(reason, [REASON_CODE[r] for r in ("tol", "stable", "q_halt")])
+    converged_now = np.isin(reason, [REASON_CODE[r] for r in CONVERGED_REASONS])
     agreed = {int(t.groups[b]) for b in np.flatnonzero(converged_now) if agreement.converged(int(t.groups[b]), t.preds[b])}
     if agreed:
         rest = t.live & (reason < 0) & np.isin(t.groups, list(agreed))

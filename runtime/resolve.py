@@ -24,6 +24,7 @@ from eqr.contract.artifact import (ENGINE_SUFFIXES, MANIFEST_FILE, MANIFEST_FORM
                                    stopping_rules, unmeasured_tols)
 from eqr.contract.config import ModelConfig
 from eqr.contract.errors import EqRError
+from eqr.contract.trt_engine import sidecar_path
 from eqr.tasks import DEFAULT_SIZES, TASKS, Task, get_task
 
 
@@ -58,9 +59,8 @@ def _read_json(path: Path) -> dict[str, Any]:  # sidecars
 
 
 def _engine_path(root: Path, entry: Any) -> Path:
-    """An engines entry is a file name or a dict naming it ("path", "engine" or "file")."""
-    if isinstance(entry, dict):
-        entry = entry.get("path") or entry.get("engine") or entry.get("file")
+    """An engines entry names its file under "engine" (what `eqr export` writes)."""
+    entry = entry.get("engine") if isinstance(entry, dict) else None
     if not isinstance(entry, str):
         raise EqRError(f"{root / MANIFEST_FILE}: malformed engines entry {entry!r}; re-run `eqr export`")
     return root / entry
@@ -157,7 +157,7 @@ def _read_onnx(path: Path) -> tuple[dict[str, str], tuple[int, int, int]]:
 
 def _from_engine(path: Path, location: str) -> Artifact:
     beside = path.parent / MANIFEST_FILE
-    for sidecar in (path.with_name(path.name + ".json"), path.with_suffix(".json"), beside):
+    for sidecar in (sidecar_path(path), beside):
         if sidecar.is_file():
             data = _read_json(sidecar)
             if data.get("format") == MANIFEST_FORMAT:

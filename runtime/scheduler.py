@@ -80,11 +80,19 @@ class _Request:
         return len(self.tokens)
 
 
+# The serving defaults (`eqr triton` and `eqr serve` flags, config.pbtxt parameters) are these.
+DEFAULT_BATCH = 64  # trajectories in the working batch
+DEFAULT_BREADTH = 1  # trajectories per puzzle unless a request asks for more
+DEFAULT_MAX_QUEUE = 1024  # requests waiting beyond the working batch before "busy"
+DEFAULT_STREAM_EVERY = 4  # outer steps between provisional answers of a streaming request
+
+
 class Scheduler:
     """A fixed-size working batch fed from a bounded queue; one worker thread owns the backend."""
 
-    def __init__(self, solver: Solver, cfg: SolveConfig | None = None, batch_size: int = 64, breadth: int = 1,
-                 aggregate: str = "converged", seed: int = 0, max_queue: int = 1024, stream_every: int = 4,
+    def __init__(self, solver: Solver, cfg: SolveConfig | None = None, batch_size: int = DEFAULT_BATCH,
+                 breadth: int = DEFAULT_BREADTH, aggregate: str = "converged", seed: int = 0,
+                 max_queue: int = DEFAULT_MAX_QUEUE, stream_every: int = DEFAULT_STREAM_EVERY,
                  max_faults: int = 3) -> None:
         if stream_every < 1 or max_faults < 1:
             raise EqRError(f"stream_every ({stream_every}) and max_faults ({max_faults}) must be >= 1")

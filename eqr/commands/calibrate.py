@@ -7,7 +7,8 @@ from typing import Any
 import click
 
 from eqr.contract.artifact import CASCADES, PRECISIONS, describe_rule
-from eqr.calibration.config import METHODS, CalibConfig, ReportConfig, parse_ints
+from eqr.calibration.config import CalibConfig, ReportConfig, parse_ints
+from eqr.export.int8 import CALIBRATION_METHODS
 from eqr.contract.progress import Progress
 from eqr.commands.options import backend_option, calib_data_option, force_option, out_option, output_options, \
     precision_option
@@ -35,9 +36,9 @@ def _names(text: str | None) -> tuple[str, ...]:
               help="Random initial states per puzzle.")
 @click.option("--depths", default=",".join(map(str, CalibConfig.depths)), show_default=True,
               help="Steps after which the step inputs are recorded (0 = the random start).")
-@click.option("--method", type=click.Choice(METHODS), default="minmax", show_default=True,
+@click.option("--method", type=click.Choice(CALIBRATION_METHODS), default=CalibConfig.method, show_default=True,
               help="INT8 activation range estimator.")
-@click.option("--op-types", default="MatMul,Gemm", show_default=True, help="Op types quantized to INT8.")
+@click.option("--op-types", default=",".join(CalibConfig.op_types), show_default=True, help="Op types quantized to INT8.")
 @click.option("--exclude-nodes", default="", help="Node names kept FP32 (see the report's INT8 diagnosis).")
 @click.option("--percentile", type=float, default=CalibConfig.percentile, show_default=True,
               help="Percentile of --method percentile.")

@@ -91,3 +91,13 @@ def read_npz(path: str | os.PathLike[str], where: str) -> dict[str, np.ndarray]:
                            "code); store plain numeric arrays") from None
         raise EqRError(f"{where}: unreadable array in the archive ({e}); {NPZ_FIX}") from None
     return arrays
+
+
+# An .npz of puzzles names its token array either way ('tokens', the step input, or 'inputs', the
+# data sets' name); when both are there, 'tokens' is read.
+PUZZLE_KEYS = ("tokens", "inputs")
+
+
+def puzzle_key(arrays: dict[str, np.ndarray]) -> str | None:
+    """The key of the puzzle array in a read .npz (None when it has neither)."""
+    return next((key for key in PUZZLE_KEYS if key in arrays), None)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eqr.contract.errors import EqRError
+from eqr.runtime.scheduler import DEFAULT_BATCH, DEFAULT_BREADTH, DEFAULT_MAX_QUEUE, DEFAULT_STREAM_EVERY
 from eqr.serving.protocol import INPUTS, OUTPUTS
 
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
@@ -32,13 +33,26 @@ class ServeConfig:
     name: str = "eqr"  # Triton model name (the URL's /v2/models/NAME)
     backend: str = "auto"  # eqr backend inside model.py
     precision: str = "fp32"
-    batch: int = 64  # trajectories in the scheduler's working batch
-    breadth: int = 1  # default trajectories per puzzle (a request's `breadth` input overrides it)
+    batch: int = DEFAULT_BATCH  # trajectories in the scheduler's working batch
+    breadth: int = DEFAULT_BREADTH  # default trajectories per puzzle (a request's `breadth` input overrides it)
     max_steps: int | None = None  # outer-step cap; None: the precision's calibrated rule's (a request may only lower it)
-    max_queue: int = 1024  # requests waiting beyond the working batch before "busy" errors
+    max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting beyond the working batch before "busy" errors
     instances: int = 1  # model instances (each its own stub process, scheduler and backend)
-    stream_every: int = 4  # outer steps between provisional responses of a streaming request
+    stream_every: int = DEFAULT_STREAM_EVERY  # outer steps between provisional responses of a streaming request
     threads: int = 0  # CPU threads for onnxruntime per instance (0: its default)
+
+    def parameters(self) -> dict[str, str]:
+        """The config.pbtxt parameters (string values; "" for None and 0 threads)."""
+        return {"backend": self.backend, "precision": self.precision, "batch": str(self.batch),
+                "breadth": str(self.breadth), "max_steps": str(self.max_steps or ""),
+                "max_queue": str(self.max_queue), "stream_every": str(self.stream_every),
+                "threads": str(self.threads or "")}
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str], name: str) -> "ServeConfig":
+        """What `parameters` wrote (as the model reads config.pbtxt); absent or "" keeps the default."""
+        given = {k: v for k, v in params.items() if v != "" and k in PARAMETER_TYPES}
+        return cls(name=name, **{k: PARAMETER_TYPES[k](v) for k, v in given.items()})
 
     def check(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
@@ -52,6 +66,10 @@ class ServeConfig:
                 raise EqRError(f"{flag} must be >= 1, got {value}")
         if self.breadth > self.batch:
             raise EqRError(f"--breadth {self.breadth} does not fit in --batch {self.batch}; raise --batch")
+
+
+PARAMETER_TYPES = {"backend": str, "precision": str, "batch": int, "breadth": int, "max_steps": int,
+                   "max_queue": int, "stream_every": int, "threads": int}
 
 
 def write_repository(export_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: ServeConfig,
@@ -99,10 +117,8 @@ def config_pbtxt(cfg: ServeConfig, seq_len: int) -> str:
         return ",\n".join(rows)
 
     kind = "KIND_GPU" if cfg.backend == "tensorrt" else "KIND_CPU"
-    params = {"backend": cfg.backend, "precision": cfg.precision, "batch": cfg.batch, "breadth": cfg.breadth,
-              "max_steps": cfg.max_steps or "", "max_queue": cfg.max_queue, "stream_every": cfg.stream_every,
-              "threads": cfg.threads or ""}
-    parameters = "\n".join(f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items())
+    parameters = "\n".join(f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}'
+                           for k, v in cfg.parameters().items())
     return f"""# Written by `eqr triton` (docs/serving.md). The eqr settings are the parameters below.
 name: "{cfg.name}"
 backend: "python"

@@ -36,6 +36,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         from eqr.runtime import Scheduler, Solver
         from eqr.runtime.resolve import load_artifact
+        from eqr.serving.repository import ServeConfig
 
         logging.basicConfig(level=logging.INFO, format="eqr %(levelname)s %(name)s: %(message)s")
         config = json.loads(args["model_config"])
@@ -43,23 +44,21 @@ class TritonPythonModel:
         self.name = args["model_name"]
         artifact = load_artifact(Path(__file__).resolve().parent / "export")
         self.vocab_size = artifact.vocab_size
-        backend = params.get("backend", "auto")
+        cfg = ServeConfig.from_parameters(params, self.name)
         options: dict[str, Any] = {}
-        if params.get("threads"):
-            options["threads"] = int(params["threads"])
-        if backend == "tensorrt" and args.get("model_instance_kind") == "GPU":
+        if cfg.threads:
+            options["threads"] = cfg.threads
+        if cfg.backend == "tensorrt" and args.get("model_instance_kind") == "GPU":
             options["device"] = int(args["model_instance_device_id"])
-        batch = int(params.get("batch", 64))
-        solver = Solver.load(artifact, backend=backend, precision=params.get("precision", "fp32"),
-                             batch_size=batch, **options)
+        batch = cfg.batch
+        solver = Solver.load(artifact, backend=cfg.backend, precision=cfg.precision, batch_size=batch, **options)
         solver.backend.activate()  # build sessions/engines now: the model is ready only when it can run
         self.task = solver.task  # the export's task: its text format in and out
         self.default_seed = int(params.get("seed", 0))
-        cap = params.get("max_steps")  # "" or absent: the precision's calibrated stopping rule (docs/serving.md)
-        self.scheduler = Scheduler(solver, solver.config(max_steps=int(cap) if cap else None), batch_size=batch,
-                                   breadth=int(params.get("breadth", 1)), seed=self.default_seed,
-                                   max_queue=int(params.get("max_queue", 1024)),
-                                   stream_every=int(params.get("stream_every", 4)))
+        # max_steps None: the precision's calibrated stopping rule (docs/serving.md)
+        self.scheduler = Scheduler(solver, solver.config(max_steps=cfg.max_steps), batch_size=batch,
+                                   breadth=cfg.breadth, seed=self.default_seed, max_queue=cfg.max_queue,
+                                   stream_every=cfg.stream_every)
         self.outbox: queue.Queue = queue.Queue()
         self.unloading = False
         self._init_metrics()
