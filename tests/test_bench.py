@@ -21,8 +21,9 @@ def test_bench_smoke_prints_a_parsable_result_line_per_measurement(monkeypatch) 
     import eqr.bench.efficiency as efficiency
 
     # The tiny model's step can beat a GEMM peak measured a moment apart on a shared machine (which
-    # fails the run, see below); here the peak is fixed high so the smoke test is about the output.
-    monkeypatch.setattr(efficiency, "gemm_peaks", lambda threads: {"torch": 1e15, "onnxruntime": 2e15})
+    # fails the run, see test_a_step_faster_than_the_gemm_peak_fails_the_run); here the peak is a
+    # known 1 TFLOP/s, far above what 2 CPU cores reach, so the efficiency is a checkable ratio.
+    monkeypatch.setattr(efficiency, "gemm_peaks", lambda threads: {"torch": 0.5e12, "onnxruntime": 1e12})
     args = ["bench", "--model", "tiny", "--puzzles", "3", "--breadth", "2", "--depth", "3", "--batch", "4",
             "--stream", "5", "--precision", "FP32,int8", "--rule-puzzles", "6", "-q"]
     result = CliRunner().invoke(cli, args)
@@ -35,7 +36,7 @@ def test_bench_smoke_prints_a_parsable_result_line_per_measurement(monkeypatch) 
     assert "stopping rule: {" in result.output and "fitted here (6 puzzles" in result.output
     for name, fields in parsed.items():
         value = float(fields[name])
-        assert math.isnan(value) or value >= 0, (name, fields)
+        assert math.isfinite(value) and value >= 0, (name, fields)
         assert f"## {name} = " in result.output  # each has its table too
     assert "{flops" not in result.output and "M/sample)" in result.output  # notes are formatted
     assert 0 <= float(parsed["host_overhead"]["host_overhead"]) <= 1
@@ -43,13 +44,25 @@ def test_bench_smoke_prints_a_parsable_result_line_per_measurement(monkeypatch) 
     efficiency = parsed["step_efficiency"]
     assert {"torch_fp32_b64", "onnxruntime_fp32_b64", "onnxruntime_int8_b64"} <= set(efficiency)
     assert {"torch_gemm_gflops", "onnxruntime_gemm_gflops"} <= set(efficiency)
-    assert float(efficiency["step_efficiency"]) <= 1.0
+    assert float(efficiency["gemm_peak_gflops"]) == 1000.0
+    per_backend = [float(efficiency[k]) for k in ("torch_fp32_b64", "onnxruntime_fp32_b64", "onnxruntime_int8_b64")]
+    assert 0 < float(efficiency["step_efficiency"]) == max(per_backend) < 1.0
     assert "goal_min" not in efficiency  # the goal is defined on the paper-size model only
     assert float(parsed["continuous_vs_static"]["bound"]) >= 1.0 and "(bound " in result.output
     cascade = parsed["cascade_vs_fp32"]
     assert cascade["cascade"] == "int8+fp32" and float(cascade["cascade_low_steps"]) >= 1
     accuracy = parsed["reference_vs_runtime"]
     assert 0 <= float(accuracy["reference_accuracy"]) <= 1 and 0 <= float(accuracy["runtime_accuracy"]) <= 1
+
+
+def test_a_step_faster_than_the_gemm_peak_fails_the_run(monkeypatch) -> None:
+    """A peak below what the step achieves means the peak or the FLOP count is wrong: exit 1, said why."""
+    import eqr.bench.efficiency as efficiency
+
+    monkeypatch.setattr(efficiency, "gemm_peaks", lambda threads: {"torch": 1e3, "onnxruntime": 1e3})
+    args = ["bench", "--model", "tiny", "--only", "step_efficiency", "--precision", "fp32", "-q"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "above the best GEMM peak 0.0 GFLOP/s" in result.output
 
 
 def test_bench_json_holds_the_same_measurements() -> None:

@@ -115,7 +115,7 @@ def test_tensorrt_backend_reports_why_it_is_unavailable(onnx_path):
     from eqr.runtime.backends.trt_backend import TensorRTBackend
 
     reason = TensorRTBackend.unavailable_reason(foreign(onnx_path), "fp32")
-    assert reason is not None and "engine" in reason.lower() or "tensorrt" in reason.lower()
+    assert reason is not None and ("engine" in reason.lower() or "tensorrt" in reason.lower())
 
 
 # --------------------------------------------------------------------------- the loop
@@ -244,14 +244,22 @@ def test_aggregation_rules():
     assert set(aggregator_names()) == {"vote", "converged", "first"}
 
 
-def test_converged_breadth_is_at_least_as_good_as_breadth_one(torch_solver):
-    """On the tiny model "accuracy" is agreement with the deep fixed-depth answer of breadth 0."""
-    puzzles = random_puzzles(8, seed=13)
-    reference = torch_solver.solve(puzzles, fixed_depth=64, seed=0).preds
-    single = torch_solver.solve(puzzles, breadth=1, seed=0)
-    wide = torch_solver.solve(puzzles, breadth=4, seed=0, aggregate="converged")
-    accuracy = lambda r: (r.preds == reference).all(axis=1).mean()  # noqa: E731
-    assert accuracy(wide) >= accuracy(single)
+def test_breadth_beats_one_trajectory_on_a_model_with_several_attractors():
+    """The bundled maze model settles on different answers from different starts on some puzzles,
+    so the aggregators have something to choose between (the tiny test models have one fixed point)."""
+    from eqr.model.load import load_model
+    from eqr.tasks import get_task
+
+    model = load_model("maze-small")
+    task = get_task(model.metadata["task"]["name"], model.metadata["task"]["size"])
+    puzzles = task.generate(48, 123, None)
+    tokens = puzzles.inputs.astype(np.int32)
+    with Solver.from_model(model) as solver:
+        single = solver.solve(tokens, breadth=1, seed=0, max_steps=32)
+        wide = solver.solve(tokens, breadth=8, seed=0, max_steps=32, aggregate="converged")
+    exact = lambda r: (r.preds == puzzles.labels).all(axis=1).mean()  # noqa: E731
+    assert (wide.agreement < 1).any()  # else this test could not tell breadth from one trajectory
+    assert exact(wide) > exact(single)
 
 
 # --------------------------------------------------------------------------- artifacts
