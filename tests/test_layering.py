@@ -165,3 +165,10 @@ def _write(tmp_path: Path, source: str) -> Path:
     path = tmp_path / "probe.py"
     path.write_text(source)
     return path
+
+
+def test_the_house_picture_names_every_floor_and_folder() -> None:
+    picture = (ROOT / "docs" / "README.md").read_text(encoding="utf-8").split("## The house", 1)[-1]
+    missing = [f"{floor} {folder}/" for floor, folders in FLOORS.items() for folder in folders
+               if f"{folder}/" not in picture or floor not in picture]
+    assert not missing, f"docs/README.md#the-house does not show: {missing}"
