@@ -1,7 +1,7 @@
 """Precision graphs for an export dir: the INT8 quantization policy, its methods, FP16.
 
 The INT8 graph is explicit symmetric Q/DQ (ONNX Runtime's static quantizer in QDQ format via
-`eqr.export.int8.quantize_int8`: INT8 weights per output channel, INT8 activations, opset <= 20).
+`eqr.export.build.build_graph`, the builder `eqr export` uses too: INT8 weights per output channel, INT8 activations, opset <= 20).
 Which ops are quantized is a policy (`QuantPolicy`): by default only MatMul/Gemm weights and
 their input activations; residual adds, damping, norms, the state path and the outputs stay
 FP32 (quantizing every op was slower and 6-16% off after 100 steps on a toy block).
@@ -88,10 +88,15 @@ def _target(export_dir: str | os.PathLike[str], precision: str, force: bool) -> 
 def build_fp16(export_dir: str | os.PathLike[str], keep_fp32_ops: Iterable[str] | None = None,
                force: bool = False) -> dict[str, Any]:
     """Write model.step.fp16.onnx beside the FP32 graph; returns its manifest entry."""
-    from eqr.export.fp16 import FP32_OP_TYPES, convert_fp16
+    import onnx
+
+    from eqr.export.build import BuildOptions, build_graph
+    from eqr.export.fp16 import FP32_OP_TYPES
 
     kept = tuple(FP32_OP_TYPES if keep_fp32_ops is None else keep_fp32_ops)
-    out = convert_fp16(fp32_onnx(export_dir), _target(export_dir, "fp16", force), keep_fp32_ops=kept)
+    out = _target(export_dir, "fp16", force)
+    graph = build_graph("fp16", onnx.load(str(fp32_onnx(export_dir))), BuildOptions(keep_fp32_ops=kept))
+    atomic_write_bytes(out, graph.SerializeToString())
     return {"onnx": out.name, "sha256": sha256_file(out), "keep_fp32_ops": list(kept)}
 
 
@@ -121,10 +126,13 @@ def build_int8(export_dir: str | os.PathLike[str], calib: "CalibSet", policy: Qu
 
 def _quantize(source: Path, calib: "CalibSet", target: Path, policy: QuantPolicy) -> None:
     """FP32 graph -> symmetric S8S8 QDQ graph at `target`, activation ranges from `calib` by `policy.method`."""
-    from eqr.export.int8 import quantize_int8
+    import onnx
 
-    quantize_int8(source, calib.feeds(ROWS_PER_FEED), target, method=policy.method, op_types=policy.op_types,
-                  nodes_to_exclude=policy.exclude_nodes, percentile=policy.percentile)
+    from eqr.export.build import BuildOptions, build_graph
+
+    options = BuildOptions(calib_feeds=lambda: calib.feeds(ROWS_PER_FEED), method=policy.method,
+                           op_types=policy.op_types, exclude_nodes=policy.exclude_nodes, percentile=policy.percentile)
+    atomic_write_bytes(target, build_graph("int8", onnx.load(str(source)), options).SerializeToString())
 
 
 def _quantized_ops(model: "onnx.ModelProto") -> dict[str, int]:

@@ -4,8 +4,8 @@
     manifest = export_model(load_model("paper-sudoku"), "sudoku-eqr", ExportConfig(precision=("fp16",)))
 
 What an export directory holds (file names, manifest, I/O names, tolerance rule) is
-`eqr.contract.artifact`. Library functions for other modules: `convert_fp16(onnx_path, out_path,
-keep_fp32_ops=...)`, `quantize_int8(onnx_path, calib_feeds, out_path, method=..., op_types=...)`,
+`eqr.contract.artifact`. Library functions for other modules: `build_graph(precision, source,
+BuildOptions(...))`, the one builder of FP32/FP16/INT8 step graphs (eqr.export.build), and
 `check_engine`. Importing this package imports neither torch, onnx, onnxruntime nor tensorrt;
 they load on use.
 """
@@ -18,7 +18,7 @@ from eqr.export.config import ExportConfig, parse_batch
 
 _LAZY = {
     "export_model": "eqr.export.exporter", "ExportError": "eqr.export.exporter",
-    "convert_fp16": "eqr.export.fp16", "Fp16FromOnnx": "eqr.export.fp16",
+    "build_graph": "eqr.export.build", "BuildOptions": "eqr.export.build", "Fp16FromOnnx": "eqr.export.fp16",
     "quantize_int8": "eqr.export.int8", "Int8FromOnnx": "eqr.export.int8",
     "OnnxFromModel": "eqr.export.onnx_graph",
     "EngineFromOnnx": "eqr.export.tensorrt", "check_engine": "eqr.export.tensorrt",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from dataclasses import dataclass
 import logging
 import os
 import platform
@@ -36,6 +37,7 @@ from eqr.contract.artifact import (CALIB_FILE, MANIFEST_FILE, MANIFEST_FORMAT, M
 from eqr.contract.errors import EqRError
 from eqr.contract.progress import Progress
 from eqr.export import parity
+from eqr.export.build import BuildOptions, build_graph
 from eqr.export.config import ExportConfig
 from eqr.export.inputs import TaskInfo, infer_task, initial_states, task_inputs
 from eqr.contract.io import atomic_write_bytes
@@ -243,9 +245,7 @@ def parity_line(precision: str, errors: dict[str, Any], trajectory: dict[str, An
 def build_graphs(model: EqRModel, config: ExportConfig, task: TaskInfo, calibrate: Calibrate | None,
                  progress: Progress) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """-> ({precision: ModelProto}, {precision: manifest entry}) with every check run."""
-    from eqr.export.fp16 import Fp16FromOnnx
-    from eqr.export.int8 import Int8FromOnnx, quantized_ops
-    from eqr.export.onnx_graph import OnnxFromModel
+    from eqr.export.int8 import quantized_ops
 
     mc = model.config
     progress.stage(f"reference: torch fp32, {config.check_batch} trajectories x {config.check_steps} steps "
@@ -259,33 +259,59 @@ def build_graphs(model: EqRModel, config: ExportConfig, task: TaskInfo, calibrat
     graphs: dict[str, Any] = {}
     entries: dict[str, dict[str, Any]] = {}
     for precision in config.precisions:
-        progress.stage(f"{precision}: build {PRECISIONS[precision].onnx}")
+        row = PRECISIONS[precision]
+        progress.stage(f"{precision}: build {row.onnx}")
         start = time.perf_counter()
-        if precision == "fp32":
-            graph = OnnxFromModel(model, config.opset)()
-            extra: dict[str, Any] = {}
-        elif precision == "fp16":
-            graph = Fp16FromOnnx(graphs["fp32"])()
-            extra = {"kept_fp32": "reductions and norm chains, softmax, argmax, output heads"}
-        else:
+        options, extra = BuildOptions(opset=config.opset), {}
+        if precision == "int8":
             feeds, calib_info = calibrate(model, task, progress)
-            graph = Int8FromOnnx(graphs["fp32"], feeds)()
-            extra = {"calibration": calib_info, "quantized_ops": quantized_ops(graph),
-                     "scheme": "QDQ, symmetric int8 weights (per channel) and activations"}
+            options = BuildOptions(calib_feeds=feeds)
+            extra = {"calibration": calib_info, "scheme": "QDQ, symmetric int8 weights (per channel) and activations"}
+        elif precision == "fp16":
+            extra = {"kept_fp32": "reductions and norm chains, softmax, argmax, output heads"}
+        graph = build_graph(precision, model if row.built_from is None else graphs[row.built_from], options)
+        if precision == "int8":
+            extra["quantized_ops"] = quantized_ops(graph)
         built = time.perf_counter() - start
-        check_contract(graph, precision, mc)
-        progress.done(f"{precision}: built in {built:.1f} s, {len(graph.graph.node)} nodes, I/O contract and ops ok")
-        progress.stage(f"{precision}: parity with torch (ONNX Runtime, CPU)")
-        result = check_precision(precision, graph, ref, progress)
-        progress.stage(f"{precision}: polygraphy check lint")
-        lint_graph(graph, precision, mc)
-        progress.done(f"{precision}: lint clean")
+        progress.done(f"{precision}: built in {built:.1f} s, {len(graph.graph.node)} nodes")
+        results: dict[str, Any] = {}
+        for check in row.checks:
+            results |= CHECKS[check](precision, graph, Checking(mc, ref, progress)) or {}
         graphs[precision] = graph
-        entries[precision] = {"onnx": PRECISIONS[precision].onnx, "tol": result["tol"]["tol"],
-                              "tol_rule": result["tol"],
-                              "parity": {k: result[k] for k in ("step_error", "trajectory", "runner")},
+        entries[precision] = {"onnx": row.onnx, "tol": results["tol"]["tol"], "tol_rule": results["tol"],
+                              "parity": {k: results[k] for k in ("step_error", "trajectory", "runner")},
                               "build_seconds": round(built, 2)} | extra
     return graphs, entries
+
+
+@dataclass(frozen=True)
+class Checking:
+    """What every check of a built graph reads."""
+
+    config: Any  # the model's ModelConfig
+    reference: parity.Reference  # the torch trajectories the graphs are compared with
+    progress: Progress
+
+
+def _io_contract(precision: str, graph: Any, c: Checking) -> None:
+    check_contract(graph, precision, c.config)
+    c.progress.done(f"{precision}: I/O contract and ops ok")
+
+
+def _parity(precision: str, graph: Any, c: Checking) -> dict[str, Any]:
+    c.progress.stage(f"{precision}: parity with torch (ONNX Runtime, CPU)")
+    return check_precision(precision, graph, c.reference, c.progress)
+
+
+def _lint(precision: str, graph: Any, c: Checking) -> None:
+    c.progress.stage(f"{precision}: polygraphy check lint")
+    lint_graph(graph, precision, c.config)
+    c.progress.done(f"{precision}: lint clean")
+
+
+# check name (PRECISIONS[p].checks) -> (precision, graph, what it reads) -> manifest entry fields or None
+CHECKS: dict[str, Callable[[str, Any, Checking], dict[str, Any] | None]] = {
+    "io_contract": _io_contract, "parity": _parity, "lint": _lint}
 
 
 def export_model(model: EqRModel, out_dir: str | os.PathLike[str] | None, config: ExportConfig,

@@ -11,15 +11,12 @@ converter (the only one whose graphs ONNX Runtime loaded), then a topological re
 from __future__ import annotations
 
 import logging
-import os
 from collections import defaultdict
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
 from eqr.contract.artifact import STATE_OUTPUTS
-from eqr.contract.io import atomic_write_bytes
 
 if TYPE_CHECKING:
     import onnx
@@ -143,16 +140,6 @@ def drop_cast_round_trips(model: "onnx.ModelProto") -> "onnx.ModelProto":
                     user.inputs[i] = source
     graph.cleanup()
     return gs.export_onnx(graph)
-
-
-def convert_fp16(onnx_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
-                 keep_fp32_ops: Iterable[str] = FP32_OP_TYPES) -> Path:
-    """Library entry point: read an FP32 step graph, write its FP16 version atomically."""
-    import onnx
-
-    converted = to_fp16(onnx.load(str(onnx_path)), keep_fp32_ops)
-    atomic_write_bytes(out_path, converted.SerializeToString())
-    return Path(out_path)
 
 
 class Fp16FromOnnx:

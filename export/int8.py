@@ -184,11 +184,14 @@ def confine_qdq(model: "onnx.ModelProto", op_types: Iterable[str]) -> "onnx.Mode
 class Int8FromOnnx:
     """Loader: FP32 graph (ModelProto or loader) + calibration feeds -> INT8 Q/DQ ModelProto."""
 
-    def __init__(self, fp32, calib_feeds, method: str = "minmax", op_types: Iterable[str] = DEFAULT_OP_TYPES) -> None:
+    def __init__(self, fp32, calib_feeds, method: str = "minmax", op_types: Iterable[str] = DEFAULT_OP_TYPES,
+                 exclude_nodes: Iterable[str] = (), percentile: float = 99.999) -> None:
         self.fp32 = fp32
         self.calib_feeds = calib_feeds  # an iterable of feeds, or a callable returning one
         self.method = method
         self.op_types = tuple(op_types)
+        self.exclude_nodes = tuple(exclude_nodes)
+        self.percentile = percentile
 
     def __call__(self) -> "onnx.ModelProto":
         import onnx
@@ -198,7 +201,8 @@ class Int8FromOnnx:
         with tempfile.TemporaryDirectory(prefix="eqr-int8-") as tmp:
             source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
             source.write_bytes(model.SerializeToString())
-            quantize_int8(source, feeds, target, method=self.method, op_types=self.op_types)
+            quantize_int8(source, feeds, target, method=self.method, op_types=self.op_types,
+                          nodes_to_exclude=self.exclude_nodes, percentile=self.percentile)
             return onnx.load(str(target))
 
 

@@ -46,18 +46,28 @@ OWN_FILE_PATTERNS = ("model.step*.onnx", "model.step*.engine", "model.step*.engi
 
 @dataclass(frozen=True)
 class Precision:
-    """One row of the table that drives both export (what to write) and load (what a file is)."""
+    """One row of the table that drives export and calibration (what to build, from what, with
+    which builder, checked how) and load (what a file is). The builders and checks are named
+    here and defined in eqr.export.build.BUILDERS and eqr.export.exporter.CHECKS: both `eqr export`
+    and `eqr calibrate` build every graph through `eqr.export.build.build_graph`."""
 
     name: str
     onnx: str  # step graph file in the export directory
+    built_from: str | None  # the precision whose graph this one is built from (None: the model itself)
+    builder: str  # a key of eqr.export.build.BUILDERS
+    checks: tuple[str, ...]  # keys of eqr.export.exporter.CHECKS, run in order on every graph export writes
     roundoff: float  # lowest relative residual this arithmetic reliably reaches: tol never goes below
     unmeasured_tol: float  # tol when no residual floor was measured (a checkpoint, a model in memory)
 
 
+_EXPORT_CHECKS = ("io_contract", "parity", "lint")
 PRECISIONS: dict[str, Precision] = {row.name: row for row in (
-    Precision("fp32", "model.step.onnx", roundoff=1e-5, unmeasured_tol=1e-3),
-    Precision("fp16", "model.step.fp16.onnx", roundoff=1e-3, unmeasured_tol=1e-2),
-    Precision("int8", "model.step.int8.onnx", roundoff=1e-2, unmeasured_tol=5e-2),
+    Precision("fp32", "model.step.onnx", built_from=None, builder="onnx_from_model", checks=_EXPORT_CHECKS,
+              roundoff=1e-5, unmeasured_tol=1e-3),
+    Precision("fp16", "model.step.fp16.onnx", built_from="fp32", builder="fp16_from_onnx", checks=_EXPORT_CHECKS,
+              roundoff=1e-3, unmeasured_tol=1e-2),
+    Precision("int8", "model.step.int8.onnx", built_from="fp32", builder="int8_from_onnx", checks=_EXPORT_CHECKS,
+              roundoff=1e-2, unmeasured_tol=5e-2),
 )}
 
 
