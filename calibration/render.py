@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from eqr.contract.artifact import describe_rule
+from eqr.runtime.stopping_rules import describe_rule
 from eqr.contract.io import atomic_open, atomic_write_text
 
 PLOTS = {"decision": "accuracy_vs_speed.png", "accuracy": "accuracy_vs_depth.png", "residual": "residual_curves.png",

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from eqr.contract.artifact import RULE_FIELDS
+
+from eqr.runtime.stopping_rules import RULE_FIELDS, RULES, Signals, active_rules
 
 WINDOWS = (None, 1, 2, 3, 4, 6, 8, 12, 16)
 PATIENCES = (1, 2, 3, 4)
@@ -113,34 +114,28 @@ class Replay:
         self.diverged_at = _first(~finite)  # (T,)
         changed = np.ones(traj.residual.shape, bool)
         changed[1:] = (traj.preds[1:] != traj.preds[:-1]).any(axis=2)
-        self.stable = _run_lengths(~changed)  # (N, T) steps the answer has been unchanged
+        self.signals = Signals(residual=traj.residual, q_halt=traj.q_halt, changed=changed)  # (N, T) each
         self.traj = traj
         self.correct = None if labels is None else (traj.preds == labels[None]).all(axis=2)  # (N, T)
-        self._first_cache: dict[tuple[str, Any, int], np.ndarray] = {}
+        self._counts: dict[tuple[int, Any], np.ndarray] = {}
+        self._first_cache: dict[tuple[int, Any, int], np.ndarray] = {}
 
-    def _first_count(self, kind: str, level: Any, need: int) -> np.ndarray:
-        key = (kind, level, need)
-        if key not in self._first_cache:
-            if kind == "stable":
-                counts = self.stable
-            elif kind == "tol":
-                counts = _run_lengths(self.traj.residual < level)
-            else:
-                counts = _run_lengths(self.traj.q_halt > level)
-            self._first_cache[key] = _first(counts >= need)
-        return self._first_cache[key]
+    def _first_settled(self, index: int, rule: dict[str, Any]) -> np.ndarray:
+        """int (T,): the first step at which RULES[index] settles each trajectory (N + 1: never)."""
+        stopping = RULES[index]
+        level, need = stopping.level(rule), stopping.need(rule)
+        if (index, level) not in self._counts:
+            self._counts[index, level] = _run_lengths(stopping.hits(self.signals, rule))
+        if (index, level, need) not in self._first_cache:
+            self._first_cache[index, level, need] = _first(self._counts[index, level] >= need)
+        return self._first_cache[index, level, need]
 
     def stop_steps(self, rule: dict[str, Any]) -> np.ndarray:
         """int (T,): the step at which the loop stops each trajectory under `rule` (<= N)."""
         cap = min(int(rule.get("max_steps", self.N)), self.N)
         stop = np.minimum(self.diverged_at, cap)
-        patience = int(rule.get("patience", 2))
-        if rule.get("tol") is not None:
-            stop = np.minimum(stop, self._first_count("tol", float(rule["tol"]), patience))
-        if rule.get("window") is not None:
-            stop = np.minimum(stop, self._first_count("stable", None, int(rule["window"])))
-        if rule.get("q_halt"):
-            stop = np.minimum(stop, self._first_count("q_halt", float(rule.get("q_halt_threshold", 0.0)), patience))
+        for index, _ in active_rules(rule):
+            stop = np.minimum(stop, self._first_settled(index, rule))
         return stop
 
     def answers(self, stop: np.ndarray) -> np.ndarray:

@@ -50,6 +50,7 @@ import numpy as np
 from eqr.runtime.backends.base import Backend
 from eqr.runtime.config import SolveConfig
 from eqr.runtime.stats import CONVERGED_REASONS, REASON_CODE, SolveStats
+from eqr.runtime.stopping_rules import RULES, Signals, active_rules, rule_of
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +149,7 @@ class _Table:
     groups: np.ndarray
     live: np.ndarray  # bool: slot holds a running trajectory (always True when compacting)
     nstep: np.ndarray
-    tol_count: np.ndarray
-    stable_count: np.ndarray
-    halt_count: np.ndarray
+    counts: np.ndarray  # int32 (B, len(RULES)): consecutive steps each stopping rule's hits held
     cap: np.ndarray  # int32: this row's max_steps
     preds: np.ndarray  # last finite preds (B, L)
     residual: np.ndarray
@@ -167,12 +166,14 @@ class _Table:
     @classmethod
     def empty(cls, n: int, seq_len: int, window: int, trace_steps: int | None, stage: int = 1) -> "_Table":
         trace = (lambda: np.full((n, trace_steps), np.nan, np.float32)) if trace_steps else (lambda: None)
-        return cls(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros(n, bool), np.zeros(n, np.int32),
-                   np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32),
-                   np.zeros((n, seq_len), np.int32), np.full(n, np.nan, np.float32),
-                   np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32),
-                   np.zeros((n, window), np.float32), trace(), trace(), np.full(n, stage, np.int8),
-                   np.zeros(n, np.int32), np.full(n, np.inf, np.float32), np.zeros(n, np.int32))
+        nan = lambda: np.full(n, np.nan, np.float32)  # noqa: E731
+        return cls(ids=np.full(n, -1, np.int64), groups=np.full(n, -1, np.int64), live=np.zeros(n, bool),
+                   nstep=np.zeros(n, np.int32), counts=np.zeros((n, len(RULES)), np.int32),
+                   cap=np.zeros(n, np.int32), preds=np.zeros((n, seq_len), np.int32), residual=nan(),
+                   logit_delta=nan(), q_halt=nan(), ring=np.zeros((n, window), np.float32),
+                   residual_trace=trace(), logit_delta_trace=trace(), stage=np.full(n, stage, np.int8),
+                   low_steps=np.zeros(n, np.int32), lowest=np.full(n, np.inf, np.float32),
+                   floor_count=np.zeros(n, np.int32))
 
     def _arrays(self) -> dict[str, np.ndarray | None]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -348,9 +349,11 @@ def _update(backend: Backend, t: _Table, outputs: dict[str, Any], cfg: SolveConf
     first = t.nstep == 0
     t.nstep[live] += 1
     changed = (preds != t.preds).any(axis=1) | first
-    t.stable_count[ok] = np.where(changed, 0, t.stable_count + 1)[ok]
-    t.tol_count[ok] = np.where(residual < (cfg.tol or 0.0), t.tol_count + 1, 0)[ok]
-    t.halt_count[ok] = np.where(q_halt > cfg.q_halt_threshold, t.halt_count + 1, 0)[ok]
+    rule = rule_of(cfg)
+    active = active_rules(rule) if cfg.gated else []
+    signals = Signals(residual=residual, q_halt=q_halt, changed=changed)
+    for i, stopping in active:
+        t.counts[ok, i] = np.where(stopping.hits(signals, rule), t.counts[:, i] + 1, 0)[ok]
     t.preds[ok], t.residual[ok], t.logit_delta[ok], t.q_halt[ok] = preds[ok], residual[ok], logit_delta[ok], q_halt[ok]
     W = t.ring.shape[1]
     t.ring[ok, (t.nstep[ok] - 1) % W] = logit_delta[ok]
@@ -359,14 +362,8 @@ def _update(backend: Backend, t: _Table, outputs: dict[str, Any], cfg: SolveConf
         t.residual_trace[at, t.nstep[at] - 1] = residual[at]
         t.logit_delta_trace[at, t.nstep[at] - 1] = logit_delta[at]
 
-    settles: list[tuple[str, np.ndarray]] = []  # the rules that say a row has settled
-    if cfg.gated:
-        if cfg.tol is not None:
-            settles.append(("tol", ok & (t.tol_count >= cfg.patience)))
-        if cfg.window is not None:
-            settles.append(("stable", ok & (t.stable_count >= cfg.window)))
-        if cfg.q_halt:
-            settles.append(("q_halt", ok & (t.halt_count >= cfg.patience)))
+    # the rules that say a row has settled
+    settles = [(stopping.reason, ok & (t.counts[:, i] >= stopping.need(rule))) for i, stopping in active]
     if backend.stages > 1:  # a low-stage row that settled moves on to the high stage instead of stopping
         low = ok & (t.stage == 0)
         settled = np.logical_or.reduce([hit for _, hit in settles]) if settles else np.zeros(len(t), bool)
@@ -399,7 +396,7 @@ def _cascade_switch(t: _Table, low: np.ndarray, residual: np.ndarray, cfg: Solve
         floor |= residual < cfg.cascade_tol
     switch = low & floor
     t.stage[switch] = 1
-    t.tol_count[switch] = t.stable_count[switch] = t.halt_count[switch] = 0  # the high stage judges afresh
+    t.counts[switch] = 0  # the high stage judges afresh
 
 
 def _apply_agreement(t: _Table, reason: np.ndarray, agreement: _Agreement) -> None:

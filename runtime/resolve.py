@@ -21,10 +21,11 @@ from typing import Any
 
 from eqr.contract.artifact import (ENGINE_SUFFIXES, MANIFEST_FILE, MANIFEST_FORMAT, METADATA_KEY, PRECISION_KEY,
                                    PRECISIONS, Artifact, check_manifest, embedded_manifest, precision_of, read_manifest,
-                                   stopping_rules, unmeasured_tols)
+                                   unmeasured_tols)
 from eqr.contract.config import ModelConfig
 from eqr.contract.errors import EqRError
 from eqr.contract.trt_engine import sidecar_path
+from eqr.runtime.stopping_rules import stopping_rules
 from eqr.tasks import DEFAULT_SIZES, TASKS, Task, get_task
 
 

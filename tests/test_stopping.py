@@ -21,7 +21,8 @@ from eqr.runtime.backends.torch_backend import TorchBackend
 from eqr.runtime.config import SolveConfig
 from runtime_helpers import contractive_model, random_puzzles
 
-from eqr.contract.artifact import RULE_FIELDS, split_precision
+from eqr.contract.artifact import split_precision
+from eqr.runtime.stopping_rules import RULE_FIELDS
 from eqr.contract.errors import EqRError
 
 
@@ -69,6 +70,46 @@ def test_replayed_rules_stop_where_the_loop_stops(model, recorded) -> None:
             np.testing.assert_array_equal(nstep, result.stats.nstep, err_msg=str(rule))
             np.testing.assert_array_equal(preds, result.preds, err_msg=str(rule))
     assert len({tuple(simulate(traj, r)[0]) for r in rules}) == len(rules)  # the rules really differ
+
+
+def test_a_stopping_rule_is_one_registered_class(model, recorded) -> None:
+    """Registering a rule is all the loop and the replay need: both stop where it says."""
+    from eqr.runtime import stopping_rules
+    from eqr.runtime.stopping_rules import RULES, StoppingRule
+
+    class EarlyAnswer(StoppingRule):  # a toy rule on an existing field: settle after `patience` steps
+        reason, fields = "stable", ("patience",)
+
+        def active(self, rule):
+            return True
+
+        def hits(self, signals, rule):
+            return np.ones_like(signals.changed)
+
+        def need(self, rule):
+            return int(rule.get("patience", 2))
+
+        def describe(self, rule):
+            return f"early x{rule.get('patience')}"
+
+    puzzles, traj = recorded
+    rule = {"max_steps": 20, "tol": None, "window": None, "patience": 3}
+    original = stopping_rules.RULES
+    try:
+        stopping_rules.RULES = (*RULES, EarlyAnswer())
+        import eqr.calibration.stopping as fitting
+        import eqr.runtime.loop as loop
+
+        loop.RULES = fitting.RULES = stopping_rules.RULES
+        with Solver.from_model(model) as solver:
+            result = solver.run(puzzles, SolveConfig(**rule), seed=3)
+        nstep, _ = simulate(traj, rule)
+        assert (result.stats.nstep == 3).all() and (nstep == 3).all()
+        assert stopping_rules.describe_rule(rule) == "max 20 steps, early x3"
+    finally:
+        stopping_rules.RULES = loop.RULES = fitting.RULES = original
+    assert all(f in SolveConfig.__dataclass_fields__ for r in RULES for f in r.fields)
+    assert RULE_FIELDS == ("max_steps", "tol", "patience", "window", "q_halt", "q_halt_threshold")
 
 
 def synthetic(T: int, N: int = 16, seed: int = 0) -> tuple[Trajectories, np.ndarray]:

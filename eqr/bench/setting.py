@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from eqr.contract.artifact import RULE_FIELDS, describe_rule
+from eqr.runtime.stopping_rules import describe_rule, rule_of
 from eqr.bench.config import BenchConfig
 from eqr.contract.progress import Progress
 from eqr.contract.errors import EqRError
@@ -115,7 +115,7 @@ def puzzle_set(setting: Setting) -> PuzzleSet:
 
 def rule_text(cfg: Any) -> str:
     """The gating of a SolveConfig in a few words."""
-    return describe_rule({name: getattr(cfg, name) for name in RULE_FIELDS})
+    return describe_rule(rule_of(cfg))
 
 
 def flops(setting: Setting) -> int:

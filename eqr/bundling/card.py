@@ -80,7 +80,8 @@ def calibrated_gating(model: str, inputs: np.ndarray, labels: np.ndarray, tiers:
     not on these), and solved with each precision's rule from the manifest, by tier."""
     from eqr.calibration.calibrate import run_calibrate
     from eqr.calibration.config import CalibConfig
-    from eqr.contract.artifact import PRECISIONS, describe_rule
+    from eqr.contract.artifact import PRECISIONS
+    from eqr.runtime.stopping_rules import describe_rule
     from eqr.export.config import ExportConfig
     from eqr.export.exporter import export_model
     from eqr.runtime.solver import Solver

@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from eqr.contract.artifact import CASCADES, PRECISIONS, describe_rule
+from eqr.contract.artifact import CASCADES, PRECISIONS
+from eqr.runtime.stopping_rules import describe_rule
 from eqr.calibration.config import CalibConfig, ReportConfig, parse_ints
 from eqr.export.int8 import CALIBRATION_METHODS
 from eqr.contract.progress import Progress

@@ -221,36 +221,8 @@ def update_manifest(directory: str | os.PathLike[str], precision: str, entry: di
 
 # The stopping rule `eqr calibrate` fits per precision, in manifest["precisions"][p]["stopping"]:
 # {"rule": {RULE_FIELDS...}, "margin", "recorded_steps", "fit": {...}, "heldout": {...}, "data"}
-# (the rule's fields are SolveConfig fields; docs/formats.md).
+# (the rules and their fields: eqr.runtime.stopping_rules; docs/formats.md).
 STOPPING_KEY = "stopping"
-RULE_FIELDS = ("max_steps", "tol", "patience", "window", "q_halt", "q_halt_threshold")
-
-
-def stopping_rules(manifest: dict[str, Any], where: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """precision -> its calibrated stopping rule (only RULE_FIELDS); EqRError on a malformed entry."""
-    rules = {}
-    for precision, entry in (manifest.get("precisions") or {}).items():
-        stopping = entry.get(STOPPING_KEY) if isinstance(entry, dict) else None
-        if stopping is None:
-            continue
-        rule = stopping.get("rule") if isinstance(stopping, dict) else None
-        if not isinstance(rule, dict) or set(rule) - set(RULE_FIELDS):
-            raise EqRError(f"{where}: malformed {precision} stopping rule {rule!r} (fields: {', '.join(RULE_FIELDS)}); "
-                           "re-run eqr calibrate --force")
-        rules[precision] = dict(rule)
-    return rules
-
-
-def describe_rule(rule: dict[str, Any]) -> str:
-    """A stopping rule (RULE_FIELDS) in a few words: 'max 32 steps, tol 0.001 x2, window 4'."""
-    parts = [f"max {rule.get('max_steps')} steps"]
-    if rule.get("tol") is not None:
-        parts.append(f"tol {rule['tol']:.3g} x{rule.get('patience')}")
-    if rule.get("window") is not None:
-        parts.append(f"window {rule['window']}")
-    if rule.get("q_halt"):
-        parts.append(f"q_halt > {rule.get('q_halt_threshold') or 0:g} x{rule.get('patience')}")
-    return ", ".join(parts)
 
 
 def graph_metadata(manifest: dict[str, Any], precision: str) -> dict[str, str]:
@@ -293,7 +265,7 @@ class Artifact:
     batch: tuple[int, int, int] = (1, 64, 256)  # min/opt/max batch the export was built for
     source: dict[str, Any] | None = None  # the manifest's record of the weights an export came from
     precision: str | None = None  # the one precision a single .onnx or engine file holds
-    # precision -> the stopping rule `eqr calibrate` fitted (eqr.contract.artifact.RULE_FIELDS)
+    # precision -> the stopping rule `eqr calibrate` fitted (eqr.runtime.stopping_rules.RULE_FIELDS)
     stopping: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def default_tol(self, precision: str) -> float:
