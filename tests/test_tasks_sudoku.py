@@ -6,7 +6,7 @@ import pytest
 
 from eqr.contract.errors import EqRError
 from eqr.tasks import get_task
-from eqr.tasks.sudoku import Solver, augment, augment_groups, grade
+from eqr.tasks.sudoku import Backtracker, augment, augment_groups, grade
 
 # Wikipedia's example puzzle: naked and hidden singles solve it.
 EASY_9 = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
@@ -23,7 +23,7 @@ def test_generated_puzzles_are_unique_valid_and_graded(size):
     assert task.is_valid(puzzles.inputs, puzzles.labels).all()
     assert (task.tier_of(puzzles.inputs) == puzzles.tiers).all()
     assert len({row.tobytes() for row in puzzles.inputs}) == len(puzzles)
-    solver = Solver(size)
+    solver = Backtracker(size)
     for puzzle, label in zip(puzzles.inputs, puzzles.labels):
         solutions, _ = solver.solve((puzzle.astype(int) - 1).tolist(), limit=2)
         assert solutions == [(label.astype(int) - 1).tolist()]

@@ -3,7 +3,7 @@
 Tokens (docs/formats.md#token-ids, Sudoku-Extreme): 0 PAD, 1 blank, 2..n+1 the digits 1..n, row-major; labels
 are the full solved grid. Internally a grid is a list of cell values 0..n (0 blank).
 
-The solver keeps one candidate bitmask per cell (bit d-1 for digit d), propagates naked and
+The backtracker keeps one candidate bitmask per cell (bit d-1 for digit d), propagates naked and
 hidden singles to a fixed point, then branches on a cell with the fewest candidates. It counts
 solutions (uniqueness), and counts guesses (grading).
 
@@ -12,7 +12,7 @@ Whitespace anywhere in the line is ignored, a '#' starts a comment (whole-line o
 and a line that is empty after that holds no puzzle.
 
 Tiers (`grade`), easiest first. A puzzle either falls to naked and hidden singles alone, or
-needs guesses; "guesses" are the branch assignments the solver tries before it finds the
+needs guesses; "guesses" are the branch assignments the backtracker tries before it finds the
 solution, averaged over `GRADE_ISOMORPHS` random isomorphs of the puzzle (relabelled digits,
 permuted rows and columns) since one ordering can be lucky. The isomorphs are seeded from the
 puzzle itself, so a grade is a pure function of the puzzle.
@@ -77,7 +77,7 @@ MAX_BLANKS = {4: 12, 6: 28, 9: 64}  # most blanks a uniquely solvable puzzle can
 
 
 # --------------------------------------------------------------------------------------------
-# Geometry and the bitmask solver
+# Geometry and the bitmask backtracker
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def geometry(size: int) -> Geometry:
     return Geometry(size, box_rows, box_cols, units, peers)
 
 
-class Solver:
+class Backtracker:
     """Bitmask constraint propagation (naked + hidden singles) with MRV backtracking."""
 
     def __init__(self, size: int):
@@ -299,10 +299,10 @@ def _grade_rng(values: Sequence[int]) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def grade(values: Sequence[int], size: int, solver: Solver | None = None) -> tuple[str, float]:
+def grade(values: Sequence[int], size: int, backtracker: Backtracker | None = None) -> tuple[str, float]:
     """(tier, mean guesses) of one puzzle given as cell values 0..n; see the module docstring."""
-    solver = solver or Solver(size)
-    cand = solver.candidates(values)
+    backtracker = backtracker or Backtracker(size)
+    cand = backtracker.candidates(values)
     if cand is None:
         return UNSOLVABLE, float("nan")
     rule = TIER_RULES[size]
@@ -316,7 +316,7 @@ def grade(values: Sequence[int], size: int, solver: Solver | None = None) -> tup
     for _ in range(GRADE_ISOMORPHS):
         t = random_transform(size, rng)
         permuted = t.apply(np.asarray(values, dtype=np.uint8) + 1) - 1  # values <-> tokens, blank 0 <-> 1
-        solutions, guesses = solver.solve(permuted.tolist(), limit=1)
+        solutions, guesses = backtracker.solve(permuted.tolist(), limit=1)
         if not solutions:
             return UNSOLVABLE, float("nan")
         total += guesses
@@ -324,17 +324,17 @@ def grade(values: Sequence[int], size: int, solver: Solver | None = None) -> tup
     return ("hard" if mean >= rule.hard_min_guesses else "medium"), mean
 
 
-def random_solution(size: int, rng: np.random.Generator, solver: Solver | None = None) -> list[int]:
+def random_solution(size: int, rng: np.random.Generator, backtracker: Backtracker | None = None) -> list[int]:
     """A random full grid: a randomised search from the empty board, then a random isomorph
     (the search alone always branches on the same first cells)."""
-    solver = solver or Solver(size)
-    solutions, _ = solver.solve([0] * size * size, limit=1, rng=rng)
+    backtracker = backtracker or Backtracker(size)
+    solutions, _ = backtracker.solve([0] * size * size, limit=1, rng=rng)
     grid = np.asarray(solutions[0], dtype=np.uint8) + 1  # values -> tokens
     return (random_transform(size, rng).apply(grid) - 1).tolist()
 
 
 def remove_clues(solution: Sequence[int], target_blanks: int, rng: np.random.Generator,
-                 solver: Solver) -> list[int]:
+                 backtracker: Backtracker) -> list[int]:
     """Blank cells of `solution` in random order, skipping any whose removal would allow a second
     solution, until `target_blanks` are blank or no cell can go (a minimal puzzle)."""
     puzzle = list(solution)
@@ -344,7 +344,7 @@ def remove_clues(solution: Sequence[int], target_blanks: int, rng: np.random.Gen
             break
         digit = puzzle[cell]
         puzzle[cell] = 0
-        others, _ = solver.solve(puzzle, limit=1, exclude=(cell, digit))
+        others, _ = backtracker.solve(puzzle, limit=1, exclude=(cell, digit))
         if others:
             puzzle[cell] = digit
         else:
@@ -408,11 +408,11 @@ class SudokuTask(Task):
         args = {"n": n, "seed": seed, "tier": tier, "blanks": list(blanks) if blanks else None}
         if blanks is None and tier is not None:
             blanks = TIER_RULES[self.size].blanks_for(tier, self.seq_len)
-        solver = Solver(self.size)
+        backtracker = Backtracker(self.size)
         seen = set() if exclude is None else {(row - 1).tobytes() for row in self._as_batch(exclude, "exclude")}
         inputs, labels, tiers, difficulty = [], [], [], []
         for index in range(n):
-            puzzle, solution, puzzle_tier, guesses = self._generate_one(seed, index, tier, blanks, seen, solver)
+            puzzle, solution, puzzle_tier, guesses = self._generate_one(seed, index, tier, blanks, seen, backtracker)
             inputs.append(puzzle)
             labels.append(solution)
             tiers.append(puzzle_tier)
@@ -428,18 +428,18 @@ class SudokuTask(Task):
         )
 
     def _generate_one(self, seed: int, index: int, tier: str | None, blanks: tuple[int, int] | None,
-                      seen: set[bytes], solver: Solver) -> tuple[list[int], list[int], str, float]:
+                      seen: set[bytes], backtracker: Backtracker) -> tuple[list[int], list[int], str, float]:
         for attempt in range(MAX_TRIES_PER_PUZZLE):
             rng = puzzle_rng(seed, index, attempt)
-            solution = random_solution(self.size, rng, solver)
+            solution = random_solution(self.size, rng, backtracker)
             target = self.seq_len if blanks is None else int(rng.integers(blanks[0], blanks[1] + 1))
-            puzzle = remove_clues(solution, target, rng, solver)
+            puzzle = remove_clues(solution, target, rng, backtracker)
             if blanks is not None and puzzle.count(0) < blanks[0]:
                 continue
             key = bytes(puzzle)
             if key in seen:
                 continue
-            puzzle_tier, guesses = grade(puzzle, self.size, solver)
+            puzzle_tier, guesses = grade(puzzle, self.size, backtracker)
             if tier is not None and puzzle_tier != tier:
                 continue
             seen.add(key)
@@ -449,21 +449,21 @@ class SudokuTask(Task):
 
     def tier_of(self, inputs: np.ndarray) -> np.ndarray:
         inputs = self._as_batch(inputs, "inputs")
-        solver = Solver(self.size)
+        backtracker = Backtracker(self.size)
         tiers = []
         for row in inputs:
             values = self._values(row)
-            tiers.append(UNSOLVABLE if values is None else grade(values, self.size, solver)[0])
+            tiers.append(UNSOLVABLE if values is None else grade(values, self.size, backtracker)[0])
         return np.array(tiers, dtype=str)
 
     def solution_counts(self, inputs: np.ndarray, limit: int = 2) -> np.ndarray:
         """int [N]: solutions of each puzzle, counted up to `limit` (0 also for malformed rows)."""
         inputs = self._as_batch(inputs, "inputs")
-        solver = Solver(self.size)
+        backtracker = Backtracker(self.size)
         counts = []
         for row in inputs:
             values = self._values(row)
-            counts.append(0 if values is None else len(solver.solve(values, limit=limit)[0]))
+            counts.append(0 if values is None else len(backtracker.solve(values, limit=limit)[0]))
         return np.array(counts, dtype=np.int64)
 
     def _values(self, row: np.ndarray) -> list[int] | None:
