@@ -4,7 +4,9 @@ into manifest.json (docs/algorithm.md#calibrated-stopping-rules, docs/formats.md
 """
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,6 @@ from eqr.runtime.backends.base import backend_info
 from eqr.contract.artifact import Artifact
 from eqr.runtime.resolve import load_artifact
 
-BUILT_BY = "eqr calibrate"  # manifest precisions[p]["built_by"] of the graphs calibrate owns
 CALIBRATED = ("fp16", "int8")
 log = logging.getLogger(__name__)
 
@@ -31,17 +32,22 @@ def export_artifact(export_dir: str) -> Artifact:
     return artifact
 
 
+def checked_against_the_model(entry: dict[str, Any]) -> bool:
+    """A graph `eqr export` wrote was checked step by step against the model ("parity"), which
+    calibrate, with no model at hand, cannot redo: calibrate keeps it unless told to replace it."""
+    return "parity" in entry
+
+
 def plan_precisions(manifest: dict[str, Any], root: Path, requested: tuple[str, ...],
                     force: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """-> (graphs to build, export-written graphs kept). Calibrate replaces its own graphs freely;
-    one `eqr export` wrote only when named in --precision with --force."""
-    def foreign(p: str) -> bool:
-        entry = manifest["precisions"].get(p) or {}
-        return (root / PRECISIONS[p].onnx).exists() and entry.get("built_by") != BUILT_BY
+    """-> (graphs to build, parity-checked graphs kept). Calibrate replaces the graphs it built
+    freely; one `eqr export` checked against the model only when named in --precision with --force."""
+    def checked(p: str) -> bool:
+        return (root / PRECISIONS[p].onnx).exists() and checked_against_the_model(manifest["precisions"].get(p) or {})
 
     if not requested:
-        return tuple(p for p in CALIBRATED if not foreign(p)), tuple(p for p in CALIBRATED if foreign(p))
-    clash = [str(root / PRECISIONS[p].onnx) for p in requested if foreign(p)]
+        return tuple(p for p in CALIBRATED if not checked(p)), tuple(p for p in CALIBRATED if checked(p))
+    clash = [str(root / PRECISIONS[p].onnx) for p in requested if checked(p)]
     if clash and not force:
         raise EqRError(f"{', '.join(clash)}: written by `eqr export`; pass --force to replace "
                        f"{'it' if len(clash) == 1 else 'them'} with calibrated graphs, or leave "
@@ -51,22 +57,30 @@ def plan_precisions(manifest: dict[str, Any], root: Path, requested: tuple[str, 
 
 def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig,
                   progress: Progress | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The work of `eqr calibrate` -> (the manifest entries it wrote, {calib, states, kept, recorded_on})."""
-    from eqr.contract.artifact import CALIB_FILE, read_manifest, update_manifest, with_precision
+    """The work of `eqr calibrate` -> (the manifest entries it wrote, {calib, states, kept, recorded_on}).
+
+    The graphs it builds are measured from a staging folder and written into the export once,
+    each with the final manifest in its metadata (a copy of it runs like this directory, with
+    every precision's stopping rule); manifest.json is written last, so an interrupted run leaves
+    the export as it was, calib.npz aside."""
+    import onnx
+
     from eqr.calibration.data import load_puzzles
-    from eqr.calibration.quantize import embed_manifest, fp32_onnx
     from eqr.calibration.record import record_calibration, save_calib
+    from eqr.contract.artifact import CALIB_FILE, read_manifest, with_precision, write_manifest
     from eqr.contract.io import sha256_file
+    from eqr.export.build import write_graph
     from eqr.runtime import Solver
 
     progress = progress or Progress(quiet=True)
     artifact = export_artifact(export_dir)
     manifest = read_manifest(export_dir)
-    fp32_onnx(export_dir)  # the graph the others derive from must be there
     root = Path(export_dir)
+    fp32_path = artifact.onnx.get("fp32")
+    if fp32_path is None or not fp32_path.is_file():
+        raise EqRError(f"{root}: the FP32 step graph ({PRECISIONS['fp32'].onnx}) is missing; re-run `eqr export`")
     build, kept = plan_precisions(manifest, root, cfg.precisions, cfg.force)
     puzzles = load_puzzles(artifact.task, artifact.seq_len, data, cfg.puzzles, cfg.seed)
-    fp32_path = artifact.onnx["fp32"]
     provenance = {"model": {"fp32_onnx": fp32_path.name, "fp32_onnx_sha256": sha256_file(fp32_path),
                             "source": manifest.get("source")},
                   "data": puzzles.source, "config": cfg.to_dict()}
@@ -87,49 +101,50 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig,
     # fp32 and the export's own graphs only get a stopping rule; the graphs calibrate builds get everything
     measured = ("fp32", *build, *kept) if rules_on is not None else build
     entries: dict[str, dict[str, Any]] = {}
-    with progress.bar("building precision graphs and fitting stopping rules", len(measured)) as advance:
-        for precision in measured:
-            built = precision in build
-            entry = build_graph(export_dir, precision, calib, cfg) if built else {}
-            onnx_name = entry.get("onnx") or artifact.onnx[precision].name
-            entry |= measure_precision(export_dir, precision, onnx_name, puzzles.inputs if rules_on is None
-                                       else rules_on.inputs, None if rules_on is None else rules_on.labels, cfg)
-            if not built:
-                entry.pop("tol"), entry.pop("tol_rule")  # its tol is the export's (its parity run)
-            if rules_on is not None:
-                entry["stopping"]["data"] = rules_on.source
-            update_manifest(export_dir, precision, entry, calibration if built else None, replace=built)
-            entries[precision] = entry
-            advance(1)
-    # Every graph this run built describes itself (a copy of it runs like this directory, with every
-    # precision's stopping rule); its own hash cannot be inside it, so manifest.json records that
-    # after the metadata is written. Graphs `eqr export` wrote (fp32 included) keep their bytes: the
-    # engines built from them and calib.npz's provenance name their hashes; their stopping rules
-    # live in manifest.json.
-    for precision in build:
+    graphs: dict[str, onnx.ModelProto] = {}
+    fp32 = onnx.load(str(fp32_path))
+    with tempfile.TemporaryDirectory(prefix=".eqr-calibrate-", dir=root) as staging:
+        with progress.bar("building precision graphs and fitting stopping rules", len(measured)) as advance:
+            for precision in measured:
+                built = precision in build
+                path = artifact.onnx.get(precision)
+                entry: dict[str, Any] = {}
+                if built:
+                    graphs[precision], entry = build_precision(fp32, precision, calib, cfg)
+                    path = Path(staging) / PRECISIONS[precision].onnx
+                    path.write_bytes(graphs[precision].SerializeToString())
+                entry |= measure_precision(artifact, precision, path, puzzles.inputs if rules_on is None
+                                           else rules_on.inputs, None if rules_on is None else rules_on.labels, cfg)
+                if not built:
+                    entry.pop("tol"), entry.pop("tol_rule")  # its tol is the export's (its parity run)
+                if rules_on is not None:
+                    entry["stopping"]["data"] = rules_on.source
+                manifest = with_precision(manifest, precision, entry, calibration if built else None, replace=built)
+                entries[precision] = entry
+                advance(1)
+    # A graph's own hash cannot be inside it: manifest.json records it once the graph is written.
+    # Graphs `eqr export` wrote (fp32 included) keep their bytes: the engines built from them and
+    # calib.npz's provenance name their hashes; their stopping rules live in manifest.json.
+    described = json.loads(json.dumps(manifest))
+    for precision, graph in graphs.items():
         path = root / PRECISIONS[precision].onnx
-        manifest = with_precision(read_manifest(export_dir), precision, {})  # a copy
-        manifest["precisions"][precision].pop("sha256", None)
-        embed_manifest(path, manifest, precision)
-        entries[precision]["sha256"] = sha256_file(path)
-        update_manifest(export_dir, precision, {"sha256": entries[precision]["sha256"]})
+        write_graph(path, graph, described, precision)
+        entries[precision]["sha256"] = manifest["precisions"][precision]["sha256"] = sha256_file(path)
+    write_manifest(root, manifest)
     info = {"calib": str(root / CALIB_FILE), "states": len(calib), "kept": list(kept), "recorded_on": recorded_on}
     return entries, info
 
 
-def build_graph(export_dir: str, precision: str, calib: Any, cfg: CalibConfig) -> dict[str, Any]:
-    """Write calibrate's FP16 or INT8 graph of the export -> its manifest entry."""
+def build_precision(fp32: Any, precision: str, calib: Any, cfg: CalibConfig) -> tuple[Any, dict[str, Any]]:
+    """Calibrate's FP16 or INT8 graph of the export's FP32 graph -> (graph, its manifest entry)."""
     from eqr.calibration.quantize import QuantPolicy, build_fp16, build_int8
 
     if precision == "fp16":
-        entry = build_fp16(export_dir, cfg.keep_fp32_ops, force=True)
-    else:
-        policy = QuantPolicy(cfg.method, cfg.op_types, cfg.exclude_nodes, cfg.percentile)
-        entry = build_int8(export_dir, calib, policy, force=True)
-    return entry | {"built_by": BUILT_BY}
+        return build_fp16(fp32, cfg.keep_fp32_ops)
+    return build_int8(fp32, calib, QuantPolicy(cfg.method, cfg.op_types, cfg.exclude_nodes, cfg.percentile))
 
 
-def measure_precision(export_dir: str, precision: str, onnx_name: str, inputs: np.ndarray,
+def measure_precision(artifact: Artifact, precision: str, onnx_path: Path, inputs: np.ndarray,
                       labels: np.ndarray | None, cfg: CalibConfig) -> dict[str, Any]:
     """One recorded fixed-depth run of this graph: the export's tol rule applied to the residual
     floor it reaches and, with labels, the fitted stopping rule (`eqr.calibration.stopping`)."""
@@ -138,8 +153,7 @@ def measure_precision(export_dir: str, precision: str, onnx_name: str, inputs: n
     from eqr.runtime import Solver
     from eqr.runtime.backends.ort_backend import OrtBackend
 
-    artifact = export_artifact(export_dir)
-    backend = OrtBackend(Path(export_dir) / onnx_name, precision=precision)
+    backend = OrtBackend(onnx_path, precision=precision)
     solver = Solver(backend, artifact.seq_len, artifact.hidden_size, artifact.init_std, precision=precision)
     steps = max(cfg.rule_steps if labels is not None else cfg.max_depth, 2)
     with solver:

@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
-from eqr.contract.artifact import MANIFEST_FILE, PRECISIONS, graph_metadata, read_manifest
-from eqr.contract.errors import EqRError
-from eqr.contract.io import atomic_write_bytes, sha256_file
+from eqr.contract.artifact import PRECISIONS
 from eqr.export.int8 import DEFAULT_OP_TYPES
 
 if TYPE_CHECKING:
@@ -50,95 +46,46 @@ class QuantPolicy:
         return asdict(self)
 
 
-# --------------------------------------------------------------------------- files
-
-
-def fp32_onnx(export_dir: str | os.PathLike[str]) -> Path:
-    entry = (read_manifest(export_dir).get("precisions") or {}).get("fp32")
-    if not entry:
-        raise EqRError(f"{Path(export_dir) / MANIFEST_FILE}: no precisions.fp32 entry; re-run `eqr export --force`")
-    path = Path(export_dir) / entry.get("onnx", PRECISIONS["fp32"].onnx)
-    if not path.is_file():
-        raise EqRError(f"{path}: the FP32 step graph is missing; re-run `eqr export`")
-    return path
-
-
-def embed_manifest(path: str | os.PathLike[str], manifest: dict[str, Any], precision: str) -> None:
-    """Give a built graph its own metadata (the manifest and its precision) in place of the
-    FP32 graph's, which the FP16 converter and the INT8 quantizer carry over."""
-    import onnx
-
-    from eqr.export.onnx_graph import set_metadata
-
-    model = onnx.load(str(path))
-    set_metadata(model, graph_metadata(manifest, precision))
-    atomic_write_bytes(path, model.SerializeToString())
-
-
-def _target(export_dir: str | os.PathLike[str], precision: str, force: bool) -> Path:
-    path = Path(export_dir) / PRECISIONS[precision].onnx
-    if path.exists() and not force:
-        raise EqRError(f"{path} exists; pass --force to rebuild it")
-    return path
-
-
 # --------------------------------------------------------------------------- builds
 
 
-def build_fp16(export_dir: str | os.PathLike[str], keep_fp32_ops: Iterable[str] | None = None,
-               force: bool = False) -> dict[str, Any]:
-    """Write model.step.fp16.onnx beside the FP32 graph; returns its manifest entry."""
-    import onnx
-
+def build_fp16(fp32: "onnx.ModelProto", keep_fp32_ops: Iterable[str] | None = None) -> tuple["onnx.ModelProto", dict[str, Any]]:
+    """The FP16 graph of an export's FP32 graph -> (graph, its manifest entry); nothing written."""
     from eqr.export.build import BuildOptions, build_graph
     from eqr.export.fp16 import FP32_OP_TYPES
 
     kept = tuple(FP32_OP_TYPES if keep_fp32_ops is None else keep_fp32_ops)
-    out = _target(export_dir, "fp16", force)
-    graph = build_graph("fp16", onnx.load(str(fp32_onnx(export_dir))), BuildOptions(keep_fp32_ops=kept))
-    atomic_write_bytes(out, graph.SerializeToString())
-    return {"onnx": out.name, "sha256": sha256_file(out), "keep_fp32_ops": list(kept)}
+    graph = build_graph("fp16", fp32, BuildOptions(keep_fp32_ops=kept))
+    return graph, {"onnx": PRECISIONS["fp16"].onnx, "keep_fp32_ops": list(kept)}
 
 
-def build_int8(export_dir: str | os.PathLike[str], calib: "CalibSet", policy: QuantPolicy,
-               force: bool = False) -> dict[str, Any]:
-    """Write model.step.int8.onnx calibrated on `calib`; returns its manifest entry.
+def build_int8(fp32: "onnx.ModelProto", calib: "CalibSet",
+               policy: QuantPolicy) -> tuple["onnx.ModelProto", dict[str, Any]]:
+    """The INT8 graph calibrated on `calib` -> (graph, its manifest entry); nothing written.
 
     For entropy/percentile the entry also records `scale_change` against MinMax on the same data.
     """
-    import onnx
+    from eqr.export.int8 import quantized_ops
 
-    source, target = fp32_onnx(export_dir), _target(export_dir, "int8", force)
-    _quantize(source, calib, target, policy)
-    model = onnx.load(str(target))
-    entry: dict[str, Any] = {"onnx": target.name, "sha256": sha256_file(target), "policy": policy.to_dict(),
-                             "quantized_ops": _quantized_ops(model), "calibration_states": len(calib)}
+    graph = _quantize(fp32, calib, policy)
+    entry: dict[str, Any] = {"onnx": PRECISIONS["int8"].onnx, "policy": policy.to_dict(),
+                             "quantized_ops": quantized_ops(graph), "calibration_states": len(calib)}
     if policy.method != "minmax":
-        with tempfile.TemporaryDirectory(prefix="eqr-minmax-") as tmp:
-            reference = Path(tmp) / "minmax.onnx"
-            _quantize(source, calib, reference, QuantPolicy("minmax", policy.op_types, policy.exclude_nodes))
-            change = scale_change(activation_scales(onnx.load(str(reference))), activation_scales(model))
+        reference = _quantize(fp32, calib, QuantPolicy("minmax", policy.op_types, policy.exclude_nodes))
+        change = scale_change(activation_scales(reference), activation_scales(graph))
         entry["scale_change_vs_minmax"] = change
         if change["changed_fraction"] == 0:
             log.warning("calibration method %s produced exactly the MinMax scales", policy.method)
-    return entry
+    return graph, entry
 
 
-def _quantize(source: Path, calib: "CalibSet", target: Path, policy: QuantPolicy) -> None:
-    """FP32 graph -> symmetric S8S8 QDQ graph at `target`, activation ranges from `calib` by `policy.method`."""
-    import onnx
-
+def _quantize(fp32: "onnx.ModelProto", calib: "CalibSet", policy: QuantPolicy) -> "onnx.ModelProto":
+    """FP32 graph -> symmetric S8S8 QDQ graph, activation ranges from `calib` by `policy.method`."""
     from eqr.export.build import BuildOptions, build_graph
 
     options = BuildOptions(calib_feeds=lambda: calib.feeds(ROWS_PER_FEED), method=policy.method,
                            op_types=policy.op_types, exclude_nodes=policy.exclude_nodes, percentile=policy.percentile)
-    atomic_write_bytes(target, build_graph("int8", onnx.load(str(source)), options).SerializeToString())
-
-
-def _quantized_ops(model: "onnx.ModelProto") -> dict[str, int]:
-    from eqr.export.int8 import quantized_ops
-
-    return quantized_ops(model)
+    return build_graph("int8", fp32, options)
 
 
 # --------------------------------------------------------------------------- scales

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eqr.contract.artifact import PRECISIONS
+from eqr.contract.artifact import PRECISIONS, graph_metadata
+from eqr.contract.io import atomic_write_bytes
 from eqr.export.config import DEFAULT_OPSET
 from eqr.export.fp16 import FP32_OP_TYPES, Fp16FromOnnx
 from eqr.export.int8 import DEFAULT_OP_TYPES, Int8FromOnnx
@@ -63,3 +65,12 @@ def build_graph(precision: str, source: Any, options: BuildOptions | None = None
     the row's `built_from` precision (a ModelProto or a loader returning one)."""
     row = PRECISIONS[precision]
     return BUILDERS[row.builder](source, options or BuildOptions())()
+
+
+def write_graph(path: Path, graph: "onnx.ModelProto", manifest: dict[str, Any], precision: str) -> None:
+    """Write a built graph atomically with its metadata: the manifest and its own precision
+    (`graph_metadata`), so a copy of the file runs like its export directory."""
+    from eqr.export.onnx_graph import set_metadata
+
+    set_metadata(graph, graph_metadata(manifest, precision))
+    atomic_write_bytes(path, graph.SerializeToString())

@@ -33,14 +33,13 @@ import torch
 
 from eqr import __version__
 from eqr.contract.artifact import (CALIB_FILE, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, OWN_FILE_PATTERNS,
-                          PRECISIONS, REPORT_DIR, graph_metadata, io_contract, recommended_tol, write_manifest)
+                                   PRECISIONS, REPORT_DIR, io_contract, recommended_tol, write_manifest)
 from eqr.contract.errors import EqRError
 from eqr.contract.progress import Progress
 from eqr.export import parity
-from eqr.export.build import BuildOptions, build_graph
+from eqr.export.build import BuildOptions, build_graph, write_graph
 from eqr.export.config import ExportConfig
 from eqr.export.inputs import TaskInfo, infer_task, initial_states, task_inputs
-from eqr.contract.io import atomic_write_bytes
 from eqr.model.network import EqRModel
 
 log = logging.getLogger(__name__)
@@ -320,7 +319,6 @@ def export_model(model: EqRModel, out_dir: str | os.PathLike[str] | None, config
 
     `calibrate` supplies the INT8 calibration feeds (needed when int8 is among the precisions):
     `eqr.calibration.record.int8_calibration(model, config)` records them as eqr export does."""
-    from eqr.export.onnx_graph import set_metadata
     from eqr.export.tensorrt import engine_support
 
     progress = progress or Progress(quiet=True)
@@ -340,8 +338,7 @@ def export_model(model: EqRModel, out_dir: str | os.PathLike[str] | None, config
         graphs, manifest["precisions"] = build_graphs(model, config, task, calibrate, progress)
         progress.stage("write ONNX files and manifest")
         for precision, graph in graphs.items():
-            set_metadata(graph, graph_metadata(manifest, precision))
-            atomic_write_bytes(stage / PRECISIONS[precision].onnx, graph.SerializeToString())
+            write_graph(stage / PRECISIONS[precision].onnx, graph, manifest, precision)
         manifest["engines"], manifest["engine_build"] = build_engines(stage, config, gpu, trt_version, why_not,
                                                                       model, progress)
         write_manifest(stage, manifest)
