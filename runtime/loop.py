@@ -10,9 +10,10 @@ stays on the backend's device. A row stops (first rule that fires, in this order
   diverged     residual or logit_delta is NaN/Inf: the state went non-finite. The row keeps its
                last finite preds and is dropped from its puzzle's vote; the batch carries on.
   fixed_depth  `cfg.fixed_depth` steps done (the paper's protocol: no other rule applies).
-  tol          residual < cfg.tol for cfg.patience consecutive steps.
-  stable       preds unchanged for cfg.window consecutive steps.
-  q_halt       cfg.q_halt and the q_halt logit > cfg.q_halt_threshold for cfg.patience consecutive steps.
+  tol          residual < cfg.tol for cfg.patience consecutive steps.      } the registered stopping
+  stable       preds unchanged for cfg.window consecutive steps.          } rules (runtime/
+  q_halt       cfg.q_halt and the q_halt logit > cfg.q_halt_threshold     } stopping_rules.py)
+               for cfg.patience consecutive steps.
   agree        cfg.agree rows of the same group (puzzle) converged to one answer.
   max_steps    cfg.max_steps steps done (or the row's own lower cap, `Rows.max_steps`).
 
@@ -50,7 +51,7 @@ import numpy as np
 from eqr.runtime.backends.base import Backend
 from eqr.runtime.config import SolveConfig
 from eqr.runtime.stats import CONVERGED_REASONS, REASON_CODE, SolveStats
-from eqr.runtime.stopping_rules import RULES, Signals, active_rules, rule_of
+from eqr.runtime.stopping_rules import RULES, Rule, Signals, StoppingRule, active_rules, rule_of
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,8 @@ def run_loop(backend: Backend, cfg: SolveConfig, source: RowSource, on_finish: C
         raise ValueError(f"the {backend.name} backend has static shapes but no max_batch after activate()")
     trace_steps = cfg.step_cap if cfg.stats == "trace" else None
     agreement = _Agreement(cfg.agree if cfg.gated else None)
+    rule = rule_of(cfg)
+    settling = active_rules(rule) if cfg.gated else []  # (index, StoppingRule) the config turns on
     batch: _Batch | None = None
     sizes: list[int] = []
     times: list[float] = []
@@ -284,7 +287,7 @@ def run_loop(backend: Backend, cfg: SolveConfig, source: RowSource, on_finish: C
             continue
         sizes.append(len(batch.table))
         times.append(backend.last_inference_time() or 0.0)
-        stop, reason = _update(backend, batch.table, outputs, cfg, agreement)
+        stop, reason = _update(backend, batch.table, outputs, cfg, agreement, rule, settling)
         batch.z_H, batch.z_L = outputs["z_H_out"], outputs["z_L_out"]
         if on_step is not None:
             on_step(RunningRows(batch.table, batch.table.live & ~stop))  # read before _finish frees the rows
@@ -336,8 +339,8 @@ def _admit(backend: Backend, batch: _Batch | None, rows: Rows, trace_steps: int 
     return batch
 
 
-def _update(backend: Backend, t: _Table, outputs: dict[str, Any], cfg: SolveConfig,
-            agreement: _Agreement) -> tuple[np.ndarray, np.ndarray]:
+def _update(backend: Backend, t: _Table, outputs: dict[str, Any], cfg: SolveConfig, agreement: _Agreement,
+            rule: Rule, settling: list[tuple[int, StoppingRule]]) -> tuple[np.ndarray, np.ndarray]:
     """Fold one step's host outputs into the table -> (stop mask (B,), reason codes (B,))."""
     residual = backend.download(outputs["residual"]).astype(np.float32)  # (B,)
     logit_delta = backend.download(outputs["logit_delta"]).astype(np.float32)  # (B,)
@@ -349,10 +352,8 @@ def _update(backend: Backend, t: _Table, outputs: dict[str, Any], cfg: SolveConf
     first = t.nstep == 0
     t.nstep[live] += 1
     changed = (preds != t.preds).any(axis=1) | first
-    rule = rule_of(cfg)
-    active = active_rules(rule) if cfg.gated else []
     signals = Signals(residual=residual, q_halt=q_halt, changed=changed)
-    for i, stopping in active:
+    for i, stopping in settling:
         t.counts[ok, i] = np.where(stopping.hits(signals, rule), t.counts[:, i] + 1, 0)[ok]
     t.preds[ok], t.residual[ok], t.logit_delta[ok], t.q_halt[ok] = preds[ok], residual[ok], logit_delta[ok], q_halt[ok]
     W = t.ring.shape[1]
@@ -363,7 +364,7 @@ def _update(backend: Backend, t: _Table, outputs: dict[str, Any], cfg: SolveConf
         t.logit_delta_trace[at, t.nstep[at] - 1] = logit_delta[at]
 
     # the rules that say a row has settled
-    settles = [(stopping.reason, ok & (t.counts[:, i] >= stopping.need(rule))) for i, stopping in active]
+    settles = [(stopping.reason, ok & (t.counts[:, i] >= stopping.need(rule))) for i, stopping in settling]
     if backend.stages > 1:  # a low-stage row that settled moves on to the high stage instead of stopping
         low = ok & (t.stage == 0)
         settled = np.logical_or.reduce([hit for _, hit in settles]) if settles else np.zeros(len(t), bool)
