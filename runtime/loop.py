@@ -142,7 +142,7 @@ class RowSource(Protocol):
 # --------------------------------------------------------------------------- per-row bookkeeping
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Table:
     """Host bookkeeping, one entry per batch row (compacted position or static slot)."""
 
