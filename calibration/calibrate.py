@@ -13,11 +13,10 @@ from typing import Any
 import numpy as np
 
 from eqr.calibration.config import CalibConfig
-from eqr.contract.artifact import PRECISIONS
+from eqr.contract.artifact import PRECISIONS, Artifact
 from eqr.contract.errors import EqRError
 from eqr.contract.progress import Progress
 from eqr.runtime.backends.base import backend_info
-from eqr.contract.artifact import Artifact
 from eqr.runtime.resolve import load_artifact
 
 CALIBRATED = ("fp16", "int8")
@@ -148,8 +147,8 @@ def measure_precision(artifact: Artifact, precision: str, onnx_path: Path, input
                       labels: np.ndarray | None, cfg: CalibConfig) -> dict[str, Any]:
     """One recorded fixed-depth run of this graph: the export's tol rule applied to the residual
     floor it reaches and, with labels, the fitted stopping rule (`eqr.calibration.stopping`)."""
-    from eqr.contract.artifact import recommended_tol
     from eqr.calibration.stopping import fit_and_evaluate, record_trajectories
+    from eqr.contract.artifact import recommended_tol
     from eqr.runtime import Solver
     from eqr.runtime.backends.ort_backend import OrtBackend
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from eqr.contract.artifact import recommended_tol
 from eqr.calibration.collect import Results, curve_key, curve_keys, relative_error
 from eqr.calibration.config import ReportConfig
+from eqr.contract.artifact import recommended_tol
 
 HIST_BINS = 16
 FLOOR_TAIL = 0.5  # the residual floor is the minimum over the last half of a fixed-depth trace

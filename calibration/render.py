@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from eqr.runtime.stopping_rules import describe_rule
 from eqr.contract.io import atomic_open, atomic_write_text
+from eqr.runtime.stopping_rules import describe_rule
 
 PLOTS = {"decision": "accuracy_vs_speed.png", "accuracy": "accuracy_vs_depth.png", "residual": "residual_curves.png",
          "steps": "steps_histogram.png", "state_error": "state_error_vs_depth.png"}

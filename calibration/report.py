@@ -75,8 +75,8 @@ def run_report(export_dir: str, data: str | None, cfg: ReportConfig, calib_path:
 def _report_calib(artifact: Any, export_dir: str, calib_path: str | None, puzzles: Any, cfg: ReportConfig,
                   progress: Progress) -> Any:
     """--calib-data, else EXPORT_DIR/calib.npz, else a fresh small recording on the report's puzzles."""
-    from eqr.contract.artifact import CALIB_FILE
     from eqr.calibration.record import load_calib, record_calibration
+    from eqr.contract.artifact import CALIB_FILE
     from eqr.runtime import Solver
 
     path = Path(calib_path) if calib_path else Path(export_dir) / CALIB_FILE

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from eqr.export.fp16 import name_nodes, to_fp16
 from eqr.contract.io import atomic_write_bytes
+from eqr.export.fp16 import name_nodes, to_fp16
 
 if TYPE_CHECKING:
     import onnx

@@ -29,10 +29,9 @@ from typing import Any
 from eqr.contract.artifact import engine_file
 from eqr.contract.errors import EqRError
 from eqr.contract.io import atomic_write_bytes, atomic_write_text, sha256_file
-from eqr.contract.trt_engine import (  # noqa: F401  (re-exported: export's public engine API)
-    INSTALL_HINT, SIDECAR_FORMAT, SIDECAR_VERSION, GpuInfo, check_engine, cuda_gpu, gpu_tag,
-    sidecar_path, tensorrt_version, trt_logger,
-)
+from eqr.contract.trt_engine import (INSTALL_HINT,  # noqa: F401  (re-exported: export's public engine API)
+                                     SIDECAR_FORMAT, SIDECAR_VERSION, GpuInfo, check_engine, cuda_gpu, gpu_tag,
+                                     sidecar_path, tensorrt_version, trt_logger)
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +113,8 @@ class EngineFromOnnx:
 
     def __call__(self) -> bytes:
         import tensorrt as trt
-        from polygraphy.backend.trt import (
-            CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxBytes, PostprocessConfig, Profile,
-        )
+        from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxBytes,
+                                            PostprocessConfig, Profile)
         from polygraphy.exception import PolygraphyException
 
         from eqr.export.onnx_graph import _quiet_polygraphy

@@ -39,7 +39,7 @@ import numpy as np
 from eqr.contract.errors import EqRError, NotReady, RequestError
 from eqr.runtime.aggregate import get_aggregator
 from eqr.runtime.config import SolveConfig
-from eqr.runtime.loop import Finished, RunningRows, Rows, run_loop
+from eqr.runtime.loop import Finished, Rows, RunningRows, run_loop
 from eqr.runtime.solver import Solver, aggregate_rows, initial_states
 from eqr.runtime.stats import REASON_CODE, SolveStats
 

@@ -30,15 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from eqr.contract.artifact import INIT_SCALE, INIT_TRUNCATION, recommended_tol, split_precision
+from eqr.contract.artifact import INIT_SCALE, INIT_TRUNCATION, Artifact, recommended_tol, split_precision
 from eqr.contract.errors import EqRError
 from eqr.runtime.aggregate import get_aggregator, vote_share
-from eqr.contract.artifact import Artifact
-from eqr.runtime.resolve import load_artifact, resolve_task
 from eqr.runtime.backends.base import Backend
 from eqr.runtime.backends.registry import AUTO, create_backend
 from eqr.runtime.config import SolveConfig
 from eqr.runtime.loop import solve
+from eqr.runtime.resolve import load_artifact, resolve_task
 from eqr.runtime.stats import SolveStats
 
 if TYPE_CHECKING:

@@ -13,6 +13,7 @@ import torch
 from eqr.contract.config import ModelConfig
 from eqr.model.network import EqRModel
 
+
 # eqr name -> official name, written out by hand from the official key names
 # (docs/formats.md#checkpoints), independent of OFFICIAL_KEY_MAP.
 def official_name(key: str) -> str:

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from conftest import tiny_config
+
 from eqr.contract.artifact import INPUT_NAMES, OUTPUT_NAMES
 from eqr.model.network import EqRModel
-from eqr.runtime.backends.torch_backend import TorchBackend
 from eqr.model.step_graph import StepGraph
+from eqr.runtime.backends.torch_backend import TorchBackend
 
 
 def contractive_model(seed: int = 0, **overrides) -> EqRModel:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import tiny_config
+
 from eqr.bench import (DEFAULT_MEASUREMENTS, MEASURE, MEASUREMENTS, Measurement, MeasurementError, ReferenceRun,
                        exact_correct, parse_result_line, reference_solve)
 from eqr.commands import cli

@@ -8,8 +8,8 @@ import torch
 from click.testing import CliRunner
 
 from eqr.commands import cli
-from eqr.model.load import bundled_dir, bundled_names, load_model
 from eqr.commands.models import bundled_cards
+from eqr.model.load import bundled_dir, bundled_names, load_model
 from eqr.tasks import get_task
 from eqr.training.data import to_training_labels
 from eqr.training.evaluate import evaluate

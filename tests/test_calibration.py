@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
 from conftest import contracting_model, tiny_config
+
 from eqr.calibration.card import BEGIN, END, record_in_card
 from eqr.calibration.collect import Results, curve_key, curve_keys
 from eqr.calibration.compare import agreement, compare, exact_accuracy

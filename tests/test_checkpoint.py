@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from eqr.model.checkpoint import OfficialObject, official_to_eqr, read_checkpoint, safe_load, save_checkpoint
+from official import write_official_checkpoint
+
 from eqr.contract.errors import CheckpointError
 from eqr.contract.io import atomic_open
+from eqr.model.checkpoint import OfficialObject, official_to_eqr, read_checkpoint, safe_load, save_checkpoint
 from eqr.model.load import load_model
 from eqr.model.network import EqRModel
-from official import write_official_checkpoint
 
 
 def _save_tiny(path: Path, with_ema: bool = True) -> EqRModel:

@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 
 from click.testing import CliRunner
-
 from conftest import tiny_config
-from eqr import __version__
-from eqr.model.checkpoint import save_checkpoint
-from eqr.commands import cli
-from eqr.model.network import EqRModel
 from official import write_official_checkpoint
+
+from eqr import __version__
+from eqr.commands import cli
+from eqr.model.checkpoint import save_checkpoint
+from eqr.model.network import EqRModel
 
 
 def _run(*args: str):

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from eqr.model.checkpoint import save_checkpoint
 from eqr.commands import cli
-from eqr.contract.progress import Progress
-from eqr.commands.options import backend_option, batch_option, calib_data_option, output_options, \
-    precision_option, run_command
+from eqr.commands.options import (backend_option, batch_option, calib_data_option, output_options, precision_option,
+                                  run_command)
 from eqr.contract.errors import EqRError
 from eqr.contract.io import read_npz
+from eqr.contract.progress import Progress
+from eqr.model.checkpoint import save_checkpoint
 
 
 @click.command()

@@ -13,23 +13,23 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import tiny_config
-from eqr.contract.artifact import (INPUT_NAMES, METADATA_KEY, OUTPUT_NAMES, PRECISION_KEY, PRECISIONS, graph_feeds, read_manifest,
-                          recommended_tol)
+from official import write_official_checkpoint
+
 from eqr.calibration.record import int8_calibration
-from eqr.model.checkpoint import save_checkpoint
 from eqr.commands import cli
+from eqr.contract.artifact import (INPUT_NAMES, METADATA_KEY, OUTPUT_NAMES, PRECISION_KEY, PRECISIONS, graph_feeds,
+                                   read_manifest, recommended_tol)
 from eqr.contract.errors import EqRError
-from eqr.model.load import bundled_names
 from eqr.export import ExportConfig, parse_batch
 from eqr.export.exporter import ExportError, export_model
 from eqr.export.inputs import infer_task, task_inputs
 from eqr.export.onnx_graph import session
 from eqr.export.parity import check_depths
+from eqr.model.checkpoint import save_checkpoint
+from eqr.model.load import bundled_names
 from eqr.model.network import EqRModel
 from eqr.model.step_graph import StepGraph
-from official import write_official_checkpoint
 
 FAST = dict(check_batch=2, check_steps=6)  # small checks: the tiny model's numbers, not the paper's
 FAST_FLAGS = ["--check-batch", "2", "--check-steps", "4"]

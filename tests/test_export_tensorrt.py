@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from eqr.contract.artifact import engine_file
 from eqr.contract.errors import EqRError
 from eqr.export import tensorrt as trt_export
-from eqr.contract.artifact import engine_file
 from eqr.export.tensorrt import EngineProfile, GpuInfo, check_engine, gpu_tag, sidecar, sidecar_path
 
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
@@ -109,6 +109,7 @@ def _gpu_and_tensorrt() -> str:
 @pytest.mark.skipif(bool(_gpu_and_tensorrt()), reason=_gpu_and_tensorrt() or "n/a")
 def test_engines_build_for_every_precision_and_load(tmp_path: Path) -> None:
     from conftest import tiny_config
+
     from eqr.calibration.record import int8_calibration
     from eqr.export import ExportConfig, export_model, load_engine
     from eqr.model.network import EqRModel

@@ -149,7 +149,7 @@ def test_the_checker_sees_imports_inside_functions_and_skips_type_checking(tmp_p
         del MODULES["eqr.export.probe"]
 
 
-def test_the_runtime_floor_runs_without_torch_and_the_contract_without_onnxruntime(tmp_path: Path) -> None:
+def test_the_runtime_floor_may_import_neither_the_model_nor_torch() -> None:
     probe = ROOT / "runtime" / "probe_for_the_layering_test.py"
     MODULES["eqr.runtime.probe"] = probe
     try:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch import nn
 
-from conftest import tiny_config
 from eqr.contract.config import PRESETS
-from eqr.model.network import TRUNC_NORMAL_SCALE, EqRModel, LatentState, flops_per_step, swiglu_intermediate, trunc_normal
+from eqr.model.network import (TRUNC_NORMAL_SCALE, EqRModel, LatentState, flops_per_step, swiglu_intermediate,
+                               trunc_normal)
 
 
 def test_trunc_normal_has_exact_std_and_clipped_support() -> None:

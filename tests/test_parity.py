@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from eqr.model.checkpoint import official_to_eqr
-from eqr.contract.config import ModelConfig
-from eqr.model.network import EqRModel
 from official import official_state_dict
 from reference_numpy import outer_step
+
+from eqr.contract.config import ModelConfig
+from eqr.model.checkpoint import official_to_eqr
+from eqr.model.network import EqRModel
 
 SUDOKU_64 = ModelConfig(seq_len=81, vocab_size=11, hidden_size=64, mlp_t=True)
 SUDOKU_512 = ModelConfig(seq_len=81, vocab_size=11, hidden_size=512, mlp_t=True)

@@ -10,13 +10,13 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import contracting_model
 from onnx import numpy_helper
 
-from conftest import contracting_model
-from eqr.contract.artifact import METADATA_KEY, PRECISION_KEY
-from eqr.model.checkpoint import save_checkpoint
 from eqr.commands import cli
+from eqr.contract.artifact import METADATA_KEY, PRECISION_KEY
 from eqr.contract.io import sha256_file
+from eqr.model.checkpoint import save_checkpoint
 
 PUZZLES = 8
 DEPTH = 32

@@ -4,15 +4,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from runtime_helpers import StaticTorchBackend, contractive_model, export_onnx, random_puzzles
 
 from eqr.contract.errors import EqRError
-from eqr.runtime import Solver, SolveConfig, solve
+from eqr.runtime import SolveConfig, Solver, solve
 from eqr.runtime.aggregate import aggregator_names, converged_top1, first_valid, majority, vote_share
 from eqr.runtime.backends import backend_names, create_backend
 from eqr.runtime.backends.ort_backend import OrtBackend
 from eqr.runtime.backends.torch_backend import TorchBackend
 from eqr.runtime.resolve import load_artifact
-from runtime_helpers import StaticTorchBackend, contractive_model, export_onnx, random_puzzles
 
 
 @pytest.fixture(scope="module")

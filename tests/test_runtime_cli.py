@@ -5,13 +5,13 @@ import json
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import tiny_config
-from eqr.model.checkpoint import save_checkpoint
+from runtime_helpers import contractive_model, export_onnx
+
 from eqr.commands import cli
+from eqr.model.checkpoint import save_checkpoint
 from eqr.model.network import EqRModel
 from eqr.tasks import get_task
-from runtime_helpers import contractive_model, export_onnx
 
 # Peter Norvig's "top95" hard 9x9 Sudoku collection (public; written by none of us), verbatim
 # apart from a source comment dropped from the first line.

@@ -9,11 +9,11 @@ from concurrent.futures import CancelledError, wait
 
 import numpy as np
 import pytest
+from runtime_helpers import StaticTorchBackend, contractive_model, random_puzzles, solver_for
 
 from eqr.contract.errors import NotReady
 from eqr.runtime import Scheduler, SolveConfig
 from eqr.runtime.backends.torch_backend import TorchBackend
-from runtime_helpers import StaticTorchBackend, contractive_model, random_puzzles, solver_for
 
 
 @pytest.fixture(scope="module")

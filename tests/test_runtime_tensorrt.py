@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fake_cuda import FakeCudart, Strategy, fake_tensorrt
+from runtime_helpers import contractive_model, export_onnx, random_puzzles
 
 from eqr.contract.errors import EqRError
 from eqr.export import tensorrt as trt_export
@@ -17,8 +19,6 @@ from eqr.runtime import SolveConfig, solve
 from eqr.runtime.backends import trt_backend
 from eqr.runtime.backends.ort_backend import OrtBackend
 from eqr.runtime.backends.trt_backend import TensorRTBackend, row_runs
-from fake_cuda import FakeCudart, Strategy, fake_tensorrt
-from runtime_helpers import contractive_model, export_onnx, random_puzzles
 
 PROFILE = (1, 4, 8)
 
@@ -203,8 +203,8 @@ def test_graph_replay_equals_enqueue_bitwise_on_the_gpu(export_dir, precision):
 @_pytest_gpu
 def test_fresh_uploads_are_complete_before_the_engine_reads_them(export_dir):
     """The stream race: inputs copied on one stream, the engine run on another without a wait."""
-    from eqr.export.onnx_graph import session
     from eqr.contract.artifact import graph_feeds
+    from eqr.export.onnx_graph import session
 
     ort = session(str(export_dir / "model.step.onnx"))
     with _on_gpu(export_dir, cuda_graphs=False) as backend:

@@ -6,11 +6,11 @@ import threading
 
 import numpy as np
 import pytest
+from runtime_helpers import contractive_model, random_puzzles, solver_for
 
 from eqr.contract.errors import EqRError
 from eqr.runtime import Scheduler, SolveConfig
 from eqr.runtime.backends.torch_backend import TorchBackend
-from runtime_helpers import contractive_model, random_puzzles, solver_for
 
 
 @pytest.fixture(scope="module")

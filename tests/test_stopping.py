@@ -6,24 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from eqr.calibration.stopping import (
-    Trajectories,
-    evaluate_rule,
-    fit_and_evaluate,
-    fit_rule,
-    record_trajectories,
-    simulate,
-)
+from runtime_helpers import contractive_model, random_puzzles
+
+from eqr.calibration.stopping import (Trajectories, evaluate_rule, fit_and_evaluate, fit_rule, record_trajectories,
+                                      simulate)
+from eqr.contract.artifact import Artifact, split_precision
+from eqr.contract.errors import EqRError
 from eqr.runtime import Scheduler, Solver
-from eqr.contract.artifact import Artifact
 from eqr.runtime.backends.cascade import CascadeBackend
 from eqr.runtime.backends.torch_backend import TorchBackend
 from eqr.runtime.config import SolveConfig
-from runtime_helpers import contractive_model, random_puzzles
-
-from eqr.contract.artifact import split_precision
 from eqr.runtime.stopping_rules import RULE_FIELDS
-from eqr.contract.errors import EqRError
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from runtime_helpers import contractive_model
 
 from eqr.calibration.record import int8_calibration
 from eqr.export import ExportConfig, export_model
 from eqr.runtime import Solver
 from eqr.tasks import get_task
-from runtime_helpers import contractive_model
 
 # Makes torch (and everything below it) unimportable, as on an edge image without it.
 NO_TORCH = textwrap.dedent("""

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 from eqr.contract.config import TrainConfig
 from eqr.model.network import EqRModel
@@ -16,9 +17,6 @@ from eqr.training.evaluate import steps_to_stable
 from eqr.training.loop import CHECKPOINT_NAME, Trainer
 from eqr.training.losses import exact_correct, q_halt_loss, stablemax_cross_entropy, stablemax_log_probs
 from eqr.training.optim import AdamATan2, lr_at
-
-from conftest import tiny_config
-
 
 # --------------------------------------------------------------------------- losses
 

@@ -144,8 +144,8 @@ def test_make_bundle_writes_a_measured_card(tmp_path: Path) -> None:
 
 
 def test_remeasure_reproduces_the_card_and_keeps_its_precision_section(tmp_path: Path) -> None:
-    from eqr.calibration.card import BEGIN, END
     from eqr.bundling.card import make_bundle, remeasure
+    from eqr.calibration.card import BEGIN, END
     from eqr.commands.bundle import generate_heldout
 
     out = tmp_path / "run"

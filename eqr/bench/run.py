@@ -16,8 +16,8 @@ from eqr.bench.config import DEFAULT_MODELS, FALLBACK_MODEL, BenchConfig
 from eqr.bench.result import Measurement
 from eqr.bench.setting import Setting, mixed_puzzles, model_task
 from eqr.bench.table import MEASURE
-from eqr.contract.progress import Progress
 from eqr.contract.errors import EqRError
+from eqr.contract.progress import Progress
 
 
 def export_for_bench(model: Any, out_dir: Path, precisions: tuple[str, ...], paper: bool) -> list[str]:

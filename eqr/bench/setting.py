@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from eqr.runtime.stopping_rules import describe_rule, rule_of
 from eqr.bench.config import BenchConfig
-from eqr.contract.progress import Progress
 from eqr.contract.errors import EqRError
+from eqr.contract.progress import Progress
+from eqr.runtime.stopping_rules import describe_rule, rule_of
 
 log = logging.getLogger(__name__)
 

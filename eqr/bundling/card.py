@@ -22,9 +22,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from eqr.model.checkpoint import read_checkpoint, save_checkpoint
 from eqr.contract.errors import EqRError
 from eqr.contract.io import atomic_write_text
+from eqr.model.checkpoint import read_checkpoint, save_checkpoint
 from eqr.model.load import BUNDLED_FILE, CARD_JSON, CARD_MD, bundled_dir, load_model
 from eqr.model.network import EqRModel
 from eqr.training.data import to_training_labels
@@ -81,10 +81,10 @@ def calibrated_gating(model: str, inputs: np.ndarray, labels: np.ndarray, tiers:
     from eqr.calibration.calibrate import run_calibrate
     from eqr.calibration.config import CalibConfig
     from eqr.contract.artifact import PRECISIONS
-    from eqr.runtime.stopping_rules import describe_rule
     from eqr.export.config import ExportConfig
     from eqr.export.exporter import export_model
     from eqr.runtime.solver import Solver
+    from eqr.runtime.stopping_rules import describe_rule
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,10 +12,11 @@ from eqr.bench.render import render
 from eqr.bench.result import MeasurementError
 from eqr.bench.run import default_model, run_bench
 from eqr.bench.table import DEFAULT_MEASUREMENTS, MEASUREMENTS
-from eqr.contract.progress import Progress
-from eqr.commands.options import backend_option, batch_option, force_option, out_option, output_options, precision_option
-from eqr.contract.errors import EqRError
+from eqr.commands.options import (backend_option, batch_option, force_option, out_option, output_options,
+                                  precision_option)
 from eqr.contract.artifact import CASCADES, PRECISIONS
+from eqr.contract.errors import EqRError
+from eqr.contract.progress import Progress
 
 
 @click.command()

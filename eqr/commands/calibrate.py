@@ -6,18 +6,17 @@ from typing import Any
 
 import click
 
-from eqr.contract.artifact import CASCADES, PRECISIONS
-from eqr.runtime.stopping_rules import describe_rule
-from eqr.calibration.config import CalibConfig, ReportConfig, parse_ints
-from eqr.export.int8 import CALIBRATION_METHODS
-from eqr.contract.progress import Progress
-from eqr.commands.options import backend_option, calib_data_option, force_option, out_option, output_options, \
-    precision_option
-from eqr.runtime.backends.registry import backend_names
 from eqr.calibration.calibrate import CALIBRATED, export_artifact, run_calibrate
+from eqr.calibration.config import CalibConfig, ReportConfig, parse_ints
 from eqr.calibration.report import run_backends, run_report, summary_lines
+from eqr.commands.options import (backend_option, calib_data_option, force_option, out_option, output_options,
+                                  precision_option)
+from eqr.contract.artifact import CASCADES, PRECISIONS
+from eqr.contract.progress import Progress
+from eqr.export.int8 import CALIBRATION_METHODS
 from eqr.runtime.backends.base import describe_run
-
+from eqr.runtime.backends.registry import backend_names
+from eqr.runtime.stopping_rules import describe_rule
 
 
 def _names(text: str | None) -> tuple[str, ...]:

@@ -9,9 +9,9 @@ from typing import Any
 import click
 import numpy as np
 
-from eqr.contract.progress import Progress
 from eqr.commands.options import force_option, out_option, output_options
 from eqr.contract.errors import EqRError
+from eqr.contract.progress import Progress
 from eqr.tasks import TASKS, get_task
 from eqr.tasks.dataset import check_split, generate_split, split_dirs
 

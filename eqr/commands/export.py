@@ -8,9 +8,9 @@ from typing import Iterator
 
 import click
 
+from eqr.commands.options import calib_data_option, force_option, out_option, output_options, precision_option
 from eqr.contract.artifact import PRECISIONS
 from eqr.contract.progress import Progress
-from eqr.commands.options import calib_data_option, force_option, out_option, output_options, precision_option
 from eqr.export.config import DEFAULT_OPSET, ENGINE_MODES, ExportConfig, parse_batch
 
 

@@ -14,8 +14,8 @@ from typing import Any
 import click
 
 from eqr.commands.options import batch_option
-from eqr.contract.errors import EqRError
 from eqr.contract.artifact import MANIFEST_FILE, PRECISIONS
+from eqr.contract.errors import EqRError
 from eqr.serving.repository import SERVE_BACKENDS, ServeConfig
 
 
@@ -180,8 +180,7 @@ def _announce(server: Any, name: str, repository: Path) -> None:
 
 
 def _example_puzzle(model_dir: Path) -> str:
-    from eqr.runtime.resolve import load_artifact
-    from eqr.runtime.resolve import resolve_task
+    from eqr.runtime.resolve import load_artifact, resolve_task
 
     task = resolve_task(load_artifact(model_dir / "1" / "export"), None)
     return task.format_tokens(task.generate(1, seed=0).inputs[0])

@@ -9,10 +9,10 @@ from typing import Any
 import click
 import numpy as np
 
-from eqr.contract.artifact import CASCADES, PRECISIONS
-from eqr.contract.progress import Progress
 from eqr.commands.options import backend_option, batch_option, output_options, precision_option
+from eqr.contract.artifact import CASCADES, PRECISIONS
 from eqr.contract.errors import EqRError
+from eqr.contract.progress import Progress
 from eqr.runtime.aggregate import aggregator_names
 from eqr.runtime.backends.base import backend_info, describe_run
 from eqr.runtime.backends.registry import AUTO, backend_names

@@ -17,10 +17,10 @@ import click
 import numpy as np
 import torch
 
-from eqr.contract.progress import Progress
 from eqr.commands.options import batch_option, force_option, out_option, run_command
 from eqr.contract.config import PRESETS, ModelConfig, TrainConfig, preset
 from eqr.contract.errors import EqRError
+from eqr.contract.progress import Progress
 from eqr.tasks import TASKS, get_task
 from eqr.training.data import ArraySource, BatchSource, GeneratedSource, step_seed, to_training_labels
 from eqr.training.loop import CHECKPOINT_NAME, METRICS_NAME, EvalSet, Trainer, ranks_from_env

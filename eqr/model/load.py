@@ -7,9 +7,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from eqr.model.checkpoint import check_state_dict, read_checkpoint
 from eqr.contract.config import PRESETS
 from eqr.contract.errors import EqRError
+from eqr.model.checkpoint import check_state_dict, read_checkpoint
 from eqr.model.network import EqRModel, flops_per_step
 
 WEIGHTS = ("ema", "model")

@@ -75,8 +75,7 @@ PARAMETER_TYPES = {"backend": str, "precision": str, "batch": int, "breadth": in
 def write_repository(export_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: ServeConfig,
                      force: bool = False) -> Path:
     """Write REPO/NAME (see module docstring) and return its path; EqRError for bad input."""
-    from eqr.runtime.resolve import load_artifact
-    from eqr.runtime.resolve import resolve_task
+    from eqr.runtime.resolve import load_artifact, resolve_task
 
     cfg.check()
     artifact = load_artifact(export_dir)

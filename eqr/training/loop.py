@@ -30,10 +30,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from eqr.model.checkpoint import read_checkpoint, save_checkpoint
 from eqr.contract.config import ModelConfig, TrainConfig
 from eqr.contract.errors import EqRError
 from eqr.contract.io import atomic_write_text
+from eqr.model.checkpoint import read_checkpoint, save_checkpoint
 from eqr.model.network import EqRModel, LatentState
 from eqr.training.data import BatchSource, step_seed
 from eqr.training.ema import EMA

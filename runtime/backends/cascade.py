@@ -14,10 +14,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from eqr.contract.artifact import OUTPUT_NAMES
-from eqr.runtime.backends.base import Backend
 
+from eqr.contract.artifact import OUTPUT_NAMES
 from eqr.contract.errors import EqRError
+from eqr.runtime.backends.base import Backend
 
 
 class CascadeBackend(Backend):

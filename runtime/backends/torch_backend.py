@@ -15,12 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from eqr.contract.artifact import OUTPUT_NAMES
+from eqr.contract.artifact import OUTPUT_NAMES, Artifact
 from eqr.contract.errors import EqRError
 from eqr.model.network import EqRModel
-from eqr.contract.artifact import Artifact
-from eqr.runtime.backends.base import Backend
 from eqr.model.step_graph import StepGraph
+from eqr.runtime.backends.base import Backend
 
 
 class TorchArrays:
@@ -96,8 +95,8 @@ class TorchBackend(TorchArrays, Backend):
 
 def checkpoint_artifact(location: str) -> Artifact:
     """A checkpoint path, bundled name or preset as an `Artifact` (one-line EqRError for unknown names)."""
-    from eqr.model.checkpoint import read_checkpoint
     from eqr.contract.config import PRESETS
+    from eqr.model.checkpoint import read_checkpoint
     from eqr.model.load import resolve
 
     kind, resolved = resolve(location)

@@ -40,8 +40,8 @@ import numpy as np
 
 from eqr.contract.artifact import INPUT_NAMES, OUTPUT_NAMES, STEP_FEEDS
 from eqr.contract.errors import EqRError, missing_extra
-from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
 from eqr.contract.trt_engine import check_engine, cuda_gpu, trt_logger
+from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
 
 if TYPE_CHECKING:
     from eqr.contract.artifact import Artifact
