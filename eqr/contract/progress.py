@@ -21,8 +21,8 @@ class Progress:
     """Stage lines and bars on stderr, so stdout stays clean for --json.
 
     On a terminal a bar shows position and ETA; without one (a log, CI) each bar becomes one
-    line when it ends ("solving: 200/200 in 2.9 s"); `quiet` prints nothing at all. Stages and
-their results also go to the `eqr` logger, so a library caller (quiet by default) sees them with -v.
+    line when it ends ("solving: 200/200 in 2.9 s"); `quiet` prints nothing, and sends the stages
+    and their results to the `eqr` logger instead (a library caller sees them with logging on).
     """
 
     def __init__(self, quiet: bool = False, stream: Any = None) -> None:
@@ -39,13 +39,15 @@ their results also go to the `eqr` logger, so a library caller (quiet by default
         return bool(getattr(self.file, "isatty", lambda: False)())
 
     def stage(self, name: str) -> None:
-        log.info("%s", name)
-        if not self.quiet:
+        if self.quiet:
+            log.info("%s", name)
+        else:
             click.echo(f"[{time.perf_counter() - self.started:6.1f}s] {name}", file=self.file)
 
     def done(self, detail: str) -> None:
-        log.info("  %s", detail)
-        if not self.quiet:
+        if self.quiet:
+            log.info("  %s", detail)
+        else:
             click.echo(f"          {detail}", file=self.file)
 
     def note(self, line: str) -> None:
