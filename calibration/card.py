@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from eqr.contract.bundled import CARD_JSON, CARD_MD, bundled_dir
 from eqr.contract.errors import EqRError
 from eqr.contract.io import atomic_write_text
-from eqr.model.load import CARD_JSON, CARD_MD, bundled_dir
 
 BEGIN, END = "<!-- eqr:precision-report:begin -->", "<!-- eqr:precision-report:end -->"
 

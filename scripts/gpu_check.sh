@@ -16,7 +16,7 @@
 # needs:   a CUDA GPU, `pip install -e '.[tensorrt]'` (TensorRT + cuda-python) or JetPack.
 set -uo pipefail
 
-MODEL="${1:-$(python -c 'from eqr.model.load import bundled_names; print((bundled_names() or ["paper-sudoku"])[0])')}"
+MODEL="${1:-$(python -c 'from eqr.contract.bundled import bundled_names; print((bundled_names() or ["paper-sudoku"])[0])')}"
 WORK="${2:-$(mktemp -d -t eqr-gpu-check.XXXXXX)}"
 PUZZLES="${PUZZLES:-64}"
 BATCH="${BATCH:-1:32:64}"

@@ -42,7 +42,7 @@ python -c "import tensorrt, onnxruntime; print('tensorrt', tensorrt.__version__,
 step gpu-tests python -m pytest -q -n 0 -m gpu -rs tests
 tail -n 3 "$OUT/gpu-tests.log" >>"$SUMMARY"
 
-for model in $(python -c 'from eqr.model.load import bundled_names; print(" ".join(bundled_names()))'); do
+for model in $(python -c 'from eqr.contract.bundled import bundled_names; print(" ".join(bundled_names()))'); do
     step "gpu-check-$model" scripts/gpu_check.sh "$model" "$OUT/check-$model"
     grep -E '^(PASS|FAIL|SKIP)' "$OUT/check-$model/summary.txt" | sed "s/^/  $model: /" >>"$SUMMARY"
 done

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from eqr.commands import cli
 from eqr.commands.models import bundled_cards
-from eqr.model.load import bundled_dir, bundled_names, load_model
+from eqr.contract.bundled import bundled_dir, bundled_names
+from eqr.model.load import load_model
 from eqr.tasks import get_task
 from eqr.training.data import to_training_labels
 from eqr.training.evaluate import evaluate

@@ -20,6 +20,7 @@ from eqr.calibration.record import int8_calibration
 from eqr.commands import cli
 from eqr.contract.artifact import (INPUT_NAMES, METADATA_KEY, OUTPUT_NAMES, PRECISION_KEY, PRECISIONS, graph_feeds,
                                    read_manifest, recommended_tol)
+from eqr.contract.bundled import bundled_names
 from eqr.contract.errors import EqRError
 from eqr.export import ExportConfig, parse_batch
 from eqr.export.exporter import ExportError, export_model
@@ -27,7 +28,6 @@ from eqr.export.inputs import infer_task, task_inputs
 from eqr.export.onnx_graph import session
 from eqr.export.parity import check_depths
 from eqr.model.checkpoint import save_checkpoint
-from eqr.model.load import bundled_names
 from eqr.model.network import EqRModel
 from eqr.model.step_graph import StepGraph
 

@@ -322,7 +322,7 @@ def test_static_shape_backends_freeze_and_refill_slots_with_the_same_answers(mod
 
 
 def accuracy_cases() -> list[str]:
-    from eqr.model.load import bundled_names
+    from eqr.contract.bundled import bundled_names
 
     return bundled_names() or ["tiny"]
 

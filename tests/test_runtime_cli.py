@@ -231,7 +231,7 @@ def test_help_lists_examples():
 
 def sudoku9_models() -> list[str]:
     """Bundled 9x9 Sudoku models, or "tiny" (a small random 9x9 model) when none is bundled."""
-    from eqr.model.load import bundled_names
+    from eqr.contract.bundled import bundled_names
     from eqr.runtime.resolve import load_artifact
 
     names = [n for n in bundled_names() if (load_artifact(n).seq_len, load_artifact(n).vocab_size) == (81, 11)]

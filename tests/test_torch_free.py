@@ -113,3 +113,17 @@ def test_commands_that_need_torch_name_the_extra(export_dir: Path) -> None:
     assert train.startswith("2 error: eqr train needs torch") and "pip install 'eqr[train]'" in train
     assert backend.startswith("2 error: ") and "pip install 'eqr[export]'" in backend
     assert checkpoint.startswith("2 error: sudoku-small") and "pip install 'eqr[export]'" in checkpoint
+
+
+def test_eqr_models_lists_the_bundled_models_without_torch() -> None:
+    """The bundled models' layout and cards are contract facts (eqr.contract.bundled): no torch."""
+    done = run_without_torch("""
+        from click.testing import CliRunner
+        from eqr.commands import cli
+
+        result = CliRunner().invoke(cli, ["models", "--json"])
+        print(result.exit_code, result.output)
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    code, _, listing = done.stdout.partition(" ")
+    assert code == "0" and {"sudoku-small", "maze-small"} <= {m["name"] for m in json.loads(listing)}

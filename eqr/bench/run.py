@@ -52,7 +52,7 @@ def check_export_matches(export_dir: Path, model: Any, name: str) -> None:
 
 def default_model() -> str:
     """The first bundled model of DEFAULT_MODELS (difficulty varies), else any bundled one, else the preset."""
-    from eqr.model.load import bundled_names
+    from eqr.contract.bundled import bundled_names
 
     names = bundled_names()
     preferred = [name for name in DEFAULT_MODELS if name in names]

@@ -22,10 +22,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from eqr.contract.bundled import BUNDLED_FILE, CARD_JSON, CARD_MD, bundled_dir
 from eqr.contract.errors import EqRError
 from eqr.contract.io import atomic_write_text
 from eqr.model.checkpoint import read_checkpoint, save_checkpoint
-from eqr.model.load import BUNDLED_FILE, CARD_JSON, CARD_MD, bundled_dir, load_model
+from eqr.model.load import load_model
 from eqr.model.network import EqRModel
 from eqr.training.data import to_training_labels
 from eqr.training.evaluate import evaluate

@@ -8,8 +8,8 @@ from typing import Any
 import click
 
 from eqr.commands.options import json_option
+from eqr.contract.bundled import CARD_JSON, bundled_dir, bundled_names
 from eqr.contract.errors import EqRError
-from eqr.model.load import CARD_JSON, bundled_dir, bundled_names
 
 
 def bundled_cards() -> list[dict[str, Any]]:

@@ -3,18 +3,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from eqr.contract.bundled import BUNDLED_FILE, bundled_dir, bundled_names
 from eqr.contract.config import PRESETS
 from eqr.contract.errors import EqRError
 from eqr.model.checkpoint import check_state_dict, read_checkpoint
 from eqr.model.network import EqRModel, flops_per_step
 
 WEIGHTS = ("ema", "model")
-BUNDLED_FILE = "model.pt"  # a bundled model: eqr/bundled/<name>/model.pt, card.json, card.md
-CARD_JSON, CARD_MD = "card.json", "card.md"
 
 
 @dataclass(frozen=True)
@@ -32,15 +30,6 @@ class ModelSource:
         kinds = {"official": "official EqR checkpoint", "eqr": "eqr checkpoint",
                  "bundled": "bundled eqr model", "init": "fresh initialisation"}
         return f"{kinds[self.kind]} {self.location}"
-
-
-def bundled_dir() -> Path:
-    return Path(str(resources.files("eqr") / "bundled"))
-
-
-def bundled_names() -> list[str]:
-    root = bundled_dir()
-    return sorted(p.parent.name for p in root.glob(f"*/{BUNDLED_FILE}")) if root.is_dir() else []
 
 
 def resolve(path_or_name: str | os.PathLike[str]) -> tuple[str, str]:
