@@ -60,8 +60,8 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig,
 
     The graphs it builds are measured from a staging folder and written into the export once,
     each with the final manifest in its metadata (a copy of it runs like this directory, with
-    every precision's stopping rule); manifest.json is written last, so an interrupted run leaves
-    the export as it was, calib.npz aside."""
+    every precision's stopping rule), then manifest.json; a run interrupted while it builds and
+    measures leaves the graphs and manifest.json as they were."""
     import onnx
 
     from eqr.calibration.data import load_puzzles

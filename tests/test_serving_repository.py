@@ -73,3 +73,13 @@ def test_a_missing_tritonserver_is_one_line_naming_the_serve_extra(export_dir, m
     result = CliRunner().invoke(cli, ["serve", str(export_dir)])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [f"error: {server_module.MISSING}"] and "serve extra" in result.output
+
+
+def test_the_model_reads_back_the_parameters_the_repository_writes() -> None:
+    from eqr.serving.repository import ServeConfig
+
+    written = ServeConfig(name="m", backend="onnxruntime", precision="int8", batch=8, breadth=2, max_steps=12,
+                          max_queue=7, stream_every=3, threads=2)
+    assert ServeConfig.from_parameters(written.parameters(), "m") == written
+    assert ServeConfig.from_parameters(ServeConfig().parameters(), "eqr") == ServeConfig()  # "" keeps None and 0
+    assert ServeConfig.from_parameters({"seed": "3"}, "eqr") == ServeConfig()  # not a ServeConfig parameter

@@ -50,9 +50,12 @@ class ServeConfig:
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], name: str) -> "ServeConfig":
-        """What `parameters` wrote (as the model reads config.pbtxt); absent or "" keeps the default."""
-        given = {k: v for k, v in params.items() if v != "" and k in PARAMETER_TYPES}
-        return cls(name=name, **{k: PARAMETER_TYPES[k](v) for k, v in given.items()})
+        """What `parameters` wrote (as the model reads config.pbtxt); absent or "" keeps the default.
+        A parameter is text where its default is text, else a number."""
+        defaults = cls()
+        known = defaults.parameters()
+        return cls(name=name, **{k: v if isinstance(getattr(defaults, k), str) else int(v)
+                                 for k, v in params.items() if k in known and v != ""})
 
     def check(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
@@ -66,10 +69,6 @@ class ServeConfig:
                 raise EqRError(f"{flag} must be >= 1, got {value}")
         if self.breadth > self.batch:
             raise EqRError(f"--breadth {self.breadth} does not fit in --batch {self.batch}; raise --batch")
-
-
-PARAMETER_TYPES = {"backend": str, "precision": str, "batch": int, "breadth": int, "max_steps": int,
-                   "max_queue": int, "stream_every": int, "threads": int}
 
 
 def write_repository(export_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: ServeConfig,
