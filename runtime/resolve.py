@@ -26,7 +26,7 @@ from eqr.contract.config import ModelConfig
 from eqr.contract.errors import EqRError
 from eqr.contract.trt_engine import sidecar_path
 from eqr.runtime.stopping_rules import stopping_rules
-from eqr.tasks import DEFAULT_SIZES, TASKS, Task, get_task
+from eqr.tasks import DEFAULT_SIZES, TASKS, Task, get_task, task_from_spec
 
 
 def load_artifact(location: str | os.PathLike[str], init_std: tuple[float, float] | None = None,
@@ -189,8 +189,7 @@ def resolve_task(artifact: Artifact, override: str | None = None) -> Task:
     """The puzzle task of an artifact: `override` ("NAME[:SIZE]", e.g. --task), the one its
     manifest or checkpoint records, or the only task whose layout fits its L and V."""
     if override:
-        name, _, size = override.partition(":")
-        task = get_task(name, int(size) if size.isdigit() else None)
+        task = task_from_spec(override)
     elif artifact.task and artifact.task.get("name") in TASKS:
         task = get_task(artifact.task["name"], artifact.task.get("size"))
     else:

@@ -72,6 +72,10 @@ def initial_states(seq_len: int, hidden_size: int, init_std: tuple[float, float]
     return z_H, z_L
 
 
+# SolveResult's per-puzzle answer fields (what `eqr solve` reports, locally or from a server)
+PER_PUZZLE = ("preds", "steps", "depth", "converged", "diverged", "residual", "agreement")
+
+
 @dataclass(frozen=True)
 class SolveResult:
     """One aggregated answer per puzzle. P puzzles, K breadth, L tokens, N steps.

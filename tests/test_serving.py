@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -112,6 +113,7 @@ def test_http_generate_stream_sends_provisional_answers_then_the_final_one(serve
 
 
 def test_bad_puzzles_get_their_own_error_and_the_others_are_answered(server, puzzles, expected):
+    before = _metrics(server)
     body = {"puzzle": [puzzles[0], "not a sudoku", puzzles[1], "1234" * 4 + "9"], "seed": [SEED]}
     out = generate(server.http_url, "eqr", body)
     assert out["answer"][0] == TASK.format_tokens(expected.preds[0])
@@ -125,9 +127,13 @@ def test_bad_puzzles_get_their_own_error_and_the_others_are_answered(server, puz
     with StreamClient(server.grpc_url, "eqr") as client:
         out = decoded(client.solve(tokens=tokens, seed=SEED)[-1])
     assert out["error"][0] == "" and "token ids" in out["error"][1]
+    after = _metrics(server)
+    assert after["eqr_puzzles_rejected:text"] - before["eqr_puzzles_rejected:text"] == 2
+    assert after["eqr_puzzles_rejected:tokens"] - before["eqr_puzzles_rejected:tokens"] == 1
 
 
 def test_malformed_requests_get_an_error_response_and_the_server_keeps_serving(server, puzzles):
+    before = _metrics(server)
     for body, why in (({"seed": [1]}, "exactly one of"), ({"puzzle": puzzles[:1], "breadth": [0]}, "breadth")):
         with pytest.raises(ServerError, match=why):
             generate(server.http_url, "eqr", body)
@@ -146,6 +152,29 @@ def test_malformed_requests_get_an_error_response_and_the_server_keeps_serving(s
             client.solve(tokens=np.ones((1, 5), np.int32))
         assert decoded(client.solve(puzzles[:1])[-1])["error"] == [""]  # the same stream still works
     assert server.model_ready("eqr")
+    after = _metrics(server)  # what reached the model is counted by reason (Triton refuses bad dtypes/shapes itself)
+    assert {r: after[f"eqr_requests_rejected:{r}"] - before[f"eqr_requests_rejected:{r}"]
+            for r in ("inputs", "value", "busy")} == {"inputs": 2, "value": 2, "busy": 0}
+
+
+def test_several_puzzles_as_tokens_over_http_generate(server, puzzles, expected):
+    tokens = np.stack([TASK.parse_line(p) for p in puzzles]).astype(np.int32)
+    flat = generate(server.http_url, "eqr", {"tokens": tokens, "seed": [SEED]})  # the client sends [P, L] flat
+    assert flat["answer"] == [TASK.format_tokens(row) for row in expected.preds]
+    assert np.array_equal(np.reshape(flat["preds"], tokens.shape), expected.preds)
+    with pytest.raises(ServerError, match="convert input 'tokens'"):  # nested lists: refused by Triton itself
+        _post_json(server, {"tokens": tokens.tolist()})
+
+
+def _post_json(server: TritonServer, body: dict) -> None:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/eqr/generate", data=json.dumps(body).encode())
+    try:
+        urllib.request.urlopen(request, timeout=30).close()
+    except urllib.error.HTTPError as e:
+        raise ServerError(json.loads(e.read())["error"], e.code) from None
 
 
 def test_64_concurrent_clients_times_8_requests_each_answered_exactly_once(server, puzzles):
@@ -168,12 +197,18 @@ def test_64_concurrent_clients_times_8_requests_each_answered_exactly_once(serve
 
 
 def _metrics(server: TritonServer) -> dict[str, float]:
-    """eqr's custom series on Triton's /metrics (Prometheus text), by name."""
+    """eqr's custom series on Triton's /metrics (Prometheus text), by name; a series with a reason
+    label as 'name:reason'."""
     import urllib.request
 
     with urllib.request.urlopen(f"http://{server.address}:{server.ports.metrics}/metrics", timeout=10) as response:
         text = response.read().decode()
-    return {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("eqr_")}
+    series = {}
+    for line in text.splitlines():
+        if line.startswith("eqr_"):
+            reason = re.search(r'reason="([^"]+)"', line)
+            series[line.split("{")[0] + (f":{reason.group(1)}" if reason else "")] = float(line.rsplit(" ", 1)[1])
+    return series
 
 
 def test_a_client_that_disconnects_mid_stream_does_not_disturb_the_others(server, puzzles):

@@ -18,6 +18,9 @@ from eqr.runtime.backends.base import backend_info, describe_run
 from eqr.runtime.backends.registry import AUTO, backend_names
 
 FORMATS = ("text", "csv", "hrm")
+# what the served model decides: with --server these flags must stay at their defaults
+SERVER_DECIDES = ("backend", "provider", "fallback", "precision", "tol", "init_std", "patience", "window", "q_halt",
+                  "q_halt_threshold", "aggregate", "agree", "fixed_depth", "batch", "threads")
 # --provider: ONNX Runtime execution providers by short name
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
@@ -36,7 +39,7 @@ def parse_init_std(text: str | None) -> tuple[float, float] | None:
 
 
 @click.command()
-@click.argument("artifact")
+@click.argument("artifact", required=False)
 @click.option("--input", "-i", "source", default="-", show_default=True,
               help="Puzzle file (a data set directory for --format hrm); '-' reads stdin.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
@@ -77,16 +80,26 @@ def parse_init_std(text: str | None) -> tuple[float, float] | None:
 @batch_option(default=256, type=click.IntRange(min=1),
               help="Trajectories in the working batch (settled ones are replaced from the input).")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for onnxruntime.")
+@click.option("--server", metavar="URL", help="Solve on a served model instead (`eqr serve`, one replica or a load "
+              "balancer): http://HOST:PORT or grpc://HOST:PORT; no ARTIFACT then.")
+@click.option("--name", default="eqr", show_default=True, help="With --server: the Triton model name.")
+@click.option("--in-flight", type=click.IntRange(min=1), default=8, show_default=True,
+              help="With --server: requests on the wire at once.")
+@click.option("--request-size", type=click.IntRange(min=1, max=4096), default=16, show_default=True,
+              help="With --server: puzzles per request.")
 @output_options
-def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: str, provider: str | None,
+def solve(artifact: str | None, source: str, fmt: str, task_name: str | None, backend: str, provider: str | None,
           fallback: bool, precision: str | None, max_steps: int | None, tol: float | None, init_std: str | None,
           patience: int | None, window: int | None, q_halt: bool | None, q_halt_threshold: float | None,
           breadth: int, aggregate: str, agree: int | None, fixed_depth: int | None, seed: int, batch: int,
-          threads: int | None, as_json: bool, quiet: bool, verbose: int) -> None:
+          threads: int | None, server: str | None, name: str, in_flight: int, request_size: int,
+          as_json: bool, quiet: bool, verbose: int) -> None:
     """Solve puzzles with ARTIFACT, giving each puzzle only the outer steps it needs.
 
     ARTIFACT is an export directory, an ONNX step file, a TensorRT engine, a checkpoint or a
-    bundled model name. Each input puzzle gets one result: the answer (in the input's text
+    bundled model name; with --server URL the puzzles go to a served model instead (the same
+    inputs and output; the server's model decides backend, precision and stopping rule, and a
+    broken connection or a busy server is retried). Each input puzzle gets one result: the answer (in the input's text
     format), steps used, whether it converged and, for Sudoku and mazes, whether the answer obeys
     the rules and the givens (reported only; it never picks answers). A malformed line gets an
     error record and the others are still solved; the exit code is then 1. The summary on
@@ -101,18 +114,24 @@ def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: 
       eqr solve export/ --provider cuda --precision fp16 -i puzzles.txt
       eqr solve ckpt.pt -i data/sudoku --format hrm --fixed-depth 16 --json
       eqr solve maze-small-eqr/ -i mazes.txt --precision int8+fp32
+      eqr solve --server http://127.0.0.1:8000 -i puzzles.txt --json
 
     \b
-    Exit status: 0 every puzzle solved; 1 an input line was malformed; 2 usage or input
-    error (artifact, flags, a requested provider missing); 130 interrupted.
+    Exit status: 0 every puzzle solved; 1 an input line was malformed (or the server failed a
+    request); 2 usage or input error (artifact, flags, a requested provider missing, no server
+    answering); 130 interrupted.
     """
-    from eqr.runtime.resolve import load_artifact, resolve_task
-    from eqr.runtime.solver import Solver
     from eqr.tasks.io import read_puzzles
 
     progress = Progress(quiet)
-    art = load_artifact(artifact, parse_init_std(init_std), tol)
-    task = resolve_task(art, task_name)
+    if server is not None:
+        _check_server_flags(artifact)
+        solve_on = _RemoteRun(server, name, in_flight, request_size, task_name)
+    elif artifact is None:
+        raise EqRError("eqr solve needs ARTIFACT (an export, model or bundled name) or --server URL")
+    else:
+        solve_on = _LocalRun(artifact, task_name, init_std, tol, backend, provider, fallback, threads, precision, batch)
+    task = solve_on.task
     if fmt == "hrm" and source == "-":
         raise EqRError("--format hrm reads a data set directory; pass it with --input DIR")
     if source == "-" and sys.stdin.isatty():
@@ -121,25 +140,76 @@ def solve(artifact: str, source: str, fmt: str, task_name: str | None, backend: 
     stream = sys.stdin if source == "-" else source
     entries = read_puzzles(stream, fmt, task, with_solutions=True)
     good = [(line, tokens, solution) for line, tokens, solution in entries if not isinstance(tokens, str)]
-    backend, options = _backend_options(backend, provider, fallback, threads)
-    solver = Solver.load(art, backend=backend, precision=precision, batch_size=batch, **options)
     flags = {"patience": patience, "window": None if window is None else window or None, "q_halt": q_halt,
              "q_halt_threshold": q_halt_threshold}
-    given = {k: v for k, v in flags.items() if v is not None or (k == "window" and window == 0)}
-    cfg = solver.config(max_steps, tol, fixed_depth=fixed_depth, agree=agree, **given)
+    rule = {k: v for k, v in flags.items() if v is not None or (k == "window" and window == 0)}
+    rule |= {"tol": tol, "fixed_depth": fixed_depth, "agree": agree}
     started = time.perf_counter()
-    result, ran = None, None
+    answers, ran = None, None
     if good:
         tokens = np.stack([t for _, t, _ in good]).astype(np.int32)  # (P, L)
-        with solver, progress.bar("solving", len(good) * breadth) as advance:
-            result = solver.run(tokens, cfg, breadth, aggregate, seed, progress=advance)
-            ran = backend_info(solver.backend)
-    records = _records(entries, good, result, task, ran)
+        with progress.bar("solving", len(good) * breadth) as advance:
+            answers, ran = solve_on.run(tokens, max_steps, rule, breadth, aggregate, seed, advance)
+    records = _records(entries, good, answers, task, ran)
     for record in records:
         click.echo(json.dumps(record) if as_json else _text_line(record))
-    progress.note(_summary(records, result, time.perf_counter() - started, ran))
+    progress.note(_summary(records, answers, time.perf_counter() - started, ran) + solve_on.via)
     if any("error" in r for r in records):
         sys.exit(1)
+
+
+class _LocalRun:
+    """`eqr solve ARTIFACT`: a Solver in this process."""
+
+    def __init__(self, artifact: str, task_name: str | None, init_std: str | None, tol: float | None, backend: str,
+                 provider: str | None, fallback: bool, threads: int | None, precision: str | None, batch: int) -> None:
+        from eqr.runtime.resolve import load_artifact, resolve_task
+        from eqr.runtime.solver import Solver
+
+        art = load_artifact(artifact, parse_init_std(init_std), tol)
+        self.task, self.via = resolve_task(art, task_name), ""
+        backend, options = _backend_options(backend, provider, fallback, threads)
+        self.solver = Solver.load(art, backend=backend, precision=precision, batch_size=batch, **options)
+
+    def run(self, tokens: np.ndarray, max_steps: int | None, rule: dict[str, Any], breadth: int, aggregate: str,
+            seed: int, advance: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        from eqr.runtime.solver import PER_PUZZLE
+
+        cfg = self.solver.config(max_steps, **rule)
+        with self.solver:
+            result = self.solver.run(tokens, cfg, breadth, aggregate, seed, progress=advance)
+            ran = backend_info(self.solver.backend)
+        return {field: getattr(result, field) for field in PER_PUZZLE}, ran
+
+
+class _RemoteRun:
+    """`eqr solve --server URL`: the served model; the same seeds, so the same answers."""
+
+    def __init__(self, server: str, name: str, in_flight: int, request_size: int, task_name: str | None) -> None:
+        from eqr.serving.remote import RemoteSolver
+        from eqr.tasks import task_from_spec
+
+        self.remote = RemoteSolver(server, name, in_flight=in_flight, request_size=request_size)
+        self.task = task_from_spec(task_name) if task_name else self.remote.task()
+        self.via = f" via {self.remote.endpoint} (model {name})"
+
+    def run(self, tokens: np.ndarray, max_steps: int | None, rule: dict[str, Any], breadth: int, aggregate: str,
+            seed: int, advance: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        answers = self.remote.solve(tokens, seed=seed, breadth=breadth, max_steps=max_steps, progress=advance)
+        return answers, self.remote.backend
+
+
+def _check_server_flags(artifact: str | None) -> None:
+    """--server: ARTIFACT and the flags the served model decides are refused, not ignored."""
+    if artifact is not None:
+        raise EqRError(f"--server solves on the served model; drop ARTIFACT {artifact!r} (or drop --server)")
+    ctx = click.get_current_context()
+    given = [p for p in ctx.command.params if p.name in SERVER_DECIDES
+             and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
+    if given:
+        flags = ", ".join(p.opts[0] for p in given)
+        raise EqRError(f"with --server the served model decides {flags}: set them with `eqr triton`/`eqr serve` "
+                       "(docs/serving.md), or solve locally with ARTIFACT")
 
 
 def _backend_options(backend: str, provider: str | None, fallback: bool,
@@ -157,20 +227,21 @@ def _backend_options(backend: str, provider: str | None, fallback: bool,
     return "onnxruntime", options | {"providers": [wanted, *fallbacks], "require_provider": not fallback}
 
 
-def _records(entries: list, good: list, result: Any, task: Any, ran: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _records(entries: list, good: list, answers: dict[str, np.ndarray] | None, task: Any,
+             ran: dict[str, Any] | None) -> list[dict[str, Any]]:
     """One record per input entry, in input order; "correct" only where the input has a solution."""
     by_line: dict[int, dict[str, Any]] = {}
-    if result is not None:
+    if answers is not None:
         inputs = np.stack([t for _, t, _ in good])
-        valid = task.is_valid(inputs, result.preds)
+        valid = task.is_valid(inputs, answers["preds"])
         for p, (line, _, solution) in enumerate(good):
             record = {
-                "line": line, "answer": task.format_tokens(result.preds[p]), "steps": int(result.steps[p]),
-                "converged": bool(result.converged[p]), "valid": bool(valid[p]),
-                "residual": _finite(result.residual[p]), "agreement": float(result.agreement[p]),
-                "depth": int(result.depth[p]), "diverged": bool(result.diverged[p])}
+                "line": line, "answer": task.format_tokens(answers["preds"][p]), "steps": int(answers["steps"][p]),
+                "converged": bool(answers["converged"][p]), "valid": bool(valid[p]),
+                "residual": _finite(answers["residual"][p]), "agreement": float(answers["agreement"][p]),
+                "depth": int(answers["depth"][p]), "diverged": bool(answers["diverged"][p])}
             if solution is not None:
-                record["correct"] = bool((result.preds[p] == solution).all())
+                record["correct"] = bool((answers["preds"][p] == solution).all())
             by_line[p] = record | {"backend": ran}
     records, p = [], 0
     for line, tokens, _ in entries:
@@ -195,7 +266,8 @@ def _text_line(record: dict[str, Any]) -> str:
     return f"{record['answer']}\tline {record['line']}\tsteps {record['steps']}\t{state}\t{valid}{correct}"
 
 
-def _summary(records: list[dict[str, Any]], result: Any, seconds: float, ran: dict[str, Any] | None) -> str:
+def _summary(records: list[dict[str, Any]], answers: dict[str, np.ndarray] | None, seconds: float,
+             ran: dict[str, Any] | None) -> str:
     solved = [r for r in records if "error" not in r]
     errors = len(records) - len(solved)
     parts = [f"{len(solved)} puzzles solved" + (f", {errors} input errors" if errors else "")]
@@ -205,6 +277,7 @@ def _summary(records: list[dict[str, Any]], result: Any, seconds: float, ran: di
         if graded:
             parts.append(f"{sum(graded)}/{len(graded)} correct")
         parts.append(f"{sum(r['converged'] for r in solved)} converged")
-        parts.append(f"{result.stats.total_steps} outer steps ({result.stats.total_steps / len(solved):.1f}/puzzle)")
+        total = int(answers["steps"].sum())
+        parts.append(f"{total} outer steps ({total / len(solved):.1f}/puzzle)")
     parts.append(f"{seconds:.2f}s on {describe_run(ran)}")
     return "; ".join(parts)

@@ -51,7 +51,7 @@ def measure_serving(export_dir: str | Path, puzzles: int = 256, concurrency: tup
         write_repository(export_dir, Path(tmp) / "models",
                          ServeConfig(backend="onnxruntime", batch=batch, threads=threads,
                                      max_queue=4 * max(concurrency)))
-        stage(f"tritonserver: the same stream over gRPC streaming, one client stream per concurrent client")
+        stage("tritonserver: the same stream over gRPC streaming, one client stream per concurrent client")
         with TritonServer(Path(tmp) / "models", ports=Ports(*free_ports(3)), log_file=Path(tmp) / "log") as server:
             server.wait_ready("eqr", timeout=300)
             served = _served(server, lines, concurrency, batch)

@@ -24,20 +24,34 @@ from eqr.serving.protocol import INPUTS, OUTPUTS
 
 
 class ServerError(EqRError):
-    """Triton answered a request with an error (HTTP 400, or a gRPC stream error)."""
+    """Triton answered a request with an error (HTTP 400, or a gRPC stream error); status: the HTTP one."""
 
     exit_code = 1
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 def generate(url: str, model: str, body: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
-    """POST /v2/models/MODEL/generate: exactly one response (the request must not stream)."""
-    with _post(url, model, "generate", body, timeout) as response:
+    """POST /v2/models/MODEL/generate: exactly one response (the request must not stream).
+
+    `tokens` may be [P, L]: it is sent flat, as Triton's generate endpoint takes only flat lists
+    (it reshapes them to the model's [-1, L]).
+    """
+    with _post(url, model, "generate", _flat_tokens(body), timeout) as response:
         return json.loads(response.read())
+
+
+def _flat_tokens(body: dict[str, Any]) -> dict[str, Any]:
+    if "tokens" not in body:
+        return body
+    return body | {"tokens": np.asarray(body["tokens"]).reshape(-1).tolist()}
 
 
 def generate_stream(url: str, model: str, body: dict[str, Any], timeout: float = 60.0) -> Iterator[dict[str, Any]]:
     """POST /v2/models/MODEL/generate_stream: one dict per server-sent event, the final one last."""
-    with _post(url, model, "generate_stream", body, timeout) as response:
+    with _post(url, model, "generate_stream", _flat_tokens(body), timeout) as response:
         for raw in response:
             line = raw.decode("utf-8").strip()
             if line.startswith("data:"):
@@ -53,7 +67,7 @@ def _post(url: str, model: str, route: str, body: dict[str, Any], timeout: float
     try:
         return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
-        raise ServerError(_error_text(e)) from None
+        raise ServerError(_error_text(e), e.code) from None
 
 
 def _error_text(error: urllib.error.HTTPError) -> str:
@@ -89,16 +103,18 @@ class StreamClient:
             waiting.put((result, None))
 
     def solve(self, puzzles: list[str] | None = None, tokens: np.ndarray | None = None, seed: int | None = None,
-              breadth: int | None = None, max_steps: int | None = None, stream: bool = False) -> list[dict[str, np.ndarray]]:
+              breadth: int | None = None, max_steps: int | None = None, stream: bool = False,
+              offset: int | None = None) -> list[dict[str, np.ndarray]]:
         """Send one request; return its responses (provisional ones first, the final one last)."""
-        request_id = self.send(puzzles, tokens, seed, breadth, max_steps, stream)
+        request_id = self.send(puzzles, tokens, seed, breadth, max_steps, stream, offset)
         return list(self.receive(request_id))
 
     def send(self, puzzles: list[str] | None = None, tokens: np.ndarray | None = None, seed: int | None = None,
-             breadth: int | None = None, max_steps: int | None = None, stream: bool = False) -> str:
+             breadth: int | None = None, max_steps: int | None = None, stream: bool = False,
+             offset: int | None = None) -> str:
         values = {"puzzle": None if puzzles is None else np.array([p.encode() for p in puzzles], np.object_),
                   "tokens": None if tokens is None else np.asarray(tokens, np.int32),
-                  "breadth": breadth, "max_steps": max_steps, "seed": seed, "stream": stream or None}
+                  "breadth": breadth, "max_steps": max_steps, "seed": seed, "offset": offset, "stream": stream or None}
         inputs = []
         for name, dtype, triton_type, _ in INPUTS:
             value = values[name]
@@ -123,7 +139,7 @@ class StreamClient:
             while True:
                 result, error = self.responses[request_id].get(timeout=self.timeout)
                 if error is not None:
-                    raise ServerError(str(error.message() if hasattr(error, "message") else error))
+                    raise _stream_error(error)
                 final = result.get_response().parameters["triton_final_response"].bool_param
                 arrays = {name: result.as_numpy(name) for name, *_ in OUTPUTS}
                 if arrays["answer"] is not None:  # the empty final marker carries no outputs
@@ -142,6 +158,15 @@ class StreamClient:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _stream_error(error: Any) -> Exception:
+    """A gRPC error -> ConnectionError when the stream itself broke (the server went away), else ServerError."""
+    message = str(error.message() if hasattr(error, "message") else error)
+    status = str(error.status() if callable(getattr(error, "status", None)) else "")
+    if any(code in status for code in ("UNAVAILABLE", "CANCELLED")):
+        return ConnectionError(f"{status}: {message}")
+    return ServerError(message)
 
 
 def _only(pending: dict[str, Any]) -> str:

@@ -7,11 +7,13 @@ Inputs are numpy arrays keyed by name, as the Python backend hands them over:
     tokens     TYPE_INT32  [-1, L]  official token ids                                  } one
     breadth    TYPE_INT32  [1]      trajectories per puzzle (default: the model's)
     max_steps  TYPE_INT32  [1]      outer-step cap, at most the model's
-    seed       TYPE_INT64  [1]      seed of the initial states (puzzle p, breadth k) -> (seed, p, k)
+    seed       TYPE_INT64  [1]      seed of the initial states (puzzle p, breadth k) -> (seed, offset + p, k)
+    offset     TYPE_INT64  [1]      number of the request's first puzzle in its seed stream (default 0)
     stream     TYPE_BOOL   [1]      true: provisional responses before the final one
 
-A malformed request raises `EqRError` (Triton answers it with an error response); a bad puzzle
-inside a good request only gets its own `error` element.
+A malformed request raises `Rejected` (Triton answers it with an error response); a bad puzzle
+inside a good request only gets its own `error` element. Both carry a reason, the label of
+the rejection counters in /metrics.
 """
 from __future__ import annotations
 
@@ -30,18 +32,36 @@ INPUTS: tuple[tuple[str, Any, str, tuple[str, ...]], ...] = (
     ("breadth", np.int32, "TYPE_INT32", ("1",)),
     ("max_steps", np.int32, "TYPE_INT32", ("1",)),
     ("seed", np.int64, "TYPE_INT64", ("1",)),
+    ("offset", np.int64, "TYPE_INT64", ("1",)),
     ("stream", np.bool_, "TYPE_BOOL", ("1",)),
 )
 OUTPUTS: tuple[tuple[str, Any, str, tuple[str, ...]], ...] = (
     ("answer", np.object_, "TYPE_STRING", ("-1",)),
     ("preds", np.int32, "TYPE_INT32", ("-1", "L")),
     ("steps", np.int32, "TYPE_INT32", ("-1",)),
+    ("total_steps", np.int32, "TYPE_INT32", ("-1",)),
+    ("depth", np.int32, "TYPE_INT32", ("-1",)),
     ("converged", np.bool_, "TYPE_BOOL", ("-1",)),
+    ("diverged", np.bool_, "TYPE_BOOL", ("-1",)),
     ("residual", np.float32, "TYPE_FP32", ("-1",)),
+    ("agreement", np.float32, "TYPE_FP32", ("-1",)),
     ("valid", np.bool_, "TYPE_BOOL", ("-1",)),
     ("error", np.object_, "TYPE_STRING", ("-1",)),
+    ("backend", np.object_, "TYPE_STRING", ("1",)),
 )
 MAX_PUZZLES = 4096  # per request: a bigger one is a client bug or an attack on the queue
+# The reason labels of /metrics' eqr_puzzles_rejected and eqr_requests_rejected counters.
+PUZZLE_REJECTIONS = ("text", "tokens")  # malformed puzzle text; a token id outside the vocabulary
+REQUEST_REJECTIONS = ("inputs", "shape", "dtype", "value", "size",  # malformed: what the client must fix
+                      "busy", "unavailable")  # the queue is full; the model is not ready or is shutting down
+
+
+class Rejected(EqRError):
+    """A request the model refuses as a whole; `reason` is one of REQUEST_REJECTIONS."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -51,69 +71,74 @@ class Job:
     tokens: np.ndarray  # int32 (G, L) the good puzzles
     good: np.ndarray  # int64 (G,) their positions among the P
     errors: list[str]  # (P,) "" for a good puzzle, one line otherwise
+    rejected: list[str]  # the PUZZLE_REJECTIONS reason of each bad puzzle
     breadth: int | None
     max_steps: int | None
     seed: int
+    offset: int
     stream: bool
+    backend: str = ""  # JSON of what runs the steps (eqr.runtime.backends.base.backend_info)
 
     @property
     def puzzles(self) -> int:
         return len(self.errors)
 
 
-def parse_request(inputs: dict[str, np.ndarray | None], task: Any, vocab_size: int, default_seed: int = 0) -> Job:
-    """Triton input arrays (None: absent) -> Job; EqRError for a malformed request."""
+def parse_request(inputs: dict[str, np.ndarray | None], task: Any, vocab_size: int, default_seed: int = 0,
+                  backend: str = "") -> Job:
+    """Triton input arrays (None: absent) -> Job; `Rejected` for a malformed request."""
     unknown = sorted(set(inputs) - {name for name, *_ in INPUTS})
     if unknown:
-        raise EqRError(f"unknown input(s) {', '.join(unknown)}; inputs are {', '.join(n for n, *_ in INPUTS)}")
+        raise Rejected("inputs", f"unknown input(s) {', '.join(unknown)}; inputs are {', '.join(n for n, *_ in INPUTS)}")
     puzzle, tokens = inputs.get("puzzle"), inputs.get("tokens")
     if (puzzle is None) == (tokens is None):
-        raise EqRError("send exactly one of the inputs 'puzzle' (text, one puzzle per element) or 'tokens' (int32 [P, L])")
+        raise Rejected("inputs", "send exactly one of the inputs 'puzzle' (text, one puzzle per element) or "
+                                 "'tokens' (int32 [P, L]; over HTTP generate a flat list of P*L ids)")
     if puzzle is not None:
         rows, errors = _parse_text(_vector(puzzle, "puzzle"), task)
+        reason = "text"
     else:
         rows, errors = _check_tokens(np.asarray(tokens), task.seq_len, vocab_size)
+        reason = "tokens"
     if not 1 <= len(errors) <= MAX_PUZZLES:
-        raise EqRError(f"a request holds 1..{MAX_PUZZLES} puzzles, got {len(errors)}")
+        raise Rejected("size", f"a request holds 1..{MAX_PUZZLES} puzzles, got {len(errors)}")
     good = np.array([p for p, e in enumerate(errors) if not e], np.int64)
     stacked = np.stack([rows[p] for p in good]).astype(np.int32) if len(good) else np.zeros((0, task.seq_len), np.int32)
     breadth = _scalar(inputs.get("breadth"), "breadth", np.integer)
     if breadth is not None and breadth < 1:
-        raise EqRError(f"breadth must be >= 1, got {breadth}")
+        raise Rejected("value", f"breadth must be >= 1, got {breadth}")
     max_steps = _scalar(inputs.get("max_steps"), "max_steps", np.integer)
     if max_steps is not None and max_steps < 1:
-        raise EqRError(f"max_steps must be >= 1, got {max_steps}")
+        raise Rejected("value", f"max_steps must be >= 1, got {max_steps}")
     seed = _scalar(inputs.get("seed"), "seed", np.integer)
+    offset = _scalar(inputs.get("offset"), "offset", np.integer)
+    if offset is not None and offset < 0:
+        raise Rejected("value", f"offset must be >= 0, got {offset}")
     stream = _scalar(inputs.get("stream"), "stream", np.bool_)
-    return Job(stacked, good, errors, None if breadth is None else int(breadth),
-               None if max_steps is None else int(max_steps), default_seed if seed is None else int(seed), bool(stream))
+    return Job(stacked, good, errors, [reason for e in errors if e], None if breadth is None else int(breadth),
+               None if max_steps is None else int(max_steps), default_seed if seed is None else int(seed),
+               0 if offset is None else int(offset), bool(stream), backend)
 
 
 def _vector(array: np.ndarray, name: str) -> list[str]:
     array = np.asarray(array)
     if array.ndim != 1:
-        raise EqRError(f"input '{name}' must be a 1-D list of strings, got shape {list(array.shape)}")
+        raise Rejected("shape", f"input '{name}' must be a 1-D list of strings, got shape {list(array.shape)}")
     return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.tolist()]
 
 
 def _parse_text(lines: list[str], task: Any) -> tuple[list[np.ndarray | None], list[str]]:
-    rows: list[np.ndarray | None] = []
-    errors: list[str] = []
-    for p, line in enumerate(lines):
-        try:
-            rows.append(task.parse_line(line.strip()))
-            errors.append("")
-        except EqRError as e:
-            rows.append(None)
-            errors.append(f"puzzle {p}: {e}")
-    return rows, errors
+    parsed = task.parse_each(lines)  # the one text path, as `eqr solve` reads files
+    rows = [None if isinstance(row, str) else row for row in parsed]
+    return rows, [f"puzzle {p}: {row}" if isinstance(row, str) else "" for p, row in enumerate(parsed)]
 
 
 def _check_tokens(tokens: np.ndarray, seq_len: int, vocab_size: int) -> tuple[list[np.ndarray | None], list[str]]:
     if tokens.ndim != 2 or tokens.shape[1] != seq_len:
-        raise EqRError(f"input 'tokens' must be int32 [P, {seq_len}], got shape {list(tokens.shape)}")
+        raise Rejected("shape", f"input 'tokens' must be int32 [P, {seq_len}] (over HTTP generate: a flat list of "
+                                f"P*{seq_len} ids), got shape {list(tokens.shape)}")
     if not np.issubdtype(tokens.dtype, np.integer):
-        raise EqRError(f"input 'tokens' must be int32, got {tokens.dtype}")
+        raise Rejected("dtype", f"input 'tokens' must be int32, got {tokens.dtype}")
     errors = []
     for p, row in enumerate(tokens):
         bad = (row < 0) | (row >= vocab_size)
@@ -127,9 +152,9 @@ def _scalar(array: np.ndarray | None, name: str, kind: type) -> Any:
         return None
     array = np.asarray(array)
     if array.size != 1:
-        raise EqRError(f"input '{name}' must hold exactly one value, got shape {list(array.shape)}")
+        raise Rejected("shape", f"input '{name}' must hold exactly one value, got shape {list(array.shape)}")
     if not np.issubdtype(array.dtype, kind):
-        raise EqRError(f"input '{name}' has dtype {array.dtype}; see docs/serving.md for the input types")
+        raise Rejected("dtype", f"input '{name}' has dtype {array.dtype}; see docs/serving.md for the input types")
     return array.reshape(-1)[0]
 
 
@@ -147,8 +172,12 @@ def result_tensors(job: Job, result: Any, task: Any, failed: str | None = None) 
         out["answer"][g] = [task.format_tokens(row) for row in result.preds]
         K = len(result.stats.nstep) // len(g)
         out["steps"][g] = result.stats.nstep.reshape(len(g), K)[np.arange(len(g)), result.chosen]  # (G*K,) -> (G, K)
+        out["total_steps"][g] = result.steps
+        out["depth"][g] = result.depth
         out["converged"][g] = result.converged
+        out["diverged"][g] = result.diverged
         out["residual"][g] = result.residual
+        out["agreement"][g] = result.agreement
         out["valid"][g] = task.is_valid(job.tokens, result.preds)
     return out
 
@@ -170,5 +199,8 @@ def _empty(job: Job, L: int) -> dict[str, np.ndarray]:
     """Outputs with nothing answered yet: only the bad puzzles' errors filled in."""
     P = job.puzzles
     return {"answer": np.array([""] * P, dtype=np.object_), "preds": np.zeros((P, L), np.int32),
-            "steps": np.zeros(P, np.int32), "converged": np.zeros(P, bool), "residual": np.full(P, np.nan, np.float32),
-            "valid": np.zeros(P, bool), "error": np.array(job.errors, dtype=np.object_)}
+            "steps": np.zeros(P, np.int32), "total_steps": np.zeros(P, np.int32), "depth": np.zeros(P, np.int32),
+            "converged": np.zeros(P, bool), "diverged": np.zeros(P, bool),
+            "residual": np.full(P, np.nan, np.float32), "agreement": np.zeros(P, np.float32),
+            "valid": np.zeros(P, bool), "error": np.array(job.errors, dtype=np.object_),
+            "backend": np.array([job.backend], dtype=np.object_)}

@@ -24,6 +24,7 @@ MODEL_FILE = Path(__file__).with_name("triton_model.py")
 EXPORT_FOLDER = "export"  # inside the version folder
 VERSION = "1"
 SERVE_BACKENDS = ("auto", "onnxruntime", "tensorrt")
+TASK_PARAMETER = "task"  # config.pbtxt: the served puzzle task, "NAME:SIZE" (read by eqr.serving.remote)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def write_repository(export_dir: str | os.PathLike[str], out: str | os.PathLike[
     artifact = load_artifact(export_dir)
     if artifact.kind != "export":
         raise EqRError(f"{export_dir}: not an export directory; make one with `eqr export MODEL --out DIR`")
-    resolve_task(artifact, None)  # the text interface needs the task: fail here, not at load time
+    task = resolve_task(artifact, None)  # the text interface needs the task: fail here, not at load time
     if cfg.precision not in artifact.onnx and cfg.precision not in artifact.engines:
         have = sorted(set(artifact.onnx) | set(artifact.engines))
         raise EqRError(f"{export_dir} has no {cfg.precision} step (it has {', '.join(have)}); "
@@ -94,7 +95,7 @@ def write_repository(export_dir: str | os.PathLike[str], out: str | os.PathLike[
         version = staging / VERSION
         shutil.copytree(export_dir, version / EXPORT_FOLDER)
         shutil.copyfile(MODEL_FILE, version / "model.py")
-        (staging / "config.pbtxt").write_text(config_pbtxt(cfg, artifact.seq_len))
+        (staging / "config.pbtxt").write_text(config_pbtxt(cfg, artifact.seq_len, f"{task.name}:{task.size}"))
         if model_dir.exists():
             shutil.rmtree(model_dir)
         os.replace(staging, model_dir)
@@ -104,8 +105,9 @@ def write_repository(export_dir: str | os.PathLike[str], out: str | os.PathLike[
     return model_dir
 
 
-def config_pbtxt(cfg: ServeConfig, seq_len: int) -> str:
-    """The model configuration: decoupled Python backend, the fixed interface of docs/serving.md."""
+def config_pbtxt(cfg: ServeConfig, seq_len: int, task: str) -> str:
+    """The model configuration: decoupled Python backend, the fixed interface of docs/serving.md.
+    task ("NAME:SIZE") rides along as a parameter, so a client reads the puzzle format off the server."""
     def tensors(table: tuple, optional: bool) -> str:
         rows = []
         for name, _, dtype, dims in table:
@@ -116,7 +118,7 @@ def config_pbtxt(cfg: ServeConfig, seq_len: int) -> str:
 
     kind = "KIND_GPU" if cfg.backend == "tensorrt" else "KIND_CPU"
     parameters = "\n".join(f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}'
-                           for k, v in cfg.parameters().items())
+                           for k, v in (cfg.parameters() | {TASK_PARAMETER: task}).items())
     return f"""# Written by `eqr triton` (docs/serving.md). The eqr settings are the parameters below.
 name: "{cfg.name}"
 backend: "python"

@@ -18,8 +18,9 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
-from eqr.contract.errors import EqRError, RequestError
-from eqr.serving.protocol import INPUTS, OUTPUTS, parse_request, partial_tensors, result_tensors
+from eqr.contract.errors import EqRError, NotReady, RequestError
+from eqr.serving.protocol import (INPUTS, OUTPUTS, PUZZLE_REJECTIONS, REQUEST_REJECTIONS, Rejected, parse_request,
+                                  partial_tensors, result_tensors)
 
 log = logging.getLogger("eqr.serving")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -30,11 +31,15 @@ COUNTERS = (("eqr_puzzles_answered", "answered", "Puzzles answered"),
             ("eqr_outer_steps", "steps", "Outer steps run, summed over trajectories"),
             ("eqr_diverged_trajectories", "diverged", "Trajectories whose state went non-finite"),
             ("eqr_backend_faults", "faults", "backend.step calls that raised"))
+# counted here, not by the scheduler: each with a `reason` label (eqr.serving.protocol)
+REJECTION_COUNTERS = (("eqr_puzzles_rejected", PUZZLE_REJECTIONS, "Puzzles refused before solving (error output set)"),
+                      ("eqr_requests_rejected", REQUEST_REJECTIONS, "Requests answered with an error response"))
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         from eqr.runtime import Scheduler, Solver
+        from eqr.runtime.backends.base import backend_info
         from eqr.runtime.resolve import load_artifact
         from eqr.serving.repository import ServeConfig
 
@@ -54,6 +59,7 @@ class TritonPythonModel:
         solver = Solver.load(artifact, backend=cfg.backend, precision=cfg.precision, batch_size=batch, **options)
         solver.backend.activate()  # build sessions/engines now: the model is ready only when it can run
         self.task = solver.task  # the export's task: its text format in and out
+        self.backend = json.dumps(backend_info(solver.backend))
         self.default_seed = int(params.get("seed", 0))
         # max_steps None: the precision's calibrated stopping rule (docs/serving.md)
         self.scheduler = Scheduler(solver, solver.config(max_steps=cfg.max_steps), batch_size=batch,
@@ -72,10 +78,12 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 job = parse_request({name: _input(request, name) for name, *_ in INPUTS}, self.task, self.vocab_size,
-                                    self.default_seed)
-            except EqRError as e:
-                _send_error(sender, str(e))
+                                    self.default_seed, self.backend)
+            except Rejected as e:
+                self._reject(sender, e.reason, str(e))
                 continue
+            for reason in job.rejected:
+                self.rejected[("eqr_puzzles_rejected", reason)].increment(1)
             if not len(job.good):  # every puzzle bad: answered at once, nothing to run
                 self.outbox.put(("final", sender, job, None, None))
                 continue
@@ -84,12 +92,16 @@ class TritonPythonModel:
                 if job.stream else None
             try:
                 future = self.scheduler.submit(job.tokens, seed=job.seed, timeout=SUBMIT_TIMEOUT_S, breadth=job.breadth,
-                                               max_steps=job.max_steps, on_progress=progress, numbers=job.good)
+                                               max_steps=job.max_steps, on_progress=progress,
+                                               numbers=job.offset + job.good)
             except queue.Full:
-                _send_error(sender, f"{self.name} is busy: its queue is full; retry later or add instances")
+                self._reject(sender, "busy", f"{self.name} is busy: its queue is full; retry later or add instances")
                 continue
-            except (EqRError, RuntimeError) as e:  # a bad breadth/max_steps, or the model is not ready
-                _send_error(sender, str(e))
+            except NotReady as e:
+                self._reject(sender, "unavailable", str(e))
+                continue
+            except (EqRError, RuntimeError) as e:  # a bad breadth/max_steps, or the scheduler is shut down
+                self._reject(sender, "value" if isinstance(e, EqRError) else "unavailable", str(e))
                 continue
             handle.append(future)
             future.add_done_callback(lambda f, s=sender, j=job: self.outbox.put(("final", s, j, None, f)))
@@ -101,6 +113,10 @@ class TritonPythonModel:
         self.outbox.put(None)
         self.responder.join(timeout=10)
         self.scheduler.solver.close()
+
+    def _reject(self, sender: Any, reason: str, message: str) -> None:
+        self.rejected[("eqr_requests_rejected", reason)].increment(1)
+        _send_error(sender, message)
 
     # ------------------------------------------------------------------ responses (responder thread)
     def _respond(self) -> None:
@@ -125,9 +141,11 @@ class TritonPythonModel:
         if future is None:
             sender.send(_response(result_tensors(job, None, self.task)), flags=FINAL)
         elif future.cancelled():
-            _send_error(sender, f"{self.name} is shutting down; the request was cancelled before it finished")
+            self._reject(sender, "unavailable",
+                         f"{self.name} is shutting down; the request was cancelled before it finished")
         elif isinstance(future.exception(), RequestError):  # not ready, or the request cannot fit
-            _send_error(sender, str(future.exception()))
+            self._reject(sender, "unavailable" if isinstance(future.exception(), NotReady) else "value",
+                         str(future.exception()))
         elif future.exception() is not None:  # a backend fault on its batch: its puzzles failed
             error = future.exception()
             failed = f"the backend failed on this puzzle ({type(error).__name__}: {error}); retry it"
@@ -147,6 +165,10 @@ class TritonPythonModel:
         for name, text in gauges:
             self.families[name] = pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.GAUGE)
         self.counters = {key: self.families[name].Metric(labels=labels) for name, key, _ in COUNTERS}
+        for name, _, text in REJECTION_COUNTERS:
+            self.families[name] = pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
+        self.rejected = {(name, reason): self.families[name].Metric(labels=labels | {"reason": reason})
+                         for name, reasons, _ in REJECTION_COUNTERS for reason in reasons}
         self.sent = dict.fromkeys(self.counters, 0)
         self.converged, self.queue_depth, self.ready = (self.families[name].Metric(labels=labels) for name, _ in gauges)
         self.ready.set(1)

@@ -30,4 +30,10 @@ def get_task(name: str, size: int | None = None) -> Task:
     return TASKS[name](size=DEFAULT_SIZES[name] if size is None else int(size))
 
 
-__all__ = ["DEFAULT_SIZES", "PAD_ID", "TASKS", "MazeTask", "Puzzles", "SudokuTask", "Task", "get_task"]
+def task_from_spec(spec: str) -> Task:
+    """'NAME[:SIZE]' (--task, a served model's task parameter) -> the task."""
+    name, _, size = spec.partition(":")
+    return get_task(name, int(size) if size.isdigit() else None)
+
+
+__all__ = ["DEFAULT_SIZES", "PAD_ID", "TASKS", "MazeTask", "Puzzles", "SudokuTask", "Task", "get_task", "task_from_spec"]

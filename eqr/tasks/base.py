@@ -86,16 +86,28 @@ class Task(abc.ABC):
     def format_tokens(self, tokens: np.ndarray) -> str:
         """The one-line text of a puzzle or answer [L]; `parse_line` reads it back."""
 
+    def parse_each(self, lines: Iterable[str]) -> list[np.ndarray | str]:
+        """Each line's uint8 [L] tokens, or one line saying why it is not a puzzle.
+
+        The one way eqr reads puzzle text: `eqr solve`'s files, the server's `puzzle` input and
+        `parse` all come here. Only a line ending is dropped, never other whitespace: a maze's
+        open border squares are spaces.
+        """
+        parsed: list[np.ndarray | str] = []
+        for line in lines:
+            try:
+                parsed.append(self.parse_line(line.rstrip("\r\n")))
+            except EqRError as e:
+                parsed.append(str(e))
+        return parsed
+
     def parse(self, lines: str | Iterable[str]) -> np.ndarray:
         """int32 [P, L] tokens of puzzles in the one-line text format (one line or several);
         EqRError naming the first malformed line."""
-        lines = [lines] if isinstance(lines, str) else list(lines)
-        rows = []
-        for i, line in enumerate(lines):
-            try:
-                rows.append(self.parse_line(line))
-            except EqRError as e:
-                raise EqRError(f"line {i}: {e}") from None
+        rows = self.parse_each([lines] if isinstance(lines, str) else lines)
+        bad = next((i for i, row in enumerate(rows) if isinstance(row, str)), None)
+        if bad is not None:
+            raise EqRError(f"line {bad}: {rows[bad]}")
         return np.stack(rows).astype(np.int32) if rows else np.zeros((0, self.seq_len), np.int32)
 
     def format(self, tokens: np.ndarray) -> list[str]:

@@ -83,14 +83,9 @@ def _skip_text_line(line: str, task: Task) -> bool:
 
 
 def _read_text(stream: IO[str], task: Task) -> Iterator[LabelledEntry]:
-    for number, raw in enumerate(_lines(stream), start=1):
-        line = raw.rstrip("\r\n")
-        if _skip_text_line(line, task):
-            continue
-        try:
-            yield number, task.parse_line(line), None
-        except EqRError as e:
-            yield number, str(e), None
+    kept = [(number, line) for number, line in enumerate(_lines(stream), start=1) if not _skip_text_line(line, task)]
+    for (number, _), parsed in zip(kept, task.parse_each(line for _, line in kept)):
+        yield number, parsed, None
 
 
 def _lines(stream: IO[str]) -> Iterator[str]:
