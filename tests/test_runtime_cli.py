@@ -289,3 +289,28 @@ def test_missing_graph_hint_names_the_precision_flag(artifacts, puzzles_file, tm
                  *FOREIGN)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "pass --precision" in result.stderr or "eqr calibrate" in result.stderr
+
+
+def test_solve_on_a_server_that_does_not_answer_says_so_in_one_line(monkeypatch):
+    from eqr.serving import remote
+    from eqr.serving.server import free_ports
+
+    quick = remote.Retry(first_wait=0.01, max_wait=0.02)  # the default number of tries, shorter waits
+    monkeypatch.setattr(remote, "Retry", lambda: quick)
+    result = run("--server", f"http://127.0.0.1:{free_ports(1)[0]}", input="1" * 16 + "\n")
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no answer from http://127.0.0.1:" in lines[0] and "8 tries" in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args, why", [
+    (["sudoku-small"], "drop ARTIFACT"),
+    (["--precision", "fp16"], "the served model decides --precision"),
+    (["--aggregate", "vote", "--tol", "0.1"], "decides --tol, --aggregate"),
+    (["--server", "ftp://x:1"], "--server 'ftp://x:1'"),
+])
+def test_solve_server_refuses_what_the_served_model_decides(args, why):
+    server = [] if "--server" in args else ["--server", "http://127.0.0.1:9"]
+    result = run(*server, *args, input="")
+    assert result.exit_code == 2 and why in result.output, result.output

@@ -80,9 +80,10 @@ class RemoteSolver:
     """One served model, as a solver: `task`, then `solve(tokens, ...)` -> per-puzzle arrays."""
 
     def __init__(self, url: str, model: str = "eqr", in_flight: int = 8, request_size: int = 16,
-                 timeout: float = 300.0, retry: Retry = Retry()) -> None:
+                 timeout: float = 300.0, retry: Retry | None = None) -> None:
         self.endpoint, self.model = Endpoint.parse(url), model
-        self.in_flight, self.request_size, self.timeout, self.retry = in_flight, request_size, timeout, retry
+        self.in_flight, self.request_size, self.timeout = in_flight, request_size, timeout
+        self.retry = retry or Retry()
         self._local = threading.local()  # one gRPC stream per worker thread
         self._streams: list[StreamClient] = []
         self._lock = threading.Lock()
