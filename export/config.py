@@ -8,6 +8,7 @@ from eqr.contract.config import JsonConfig
 from eqr.contract.errors import EqRError
 
 ENGINE_MODES = ("auto", "always", "never")
+DLA_PRECISIONS = ("fp16", "int8")  # what a DLA core computes in; an fp32 engine stays a GPU engine
 # Opset 17 is where the TorchScript exporter's graph gets ONNX Runtime's RMSNorm fusion; ONNX
 # Runtime's static quantizer (INT8 Q/DQ) supports opsets up to 20.
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 20, 17
@@ -39,34 +40,37 @@ class ExportConfig(JsonConfig):
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise EqRError(f"--opset {self.opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} "
                            f"(>= {MIN_OPSET} for the exporter, <= {MAX_OPSET} for INT8 Q/DQ quantization)")
-        lo, opt, hi = self.batch
-        if not 1 <= lo <= opt <= hi:
-            raise EqRError(f"--batch {lo}:{opt}:{hi} must satisfy 1 <= MIN <= OPT <= MAX")
         if self.check_batch < 1 or self.check_steps < 1:
             raise EqRError(f"--check-batch and --check-steps must be >= 1, got {self.check_batch}, {self.check_steps}")
         if self.threads < 0:
             raise EqRError(f"--threads must be >= 0 (0 picks the idle cores), got {self.threads}")
-        if self.workspace_mib < 1:
-            raise EqRError(f"--workspace-mib must be >= 1, got {self.workspace_mib}")
-        if self.dla_core is not None:
-            self._check_dla()
-
-    def _check_dla(self) -> None:
-        """DLA runs FP16 and INT8 with static shapes only (docs/jetson.md)."""
-        if self.dla_core < 0:
-            raise EqRError(f"--dla-core must be a DLA core index >= 0, got {self.dla_core}")
-        lo, opt, hi = self.batch
-        if lo != hi:
-            raise EqRError(f"--dla-core: DLA needs static shapes; give one batch size (--batch {opt}), not {lo}:{opt}:{hi}")
-        if not {"fp16", "int8"} & set(self.precision):
-            raise EqRError("--dla-core: DLA runs fp16 and int8 engines only; add --precision fp16 or --precision int8")
-        if self.engine == "never":
+        check_engine_options(self.precision, self.batch, self.workspace_mib, self.dla_core)
+        if self.dla_core is not None and self.engine == "never":
             raise EqRError("--dla-core builds engines; it cannot go with --engine never")
 
     @property
     def precisions(self) -> tuple[str, ...]:
         """Graphs in build order: fp32 first (the others derive from it), no duplicates."""
         return tuple(p for p in PRECISIONS if p == "fp32" or p in self.precision)
+
+
+def check_engine_options(precisions: tuple[str, ...], batch: tuple[int, int, int], workspace_mib: int,
+                         dla_core: int | None) -> None:
+    """The TensorRT build flags `eqr export` and `eqr engine` share; EqRError naming the flag."""
+    lo, opt, hi = batch
+    if not 1 <= lo <= opt <= hi:
+        raise EqRError(f"--batch {lo}:{opt}:{hi} must satisfy 1 <= MIN <= OPT <= MAX")
+    if workspace_mib < 1:
+        raise EqRError(f"--workspace-mib must be >= 1, got {workspace_mib}")
+    if dla_core is None:
+        return
+    # DLA runs FP16 and INT8 with static shapes only (docs/jetson.md)
+    if dla_core < 0:
+        raise EqRError(f"--dla-core must be a DLA core index >= 0, got {dla_core}")
+    if lo != hi:
+        raise EqRError(f"--dla-core: DLA needs static shapes; give one batch size (--batch {opt}), not {lo}:{opt}:{hi}")
+    if not set(DLA_PRECISIONS) & set(precisions):
+        raise EqRError("--dla-core: DLA runs fp16 and int8 engines only; add --precision fp16 or --precision int8")
 
 
 def parse_batch(text: str) -> tuple[int, int, int]:

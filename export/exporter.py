@@ -381,23 +381,17 @@ def fp32_model(model: EqRModel) -> EqRModel:
 def build_engines(stage: Path, config: ExportConfig, gpu, trt_version, why_not: str, model: EqRModel,
                   progress: Progress) -> tuple[dict[str, Any], dict[str, Any]]:
     """-> ({precision: engine entry}, {"status": "built"|"skipped", "reason"}); the ONNX side is
-    complete either way."""
-    from eqr.export.tensorrt import EngineProfile, build_engine
+    complete either way. The engines are `eqr engine`'s: `eqr.export.tensorrt.build_engines`."""
+    from eqr.export.tensorrt import EngineBuild, EngineBuildError, EngineProfile, build_engines as build
 
     if config.engine == "never":
         return {}, {"status": "skipped", "reason": "--engine never"}
     if why_not:
         progress.done(f"engine: skipped: {why_not}")
         return {}, {"status": "skipped", "reason": why_not}
-    profile = EngineProfile(config.batch, model.config.seq_len, model.config.hidden_size)
-    engines = {}
-    for precision in config.precisions:
-        progress.stage(f"{precision}: TensorRT {trt_version} engine for {gpu.tag}")
-        try:
-            dla_core = config.dla_core if precision in ("fp16", "int8") else None  # fp32 stays on the GPU
-            engines[precision] = build_engine(stage / PRECISIONS[precision].onnx, stage, precision, gpu, trt_version,
-                                              profile, config.workspace_mib, dla_core)
-        except RuntimeError as e:
-            raise ExportError(f"engine: {e}") from None
-        progress.done(f"{precision}: wrote {engines[precision]['engine']}")
-    return engines, {"status": "built", "reason": "", "tensorrt": trt_version, "gpu": gpu.tag}
+    request = EngineBuild(config.precisions, EngineProfile(config.batch, model.config.seq_len, model.config.hidden_size),
+                          config.workspace_mib, gpu, trt_version, config.dla_core)
+    try:
+        return build(stage, request, progress), request.built()
+    except EngineBuildError as e:
+        raise ExportError(str(e)) from None

@@ -5,19 +5,18 @@ onnxruntime and polygraphy are imported inside the functions that need them.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
-import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from eqr.contract.artifact import BATCH_DIM, INPUT_NAMES, OUTPUT_NAMES, io_contract
+from eqr.contract.trt_engine import quiet_polygraphy
 from eqr.model.network import EqRModel
 from eqr.model.step_graph import StepGraph
 
@@ -68,7 +67,7 @@ def fold_and_sort(model: "onnx.ModelProto", fold: bool = True) -> "onnx.ModelPro
     from polygraphy.backend.onnx import fold_constants
 
     if fold:
-        with _quiet_polygraphy():
+        with quiet_polygraphy():
             # No size threshold: folding the per-use weight transposes is the point (duplicates
             # are shared afterwards), so Polygraphy's "large folded tensors" advice does not apply.
             model = fold_constants(model, num_passes=2, error_ok=False, size_threshold=1 << 40)
@@ -124,20 +123,6 @@ def _drop_noop_casts(graph) -> None:
                     if tensor is result:
                         user.inputs[i] = source
             node.outputs.clear()
-
-
-@contextlib.contextmanager
-def _quiet_polygraphy() -> Iterator[None]:
-    """Polygraphy logs every pass (and its "colored" notice) to stdout: keep it to errors, on
-    stderr, so `eqr export --json` prints only JSON."""
-    from polygraphy.logger import G_LOGGER
-
-    colors, G_LOGGER.colors = G_LOGGER.colors, False  # no "install colored" notice either
-    try:
-        with G_LOGGER.verbosity(G_LOGGER.ERROR), contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        G_LOGGER.colors = colors
 
 
 def check_io_contract(model: "onnx.ModelProto", config_seq_len: int, hidden: int, vocab: int, where: str) -> None:
@@ -199,7 +184,7 @@ def lint(model_bytes: bytes, seq_len: int, hidden: int, vocab: int) -> dict[str,
         shapes = [f"tokens:[1,{seq_len}]", f"z_H:[1,{seq_len},{hidden}]", f"z_L:[1,{seq_len},{hidden}]", "done:[1]"]
         args = ["check", "lint", str(path), "-o", str(report_path), "--val-range", f"tokens:[0,{vocab - 1}]",
                 "--input-shapes", *shapes]
-        with _quiet_polygraphy(), warnings.catch_warnings():
+        with quiet_polygraphy(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # polygraphy's entry-point lookup
             status = polygraphy_main(args)
         report = json.loads(report_path.read_text()) if report_path.exists() else {}

@@ -24,18 +24,26 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from eqr.contract.artifact import engine_file
+from eqr.contract.artifact import PRECISIONS, engine_file
 from eqr.contract.errors import EqRError
 from eqr.contract.io import atomic_write_bytes, atomic_write_text, sha256_file
-from eqr.contract.trt_engine import (INSTALL_HINT,  # noqa: F401  (re-exported: export's public engine API)
-                                     SIDECAR_FORMAT, SIDECAR_VERSION, GpuInfo, check_engine, cuda_gpu, gpu_tag,
-                                     sidecar_path, tensorrt_version, trt_logger)
+from eqr.contract.progress import Progress
+# check_engine, GpuInfo and sidecar_path are re-exported: export's public engine API
+from eqr.contract.trt_engine import (INSTALL_HINT, SIDECAR_FORMAT, SIDECAR_VERSION, GpuInfo, check_engine, cuda_gpu,
+                                     quiet_polygraphy, rebuild_hint, sidecar_path, tensorrt_version, trt_logger)
+from eqr.export.config import DLA_PRECISIONS
 
 log = logging.getLogger(__name__)
 
 MIN_TENSORRT = (10, 1)  # create_execution_context(strategy), set_device_memory(ptr, size), *_v2 sizes
+
+
+class EngineBuildError(EqRError):
+    """TensorRT could not build an engine (exit 1): the graph or the builder failed, not the input."""
+
+    exit_code = 1
 
 
 def engine_support(device: int = 0) -> tuple[GpuInfo | None, str | None, str]:
@@ -117,8 +125,6 @@ class EngineFromOnnx:
                                             PostprocessConfig, Profile)
         from polygraphy.exception import PolygraphyException
 
-        from eqr.export.onnx_graph import _quiet_polygraphy
-
         plan = build_plan(self.precision, version_tuple(trt.__version__)[0], self.dla_core)
         profile = Profile()
         for name, (lo, opt, hi) in self.profile.shapes().items():
@@ -133,11 +139,12 @@ class EngineFromOnnx:
         network = NetworkFromOnnxBytes(self.onnx_bytes, strongly_typed=plan.strongly_typed)
         trt_logger()  # Polygraphy's logger is the process's one (eqr.contract.trt_engine)
         try:
-            with _quiet_polygraphy():
+            with quiet_polygraphy():
                 return bytes(EngineBytesFromNetwork(network, config=config,
                                                     save_timing_cache=None if cache is None else str(cache))())
         except PolygraphyException as e:
-            raise RuntimeError(f"TensorRT could not build the {self.precision} engine: {str(e).strip().splitlines()[-1]}") from None
+            raise EngineBuildError(f"engine: TensorRT could not build the {self.precision} engine: "
+                                   f"{str(e).strip().splitlines()[-1]}") from None
 
 
 def finish_config(trt: Any, builder: Any, config: Any, dla_core: int | None) -> None:
@@ -147,7 +154,7 @@ def finish_config(trt: Any, builder: Any, config: Any, dla_core: int | None) -> 
     if config.get_timing_cache() is None:
         log.warning("the TensorRT timing cache was refused (written by another TensorRT or GPU); starting an empty one")
         if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
-            raise RuntimeError("TensorRT refused an empty timing cache")
+            raise EngineBuildError("engine: TensorRT refused an empty timing cache")
     if dla_core is not None:
         cores = int(builder.num_DLA_cores)
         if dla_core >= cores:
@@ -169,19 +176,56 @@ def sidecar(precision: str, gpu: GpuInfo, trt_version: str, onnx_name: str, onnx
 
 
 def build_engine(onnx_path: Path, out_dir: Path, precision: str, gpu: GpuInfo, trt_version: str,
-                 profile: EngineProfile, workspace_mib: int, dla_core: int | None = None) -> dict[str, Any]:
-    """Build, write the engine and its sidecar (atomically) -> the manifest's engine entry."""
+                 profile: EngineProfile, workspace_mib: int, dla_core: int | None = None,
+                 timing_cache: Path | None = None) -> dict[str, Any]:
+    """Build, write the engine and its sidecar (atomically) -> the manifest's engine entry.
+    `timing_cache` defaults to this machine's (`timing_cache_path`)."""
     plan = build_plan(precision, version_tuple(trt_version)[0], dla_core)
     name = engine_file(precision, gpu.tag, trt_version, plan.dla_core)
     start = time.perf_counter()
     engine = EngineFromOnnx(onnx_path.read_bytes(), precision, profile, workspace_mib,
-                            timing_cache_path(gpu.tag, trt_version), plan.dla_core)()
+                            timing_cache or timing_cache_path(gpu.tag, trt_version), plan.dla_core)()
     seconds = time.perf_counter() - start
     meta = sidecar(precision, gpu, trt_version, onnx_path.name, sha256_file(onnx_path), profile, workspace_mib, plan)
     atomic_write_bytes(out_dir / name, engine)
     atomic_write_text(sidecar_path(out_dir / name), json.dumps(meta, indent=2) + "\n")
     return {"engine": name, "precision": precision, "sidecar": sidecar_path(name).name, "tensorrt": trt_version,
             "gpu": gpu.tag, "dla_core": plan.dla_core, "build_seconds": round(seconds, 1)}
+
+
+@dataclass(frozen=True)
+class EngineBuild:
+    """What `eqr export --engine` and `eqr engine` both build: the engines of `precisions` from
+    the step graphs in one directory, on one GPU and TensorRT."""
+
+    precisions: tuple[str, ...]
+    profile: EngineProfile
+    workspace_mib: int
+    gpu: GpuInfo
+    trt_version: str
+    dla_core: int | None = None  # fp16/int8 engines only: an fp32 engine stays a GPU engine
+    timing_cache: Path | None = None  # None: this machine's, per GPU and TensorRT version
+
+    def built(self) -> dict[str, Any]:
+        """The manifest's "engine_build" entry after these engines were built."""
+        return {"status": "built", "reason": "", "tensorrt": self.trt_version, "gpu": self.gpu.tag}
+
+
+def build_engines(directory: Path, build: EngineBuild, progress: Progress,
+                  on_built: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Every engine of `build` from `directory`'s step graphs, written beside them -> {precision:
+    the manifest's engine entry}. `on_built(precision, entry)` runs after each engine is written."""
+    engines = {}
+    for precision in build.precisions:
+        progress.stage(f"{precision}: TensorRT {build.trt_version} engine for {build.gpu.tag}")
+        dla_core = build.dla_core if precision in DLA_PRECISIONS else None
+        engines[precision] = build_engine(directory / PRECISIONS[precision].onnx, directory, precision, build.gpu,
+                                          build.trt_version, build.profile, build.workspace_mib, dla_core,
+                                          build.timing_cache)
+        if on_built is not None:
+            on_built(precision, engines[precision])
+        progress.done(f"{precision}: wrote {engines[precision]['engine']}")
+    return engines
 
 
 def load_engine(engine_path: str | Path, device: int = 0):
@@ -194,5 +238,6 @@ def load_engine(engine_path: str | Path, device: int = 0):
         runtime.DLA_core = int(meta["dla_core"])
     engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
     if engine is None:
-        raise EqRError(f"{engine_path}: TensorRT refused the plan (version or GPU mismatch); rebuild it with eqr export")
+        raise EqRError(f"{engine_path}: TensorRT refused the plan (version or GPU mismatch); "
+                       f"{rebuild_hint(Path(engine_path), meta.get('precision'))}")
     return engine

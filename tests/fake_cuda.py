@@ -4,12 +4,19 @@
 runs only at `cudaStreamSynchronize` (so a missing wait reads stale data, as on a GPU). Stream
 capture records instead of running, with the arguments (addresses, shapes) fixed at capture
 time, as a real graph's kernel parameters are. The engine runs the step graph with ONNX
-Runtime: its file holds the ONNX bytes. It refuses what TensorRT documents as undefined or
-invalid: re-binding a context after it was captured, capture in a mode other than thread-local,
-shapes outside the profile, misaligned addresses, USER_MANAGED contexts run without memory.
+Runtime: its file holds the ONNX bytes. It refuses what CUDA and TensorRT document as undefined
+or invalid: a copy whose kind does not match where its pointers live (device, pinned or pageable
+host memory; a captured copy needs pinned host memory), cudaMalloc or cudaFree while a stream
+captures, freeing memory with the other allocator's free, re-binding a context after it was
+captured, capturing a context's first run (TensorRT allocates and selects on it), capture in a
+mode other than thread-local, any input dimension outside the profile, misaligned addresses,
+USER_MANAGED contexts run without memory, and a run while a CUDA error is pending (TensorRT reads
+cudaGetLastError after its launches). `fail` makes EndCapture or Instantiate fail on request (after n good calls); a
+cuda-python major above the driver's fails like the real runtime (cudaErrorInsufficientDriver).
 """
 from __future__ import annotations
 
+import bisect
 import ctypes
 from enum import IntEnum
 from types import SimpleNamespace
@@ -23,6 +30,12 @@ ALIGN = 256
 class Error(IntEnum):
     cudaSuccess = 0
     cudaErrorInvalidValue = 1
+    cudaErrorInsufficientDriver = 35
+    cudaErrorStreamCaptureInvalidated = 901
+
+
+class FakeGraph(list):
+    """A captured graph or its executable: the recorded operations."""
 
 
 class FakeCudart:
@@ -30,33 +43,80 @@ class FakeCudart:
     cudaMemcpyKind = SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2, cudaMemcpyDeviceToDevice=3)
     cudaStreamCaptureMode = SimpleNamespace(cudaStreamCaptureModeGlobal=0, cudaStreamCaptureModeThreadLocal=1,
                                             cudaStreamCaptureModeRelaxed=2)
+    # memcpy kind -> where (dst, src) must live
+    KINDS = {1: ("device", "host"), 2: ("host", "device"), 3: ("device", "device")}
 
-    def __init__(self, devices: int = 1) -> None:
+    def __init__(self, devices: int = 1, driver: int = 12040, runtime: int = 12060) -> None:
         self.devices = devices
+        self.driver, self.runtime = driver, runtime  # cudaDriverGetVersion, cudaRuntimeGetVersion
         self.current = 0
         self.buffers: dict[int, Any] = {}
+        self.memory: dict[int, tuple[int, str]] = {}  # ptr -> (size, "device" | "pinned")
+        self._starts: list[int] = []  # sorted allocation starts
         self.queues: dict[int, list[Callable[[], None]]] = {}
         self.capturing: dict[int, list[Callable[[], None]]] = {}
         self.capture_modes: list[int] = []
         self.device_calls: list[int] = []  # the device of each stream operation
+        self.calls: dict[str, int] = {"malloc": 0, "free": 0}  # device and pinned, counted together
+        self.fail: dict[str, int] = {}  # "EndCapture" / "Instantiate" -> fail every such call after this many
+        self._made: dict[str, int] = {}
+        self.last_error = Error.cudaSuccess
+        self.live_graphs: set[int] = set()
+        self.live_execs: set[int] = set()
 
     # memory
-    def _alloc(self, size: int) -> tuple[Error, int]:
+    def _alloc(self, size: int, where: str) -> tuple[Error, int]:
+        assert not self.capturing, f"cudaMalloc{'Host' if where == 'pinned' else ''} during a stream capture"
         raw = ctypes.create_string_buffer(size + ALIGN)
         ptr = (ctypes.addressof(raw) + ALIGN - 1) // ALIGN * ALIGN
         self.buffers[ptr] = raw
+        self.memory[ptr] = (size, where)
+        bisect.insort(self._starts, ptr)
+        self.calls["malloc"] += 1
         return Error.cudaSuccess, ptr
 
-    cudaMalloc = cudaMallocHost = _alloc
+    def cudaMalloc(self, size: int) -> tuple[Error, int]:
+        return self._alloc(size, "device")
 
-    def cudaFree(self, ptr: int) -> tuple[Error]:
+    def cudaMallocHost(self, size: int) -> tuple[Error, int]:
+        return self._alloc(size, "pinned")
+
+    def _free(self, ptr: int, where: str) -> tuple[Error]:
+        assert not self.capturing, "cudaFree during a stream capture"
+        assert self.memory.get(ptr, (0, where))[1] == where, f"{where} free of {self.memory[ptr][1]} memory"
         for stream in list(self.queues):  # cudaFree waits for the device's pending work
-            if stream not in self.capturing:
-                self.cudaStreamSynchronize(stream)
+            self.cudaStreamSynchronize(stream)
+        if ptr in self.memory:
+            del self.memory[ptr]
+            self._starts.remove(ptr)
         self.buffers.pop(ptr, None)
+        self.calls["free"] += 1
         return (Error.cudaSuccess,)
 
-    cudaFreeHost = cudaFree
+    def cudaFree(self, ptr: int) -> tuple[Error]:
+        return self._free(ptr, "device")
+
+    def cudaFreeHost(self, ptr: int) -> tuple[Error]:
+        return self._free(ptr, "pinned")
+
+    def where(self, ptr: int, count: int) -> str:
+        """"device", "pinned" or "pageable" for [ptr, ptr + count); an overrun is an error."""
+        i = bisect.bisect_right(self._starts, ptr) - 1
+        if i >= 0:
+            start = self._starts[i]
+            size, kind = self.memory[start]
+            if ptr < start + size:
+                assert ptr + count <= start + size, f"{count} bytes at {ptr:#x} overrun a {size}-byte {kind} allocation"
+                return kind
+        return "pageable"
+
+    def _check_copy(self, dst: int, src: int, count: int, kind: int, stream: int) -> None:
+        want = self.KINDS[kind]
+        got = (self.where(dst, count), self.where(src, count))
+        for side, need, have in zip(("destination", "source"), want, got):
+            assert (have != "device") if need == "host" else (have == "device"), \
+                f"memcpy kind {kind}: the {side} is {have} memory"
+            assert not (stream in self.capturing and have == "pageable"), "a captured copy from/to pageable memory"
 
     # streams
     def cudaSetDevice(self, device: int) -> tuple[Error]:
@@ -65,8 +125,20 @@ class FakeCudart:
         self.current = device
         return (Error.cudaSuccess,)
 
+    def cudaDriverGetVersion(self) -> tuple[Error, int]:
+        return Error.cudaSuccess, self.driver
+
+    def cudaRuntimeGetVersion(self) -> tuple[Error, int]:
+        return Error.cudaSuccess, self.runtime
+
     def cudaGetDeviceCount(self) -> tuple[Error, int]:
+        if self.runtime // 1000 > self.driver // 1000:
+            return Error.cudaErrorInsufficientDriver, 0
         return Error.cudaSuccess, self.devices
+
+    def cudaGetLastError(self) -> tuple[Error]:
+        err, self.last_error = self.last_error, Error.cudaSuccess
+        return (err,)
 
     def cudaStreamCreateWithFlags(self, flags: int) -> tuple[Error, int]:
         handle = 1000 + len(self.queues)
@@ -82,10 +154,12 @@ class FakeCudart:
         (self.capturing[stream] if stream in self.capturing else self.queues[stream]).append(op)
 
     def cudaMemcpyAsync(self, dst: int, src: int, count: int, kind: int, stream: int) -> tuple[Error]:
+        self._check_copy(dst, src, count, kind, stream)
         self.enqueue(stream, lambda: ctypes.memmove(dst, src, count))
         return (Error.cudaSuccess,)
 
     def cudaMemsetAsync(self, ptr: int, value: int, count: int, stream: int) -> tuple[Error]:
+        assert self.where(ptr, count) == "device", "cudaMemsetAsync on host memory"
         self.enqueue(stream, lambda: ctypes.memset(ptr, value, count))
         return (Error.cudaSuccess,)
 
@@ -102,24 +176,46 @@ class FakeCudart:
         self.capturing[stream] = []
         return (Error.cudaSuccess,)
 
-    def cudaStreamEndCapture(self, stream: int) -> tuple[Error, list]:
-        return Error.cudaSuccess, self.capturing.pop(stream)
+    def cudaStreamEndCapture(self, stream: int) -> tuple[Error, FakeGraph | None]:
+        ops = self.capturing.pop(stream)  # the stream leaves capture mode either way
+        if self._fails("EndCapture"):
+            self.last_error = Error.cudaErrorStreamCaptureInvalidated
+            return Error.cudaErrorStreamCaptureInvalidated, None
+        graph = FakeGraph(ops)
+        self.live_graphs.add(id(graph))
+        return Error.cudaSuccess, graph
 
-    def cudaGraphInstantiate(self, graph: list, flags: int) -> tuple[Error, list]:
-        return Error.cudaSuccess, list(graph)
+    def cudaGraphInstantiate(self, graph: FakeGraph, flags: int) -> tuple[Error, FakeGraph | None]:
+        assert id(graph) in self.live_graphs, "instantiating a destroyed graph"
+        if self._fails("Instantiate"):
+            self.last_error = Error.cudaErrorInvalidValue
+            return Error.cudaErrorInvalidValue, None
+        graph_exec = FakeGraph(graph)
+        self.live_execs.add(id(graph_exec))
+        return Error.cudaSuccess, graph_exec
 
-    def cudaGraphLaunch(self, graph_exec: list, stream: int) -> tuple[Error]:
+    def _fails(self, call: str) -> bool:
+        made = self._made[call] = self._made.get(call, 0) + 1
+        return call in self.fail and made > self.fail[call]
+
+    def cudaGraphLaunch(self, graph_exec: FakeGraph, stream: int) -> tuple[Error]:
+        assert id(graph_exec) in self.live_execs, "launching a destroyed graph"
         for op in graph_exec:
             self.enqueue(stream, op)
         return (Error.cudaSuccess,)
 
-    def cudaGraphDestroy(self, graph: Any) -> tuple[Error]:
+    def cudaGraphDestroy(self, graph: FakeGraph) -> tuple[Error]:
+        assert graph is not None and id(graph) in self.live_graphs, "destroying no graph"
+        self.live_graphs.discard(id(graph))
         return (Error.cudaSuccess,)
 
-    cudaGraphExecDestroy = cudaGraphDestroy
+    def cudaGraphExecDestroy(self, graph_exec: FakeGraph) -> tuple[Error]:
+        assert graph_exec is not None and id(graph_exec) in self.live_execs, "destroying no executable graph"
+        self.live_execs.discard(id(graph_exec))
+        return (Error.cudaSuccess,)
 
     def cudaGetErrorString(self, err: Any) -> tuple[Error, bytes]:
-        return Error.cudaSuccess, b"invalid argument"
+        return Error.cudaSuccess, Error(int(err)).name.encode()
 
 
 # --------------------------------------------------------------------------- TensorRT
@@ -144,18 +240,20 @@ class Strategy(IntEnum):
 
 
 def fake_tensorrt(cudart: FakeCudart, profile: tuple[int, int, int]) -> SimpleNamespace:
-    trt = SimpleNamespace(__version__="10.16.0", ExecutionContextAllocationStrategy=Strategy, engines=[], **{
-        t.name: t for t in DataType})
-    trt.Runtime = lambda logger: FakeRuntime(cudart, trt, profile)
+    trt = SimpleNamespace(__version__="10.16.0", ExecutionContextAllocationStrategy=Strategy, engines=[],
+                          Logger=Severity, ILogger=ILogger, **{t.name: t for t in DataType})
+    trt.Runtime = lambda logger: FakeRuntime(cudart, trt, profile, logger)
     return trt
 
 
 class FakeRuntime:
-    def __init__(self, cudart: FakeCudart, trt: SimpleNamespace, profile: tuple[int, int, int]) -> None:
-        self.cudart, self.trt, self.profile = cudart, trt, profile
+    def __init__(self, cudart: FakeCudart, trt: SimpleNamespace, profile: tuple[int, int, int], logger: Any) -> None:
+        self.cudart, self.trt, self.profile, self.logger = cudart, trt, profile, logger
         self.DLA_core = -1
 
     def deserialize_cuda_engine(self, plan: bytes) -> "FakeEngine":
+        if self.logger is not None:  # as TensorRT does for, e.g., a plan built by a newer minor release
+            self.logger.log(Severity.WARNING, "TensorRT: a runtime warning")
         engine = FakeEngine(self.cudart, plan, self.profile)
         self.trt.engines.append(engine)
         return engine
@@ -205,13 +303,15 @@ class FakeContext:
         self.memory: tuple[int, int] | None = None
         self.captured = False
         self.binds = 0
+        self.runs = 0
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
         assert not self.captured, "set_input_shape after this context was captured"
-        lo, _, hi = self.engine.profile
-        if not lo <= shape[0] <= hi:
+        lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
+        shape = tuple(int(d) for d in shape)
+        if len(shape) != len(lo) or not all(a <= d <= b for a, d, b in zip(lo, shape, hi)):
             return False
-        self.shapes[name] = tuple(shape)
+        self.shapes[name] = shape
         return True
 
     def set_tensor_address(self, name: str, ptr: int) -> bool:
@@ -232,8 +332,12 @@ class FakeContext:
         cudart = self.engine.cudart
         if self.strategy == Strategy.USER_MANAGED and self.memory is None:
             return False
+        if cudart.last_error != Error.cudaSuccess:  # TensorRT checks cudaGetLastError after its launches
+            return False
         if stream in cudart.capturing:
+            assert self.runs, "captured this context's first run (TensorRT allocates and selects lazily on it)"
             self.captured = True
+        self.runs += 1
         shapes, addresses = dict(self.shapes), dict(self.addresses)  # fixed now, like kernel parameters
         cudart.enqueue(stream, lambda: self._run(shapes, addresses))
         return True
@@ -251,3 +355,59 @@ class FakeContext:
         outputs = engine.session.run(None, feeds)
         for value, out in zip(engine.session.get_outputs(), outputs):
             view(value.name, (B, *out.shape[1:]))[...] = out
+
+
+# --------------------------------------------------------------------------- the build path
+
+
+class Severity(IntEnum):
+    """trt.Logger's severities."""
+
+    INTERNAL_ERROR = 0
+    ERROR = 1
+    WARNING = 2
+    INFO = 3
+    VERBOSE = 4
+
+
+class ILogger:
+    """trt.ILogger: subclasses implement log(severity, msg)."""
+
+    def __init__(self) -> None:
+        pass
+
+
+def builder_tensorrt(version: str = "10.3.0") -> SimpleNamespace:
+    """A `tensorrt` module for the build path: what eqr and Polygraphy's logger read of it."""
+    return SimpleNamespace(__version__=version, MemoryPoolType=SimpleNamespace(WORKSPACE="workspace"),
+                           Logger=Severity, ILogger=ILogger)
+
+
+def fake_loaders(trt: SimpleNamespace, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stand-ins for Polygraphy's TensorRT loaders (polygraphy.backend.trt): the plan they build
+    is the ONNX bytes (what fake_tensorrt's runtime deserializes), each build is appended to
+    `calls`, and each one warns the way TensorRT and Polygraphy do: through the process's TensorRT
+    logger, Polygraphy's logger, and a bare print() (an old Polygraphy)."""
+    from eqr.contract.trt_engine import trt_logger
+
+    def engine_bytes(network: tuple, config: dict, save_timing_cache: str | None = None) -> Callable[[], bytes]:
+        def build() -> bytes:
+            from polygraphy.logger import G_LOGGER
+
+            trt_logger().log(trt.Logger.WARNING, "TensorRT: a builder warning")
+            G_LOGGER.warning("Polygraphy: a loader warning")
+            G_LOGGER.error("Polygraphy: an error-level message")
+            print("an old Polygraphy printing")
+            calls.append({"network": network, "config": config, "save_timing_cache": save_timing_cache})
+            return network[1]
+
+        return build
+
+    class Profile(dict):
+        def add(self, name: str, lo: tuple, opt: tuple, hi: tuple) -> "Profile":
+            self[name] = (lo, opt, hi)
+            return self
+
+    return {"NetworkFromOnnxBytes": lambda data, strongly_typed: ("network", data, strongly_typed),
+            "CreateConfig": lambda **options: options, "PostprocessConfig": lambda config, fn: config,
+            "EngineBytesFromNetwork": engine_bytes, "Profile": Profile}

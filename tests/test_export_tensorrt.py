@@ -11,8 +11,9 @@ import pytest
 
 from eqr.contract.artifact import engine_file
 from eqr.contract.errors import EqRError
+from eqr.contract.trt_engine import gpu_tag
 from eqr.export import tensorrt as trt_export
-from eqr.export.tensorrt import EngineProfile, GpuInfo, check_engine, gpu_tag, sidecar, sidecar_path
+from eqr.export.tensorrt import EngineProfile, GpuInfo, check_engine, sidecar, sidecar_path
 
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
 ORIN = GpuInfo("Orin", "8.7")
@@ -80,7 +81,7 @@ def test_check_engine_refuses_a_mismatch_with_a_rebuild_hint(tmp_path: Path, cas
         sidecar_path(engine).unlink()
     with pytest.raises(EqRError, match=message) as info:
         check_engine(engine, trt_version=version, gpu=gpu)
-    assert "rebuild it: eqr export" in str(info.value) and "\n" not in str(info.value)
+    assert "rebuild it on this machine: eqr engine" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_engine_support_says_why_not(monkeypatch) -> None:
@@ -248,7 +249,7 @@ def test_finish_config_replaces_a_refused_timing_cache_and_sets_the_dla_core() -
     config = _Config(cache=None)  # the file's cache was refused by CreateConfig's set_timing_cache
     finish_config(None, SimpleNamespace(num_DLA_cores=2), config, dla_core=1)
     assert config.cache == ("cache", b"") and config.DLA_core == 1
-    with pytest.raises(RuntimeError, match="refused an empty timing cache"):
+    with pytest.raises(trt_export.EngineBuildError, match="refused an empty timing cache"):
         finish_config(None, SimpleNamespace(num_DLA_cores=0), _Config(cache=None, accept=False), None)
     with pytest.raises(EqRError, match=r"--dla-core 2: this device has 2 DLA core\(s\) \(0..1\)"):
         finish_config(None, SimpleNamespace(num_DLA_cores=2), _Config(cache="ok"), 2)

@@ -8,6 +8,8 @@ of every precision, one test per defect the TensorRT path was reviewed for.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from fake_cuda import FakeCudart, Strategy, fake_tensorrt
@@ -140,6 +142,117 @@ def test_device_array_helpers_move_rows_on_the_stream(fake):
         backend.put(da, np.array([5, 2]), db)
         a[[5, 2]] = b
         np.testing.assert_array_equal(backend.download(da), a)
+
+
+@pytest.mark.parametrize("failing, after", [("EndCapture", 0), ("Instantiate", 0), ("Instantiate", 1)])
+def test_a_failed_capture_falls_back_to_plain_enqueue_with_one_warning(fake, failing, after, caplog, capfd):
+    """Graph A or B (after=1: B, once A was made) cannot be captured or instantiated: the capture is
+    ended, the error cleared (the fake fails every run while one is pending), every graph made is
+    destroyed, and the answers are the plain enqueue's."""
+    cudart, trt, engine = fake
+    puzzles = random_puzzles(11, seed=41)
+    plain, plain_stats = _solve(TensorRTBackend(engine, batch_size=4, cuda_graphs=False, static_shapes=True), puzzles)
+    cudart.fail = {failing: after}
+    backend = TensorRTBackend(engine, batch_size=4, cuda_graphs=True)
+    with caplog.at_level("WARNING", logger="eqr"):
+        got, stats = _solve(backend, puzzles)
+    np.testing.assert_array_equal(got, plain)
+    np.testing.assert_array_equal(stats.residual_trace, plain_stats.residual_trace)
+    (record,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "CUDA-graph capture failed" in record.getMessage() and failing in record.getMessage()
+    assert backend.describe()["cuda_graphs"] is False
+    assert not cudart.live_graphs and not cudart.live_execs and not cudart.capturing
+    assert capfd.readouterr().out == ""
+
+
+def test_graphs_are_destroyed_and_none_leaks(fake):
+    cudart, trt, engine = fake
+    with TensorRTBackend(engine, batch_size=4) as backend:
+        solve(backend, random_puzzles(5), states(5), CFG)
+        assert len(cudart.live_execs) == 2 and not cudart.live_graphs  # the captured graphs: instantiated, freed
+    assert not cudart.live_execs
+
+
+def test_dynamic_mode_allocates_at_activation_only(fake):
+    """No cudaMalloc or cudaFree (each synchronizes the device) per step, gather, concat or admission,
+    nor when compaction shrinks the batch: max-batch blocks reserved once, row views of them."""
+    cudart, trt, engine = fake
+    with TensorRTBackend(engine, cuda_graphs=False) as backend:
+        setup = dict(cudart.calls)
+        for seed in range(2):  # a second solve reuses the blocks the first returned
+            _, stats = solve(backend, random_puzzles(19, seed=seed), states(19, seed), CFG, batch_size=8)
+            assert stats.batch_size.min() < stats.batch_size.max() == 8  # admissions and compaction
+        a = backend.upload(np.ones((8, 16, 16), np.float32))
+        b = backend.take(a, np.array([7, 0, 3]))
+        np.testing.assert_array_equal(backend.download(backend.concat([b, a.rows(2)])), np.ones((5, 16, 16)))
+        assert cudart.calls == setup
+    assert cudart.calls["free"] == cudart.calls["malloc"]  # everything returned at deactivation
+
+
+def test_an_old_driver_for_cuda_python_says_so_instead_of_no_device(fake):
+    cudart, trt, engine = fake
+    artifact = SimpleNamespace(engines={"fp32": engine})
+    cudart.driver, cudart.runtime = 12040, 13000  # cuda-python 13 on a CUDA 12.4 driver
+    assert TensorRTBackend.unavailable_reason(artifact, "fp32") == (
+        'cuda-python 13 needs a CUDA 13 driver; this driver supports CUDA 12.4: pip install "cuda-python<13"')
+    cudart.driver = 0
+    assert "no CUDA driver found" in TensorRTBackend.unavailable_reason(artifact, "fp32")
+    cudart.driver, cudart.runtime = 13000, 12060  # a newer driver runs the older cuda-python
+    assert TensorRTBackend.unavailable_reason(artifact, "fp32") is None
+
+
+def test_tensorrt_messages_go_to_logging_never_stdout(fake, monkeypatch, caplog, capfd):
+    """The runtime's TensorRT logger: Polygraphy's where it is installed (its logger switched to
+    Python logging), else eqr's own ILogger; neither writes to stdout."""
+    import sys
+
+    import polygraphy.backend.trt.util as polygraphy_util
+
+    from eqr.contract import trt_engine
+
+    cudart, trt, engine = fake
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(polygraphy_util, "TRT_LOGGER", None)
+    monkeypatch.setattr(trt_engine, "_LOGGER", None)
+    monkeypatch.setattr(trt_backend, "trt_logger", trt_engine.trt_logger)
+    with caplog.at_level("WARNING"):
+        _solve(TensorRTBackend(engine, batch_size=4), random_puzzles(3))
+        trt_engine._logging_trt_logger().log(trt.Logger.WARNING, "TensorRT: from the edge logger")
+    assert capfd.readouterr().out == ""
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("TensorRT: a runtime warning" in m for m in messages)
+    assert "TensorRT: from the edge logger" in messages
+
+
+def test_the_fake_refuses_what_cuda_and_tensorrt_refuse(fake):
+    """fake_cuda is only worth its passes if it fails where the real stack would."""
+    cudart, trt, engine = fake
+    kind = FakeCudart.cudaMemcpyKind
+    _, device = cudart.cudaMalloc(1024)
+    _, pinned = cudart.cudaMallocHost(1024)
+    pageable = np.zeros(256, np.uint8)
+    stream = cudart.cudaStreamCreateWithFlags(1)[1]
+    for dst, src, k, message in [(pageable.ctypes.data, device, kind.cudaMemcpyDeviceToDevice, "destination is pageable"),
+                                 (device, pinned, kind.cudaMemcpyDeviceToHost, "destination is device"),
+                                 (device, device + 512, kind.cudaMemcpyDeviceToDevice, "overrun")]:
+        with pytest.raises(AssertionError, match=message):
+            cudart.cudaMemcpyAsync(dst, src, 256 if message != "overrun" else 1024, k, stream)
+    with pytest.raises(AssertionError, match="pinned free of device memory"):
+        cudart.cudaFreeHost(device)
+    cudart.cudaStreamBeginCapture(stream, 1)
+    with pytest.raises(AssertionError, match="pageable"):
+        cudart.cudaMemcpyAsync(device, pageable.ctypes.data, 256, kind.cudaMemcpyHostToDevice, stream)
+    cudart.cudaMemcpyAsync(device, pinned, 256, kind.cudaMemcpyHostToDevice, stream)  # pinned: capturable
+    with pytest.raises(AssertionError, match="cudaMalloc during a stream capture"):
+        cudart.cudaMalloc(16)
+    with pytest.raises(AssertionError, match="cudaFree during a stream capture"):
+        cudart.cudaFree(device)
+    fresh = trt.Runtime(None).deserialize_cuda_engine(engine.read_bytes()).create_execution_context()
+    with pytest.raises(AssertionError, match="first run"):
+        fresh.execute_async_v3(stream)
+    cudart.cudaStreamEndCapture(stream)
+    assert fresh.set_input_shape("tokens", (2, 16)) and not fresh.set_input_shape("tokens", (2, 17))
+    assert not fresh.set_input_shape("z_H", (2, 16, 8)) and not fresh.set_input_shape("tokens", (2, 16, 1))
 
 
 # --------------------------------------------------------------------------- on a GPU

@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "bench": "eqr.commands.bench:bench",
     "calibrate": "eqr.commands.calibrate:calibrate",
     "data": "eqr.commands.data:data",
+    "engine": "eqr.commands.engine:engine",
     "export": "eqr.commands.export:export",
     "info": "eqr.commands.info:info",
     "report": "eqr.commands.calibrate:report",

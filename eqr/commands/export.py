@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-from typing import Iterator
+from typing import Callable, Iterator
 
 import click
 
@@ -12,6 +12,25 @@ from eqr.commands.options import calib_data_option, force_option, out_option, ou
 from eqr.contract.artifact import PRECISIONS
 from eqr.contract.progress import Progress
 from eqr.export.config import DEFAULT_OPSET, ENGINE_MODES, ExportConfig, parse_batch
+
+
+# The TensorRT build flags `eqr export` shares with `eqr engine` (checked by
+# eqr.export.config.check_engine_options).
+
+
+def profile_batch_option(default: str | None, help: str) -> Callable[[Callable], Callable]:
+    return click.option("--batch", default=default, show_default=default is not None, metavar="MIN:OPT:MAX", help=help)
+
+
+def workspace_option(f: Callable) -> Callable:
+    return click.option("--workspace-mib", type=int, default=4096, show_default=True,
+                        help="TensorRT builder workspace limit (lower it on an 8 GB Jetson).")(f)
+
+
+def dla_core_option(f: Callable) -> Callable:
+    return click.option("--dla-core", type=int, default=None, metavar="N",
+                        help="Jetson: build the fp16/int8 engines for DLA core N (GPU fallback; needs a single "
+                             "--batch).")(f)
 
 
 @contextlib.contextmanager
@@ -32,8 +51,7 @@ def _terminate_cleanly() -> Iterator[None]:
 @precision_option(default=("fp32",), choices=tuple(PRECISIONS),
                   help="Graph(s) to write: repeat the flag or give a comma list. fp32 is always written too.")
 @out_option(help="Output directory [default: <model stem>-eqr/].", type=click.Path(file_okay=False))
-@click.option("--batch", default="1:64:256", show_default=True, metavar="MIN:OPT:MAX",
-              help="TensorRT optimization profile over the batch dimension.")
+@profile_batch_option(default="1:64:256", help="TensorRT optimization profile over the batch dimension.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (17..20).")
 @click.option("--engine", type=click.Choice(ENGINE_MODES), default="auto", show_default=True,
               help="TensorRT engines: auto = when TensorRT and a GPU exist; always = fail (exit 1) without.")
@@ -47,9 +65,8 @@ def _terminate_cleanly() -> Iterator[None]:
               help="Trajectories (task puzzles from random initial states) in the parity checks.")
 @click.option("--check-steps", type=int, default=32, show_default=True,
               help="Outer steps per checked and calibration trajectory.")
-@click.option("--workspace-mib", type=int, default=4096, show_default=True, help="TensorRT builder workspace limit.")
-@click.option("--dla-core", type=int, default=None, metavar="N",
-              help="Jetson: build the fp16/int8 engines for DLA core N (GPU fallback; needs a single --batch).")
+@workspace_option
+@dla_core_option
 @click.option("--threads", type=int, default=0, show_default=True,
               help="CPU threads for the checks; 0 = the cores left idle by the load average.")
 @force_option(help="Replace an existing export; also removes what was derived from it (calib.npz, report/).")

@@ -13,14 +13,16 @@ for 4: on integrated GPUs the tag carries the SM count too (docs/jetson.md).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from eqr.contract.errors import EqRError
 from eqr.contract.io import sha256_file
@@ -29,7 +31,8 @@ log = logging.getLogger(__name__)
 
 SIDECAR_FORMAT = "eqr-engine"
 SIDECAR_VERSION = 2  # 2: gpu sm_count / integrated, dla_core
-INSTALL_HINT = "pip install 'eqr[tensorrt]' on a CUDA machine (JetPack ships it on Jetson)"
+INSTALL_HINT = ("pip install 'eqr[tensorrt]' on a CUDA machine (on Jetson, JetPack's tensorrt in a venv made with "
+                "--system-site-packages: docs/jetson.md)")
 # CUdevice_attribute values (cuda.h)
 _MULTIPROCESSOR_COUNT, _INTEGRATED, _CC_MAJOR, _CC_MINOR = 16, 18, 75, 76
 
@@ -90,24 +93,64 @@ def tensorrt_version() -> str | None:
 
 
 _LOGGER: Any = None
+TRT_LOG = logging.getLogger("eqr.tensorrt")  # TensorRT's own messages on an edge runtime without Polygraphy
 
 
 def trt_logger() -> Any:
     """The process's one TensorRT logger (TensorRT keeps the first logger a builder or runtime is
     given and warns about every other one). Builds go through Polygraphy's loaders, which log to
-    Polygraphy's global logger: where Polygraphy is installed that logger is the one; on an edge
-    runtime without Polygraphy it is a `trt.Logger` at WARNING."""
+    Polygraphy's global logger: where Polygraphy is installed that logger is the one, sent to
+    Python logging by `polygraphy_logging`; on an edge runtime without Polygraphy it is an
+    `ILogger` that forwards to the `eqr.tensorrt` Python logger. Either way no TensorRT message
+    reaches stdout, which is for results (`--json`)."""
     global _LOGGER
     if _LOGGER is None:
         try:
             from polygraphy.backend.trt import get_trt_logger
         except ImportError:
-            import tensorrt as trt
-
-            _LOGGER = trt.Logger(trt.Logger.WARNING)
+            _LOGGER = _logging_trt_logger()
         else:
+            polygraphy_logging()
             _LOGGER = get_trt_logger()
     return _LOGGER
+
+
+def _logging_trt_logger() -> Any:
+    import tensorrt as trt
+
+    levels = {trt.Logger.INTERNAL_ERROR: logging.ERROR, trt.Logger.ERROR: logging.ERROR,
+              trt.Logger.WARNING: logging.WARNING, trt.Logger.INFO: logging.DEBUG, trt.Logger.VERBOSE: logging.DEBUG}
+
+    class LoggingTrtLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)  # the binding's trampoline needs it
+
+        def log(self, severity: Any, msg: str) -> None:  # called by TensorRT, which it must not raise into
+            TRT_LOG.log(levels.get(severity, logging.DEBUG), "%s", msg)
+
+    return LoggingTrtLogger()
+
+
+def polygraphy_logging() -> Any:
+    """Polygraphy's global logger, made to emit through Python logging (the "Polygraphy" logger,
+    stderr) instead of print() on stdout, without colors (nor the notice that `colored` is
+    missing, itself printed on stdout). Polygraphy releases without that switch keep printing;
+    `quiet_polygraphy` keeps their stdout clean while they run."""
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.colors = False
+    if hasattr(G_LOGGER, "use_python_logging_system"):
+        G_LOGGER.use_python_logging_system = True
+    return G_LOGGER
+
+
+@contextlib.contextmanager
+def quiet_polygraphy() -> Iterator[None]:
+    """Polygraphy at errors only, and anything it still prints sent to stderr, while it runs a
+    pass or a build (it logs every pass)."""
+    logger = polygraphy_logging()
+    with logger.verbosity(logger.ERROR), contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def read_sidecar(engine_path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -124,8 +167,8 @@ def read_sidecar(engine_path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def rebuild_hint(engine: Path) -> str:
-    return f"rebuild it: eqr export MODEL --precision <p> --out {engine.parent} --engine always --force"
+def rebuild_hint(engine: Path, precision: str | None = None) -> str:
+    return f"rebuild it on this machine: eqr engine {engine.parent} --precision {precision or '<p>'} --force"
 
 
 def check_engine(engine_path: str | os.PathLike[str], trt_version: str | None = None,
@@ -135,7 +178,7 @@ def check_engine(engine_path: str | os.PathLike[str], trt_version: str | None = 
     and CUDA device `device`."""
     engine = Path(engine_path)
     meta = read_sidecar(engine)
-    rebuild = rebuild_hint(engine)
+    rebuild = rebuild_hint(engine, meta.get("precision"))
     trt_version = trt_version if trt_version is not None else tensorrt_version()
     gpu = gpu if gpu is not None else cuda_gpu(device)
     if trt_version is not None and meta.get("tensorrt") != trt_version:

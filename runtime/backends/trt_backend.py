@@ -21,15 +21,21 @@ Two modes:
   rows keep their state through the graph's own `done` input (eqr/contract/artifact.py); the loop
   freezes settled rows and refills slots instead of compacting.
 - cuda_graphs=False (dynamic shapes): one context, `set_input_shape` per call, so compaction
-  shrinks the work; state output buffers ping-pong per batch size; `done` is all False.
+  shrinks the work; every output is a fresh array of the batch's rows; `done` is all False.
 TensorRT does not allow inputs and outputs to alias, hence the two state buffers.
+
+Device arrays (uploads, gathers, concats, dynamic-mode outputs) are row views of max-batch blocks
+from a pool (`_Pool`) reserved at activation and reused when an array is dropped: cudaMalloc and
+cudaFree synchronize the device, so none runs per step, per gather or when the batch shrinks.
+
+A CUDA graph that cannot be captured or instantiated (a driver or TensorRT without capture
+support for some kernel) ends its capture, clears the error, and the backend runs plain enqueues
+instead, with one warning, as trtexec does.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
-import sys
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +46,7 @@ import numpy as np
 
 from eqr.contract.artifact import INPUT_NAMES, OUTPUT_NAMES, STEP_FEEDS
 from eqr.contract.errors import EqRError, missing_extra
-from eqr.contract.trt_engine import check_engine, cuda_gpu, trt_logger
+from eqr.contract.trt_engine import check_engine, cuda_gpu, rebuild_hint, trt_logger
 from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
 
 if TYPE_CHECKING:
@@ -71,18 +77,35 @@ def import_cudart() -> Any:
     return runtime
 
 
+def cuda_mismatch(cudart: Any) -> str | None:
+    """Why cuda-python cannot run on this driver (its major CUDA above the driver's), else None.
+    Without this the CUDA runtime answers "insufficient driver" as if there were no device."""
+    err, driver = cudart.cudaDriverGetVersion()
+    if int(err) != 0 or int(driver) == 0:
+        return "no CUDA driver found (libcuda); install the NVIDIA driver (JetPack on Jetson)"
+    err, runtime = cudart.cudaRuntimeGetVersion()
+    if int(err) != 0 or int(runtime) // 1000 <= int(driver) // 1000:
+        return None
+    major = int(runtime) // 1000
+    return (f"cuda-python {major} needs a CUDA {major} driver; this driver supports CUDA {int(driver) // 1000}."
+            f"{int(driver) % 1000 // 10}: pip install \"cuda-python<{major}\"")
+
+
 def cuda_check(result: Any, what: str) -> Any:
     """cuda-python returns (cudaError_t, *values): raise on an error, else the value(s)."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        cudart = import_cudart()
-        text = cudart.cudaGetErrorString(err)
-        text = text[1] if isinstance(text, tuple) else text
-        text = text.decode() if isinstance(text, bytes) else str(text)
-        raise EqRError(f"CUDA error in {what}: {text} ({int(err)})")
+        raise EqRError(f"CUDA error in {what}: {_error_text(import_cudart(), err)}")
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def _error_text(cudart: Any, err: Any) -> str:
+    text = cudart.cudaGetErrorString(err)
+    text = text[1] if isinstance(text, tuple) else text
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    return f"{text} ({int(err)})"
 
 
 def _numpy_dtype(trt: Any, dtype: Any) -> np.dtype:
@@ -111,6 +134,64 @@ class _Allocation:
         self._free()
 
 
+class _Lease:
+    """A pool block lent to the arrays viewing it: back to the pool when the last one is dropped."""
+
+    def __init__(self, pool: "_Pool", key: tuple, block: _Allocation) -> None:
+        self.ptr, self.nbytes = block.ptr, block.nbytes
+        weakref.finalize(self, pool.give_back, key, block)
+
+
+class _Pool:
+    """Device blocks of `rows` rows (the profile's max batch) per row shape and dtype, reused.
+
+    Arrays of up to `rows` rows are row views of a block; a block returns to the pool when the
+    arrays on it are dropped. All its users queue work on one stream, so a reused block is written
+    only after the work that read it. Freed (all at once) by `close`."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = int(rows)
+        self.free: dict[tuple, list[_Allocation]] = {}
+        self.blocks: list[_Allocation] = []
+        self.closed = False
+
+    def reserve(self, row_shape: Sequence[int], dtype: Any, count: int) -> None:
+        key = self._key(row_shape, dtype)
+        free = self.free.setdefault(key, [])
+        while len(free) < count:
+            free.append(self._block(key))
+
+    def array(self, shape: Sequence[int], dtype: Any) -> "DeviceArray":
+        shape, dtype = tuple(int(s) for s in shape), np.dtype(dtype)
+        if not shape or shape[0] > self.rows:  # beyond the profile (refused by the engine anyway)
+            return device_array(shape, dtype)
+        key = self._key(shape[1:], dtype)
+        free = self.free.setdefault(key, [])
+        if not free:
+            log.debug("device pool: one more block of %s x %s %s", self.rows, key[0], key[1])
+        lease = _Lease(self, key, free.pop() if free else self._block(key))
+        return DeviceArray(lease.ptr, shape, dtype, lease)
+
+    def give_back(self, key: tuple, block: _Allocation) -> None:
+        if not self.closed:
+            self.free.setdefault(key, []).append(block)
+
+    def close(self) -> None:
+        self.closed = True
+        for block in self.blocks:
+            block.free()
+        self.blocks.clear()
+        self.free.clear()
+
+    def _key(self, row_shape: Sequence[int], dtype: Any) -> tuple:
+        return tuple(int(s) for s in row_shape), np.dtype(dtype).str
+
+    def _block(self, key: tuple) -> _Allocation:
+        block = _Allocation(self.rows * int(np.prod(key[0], dtype=np.int64)) * np.dtype(key[1]).itemsize)
+        self.blocks.append(block)
+        return block
+
+
 @dataclass
 class DeviceArray:
     """A C-contiguous device buffer: the TensorRT backend's array type.
@@ -121,7 +202,7 @@ class DeviceArray:
     ptr: int
     shape: tuple[int, ...]
     dtype: np.dtype
-    owner: _Allocation
+    owner: _Allocation | _Lease  # keeps the memory alive as long as the array (and its views)
     host: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -181,7 +262,8 @@ class TensorRTBackend(Backend):
         self.engine_path = Path(engine_path)
         self.precision = precision
         self.requested_batch = batch_size
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs = cuda_graphs  # False after a failed capture, until the next activation
+        self._want_graphs = cuda_graphs
         self.static_shapes = cuda_graphs if static_shapes is None else static_shapes
         if cuda_graphs and not self.static_shapes:
             raise ValueError("CUDA-graph replay needs static shapes")
@@ -191,17 +273,21 @@ class TensorRTBackend(Backend):
         self._outs: dict[str, DeviceArray] = {}  # non-state outputs (current shape)
         self._graphs: list[tuple[Any, dict[str, DeviceArray]]] = []  # (graph exec, outputs) per source
         self._keep: list[Any] = []  # pinned buffers and scratch memory, freed at deactivate
+        self._pool: _Pool | None = None  # every array the backend hands out (activate to deactivate)
 
     @classmethod
     def unavailable_reason(cls, artifact: "Artifact", precision: str) -> str | None:
         if precision not in artifact.engines:
             return (f"no {precision} TensorRT engine in the artifact; build one on the target GPU with "
-                    f"`eqr export MODEL --precision {precision} --engine always`")
+                    f"`eqr engine EXPORT_DIR --precision {precision}`")
         try:
             import_tensorrt()
             cudart = import_cudart()
         except (EqRError, ImportError) as e:  # ImportError: cuda-python present, its driver library not
             return str(e)
+        mismatch = cuda_mismatch(cudart)
+        if mismatch:
+            return mismatch
         err, count = cudart.cudaGetDeviceCount()
         if int(err) != 0 or count < 1:
             return "no CUDA device visible to the CUDA runtime"
@@ -220,36 +306,50 @@ class TensorRTBackend(Backend):
 
     def activate_impl(self) -> None:
         trt = import_tensorrt()
+        self.cuda_graphs = self._want_graphs
         self.cudart = import_cudart()
         meta = check_engine(self.engine_path, device=self.device)  # same TensorRT, same GPU, unchanged ONNX
         self._use_device()  # TensorRT deserializes and creates contexts on the current device
-        with contextlib.redirect_stdout(sys.stderr):  # Polygraphy's TensorRT logger prints; stdout is for results
-            self.runtime = trt.Runtime(trt_logger())
-            if meta.get("dla_core") is not None:
-                self.runtime.DLA_core = int(meta["dla_core"])
-            self.engine = self.runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
-            if self.engine is None:
-                raise EqRError(f"{self.engine_path}: TensorRT {trt.__version__} cannot load this engine (built for "
-                               "another TensorRT version or GPU); rebuild it with `eqr export --engine` on this machine")
-            names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-            if sorted(names) != sorted((*INPUT_NAMES, *OUTPUT_NAMES)):
-                raise EqRError(f"{self.engine_path}: I/O tensors {names} are not the eqr step contract; rebuild the "
-                               "engine with `eqr export --engine always --force`")
-            self.dtypes = {n: _numpy_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
-            self.profile = [int(s[0]) for s in self.engine.get_tensor_profile_shape("tokens", 0)]  # min, opt, max
-            self.seq_len = int(self.engine.get_tensor_shape("tokens")[1])
-            self.hidden = int(self.engine.get_tensor_shape("z_H")[2])
-            self.vocab = int(self.engine.get_tensor_shape("logits")[2])
-            self.stream = cuda_check(self.cudart.cudaStreamCreateWithFlags(self.cudart.cudaStreamNonBlocking),
-                                     "cudaStreamCreateWithFlags")
-            self.max_batch = self.profile[2]
-            self._host, self._host_memory = self._pinned_outputs(self.max_batch)
-            if self.static_shapes:
-                self.batch_size = self.max_batch = min(self.requested_batch or self.profile[1], self.profile[2])
-                self._static_slots(trt)
-            else:
-                self.context = self._context(trt, trt.ExecutionContextAllocationStrategy.STATIC)
-                self._done = self._zeroed((self.max_batch,), np.bool_)  # all False: compaction, not freezing
+        self.runtime = trt.Runtime(trt_logger())  # its messages go to logging (stderr), never stdout
+        if meta.get("dla_core") is not None:
+            self.runtime.DLA_core = int(meta["dla_core"])
+        self.engine = self.runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        if self.engine is None:
+            raise EqRError(f"{self.engine_path}: TensorRT {trt.__version__} cannot load this engine (built for "
+                           f"another TensorRT version or GPU); {rebuild_hint(self.engine_path, self.precision)}")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        if sorted(names) != sorted((*INPUT_NAMES, *OUTPUT_NAMES)):
+            raise EqRError(f"{self.engine_path}: I/O tensors {names} are not the eqr step contract; "
+                           f"{rebuild_hint(self.engine_path, self.precision)}")
+        self.dtypes = {n: _numpy_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
+        self.profile = [int(s[0]) for s in self.engine.get_tensor_profile_shape("tokens", 0)]  # min, opt, max
+        self.seq_len = int(self.engine.get_tensor_shape("tokens")[1])
+        self.hidden = int(self.engine.get_tensor_shape("z_H")[2])
+        self.vocab = int(self.engine.get_tensor_shape("logits")[2])
+        self.stream = cuda_check(self.cudart.cudaStreamCreateWithFlags(self.cudart.cudaStreamNonBlocking),
+                                 "cudaStreamCreateWithFlags")
+        self.max_batch = self.profile[2]
+        self._host, self._host_memory = self._pinned_outputs(self.max_batch)
+        if self.static_shapes:
+            self.batch_size = self.max_batch = min(self.requested_batch or self.profile[1], self.profile[2])
+        self._pool = _Pool(self.max_batch)
+        if self.static_shapes:
+            self._static_slots(trt)
+        else:
+            self._reserve_dynamic()
+            self.context = self._context(trt, trt.ExecutionContextAllocationStrategy.STATIC)
+            self._done = self._zeroed((self.max_batch,), np.bool_)  # all False: compaction, not freezing
+
+    def _reserve_dynamic(self) -> None:
+        """The pool's blocks for a compacting loop, all allocated now: the loop's peak, measured on
+        fake_cuda (a step's state inputs and outputs with the copies an admission concatenates: 8
+        state blocks; tokens and preds: 4; logits: 2; the per-row outputs: 6). A busier caller (a
+        cascade) grows the pool once, at its own peak."""
+        L, D, V = self.seq_len, self.hidden, self.vocab
+        state = self.dtypes["z_H"]
+        for row_shape, dtype, count in (((L, D), state, 8), ((L,), np.int32, 4), ((L, V), self.dtypes["logits"], 2),
+                                        ((), np.float32, 6)):
+            self._pool.reserve(row_shape, dtype, count)
 
     def deactivate_impl(self) -> None:
         cudart = getattr(self, "cudart", None)
@@ -269,6 +369,9 @@ class TensorRTBackend(Backend):
         self._keep.clear()
         self._pairs.clear()
         self._outs.clear()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if cudart is not None and getattr(self, "stream", None) is not None:
             cudart.cudaStreamDestroy(self.stream)
             self.stream = None
@@ -307,37 +410,51 @@ class TensorRTBackend(Backend):
         self._keep.extend(memory)
         return host, memory
 
-    def _buffers_for(self, B: int) -> None:
-        """(Re)allocate ping-pong state buffers and output buffers for batch size B."""
-        pair = self._pairs.get("z_H")
-        if pair is not None and pair[0].shape[0] == B:
-            return
-        L, D, V = self.seq_len, self.hidden, self.vocab
+    def _static_buffers(self, B: int) -> None:
+        """The static slots' ping-pong state buffers and output buffers, B rows each."""
+        L, D = self.seq_len, self.hidden
         for state in STATE_NAMES:
             dtype = self.dtypes[STATE_OUTPUTS[state]]
             self._pairs[state] = [device_array((B, L, D), dtype) for _ in range(2)]
-        shapes = {"logits": (B, L, V), "preds": (B, L), "residual": (B,), "logit_delta": (B,), "q_halt": (B,)}
-        self._outs = {n: device_array(s, self.dtypes[n]) for n, s in shapes.items()}
+        self._outs = {n: device_array(s, self.dtypes[n]) for n, s in self._output_shapes(B).items()}
         for name in HOST_OUTPUTS:
             self._outs[name].host = self._host[name][:B]
 
-    def _bind(self, context: Any, tokens: DeviceArray, done: DeviceArray, source: int) -> dict[str, DeviceArray]:
-        """Point `context` at tokens, done, state buffer `source` (in) and 1 - source (out); every
-        TensorRT setter's answer is checked (a refused shape or address would run on stale ones)."""
-        B = tokens.shape[0]
-        inputs = {"tokens": tokens, "done": done} | {s: self._pairs[s][source] for s in STATE_NAMES}
-        outputs = dict(self._outs) | {STATE_OUTPUTS[s]: self._pairs[s][1 - source] for s in STATE_NAMES}
+    def _output_shapes(self, B: int) -> dict[str, tuple[int, ...]]:
+        L, V = self.seq_len, self.vocab
+        return {"logits": (B, L, V), "preds": (B, L), "residual": (B,), "logit_delta": (B,), "q_halt": (B,)}
+
+    def _fresh_outputs(self, B: int) -> dict[str, DeviceArray]:
+        """Dynamic mode: every output as a new array of B rows from the pool (never aliasing an input)."""
+        L, D = self.seq_len, self.hidden
+        shapes = self._output_shapes(B) | {STATE_OUTPUTS[s]: (B, L, D) for s in STATE_NAMES}
+        outputs = {name: self._pool.array(shape, self.dtypes[name]) for name, shape in shapes.items()}
+        for name in HOST_OUTPUTS:
+            outputs[name].host = self._host[name][:B]
+        return outputs
+
+    def _bind(self, context: Any, inputs: Mapping[str, DeviceArray],
+              outputs: Mapping[str, DeviceArray]) -> dict[str, DeviceArray]:
+        """Point `context` at `inputs` and `outputs`; every TensorRT setter's answer is checked (a
+        refused shape or address would run on stale ones)."""
+        B = inputs["tokens"].shape[0]
         for name, array in inputs.items():
             if array.shape[0] != B:
                 raise ValueError(f"{name} has {array.shape[0]} rows, tokens {B}")
             if not context.set_input_shape(name, array.shape):
                 raise EqRError(f"{self.engine_path}: TensorRT refused input shape {name}{list(array.shape)} (profile "
                                f"batch {self.profile[0]}..{self.profile[2]}); rebuild with a wider --batch")
-        for name, array in (inputs | outputs).items():
+        for name, array in {**inputs, **outputs}.items():
             self._check_pointer(name, array)
             if not context.set_tensor_address(name, array.ptr):
                 raise EqRError(f"{self.engine_path}: TensorRT refused the address of {name}")
-        return outputs
+        return dict(outputs)
+
+    def _slot_io(self, source: int) -> tuple[dict[str, DeviceArray], dict[str, DeviceArray]]:
+        """Static slots: (inputs, outputs) reading state buffer `source` and writing 1 - source."""
+        inputs = {"tokens": self._tokens, "done": self._done} | {s: self._pairs[s][source] for s in STATE_NAMES}
+        outputs = dict(self._outs) | {STATE_OUTPUTS[s]: self._pairs[s][1 - source] for s in STATE_NAMES}
+        return inputs, outputs
 
     def _check_pointer(self, name: str, array: Any) -> None:
         if not isinstance(array, DeviceArray):
@@ -354,7 +471,7 @@ class TensorRTBackend(Backend):
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name in HOST_OUTPUTS:
             array = outputs[name]
-            assert array.host is not None  # _buffers_for attaches the pinned mirrors
+            assert array.host is not None  # _static_buffers and _fresh_outputs attach the pinned mirrors
             cuda_check(self.cudart.cudaMemcpyAsync(array.host.ctypes.data, array.ptr, array.nbytes, kind, self.stream),
                        f"cudaMemcpyAsync({name})")
 
@@ -364,37 +481,67 @@ class TensorRTBackend(Backend):
         B, L = int(self.max_batch), self.seq_len
         if L < 0:
             raise EqRError(f"{self.engine_path}: sequence length must be static for CUDA-graph replay")
-        self._buffers_for(B)
+        self._static_buffers(B)
         for pair in self._pairs.values():
             for array in pair:  # defined values, so the warm-up runs read no garbage
                 cuda_check(self.cudart.cudaMemsetAsync(array.ptr, 0, array.nbytes, self.stream), "cudaMemsetAsync")
         self._tokens = self._zeroed((B, L), np.int32)
         self._done = self._zeroed((B,), np.bool_)
         contexts = [self._context(trt, trt.ExecutionContextAllocationStrategy.USER_MANAGED) for _ in range(2)]
-        bound = [self._bind(c, self._tokens, self._done, source) for source, c in enumerate(contexts)]  # once each
+        bound = [self._bind(c, *self._slot_io(source)) for source, c in enumerate(contexts)]  # once each
         size = max(int(self.engine.device_memory_size_v2), *(int(c.update_device_memory_size_for_shapes())
                                                               for c in contexts))
         scratch = _Allocation(size)
         if scratch.ptr % ALIGNMENT:
             raise EqRError(f"cudaMalloc returned {scratch.ptr:#x}, not {ALIGNMENT}-byte aligned")
         self._keep.append(scratch)
+        self._contexts = contexts  # kept alive as long as their graphs
         for context, outputs in zip(contexts, bound):
             context.set_device_memory(scratch.ptr, scratch.nbytes)
-            self._enqueue(context, outputs)  # warm-up outside capture
+            self._enqueue(context, outputs)  # warm-up outside capture: TensorRT allocates and selects lazily
             cuda_check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-            self._graphs.append((self._capture(context, outputs) if self.cuda_graphs else None, outputs))
-        self._contexts = contexts  # keep them alive as long as their graphs
+        self._graphs = [(None, outputs) for outputs in bound]
+        if self.cuda_graphs:
+            self._capture_graphs()
 
-    def _capture(self, context: Any, outputs: Mapping[str, DeviceArray]) -> Any:
+    def _capture_graphs(self) -> None:
+        """Graphs A and B, or none (plain enqueues, one warning) when either cannot be made."""
+        made = []
+        for context, (_, outputs) in zip(self._contexts, self._graphs):
+            graph_exec, why = self._capture(context, outputs)
+            if graph_exec is None:
+                for done in made:
+                    self.cudart.cudaGraphExecDestroy(done)
+                self.cuda_graphs = False
+                log.warning("%s: CUDA-graph capture failed (%s); running plain enqueues instead", self.engine_path.name,
+                            why)
+                return
+            made.append(graph_exec)
+        self._graphs = [(graph_exec, outputs) for graph_exec, (_, outputs) in zip(made, self._graphs)]
+
+    def _capture(self, context: Any, outputs: Mapping[str, DeviceArray]) -> tuple[Any, str]:
+        """(executable graph of one step, "") or (None, why): a failed capture or instantiation
+        still ends the capture, clears CUDA's last error and destroys what was made."""
         cudart = self.cudart
         mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         cuda_check(cudart.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
+        why = ""
         try:
             self._enqueue(context, outputs)
-        finally:
-            graph = cuda_check(cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
+        except EqRError as e:
+            why = str(e)
+        err, graph = cudart.cudaStreamEndCapture(self.stream)  # always: the stream leaves capture mode
+        if int(err) != 0:
+            cudart.cudaGetLastError()
+            return None, why or f"cudaStreamEndCapture: {_error_text(cudart, err)}"
         try:
-            return cuda_check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            if why:
+                return None, why
+            err, graph_exec = cudart.cudaGraphInstantiate(graph, 0)
+            if int(err) != 0:
+                cudart.cudaGetLastError()
+                return None, f"cudaGraphInstantiate: {_error_text(cudart, err)}"
+            return graph_exec, ""
         finally:
             cudart.cudaGraphDestroy(graph)  # the executable graph keeps what it needs
 
@@ -403,8 +550,8 @@ class TensorRTBackend(Backend):
         self._use_device()
         for name in STEP_FEEDS:
             self._check_pointer(name, feeds[name])
-        source = self._source_of(feeds)
         if self.static_shapes:
+            source = self._source_of(feeds)
             graph_exec, outputs = self._graphs[source]
             if graph_exec is not None:
                 cuda_check(self.cudart.cudaGraphLaunch(graph_exec, self.stream), "cudaGraphLaunch")
@@ -412,18 +559,16 @@ class TensorRTBackend(Backend):
                 self._enqueue(self._contexts[source], outputs)
         else:
             B = feeds["tokens"].shape[0]
-            outputs = self._bind(self.context, feeds["tokens"], self._done.rows(B), source)
+            inputs = {name: feeds[name] for name in STEP_FEEDS} | {"done": self._done.rows(B)}
+            outputs = self._bind(self.context, inputs, self._fresh_outputs(B))
             self._enqueue(self.context, outputs)
         cuda_check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")  # honest timing
         return outputs
 
     def _source_of(self, feeds: Mapping[str, Any]) -> int:
-        """Index of the ping-pong buffer holding the input state, copying foreign feeds into buffer 0
-        (and, with graphs, foreign tokens into the captured tokens buffer), all on the stream."""
-        z_H = feeds["z_H"]
-        if not self.static_shapes:
-            self._buffers_for(z_H.shape[0])
-        elif feeds["tokens"].ptr != self._tokens.ptr:
+        """Static slots: the ping-pong buffer holding the input state, copying foreign feeds into
+        buffer 0 and foreign tokens into the bound tokens buffer, all on the stream."""
+        if feeds["tokens"].ptr != self._tokens.ptr:
             self._copy(self._tokens, feeds["tokens"])
         for source in (0, 1):
             if all(feeds[s].ptr == self._pairs[s][source].ptr for s in STATE_NAMES):
@@ -446,7 +591,7 @@ class TensorRTBackend(Backend):
         elif array.dtype != np.bool_:
             array = array.astype(np.int32, copy=False)
         host = np.ascontiguousarray(array)
-        out = device_array(host.shape, host.dtype)
+        out = self._pool.array(host.shape, host.dtype)
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         cuda_check(self.cudart.cudaMemcpyAsync(out.ptr, host.ctypes.data, out.nbytes, kind, self.stream),
                    "cudaMemcpyAsync(upload)")
@@ -469,7 +614,7 @@ class TensorRTBackend(Backend):
         """Rows gathered with one device-to-device copy per run of consecutive rows."""
         self._use_device()
         rows = np.asarray(rows, np.int64)
-        out = device_array((len(rows), *array.shape[1:]), array.dtype)
+        out = self._pool.array((len(rows), *array.shape[1:]), array.dtype)
         self._copy_rows(out, np.arange(len(rows)), array, rows)
         return out
 
@@ -478,7 +623,7 @@ class TensorRTBackend(Backend):
         if len(arrays) == 1:
             return arrays[0]
         self._use_device()
-        out = device_array((sum(a.shape[0] for a in arrays), *arrays[0].shape[1:]), arrays[0].dtype)
+        out = self._pool.array((sum(a.shape[0] for a in arrays), *arrays[0].shape[1:]), arrays[0].dtype)
         kind, offset = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, 0
         for a in arrays:
             cuda_check(self.cudart.cudaMemcpyAsync(out.ptr + offset, a.ptr, a.nbytes, kind, self.stream),
