@@ -98,9 +98,9 @@ def solve(artifact: str | None, source: str, fmt: str, task_name: str | None, ba
 
     ARTIFACT is an export directory, an ONNX step file, a TensorRT engine, a checkpoint or a
     bundled model name; with --server URL the puzzles go to a served model instead (the same
-    inputs and output; the server's model decides backend, precision and stopping rule, and a
-    broken connection or a busy server is retried). Each input puzzle gets one result: the answer (in the input's text
-    format), steps used, whether it converged and, for Sudoku and mazes, whether the answer obeys
+    inputs and output; the served model decides backend, precision and stopping rule; a broken
+    connection or a busy server is retried). Each input puzzle gets one result: the answer (in
+    the input's text format), steps used, whether it converged and, for Sudoku and mazes, whether the answer obeys
     the rules and the givens (reported only; it never picks answers). A malformed line gets an
     error record and the others are still solved; the exit code is then 1. The summary on
     stderr, and with --json every record's "backend", name the backend and the execution

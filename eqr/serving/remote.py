@@ -94,8 +94,8 @@ class RemoteSolver:
         config = self._with_retries(self._model_config, "reading the model configuration")
         spec = config.get("parameters", {}).get(TASK_PARAMETER, {}).get("string_value", "")
         if not spec:
-            raise EqRError(f"{self.endpoint} model {self.model!r} does not say its task (not written by `eqr triton`?); "
-                           "pass --task NAME[:SIZE]")
+            raise EqRError(f"{self.endpoint} model {self.model!r} does not say its task (not written by "
+                           "`eqr triton`?); pass --task NAME[:SIZE]")
         return task_from_spec(spec)
 
     def solve(self, tokens: np.ndarray, seed: int = 0, breadth: int = 1, max_steps: int | None = None,
@@ -107,7 +107,8 @@ class RemoteSolver:
         def one(start: int) -> dict[str, np.ndarray]:
             chunk = tokens[start:start + self.request_size]
             inputs = {"tokens": chunk, "seed": seed, "offset": start, "breadth": breadth, "max_steps": max_steps}
-            answer = self._with_retries(lambda: self._send(inputs, len(chunk)), f"puzzles {start}..{start + len(chunk) - 1}")
+            what = f"puzzles {start}..{start + len(chunk) - 1}"
+            answer = self._with_retries(lambda: self._send(inputs, len(chunk)), what)
             if progress is not None:
                 progress(len(chunk) * breadth)
             return answer
@@ -145,7 +146,8 @@ class RemoteSolver:
 
     def _send(self, inputs: dict[str, Any], puzzles: int) -> dict[str, np.ndarray]:
         if self.endpoint.scheme == "http":
-            body = {"tokens": inputs["tokens"]} | {k: [int(v)] for k, v in inputs.items() if k != "tokens" and v is not None}
+            scalars = {k: [int(v)] for k, v in inputs.items() if k != "tokens" and v is not None}
+            body = {"tokens": inputs["tokens"]} | scalars
             arrays = generate(self.endpoint.address, self.model, body, timeout=self.timeout)
         else:
             stream = self._stream()

@@ -36,4 +36,5 @@ def task_from_spec(spec: str) -> Task:
     return get_task(name, int(size) if size.isdigit() else None)
 
 
-__all__ = ["DEFAULT_SIZES", "PAD_ID", "TASKS", "MazeTask", "Puzzles", "SudokuTask", "Task", "get_task", "task_from_spec"]
+__all__ = ["DEFAULT_SIZES", "PAD_ID", "TASKS", "MazeTask", "Puzzles", "SudokuTask", "Task", "get_task",
+           "task_from_spec"]
