@@ -26,7 +26,7 @@ import pytest
 
 from eqr.contract.errors import EqRError
 from eqr.runtime import Solver
-from eqr.serving.client import generate
+from eqr.serving.client import generate_stream
 from eqr.serving.server import find_tritonserver, free_ports
 from eqr.tasks import get_task
 
@@ -148,7 +148,7 @@ def repository(tmp_path_factory) -> Path:
     subprocess.run([*run, "export", "maze-small", "--out", str(tmp / "export"), "-q"], check=True, env=env,
                    capture_output=True)
     subprocess.run([*run, "triton", str(tmp / "export"), "--out", str(tmp / "models"), "--batch", "64",
-                    "--threads", "1", "-q"], check=True, env=env, capture_output=True)
+                    "--threads", "1", "--stream-every", "1", "-q"], check=True, env=env, capture_output=True)
     return tmp / "models"
 
 
@@ -247,30 +247,38 @@ def test_a_replica_killed_mid_load_loses_no_request_and_is_marked_down_quickly(f
 
 
 def test_a_draining_replica_stops_being_ready_before_it_stops_answering(fleet, mazes, maze_file, expected, tmp_path):
+    """A streaming request in flight on the replica when SIGTERM comes: its provisional answers keep
+    arriving after the replica reads not ready (every outer step: --stream-every 1), then its final."""
     draining = fleet.replicas[1]
-    held: dict = {}
-    big = {"tokens": mazes[:64], "seed": [SEED], "breadth": [4]}  # in flight on the replica when SIGTERM comes
-    holder = threading.Thread(target=lambda: held.update(generate(f"127.0.0.1:{draining.http}", "eqr", big, 120)))
+    events: list[tuple[float, dict]] = []
+    body = {"tokens": mazes[:16], "seed": [SEED], "breadth": [4], "stream": [True]}
+
+    def hold() -> None:
+        for event in generate_stream(f"127.0.0.1:{draining.http}", "eqr", body, timeout=120):
+            events.append((time.monotonic(), event))
+
+    holder = threading.Thread(target=hold)
     hey, client, results = _load(fleet, mazes, maze_file, tmp_path, seconds=8, scheme="grpc")
     holder.start()
-    time.sleep(1.5)
+    while not events and holder.is_alive():
+        time.sleep(0.005)
     draining.process.send_signal(signal.SIGTERM)  # as Kubernetes or systemd stop it
     sent = time.monotonic()
     while draining.ready() and time.monotonic() - sent < 5:
-        time.sleep(0.02)
-    not_ready_after = time.monotonic() - sent
-    assert holder.is_alive(), "the held request finished before the drain began: make it bigger"
+        time.sleep(0.01)
+    not_ready_at = time.monotonic()
     down_after = fleet.wait_status({"replica2": "DOWN"}, timeout=10)
     holder.join(timeout=120)
     client.join(timeout=120)
     counts = _hey_counts(hey.communicate(timeout=60)[0])
-    print(f"fleet: replica2 SIGTERMed: not ready after {not_ready_after:.2f} s, DOWN after {down_after:.2f} s; "
-          f"hey: {counts}")
-    assert not_ready_after < 1.0
-    # it still answered what it held: the request in flight at SIGTERM got its full answer
+    answered_after = sum(at > not_ready_at for at, _ in events)
+    print(f"fleet: replica2 SIGTERMed: not ready after {not_ready_at - sent:.2f} s, DOWN after {down_after:.2f} s, "
+          f"{answered_after} streamed answers after it read not ready; hey: {counts}")
+    assert not_ready_at - sent < 1.0
+    assert answered_after >= 1 and events[-1][1]["converged"] == [True] * 16  # it kept answering, then finished
     with Solver.load(fleet.replicas[0].repository / "eqr" / "1" / "export", backend="onnxruntime", threads=1) as solver:
-        want = solver.solve(mazes[:64], seed=SEED, breadth=4)
-    assert [TASK.format_tokens(row) for row in want.preds] == held["answer"]
+        want = solver.solve(mazes[:16], seed=SEED, breadth=4)
+    assert events[-1][1]["answer"] == [TASK.format_tokens(row) for row in want.preds]
     assert counts["errors"] == 0 and set(counts) == {"status 200", "errors"}, counts
     _assert_same_answers(results, expected)
     assert draining.process.wait(timeout=60) == 130  # eqr serve: stopped by the signal, cleanly
