@@ -4,6 +4,7 @@ into manifest.json (docs/algorithm.md#calibrated-stopping-rules, docs/formats.md
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import tempfile
@@ -16,7 +17,6 @@ from eqr.calibration.config import CalibConfig
 from eqr.contract.artifact import PRECISIONS, Artifact
 from eqr.contract.errors import EqRError
 from eqr.contract.progress import Progress
-from eqr.runtime.backends.base import backend_info
 from eqr.runtime.resolve import load_artifact
 
 CALIBRATED = ("fp16", "int8")
@@ -65,11 +65,10 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig,
     import onnx
 
     from eqr.calibration.data import load_puzzles
-    from eqr.calibration.record import record_calibration, save_calib
+    from eqr.calibration.record import record_fp32, save_calib
     from eqr.contract.artifact import CALIB_FILE, read_manifest, with_precision, write_manifest
     from eqr.contract.io import sha256_file
     from eqr.export.build import write_graph
-    from eqr.runtime import Solver
 
     progress = progress or Progress(quiet=True)
     artifact = export_artifact(export_dir)
@@ -79,15 +78,15 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig,
     if fp32_path is None or not fp32_path.is_file():
         raise EqRError(f"{root}: the FP32 step graph ({PRECISIONS['fp32'].onnx}) is missing; re-run `eqr export`")
     build, kept = plan_precisions(manifest, root, cfg.precisions, cfg.force)
+    if build:  # the graph tools (eqr[calibrate]), asked now rather than after the recording
+        importlib.import_module("onnx_graphsurgeon")
     puzzles = load_puzzles(artifact.task, artifact.seq_len, data, cfg.puzzles, cfg.seed)
     provenance = {"model": {"fp32_onnx": fp32_path.name, "fp32_onnx_sha256": sha256_file(fp32_path),
                             "source": manifest.get("source")},
                   "data": puzzles.source, "config": cfg.to_dict()}
     with progress.bar("recording FP32 trajectories", len(puzzles) * cfg.starts) as advance:
-        with Solver.load(artifact, backend="onnxruntime", precision="fp32") as solver:
-            calib = record_calibration(solver, puzzles.inputs, cfg.starts, cfg.depths, cfg.seed, provenance,
-                                       progress=advance)
-            recorded_on = backend_info(solver.backend)
+        calib, recorded_on = record_fp32(fp32_path, (artifact.seq_len, artifact.hidden_size, artifact.init_std),
+                                         puzzles.inputs, cfg.starts, cfg.depths, cfg.seed, provenance, advance)
     save_calib(root / CALIB_FILE, calib, force=True)  # calibrate's own file
     rules_on = load_puzzles(artifact.task, artifact.seq_len, data, cfg.rule_puzzles, cfg.seed + 1) \
         if cfg.rule_puzzles else None

@@ -74,10 +74,10 @@ def curve_key(aggregate: str, breadth: int, depth: int) -> str:
     return f"{aggregate}@K{breadth}@D{depth}"
 
 
-def plan_units(cfg: ReportConfig, n_pairs: int) -> int:
+def plan_units(cfg: ReportConfig, n_pairs: int, n_cascades: int) -> int:
     """Progress bar units: one per depth curve, floor run, gated run, calibration batch, settled run, probe
     and speed probe; one per cascade."""
-    return n_pairs * (len(cfg.breadth) + 6) + len(cfg.cascades or ())
+    return n_pairs * (len(cfg.breadth) + 6) + n_cascades
 
 
 def runnable_cascades(artifact: Artifact, cfg: ReportConfig) -> list[str]:
@@ -91,15 +91,24 @@ def runnable_cascades(artifact: Artifact, cfg: ReportConfig) -> list[str]:
 
 
 def runnable_pairs(artifact: Artifact, cfg: ReportConfig) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """(backend, precision) pairs that can run, and why the others cannot."""
+    """(backend, precision) pairs that can run, and why the others cannot: keyed by run name, or
+    by the backend's name alone when it runs none of them for one reason (the torch backend
+    where torch is not installed: one note, and the report compares with onnxruntime-fp32)."""
     pairs, skipped = [], {}
-    for precision in cfg.precisions:
-        for backend in cfg.backends:
+    for backend in cfg.backends:
+        reasons = {}
+        for precision in cfg.precisions:
             reason = unavailable_reason(backend, artifact, precision)
             if reason is None:
                 pairs.append((backend, precision))
             else:
-                skipped[run_name(backend, precision)] = reason
+                reasons[run_name(backend, precision)] = reason
+        if len(reasons) == len(cfg.precisions) and len(set(reasons.values())) == 1:
+            skipped[backend] = next(iter(reasons.values()))
+        else:
+            skipped |= reasons
+    order = {p: i for i, p in enumerate(cfg.precisions)}
+    pairs.sort(key=lambda pair: order[pair[1]])  # precision-major, as the report lists its runs
     return pairs, skipped
 
 

@@ -16,6 +16,11 @@ calib.npz (no pickles; read with np.load(allow_pickle=False)):
 `eqr export --calib-data` reads the same files (`read_calib_file`): tokens, z_H and z_L are
 required (depth, puzzle and start default to 0), or tokens alone, to record trajectories from;
 `int8_calibration` is what eqr export hands its INT8 build.
+
+One recorder: `record_fp32` runs the FP32 step graph in ONNX Runtime (`eqr calibrate`, `eqr
+report` and `eqr export --precision int8` alike), so calibration states come from the graph the
+INT8 graph is quantized from, and no torch is needed to record them (a target calibrates the
+export it was given).
 """
 from __future__ import annotations
 
@@ -35,8 +40,11 @@ from eqr.contract.io import atomic_open, puzzle_key, read_npz
 from eqr.runtime.backends.base import Backend
 
 if TYPE_CHECKING:
+    import onnx
+
     from eqr.export.config import ExportConfig
     from eqr.export.exporter import Calibrate
+    from eqr.export.inputs import TaskInfo
     from eqr.model.network import EqRModel
 
 log = logging.getLogger(__name__)
@@ -179,6 +187,22 @@ def record_calibration(solver: Any, tokens: np.ndarray, starts: int, depths: Seq
     return CalibSet(**arrays, provenance=info)
 
 
+def record_fp32(fp32_onnx: str | os.PathLike[str], sizes: tuple[int, int, tuple[float, float]], tokens: np.ndarray,
+                starts: int, depths: Sequence[int], seed: int, provenance: dict[str, Any] | None = None,
+                progress: Callable[[int], None] | None = None) -> tuple[CalibSet, dict[str, Any]]:
+    """Record calibration states on the FP32 step graph at `fp32_onnx`, run by ONNX Runtime
+    (`record_calibration`) -> (CalibSet, what ran it: `backend_info`). sizes: (seq_len,
+    hidden_size, (z_H, z_L) init std), the export's."""
+    from eqr.runtime.backends.base import backend_info
+    from eqr.runtime.backends.ort_backend import OrtBackend
+    from eqr.runtime.solver import Solver
+
+    seq_len, hidden_size, init_std = sizes
+    with Solver(OrtBackend(fp32_onnx, precision="fp32"), seq_len, hidden_size, init_std) as solver:
+        calib = record_calibration(solver, tokens, starts, depths, seed, provenance, progress=progress)
+        return calib, backend_info(solver.backend)
+
+
 def save_calib(path: str | os.PathLike[str], calib: CalibSet, force: bool = False) -> Path:
     """Write calib.npz atomically; refuses to replace an existing file unless `force`."""
     path = Path(path)
@@ -253,31 +277,39 @@ def _checked_tokens(tokens: np.ndarray, where: str, seq_len: int | None, vocab_s
 def int8_calibration(model: "EqRModel", config: "ExportConfig") -> "Calibrate":
     """The INT8 calibration of `eqr export`: --calib-data, read and checked now (before any export
     work), then at build time its recorded states as given, or the step inputs at every depth of
-    noise-free FP32 trajectories of its puzzles (or of built-in task puzzles), recorded here."""
+    noise-free FP32 trajectories of its puzzles (or of built-in task puzzles), recorded by
+    `record_fp32` on the export's FP32 graph, as `eqr calibrate` records them."""
     c = model.config
     data = read_calib_file(config.calib_data, c.seq_len, c.hidden_size, c.vocab_size, "--calib-data") \
         if config.calib_data else None
 
-    def calibrate(fp32: "EqRModel", task: Any, progress: Any) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    def calibrate(fp32: "onnx.ModelProto", task: "TaskInfo", progress: Any) -> tuple[list[dict[str, np.ndarray]],
+                                                                                    dict[str, Any]]:
+        import tempfile
+
         from eqr.export.inputs import task_inputs
-        from eqr.runtime.solver import Solver
 
         if isinstance(data, CalibSet):
             progress.done(f"int8: calibrating on the {len(data)} recorded states of {config.calib_data}")
             return data.feeds(), {"source": config.calib_data, "rows": len(data), "method": "minmax"}
         # puzzles and starts unseen by the export's parity checks
-        tokens = data if data is not None else task_inputs(task, fp32, EXPORT_CALIB_PUZZLES, config.seed + 1).numpy()
-        with Solver.from_model(fp32) as solver, progress.bar("int8 calibration trajectories", len(tokens)) as advance:
-            calib = record_calibration(solver, tokens, starts=1, depths=range(config.check_steps),
-                                       seed=config.seed + 1, progress=advance)
+        tokens = data if data is not None else task_inputs(task, model, EXPORT_CALIB_PUZZLES, config.seed + 1).numpy()
+        with tempfile.TemporaryDirectory(prefix="eqr-calib-") as tmp, \
+                progress.bar("int8 calibration trajectories", len(tokens)) as advance:
+            path = Path(tmp) / "model.step.onnx"
+            path.write_bytes(fp32.SerializeToString())
+            calib, recorded_on = record_fp32(path, (c.seq_len, c.hidden_size, (c.H_init_std, c.L_init_std)), tokens,
+                                             starts=1, depths=range(config.check_steps), seed=config.seed + 1,
+                                             progress=advance)
         what = (f"the {len(tokens)} puzzles of {config.calib_data}" if data is not None
                 else f"{len(tokens)} built-in {task.name or 'random-token'} puzzles")
         hint = "" if data is not None else ("; for real data pass --calib-data PUZZLES.npz ('tokens' [N, L]) or run "
                                             "`eqr calibrate EXPORT_DIR` after the export")
         progress.done(f"int8: calibrated on {what}, one random start each, states at depths "
-                      f"0..{config.check_steps - 1} ({len(calib)} states){hint}")
+                      f"0..{config.check_steps - 1} ({len(calib)} states, FP32 graph in ONNX Runtime){hint}")
         info = {"source": config.calib_data or "built-in (task inputs, random initial states)",
-                "trajectories": int(len(tokens)), "depths": config.check_steps, "rows": len(calib), "method": "minmax"}
+                "trajectories": int(len(tokens)), "depths": config.check_steps, "rows": len(calib), "method": "minmax",
+                "recorded_on": recorded_on}
         return calib.feeds(), info
 
     return calibrate

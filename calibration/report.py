@@ -4,6 +4,7 @@ a model card (docs/formats.md).
 """
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ def check_report_out(out: Path, force: bool) -> None:
 def run_report(export_dir: str, data: str | None, cfg: ReportConfig, calib_path: str | None, out_dir: str | None,
                force: bool, card: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Collect, save results.npz, judge into report.json, render from report.json; returns the report."""
-    from eqr.calibration.collect import collect, plan_units, runnable_pairs, save_results
+    from eqr.calibration.collect import collect, plan_units, runnable_cascades, runnable_pairs, save_results
     from eqr.calibration.compare import compare
     from eqr.calibration.data import load_puzzles
     from eqr.calibration.render import load_report, render
@@ -41,13 +42,15 @@ def run_report(export_dir: str, data: str | None, cfg: ReportConfig, calib_path:
     from eqr.contract.io import atomic_write_text
 
     progress = progress or Progress(quiet=True)
+    for renderer in ("jinja2", "matplotlib"):  # eqr[calibrate]: asked now rather than after the runs
+        importlib.import_module(renderer)
     artifact = export_artifact(export_dir)
     out = Path(out_dir) if out_dir else Path(export_dir) / REPORT_DIR
     check_report_out(out, force)
     pairs, skipped = runnable_pairs(artifact, cfg)
     missing = [p for p in cfg.precisions if not any(pp == p for _, pp in pairs)]
     if missing:
-        reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items() if k.endswith(tuple(missing)))
+        reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items() if k in cfg.backends or k.endswith(tuple(missing)))
         no_graph = [p for p in missing if not (p in artifact.onnx and artifact.onnx[p].is_file())]
         build = f"build with `eqr calibrate {export_dir} --precision {','.join(no_graph)}`, " if no_graph else ""
         raise EqRError(f"{export_dir}: no backend can run {', '.join(missing)} ({reasons}); {build}"
@@ -57,7 +60,7 @@ def run_report(export_dir: str, data: str | None, cfg: ReportConfig, calib_path:
     puzzles = load_puzzles(artifact.task, artifact.seq_len, data, cfg.puzzles, cfg.seed)
     calib = _report_calib(artifact, export_dir, calib_path, puzzles, cfg, progress)
     out.mkdir(parents=True, exist_ok=True)
-    with progress.bar("precision report", plan_units(cfg, len(pairs))) as advance:
+    with progress.bar("precision report", plan_units(cfg, len(pairs), len(runnable_cascades(artifact, cfg)))) as advance:
         results = collect(artifact, puzzles, cfg, calib, advance)
     judged = compare(results, cfg)
     save_results(out / "results.npz", results, judged["reference"])
@@ -75,18 +78,16 @@ def run_report(export_dir: str, data: str | None, cfg: ReportConfig, calib_path:
 def _report_calib(artifact: Any, export_dir: str, calib_path: str | None, puzzles: Any, cfg: ReportConfig,
                   progress: Progress) -> Any:
     """--calib-data, else EXPORT_DIR/calib.npz, else a fresh small recording on the report's puzzles."""
-    from eqr.calibration.record import load_calib, record_calibration
+    from eqr.calibration.record import load_calib, record_fp32
     from eqr.contract.artifact import CALIB_FILE
-    from eqr.runtime import Solver
 
     path = Path(calib_path) if calib_path else Path(export_dir) / CALIB_FILE
     if calib_path or path.is_file():
         return load_calib(path, artifact.seq_len, artifact.hidden_size)
     depths = sorted({0, *cfg.depths})
     with progress.bar("recording calibration states", min(len(puzzles), 16)) as advance:
-        with Solver.load(artifact, backend="onnxruntime", precision="fp32") as solver:
-            return record_calibration(solver, puzzles.inputs[:16], 1, depths, cfg.seed,
-                                      {"data": puzzles.source}, progress=advance)
+        return record_fp32(artifact.onnx["fp32"], (artifact.seq_len, artifact.hidden_size, artifact.init_std),
+                           puzzles.inputs[:16], 1, depths, cfg.seed, {"data": puzzles.source}, advance)[0]
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -100,5 +101,6 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(headline)
     runs = run_backends(report)
     lines.append("ran on: " + "; ".join(f"{name} {describe_run(info)}" for name, info in runs.items()))
+    lines += [f"not run: {name}: {why}" for name, why in report["skipped"].items() if "-" not in name]  # a whole backend
     lines.append(f"{'PASSED' if report['passed'] else 'FAILED'}: {report['out']}/report.html")
     return lines

@@ -20,7 +20,7 @@ _LAZY = {
     "export_model": "eqr.export.exporter", "ExportError": "eqr.export.exporter",
     "build_graph": "eqr.export.build", "BuildOptions": "eqr.export.build", "Fp16FromOnnx": "eqr.export.fp16",
     "quantize_int8": "eqr.export.int8", "Int8FromOnnx": "eqr.export.int8",
-    "OnnxFromModel": "eqr.export.onnx_graph",
+    "OnnxFromModel": "eqr.export.from_model",
     "EngineFromOnnx": "eqr.export.tensorrt", "check_engine": "eqr.export.tensorrt",
     "load_engine": "eqr.export.tensorrt",
 }

@@ -36,7 +36,7 @@ class BuildOptions:
 
 
 def _onnx_from_model(model: Any, options: BuildOptions) -> Callable[[], "onnx.ModelProto"]:
-    from eqr.export.onnx_graph import OnnxFromModel  # torch: only the FP32 build from the model needs it
+    from eqr.export.from_model import OnnxFromModel  # torch: only the FP32 build from the model needs it
 
     return OnnxFromModel(model, options.opset)
 

@@ -10,9 +10,9 @@ Every ONNX file carries the manifest JSON and its own precision in its `metadata
 "engines" entry is empty there, because engines are built from those very files; manifest.json
 adds them.
 
-INT8 needs calibration feeds, which come from running the step loop: the caller passes a
-`Calibrate` (eqr export builds one with `eqr.calibration.record.int8_calibration`), so export
-itself never runs the runtime.
+INT8 needs calibration feeds, which come from running the step loop on the FP32 graph: the
+caller passes a `Calibrate` (eqr export builds one with `eqr.calibration.record.int8_calibration`,
+which records them as `eqr calibrate` does), so export itself never runs the runtime.
 """
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ from eqr.model.network import EqRModel
 log = logging.getLogger(__name__)
 
 Feeds = list[dict[str, np.ndarray]]  # step inputs keyed by INPUT_NAMES, one dict per batch
-# (fp32 model, its task, progress) -> (INT8 calibration feeds, their provenance for the manifest)
-Calibrate = Callable[[EqRModel, TaskInfo, Progress], tuple[Feeds, dict[str, Any]]]
+# (the checked FP32 graph, the task, progress) -> (INT8 calibration feeds, their provenance for the manifest)
+Calibrate = Callable[[Any, TaskInfo, Progress], tuple[Feeds, dict[str, Any]]]
 
 
 class ExportError(EqRError):
@@ -263,7 +263,7 @@ def build_graphs(model: EqRModel, config: ExportConfig, task: TaskInfo, calibrat
         start = time.perf_counter()
         options, extra = BuildOptions(opset=config.opset), {}
         if precision == "int8":
-            feeds, calib_info = calibrate(model, task, progress)
+            feeds, calib_info = calibrate(graphs[row.built_from], task, progress)
             options = BuildOptions(calib_feeds=feeds)
             extra = {"calibration": calib_info, "scheme": "QDQ, symmetric int8 weights (per channel) and activations"}
         elif precision == "fp16":

@@ -1,24 +1,22 @@
-"""The FP32 step graph: torch -> ONNX, constant folding, lint, and ONNX Runtime sessions.
+"""Step-graph tools that need no torch: constant folding and clean-up, the I/O contract check,
+metadata, lint, and ONNX Runtime sessions. `eqr calibrate` builds its FP16/INT8 graphs with them
+on a target without torch; the torch -> ONNX export of the model is export/from_model.py.
 
-Polygraphy-style lazy loaders: constructing one is free; calling it does the work. onnx,
-onnxruntime and polygraphy are imported inside the functions that need them.
+onnx, onnx-graphsurgeon, onnxruntime and polygraphy are imported inside the functions that need
+them (the folding Polygraphy does only when asked to fold).
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from eqr.contract.artifact import BATCH_DIM, INPUT_NAMES, OUTPUT_NAMES, io_contract
+from eqr.contract.artifact import io_contract
 from eqr.contract.trt_engine import quiet_polygraphy
-from eqr.model.network import EqRModel
-from eqr.model.step_graph import StepGraph
 
 if TYPE_CHECKING:
     import onnx
@@ -29,44 +27,15 @@ log = logging.getLogger(__name__)
 STANDARD_DOMAINS = ("", "ai.onnx")  # TensorRT's ONNX parser knows no ONNX Runtime contrib ops
 
 
-class OnnxFromModel:
-    """Loader: the noise-free `StepGraph` of `model` as an FP32 ONNX ModelProto, dynamic batch.
-
-    Uses the TorchScript exporter (`dynamo=False`): its graph is the one ONNX Runtime fuses
-    RMSNorm in (docs/formats.md#precision-graphs), and it keeps the weights inside the proto.
-    """
-
-    def __init__(self, model: EqRModel, opset: int) -> None:
-        self.model = model
-        self.opset = opset
-
-    def __call__(self) -> "onnx.ModelProto":
-        import onnx
-
-        config = self.model.config
-        example_batch = 2  # any B > 1, so nothing specialises on a batch of one
-        tokens = torch.ones(example_batch, config.seq_len, dtype=torch.int32)
-        state = self.model.initial_state(example_batch, generator=torch.Generator().manual_seed(0))
-        graph = StepGraph(self.model).eval()
-        buffer = io.BytesIO()
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
-            done = torch.zeros(example_batch, dtype=torch.bool)
-            torch.onnx.export(graph, (tokens, state.z_H.float(), state.z_L.float(), done), buffer, dynamo=False,
-                              opset_version=self.opset, input_names=list(INPUT_NAMES),
-                              output_names=list(OUTPUT_NAMES), do_constant_folding=True,
-                              dynamic_axes={name: {0: BATCH_DIM} for name in INPUT_NAMES + OUTPUT_NAMES})
-        return fold_and_sort(onnx.load_from_string(buffer.getvalue()))
-
-
 def fold_and_sort(model: "onnx.ModelProto", fold: bool = True) -> "onnx.ModelProto":
     """Constant folding (Polygraphy; `fold=False` skips it), shared duplicate initializers,
     no-op Casts bypassed, dead nodes removed and a topological sort (graphsurgeon)."""
     import onnx
     import onnx_graphsurgeon as gs
-    from polygraphy.backend.onnx import fold_constants
 
     if fold:
+        from polygraphy.backend.onnx import fold_constants
+
         with quiet_polygraphy():
             # No size threshold: folding the per-use weight transposes is the point (duplicates
             # are shared afterwards), so Polygraphy's "large folded tensors" advice does not apply.
@@ -156,12 +125,16 @@ def set_metadata(model: "onnx.ModelProto", entries: dict[str, str]) -> None:
 
 
 def session(model: "onnx.ModelProto | bytes | str", threads: int = 0) -> "onnxruntime.InferenceSession":
-    """A CPU ONNX Runtime session (no spinning: the CPU is shared with torch and other jobs)."""
+    """A CPU ONNX Runtime session (no spinning: the CPU is shared with torch and other jobs).
+
+    threads 0: torch's thread count where torch is in use (eqr export's checks set it for the
+    cores left idle), else ONNX Runtime's default; this module never imports torch itself."""
     import onnxruntime as ort
 
+    torch = sys.modules.get("torch")
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.intra_op_num_threads = threads or (torch.get_num_threads() if torch is not None else 0)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model.SerializeToString() if hasattr(model, "SerializeToString") else model
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

@@ -323,7 +323,7 @@ def test_import_eqr_export_loads_no_heavy_backend() -> None:
 @pytest.mark.parametrize("pos", ["rope", "rope2d"])
 def test_attention_models_export_with_the_same_contract(pos: str) -> None:
     from eqr.export.fp16 import to_fp16
-    from eqr.export.onnx_graph import OnnxFromModel
+    from eqr.export.from_model import OnnxFromModel
 
     config = tiny_config(mlp_t=False, pos_encodings=pos, L_layers=1, H_cycles=1, L_cycles=1)  # 2 blocks: fast
     model = EqRModel(config, seed=2).eval()
@@ -371,7 +371,7 @@ def test_int8_graph_is_fp16_outside_qdq_quantizes_only_weight_matmuls_and_stays_
     import onnx
 
     from eqr.export.int8 import Int8FromOnnx, quantized_ops
-    from eqr.export.onnx_graph import OnnxFromModel
+    from eqr.export.from_model import OnnxFromModel
 
     config = tiny_config(mlp_t=False, pos_encodings="rope", L_layers=1, H_cycles=1, L_cycles=1)
     model = EqRModel(config, seed=2).eval()

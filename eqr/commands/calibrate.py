@@ -62,7 +62,8 @@ def calibrate(export_dir: str, calib_data: str | None, puzzles: int, starts: int
               force: bool, as_json: bool, quiet: bool, verbose: int) -> None:
     """Record trajectory-aware calibration states and build the FP16/INT8 graphs of EXPORT_DIR.
 
-    Runs the FP32 loop from --starts random states per puzzle, records the step inputs
+    Runs the export's FP32 step graph in ONNX Runtime (no torch: eqr[cpu,calibrate] is enough,
+    docs/jetson.md) from --starts random states per puzzle, records the step inputs
     (tokens, z_H, z_L) at every --depths, saves them as EXPORT_DIR/calib.npz with their
     provenance, then writes model.step.fp16.onnx / model.step.int8.onnx (symmetric Q/DQ;
     by default only MatMul/Gemm) and their tolerances into manifest.json. It adds to the
@@ -132,7 +133,7 @@ def rule_text(stopping: dict[str, Any]) -> str:
                        "to the decision table [default: every graph in the export and every cascade it can run].")
 @backend_option(choices=backend_names(), default=("onnxruntime", "torch"), multiple=True,
                 help="Backends (repeat or comma list); pairs a backend cannot run (torch at fp16/int8) are "
-                     "listed as not run.")
+                     "listed as not run, a backend that runs none (torch where it is not installed) once.")
 @click.option("--depths", default=",".join(map(str, ReportConfig.depths)), show_default=True,
               help="Fixed depths of the accuracy curve.")
 @click.option("--breadth", default="1,8", show_default=True, help="Trajectories per puzzle (vote / converged).")

@@ -146,9 +146,15 @@ def output_options(f: Callable) -> Callable:
 # --------------------------------------------------------------------------- exit codes
 
 
-# command -> the extra to name when its packages are missing, where it is not the one of the
-# package that is missing (`pip install eqr` is the runtime alone)
-COMMAND_EXTRAS = {"train": "train", "bench": "all"}
+# command -> {extra of a missing package: the command's extra to name instead}, where the command's
+# extra includes that one (pyproject.toml); any other package names its own extra
+# (eqr.contract.errors.EXTRAS). `pip install eqr` is the runtime alone; `eqr calibrate` and `eqr
+# report` need eqr[calibrate] (no torch) and an ONNX Runtime (eqr[cpu]).
+COMMAND_EXTRAS: dict[str, dict[str, str]] = {
+    "train": {"export": "train"},  # torch
+    "export": {"calibrate": "export"},
+    "bench": {"export": "all", "calibrate": "all", "cpu": "all"},
+}
 
 
 def run_reporting_errors(ctx: click.Context, fn: Callable[[], Any]) -> Any:

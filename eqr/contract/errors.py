@@ -1,4 +1,7 @@
 """The one user-facing error type: its message is a single line saying what, where and how to fix."""
+from __future__ import annotations
+
+from collections.abc import Mapping
 
 
 class EqRError(Exception):
@@ -11,10 +14,11 @@ class CheckpointError(EqRError):
     """A checkpoint file that is missing, malformed, unsafe or does not fit the model."""
 
 
-# Optional packages -> the pyproject extra that installs them (`pip install 'eqr[EXTRA]'`).
+# Optional packages -> the smallest pyproject extra that installs them (`pip install 'eqr[EXTRA]'`).
 # `pip install eqr` is the runtime alone: numpy, click and onnx (reading step graphs), no engine.
-EXTRAS = {"torch": "export", "polygraphy": "export", "onnx_graphsurgeon": "export", "matplotlib": "export",
-          "jinja2": "export", "onnxruntime": "cpu", "tensorrt": "tensorrt", "cuda": "tensorrt",  # cuda: cuda-python
+# calibrate: the graph tools of `eqr calibrate` and `eqr report`, no torch (export includes it).
+EXTRAS = {"torch": "export", "polygraphy": "export", "onnx_graphsurgeon": "calibrate", "matplotlib": "calibrate",
+          "jinja2": "calibrate", "onnxruntime": "cpu", "tensorrt": "tensorrt", "cuda": "tensorrt",  # cuda: cuda-python
           "tritonclient": "serve", "pytriton": "serve"}
 
 
@@ -39,11 +43,14 @@ class MissingExtra(EqRError):
         return f"needs pip install 'eqr[{self.extra}]'"
 
 
-def missing_extra(error: ImportError, needed_for: str = "this", extra: str | None = None) -> MissingExtra | None:
-    """The one-line error for an ImportError of an optional package (None for any other ImportError)."""
+def missing_extra(error: ImportError, needed_for: str = "this",
+                  instead: Mapping[str, str] | None = None) -> MissingExtra | None:
+    """The one-line error for an ImportError of an optional package (None for any other ImportError).
+    instead: the package's extra -> the extra to name (a command's own, which includes it: `eqr
+    export` names eqr[export] for a graph tool, not eqr[calibrate])."""
     top = (error.name or "").split(".")[0]
     if top not in EXTRAS:
         return None
-    extra = extra or EXTRAS[top]
+    extra = (instead or {}).get(EXTRAS[top], EXTRAS[top])
     hint = " (or eqr[gpu], onnxruntime-gpu, on a CUDA machine; never both)" if top == "onnxruntime" else ""
     return MissingExtra(f"{needed_for} needs {top}, which is not installed: pip install 'eqr[{extra}]'{hint}", extra)
