@@ -154,8 +154,10 @@ class Solver:
 
     @classmethod
     def from_model(cls, model: "EqRModel", batch_size: int | None = None,
-                   default_tol: float | None = recommended_tol("fp32")["tol"]) -> "Solver":
-        """A torch-backend solver for a model in memory (tests, notebooks, training evaluation)."""
+                   default_tol: float | None = None, precision: str = "fp32", **backend_options: Any) -> "Solver":
+        """A torch-backend solver for a model in memory (tests, notebooks, training evaluation).
+        backend_options: TorchBackend's (device, dtype, static_shapes, cuda_graphs, ...); default_tol:
+        the precision's unmeasured tolerance unless given."""
         from eqr.runtime.backends.torch_backend import TorchBackend
 
         c = model.config
@@ -163,8 +165,11 @@ class Solver:
         artifact = Artifact(kind="model", location="the model in memory", seq_len=c.seq_len,
                             hidden_size=c.hidden_size, vocab_size=c.vocab_size, init_std=(c.H_init_std, c.L_init_std),
                             config=c, task=task if isinstance(task, dict) else None)
-        return cls(TorchBackend(model), c.seq_len, c.hidden_size, (c.H_init_std, c.L_init_std), default_tol,
-                   artifact, batch_size=batch_size)
+        if default_tol is None:
+            default_tol = recommended_tol(precision)["tol"]
+        backend = TorchBackend(model, precision=precision, batch_size=batch_size, **backend_options)
+        return cls(backend, c.seq_len, c.hidden_size, (c.H_init_std, c.L_init_std), default_tol,
+                   artifact, batch_size=batch_size, precision=precision)
 
     def __enter__(self) -> "Solver":
         self.backend.activate()

@@ -9,12 +9,46 @@
 # SKIPped); a summary is written to WORKDIR/summary.txt. Exit 0 only when no step failed.
 #
 # usage: scripts/gpu_check.sh [MODEL] [WORKDIR]
+#        scripts/gpu_check.sh --agreement WORKDIR PRECISION   (only the agreement of trt.P.jsonl and
+#        ort.P.jsonl in WORKDIR; exit 0 only on PASS, non-zero when it fails or raises)
 #   MODEL    bundled model name, checkpoint or preset (default: the first bundled model,
 #            else paper-sudoku)
 #   WORKDIR  scratch directory (default: a new temporary one)
 # env:     PUZZLES (default 64), BATCH (TensorRT profile MIN:OPT:MAX, default 1:32:64)
 # needs:   a CUDA GPU, `pip install -e '.[tensorrt]'` (TensorRT + cuda-python) or JetPack.
 set -uo pipefail
+
+agreement() {  # agreement WORK PRECISION -> "PASS|FAIL detail": trt.P.jsonl vs ort.P.jsonl in WORK.
+    # FAIL (never an empty status) when the comparison itself raises: its exit status is checked.
+    local out rc
+    out="$(python - "$1" "$2" 2>&1 <<'PY'
+import json, sys
+
+work, precision = sys.argv[1], sys.argv[2]
+rows = {b: [json.loads(l) for l in open(f"{work}/{b}.{precision}.jsonl")] for b in ("trt", "ort")}
+trt, ort = rows["trt"], rows["ort"]
+same = sum(a["answer"] == b["answer"] for a, b in zip(trt, ort)) / max(len(ort), 1)
+steps = (sum(a["steps"] for a in trt), sum(b["steps"] for b in ort))
+correct = [sum(bool(r.get("correct")) for r in rows[b]) / max(len(rows[b]), 1) for b in ("trt", "ort")]
+min_same = {"fp32": 0.97, "fp16": 0.9, "int8": 0.85}[precision]
+ok = len(trt) == len(ort) > 0 and same >= min_same and abs(steps[0] - steps[1]) <= 0.15 * max(steps[1], 1)
+print(f"{'PASS' if ok else 'FAIL'} answers equal {same:.1%} (>= {min_same:.0%}), steps {steps[0]} vs {steps[1]}, "
+      f"correct {correct[0]:.1%} vs {correct[1]:.1%}, rows {len(trt)} vs {len(ort)}")
+PY
+)"
+    rc=$?
+    case "$out" in
+        PASS*|FAIL*) [ $rc = 0 ] && { echo "$out" | tail -n 1; return 0; } ;;
+    esac
+    echo "FAIL the agreement check raised (exit $rc): $(echo "$out" | tail -n 1)"
+}
+
+if [ "${1:-}" = "--agreement" ]; then  # only the agreement part: gpu_check.sh --agreement WORK PRECISION
+    line="$(agreement "$2" "$3")"
+    echo "$line"
+    [ "${line%% *}" = PASS ]
+    exit
+fi
 
 MODEL="${1:-$(python -c 'from eqr.contract.bundled import bundled_names; print((bundled_names() or ["paper-sudoku"])[0])')}"
 WORK="${2:-$(mktemp -d -t eqr-gpu-check.XXXXXX)}"
@@ -89,21 +123,7 @@ print(read_manifest('$WORK/export').get('engines', {}).get('$precision', {}).get
         report SKIP "$precision agreement" "a solve failed"
         continue
     fi
-    line="$(python - "$WORK" "$precision" <<'PY'
-import json, sys
-
-work, precision = sys.argv[1], sys.argv[2]
-rows = {b: [json.loads(l) for l in open(f"{work}/{b}.{precision}.jsonl")] for b in ("trt", "ort")}
-trt, ort = rows["trt"], rows["ort"]
-same = sum(a["answer"] == b["answer"] for a, b in zip(trt, ort)) / max(len(ort), 1)
-steps = (sum(a["steps"] for a in trt), sum(b["steps"] for b in ort))
-correct = [sum(bool(r.get("correct")) for r in rows[b]) / max(len(rows[b]), 1) for b in ("trt", "ort")]
-min_same = {"fp32": 0.97, "fp16": 0.9, "int8": 0.85}[precision]
-ok = len(trt) == len(ort) and same >= min_same and abs(steps[0] - steps[1]) <= 0.15 * max(steps[1], 1)
-print(f"{'PASS' if ok else 'FAIL'} answers equal {same:.1%} (>= {min_same:.0%}), steps {steps[0]} vs {steps[1]}, "
-      f"correct {correct[0]:.1%} vs {correct[1]:.1%}")
-PY
-)"
+    line="$(agreement "$WORK" "$precision")"
     report "${line%% *}" "$precision tensorrt vs onnxruntime" "${line#* }"
 done
 

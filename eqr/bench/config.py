@@ -17,6 +17,8 @@ SIDE_BY_SIDE_ROUNDS = 4  # reference and runtime alternate over this many slices
 MAX_FIXED_DEPTH = 64  # adaptive_steps extends the reference's fixed depths up to this
 GEMM_SIZE = 1024
 BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# measured on one side-by-side run: with --backend torch they need no ONNX export
+SIDE_BY_SIDE = ("reference_vs_runtime", "adaptive_steps", "host_overhead")
 # Goals (docs/performance.md): (comparison, threshold).
 GOALS: dict[str, tuple[str, float]] = {
     "reference_vs_runtime": (">=", 3.0), "adaptive_steps": ("<=", 0.35), "continuous_vs_static": (">=", 1.5),
@@ -36,6 +38,7 @@ class BenchConfig:
     batch_size: int = 64  # working batch (trajectories) of the runtime, the scheduler and static batches
     stream: int = 256  # puzzles in the continuous_vs_static stream (breadth 1)
     backend: str = "onnxruntime"  # the runtime side's backend
+    device: str = "cpu"  # --backend torch: the device of the runtime side and of the reference (cuda on a GPU)
     # The runtime's stopping rule: None takes the export's calibrated rule (`eqr calibrate`), else
     # the bench fits one on `rule_puzzles` labelled puzzles (eqr.calibration.stopping).
     max_steps: int | None = None
@@ -59,6 +62,8 @@ class BenchConfig:
         for name in ("max_steps", "patience"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise EqRError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.device != "cpu" and self.backend != "torch":
+            raise EqRError(f"--device {self.device} goes with --backend torch (the {self.backend} side picks its own)")
         if self.batch_size < self.breadth:
             raise EqRError(f"--batch {self.batch_size} must hold one puzzle's --breadth {self.breadth} rows")
 

@@ -47,23 +47,25 @@ class ReferenceRun:
 @torch.inference_mode()
 def reference_solve(model: Any, tokens: np.ndarray, depth: int, breadth: int, batch_size: int, seed: int,
                     noise: float, progress: Callable[[int], None] | None = None) -> ReferenceRun:
-    """The official protocol with torch eager: rows = each puzzle K times, random init, exactly D steps, noise on."""
-    rows = torch.as_tensor(tokens).long().repeat_interleave(breadth, dim=0)  # (P*K, L)
+    """The official protocol with torch eager on the model's device: rows = each puzzle K times, random
+    init, exactly D steps, noise on."""
+    device = next(model.parameters()).device
+    rows = torch.as_tensor(tokens).long().repeat_interleave(breadth, dim=0).to(device)  # (P*K, L)
     R, L = rows.shape
     preds = np.empty((depth, R, L), np.uint8)
     logit_delta = np.empty((depth, R), np.float32)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     chunk = max(breadth, batch_size - batch_size % breadth)  # whole puzzles per batch
     started = time.perf_counter()
     for start in range(0, R, chunk):
         batch = rows[start:start + chunk]
-        state = model.initial_state(len(batch), generator)
+        state = model.initial_state(len(batch), generator, device=device)
         previous = model.lm_head(state.z_H).float()  # (b, L, V)
         for t in range(depth):
             state, logits, _ = model.step(state, batch, noise=noise, generator=generator)
             logits = logits.float()
-            preds[t, start:start + len(batch)] = logits.argmax(-1).numpy()
-            logit_delta[t, start:start + len(batch)] = (logits - previous).norm(dim=-1).mean(-1).numpy()
+            preds[t, start:start + len(batch)] = logits.argmax(-1).cpu().numpy()
+            logit_delta[t, start:start + len(batch)] = (logits - previous).norm(dim=-1).mean(-1).cpu().numpy()
             previous = logits
         if progress is not None:
             progress(len(batch))

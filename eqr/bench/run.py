@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from eqr.bench.config import DEFAULT_MODELS, FALLBACK_MODEL, BenchConfig
+from eqr.bench.config import DEFAULT_MODELS, FALLBACK_MODEL, SIDE_BY_SIDE, BenchConfig
 from eqr.bench.result import Measurement
 from eqr.bench.setting import Setting, mixed_puzzles, model_task
 from eqr.bench.table import MEASURE
@@ -72,7 +72,7 @@ def bench_rule(setting: Setting, info: dict[str, Any]) -> dict[str, Any]:
     if c.paper:  # random weights: nothing to calibrate; the protocol's depth is the cap
         info["rule"] = {"source": "--paper: random weights, nothing to fit"}
         return {"max_steps": c.depth} | overrides
-    calibrated = load_artifact(setting.export_dir).stopping.get("fp32")
+    calibrated = load_artifact(setting.export_dir).stopping.get("fp32") if setting.export_dir else None
     if calibrated:
         info["rule"] = {"source": "the export's manifest (eqr calibrate)", "rule": calibrated}
         return calibrated | overrides
@@ -80,7 +80,11 @@ def bench_rule(setting: Setting, info: dict[str, Any]) -> dict[str, Any]:
     setting.report.stage(f"stopping rule: fit on {c.rule_puzzles} labelled puzzles, {steps} recorded fp32 steps "
                          "each (the export has no calibrated rule)")
     puzzles = mixed_puzzles(setting.task, c.rule_puzzles, c.seed + 200)
-    with Solver.load(setting.export_dir, backend="onnxruntime", threads=c.threads) as solver:
+    if setting.export_dir is None:  # --backend torch, nothing exported: the model itself on --device
+        fitting = Solver.from_model(setting.model, device=c.device)
+    else:
+        fitting = Solver.load(setting.export_dir, backend="onnxruntime", threads=c.threads)
+    with fitting as solver:
         traj = record_trajectories(solver, puzzles.inputs, steps, c.seed)
     fitted = fit_and_evaluate(traj, puzzles.labels, CalibConfig.rule_margin)
     info["rule"] = {"source": f"fitted here ({c.rule_puzzles} puzzles, margin {CalibConfig.rule_margin})",
@@ -106,10 +110,22 @@ def run_bench(config: BenchConfig, reporter: Progress | None = None) -> tuple[li
             "task": repr(task), "parameters": model.num_parameters(), "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
             "torch": torch.__version__, "config": dataclasses.asdict(config), "notes": []}
+    if config.backend == "torch":
+        from eqr.runtime.backends.torch_backend import resolve_device
+
+        device = resolve_device(config.device)  # one line when CUDA is asked for but absent
+        info["device"] = str(device)
+        if device.type == "cuda":
+            info["gpu"] = torch.cuda.get_device_name(device)
+            model = model.to(device)  # the reference and the runtime side share it
     with contextlib.ExitStack() as stack:
+        export_dir: Path | None
         if config.export_dir:
             export_dir = Path(config.export_dir)
             check_export_matches(export_dir, model, config.model)
+        elif config.backend == "torch" and set(config.measurements) <= set(SIDE_BY_SIDE):
+            export_dir = None  # the torch runtime runs the model itself: nothing to export
+            reporter.stage(f"--backend torch on {info['device']}: {config.model} runs as it is (no ONNX export)")
         else:
             export_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="eqr-bench-"))) / "export"
             reporter.stage(f"export {config.model} to ONNX ({', '.join(config.precisions)}) in {export_dir}")

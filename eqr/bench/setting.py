@@ -32,7 +32,7 @@ class Setting:
     config: BenchConfig
     model: Any  # EqRModel
     task: Any  # eqr.tasks.Task
-    export_dir: Path
+    export_dir: Path | None  # None: --backend torch on side-by-side measurements only (nothing exported)
     report: Progress  # stage lines and bars on stderr (stdout carries only tables, RESULT lines or JSON)
     rule: dict[str, Any] = field(default_factory=dict)  # the runtime's stopping rule (SolveConfig fields)
     cache: dict[str, Any] = field(default_factory=dict)
@@ -91,11 +91,17 @@ def exact_correct(preds: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def solver_for(setting: Setting, precision: str = "fp32", batch_size: int | None = None) -> Any:
-    """An active `Solver` (the bench's --backend) of the export whose default rule is the bench's rule."""
+    """An active `Solver` (the bench's --backend) of the export whose default rule is the bench's rule;
+    --backend torch runs the bench's own model on --device (the reference's model: one copy)."""
     from eqr.runtime import Solver
 
-    solver = Solver.load(setting.export_dir, backend=setting.config.backend, precision=precision,
-                         batch_size=batch_size or setting.config.batch_size, threads=setting.config.threads)
+    c = setting.config
+    if c.backend == "torch":
+        solver = Solver.from_model(setting.model, batch_size=batch_size or c.batch_size, device=c.device,
+                                   precision=precision)
+    else:
+        solver = Solver.load(setting.export_dir, backend=c.backend, precision=precision,
+                             batch_size=batch_size or c.batch_size, threads=c.threads)
     solver.rule.update(setting.rule)  # a cascade keeps its cascade_tol
     solver.backend.activate()
     return solver

@@ -12,8 +12,8 @@ from eqr.bench.render import render
 from eqr.bench.result import MeasurementError
 from eqr.bench.run import default_model, run_bench
 from eqr.bench.table import DEFAULT_MEASUREMENTS, MEASUREMENTS
-from eqr.commands.options import (backend_option, batch_option, force_option, out_option, output_options,
-                                  precision_option)
+from eqr.commands.options import (backend_option, batch_option, device_option, force_option, out_option,
+                                  output_options, precision_option)
 from eqr.contract.artifact import CASCADES, PRECISIONS
 from eqr.contract.errors import EqRError
 from eqr.contract.progress import Progress
@@ -34,8 +34,11 @@ from eqr.contract.progress import Progress
               help="Working batch in trajectories.")
 @click.option("--stream", type=int, default=BenchConfig.stream, show_default=True,
               help="Puzzles in the continuous_vs_static stream.")
-@backend_option(choices=["onnxruntime", "tensorrt"], default="onnxruntime",
-                help="Runtime backend of the runtime side (the reference is torch eager).")
+@backend_option(choices=["onnxruntime", "tensorrt", "torch"], default="onnxruntime",
+                help="Runtime backend of the runtime side (the reference is torch eager); torch runs the model "
+                     "itself on --device, and needs no export for the side-by-side measurements.")
+@device_option(help="With --backend torch: the device of the runtime side and of the reference: auto, cpu, cuda, "
+                    "cuda:N [default: cpu].")
 @click.option("--max-steps", type=int, default=None, help="Runtime step cap [default: the calibrated rule's].")
 @click.option("--tol", type=float, default=None, help="Runtime residual tolerance [default: the calibrated rule's].")
 @click.option("--window", type=click.IntRange(min=0), default=None,
@@ -62,7 +65,7 @@ from eqr.contract.progress import Progress
 @force_option(help="Replace an existing --out file.")
 @output_options
 def bench(model: str | None, paper: bool, only: tuple[str, ...], puzzles: int | None, breadth: int | None,
-          depth: int | None, batch: int, stream: int, backend: str, max_steps: int | None, tol: float | None,
+          depth: int | None, batch: int, stream: int, backend: str, device: str | None, max_steps: int | None, tol: float | None,
           window: int | None, patience: int | None, rule_puzzles: int, threads: int, precision: tuple[str, ...],
           cascade: str, reference_noise: float | None, export_dir: str | None, seed: int, check_goals: bool,
           out: str | None, force: bool, as_json: bool, quiet: bool, verbose: int) -> None:
@@ -82,6 +85,7 @@ def bench(model: str | None, paper: bool, only: tuple[str, ...], puzzles: int | 
       eqr bench --export-dir maze-small-eqr/ --only cascade_vs_fp32 --cascade fp16+fp32
       eqr bench --paper
       eqr bench --paper --only step_efficiency --precision fp32
+      eqr bench --paper --backend torch --device cuda --puzzles 64 --batch 64 --depth 16
       eqr bench --only serving --stream 256        # through tritonserver (the serve extra)
       python scripts/bench.py --only step_efficiency
     """
@@ -93,8 +97,9 @@ def bench(model: str | None, paper: bool, only: tuple[str, ...], puzzles: int | 
         model=PAPER_MODEL if paper else (model or default_model()),
         measurements=tuple(dict.fromkeys(only)) or (("reference_vs_runtime",) if paper else DEFAULT_MEASUREMENTS),
         puzzles=_given(puzzles, 4 if paper else BenchConfig.puzzles), breadth=_given(breadth, 1 if paper else 4),
-        depth=_given(depth, 2 if paper else 16), batch_size=min(batch, 4) if paper else batch, stream=stream,
-        backend=backend, max_steps=max_steps, tol=tol, patience=patience, window=window, rule_puzzles=rule_puzzles,
+        depth=_given(depth, 2 if paper else 16), stream=stream,
+        batch_size=min(batch, 4) if paper and _device(device) == "cpu" else batch,
+        backend=backend, device=_device(device), max_steps=max_steps, tol=tol, patience=patience, window=window, rule_puzzles=rule_puzzles,
         threads=threads, seed=seed, reference_noise=reference_noise,
         precisions=("fp32",) if paper else (tuple(dict.fromkeys(("fp32", *precision))) if precision else tuple(PRECISIONS)), cascade=cascade.lower(),
         export_dir=export_dir, paper=paper)
@@ -114,6 +119,12 @@ def bench(model: str | None, paper: bool, only: tuple[str, ...], puzzles: int | 
         atomic_write_text(out, text + "\n")
     if check_goals and any(m.met is False for m in measurements):
         sys.exit(1)
+
+
+def _device(device: str | None) -> str:
+    from eqr.runtime.backends.registry import parse_device
+
+    return "cpu" if device is None else parse_device(device)
 
 
 def _given(value: int | None, default: int) -> int:

@@ -6,6 +6,7 @@ One spelling per idea (docs/formats.md lists the exit codes); the progress lines
     @click.command()
     @precision_option(default=("fp32",))          # --precision fp16 --precision INT8, or fp16,int8
     @backend_option(multiple=True)                 # --backend onnxruntime,torch
+    @device_option()                               # --device cuda:1 (torch, tensorrt)
     @calib_data_option(help="...")                 # --calib-data FILE
     @batch_option(default=256, help="...")         # --batch N
     @output_options                                # --json, -q/--quiet, -v/--verbose
@@ -105,6 +106,13 @@ def backend_option(choices: Sequence[str], default: Sequence[str] | str = "auto"
         return _list_option("--backend", "backend", choices, tuple(default), help)
     return click.option("--backend", type=CaseInsensitiveChoice(choices), default=default, show_default=True,
                         help=help)
+
+
+def device_option(help: str = "Device that runs the step: auto, cpu, cuda, cuda:N or N (the torch backend; "
+                  "tensorrt takes a CUDA index; with --backend auto only backends that run there are tried) "
+                  "[default: the backend's own: torch cpu, tensorrt cuda:0].") -> Callable[[Callable], Callable]:
+    """--device SPEC: parsed by eqr.runtime.backends.registry.parse_device when the backend is made."""
+    return click.option("--device", "device", default=None, metavar="DEVICE", help=help)
 
 
 def calib_data_option(help: str, **option: Any) -> Callable[[Callable], Callable]:

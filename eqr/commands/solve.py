@@ -9,7 +9,7 @@ from typing import Any
 import click
 import numpy as np
 
-from eqr.commands.options import backend_option, batch_option, output_options, precision_option
+from eqr.commands.options import backend_option, batch_option, device_option, output_options, precision_option
 from eqr.contract.artifact import CASCADES, PRECISIONS
 from eqr.contract.errors import EqRError
 from eqr.contract.progress import Progress
@@ -20,7 +20,7 @@ from eqr.runtime.backends.registry import AUTO, backend_names
 FORMATS = ("text", "csv", "hrm")
 # what the served model decides: with --server these flags must stay at their defaults
 SERVER_DECIDES = ("backend", "provider", "fallback", "precision", "tol", "init_std", "patience", "window", "q_halt",
-                  "q_halt_threshold", "aggregate", "agree", "fixed_depth", "batch", "threads")
+                  "q_halt_threshold", "aggregate", "agree", "fixed_depth", "batch", "threads", "device")
 # --provider: ONNX Runtime execution providers by short name
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
@@ -51,6 +51,7 @@ def parse_init_std(text: str | None) -> tuple[float, float] | None:
               help="ONNX Runtime execution provider to require (implies --backend onnxruntime); "
                    "exit 2 when it is not available, unless --fallback.")
 @click.option("--fallback", is_flag=True, help="With --provider: fall back to the CPU provider when it is missing.")
+@device_option()
 @precision_option(default=None, choices=(*PRECISIONS, *CASCADES), multiple=False,
                   help="A precision, or a cascade LOW+HIGH (low-precision steps to the residual floor, then "
                        "high-precision ones under the high precision's rule) [default: the file's own for a .onnx "
@@ -89,8 +90,8 @@ def parse_init_std(text: str | None) -> tuple[float, float] | None:
               help="With --server: puzzles per request.")
 @output_options
 def solve(artifact: str | None, source: str, fmt: str, task_name: str | None, backend: str, provider: str | None,
-          fallback: bool, precision: str | None, max_steps: int | None, tol: float | None, init_std: str | None,
-          patience: int | None, window: int | None, q_halt: bool | None, q_halt_threshold: float | None,
+          fallback: bool, device: str | None, precision: str | None, max_steps: int | None, tol: float | None,
+          init_std: str | None, patience: int | None, window: int | None, q_halt: bool | None, q_halt_threshold: float | None,
           breadth: int, aggregate: str, agree: int | None, fixed_depth: int | None, seed: int, batch: int,
           threads: int | None, server: str | None, name: str, in_flight: int, request_size: int,
           as_json: bool, quiet: bool, verbose: int) -> None:
@@ -130,7 +131,8 @@ def solve(artifact: str | None, source: str, fmt: str, task_name: str | None, ba
     elif artifact is None:
         raise EqRError("eqr solve needs ARTIFACT (an export, model or bundled name) or --server URL")
     else:
-        solve_on = _LocalRun(artifact, task_name, init_std, tol, backend, provider, fallback, threads, precision, batch)
+        solve_on = _LocalRun(artifact, task_name, init_std, tol, backend, provider, fallback, threads, precision, batch,
+                             device)
     task = solve_on.task
     if fmt == "hrm" and source == "-":
         raise EqRError("--format hrm reads a data set directory; pass it with --input DIR")
@@ -162,13 +164,16 @@ class _LocalRun:
     """`eqr solve ARTIFACT`: a Solver in this process."""
 
     def __init__(self, artifact: str, task_name: str | None, init_std: str | None, tol: float | None, backend: str,
-                 provider: str | None, fallback: bool, threads: int | None, precision: str | None, batch: int) -> None:
+                 provider: str | None, fallback: bool, threads: int | None, precision: str | None, batch: int,
+                 device: str | None = None) -> None:
         from eqr.runtime.resolve import load_artifact, resolve_task
         from eqr.runtime.solver import Solver
 
         art = load_artifact(artifact, parse_init_std(init_std), tol)
         self.task, self.via = resolve_task(art, task_name), ""
         backend, options = _backend_options(backend, provider, fallback, threads)
+        if device is not None:
+            options["device"] = device  # the registry parses it and refuses a backend it does not apply to
         self.solver = Solver.load(art, backend=backend, precision=precision, batch_size=batch, **options)
 
     def run(self, tokens: np.ndarray, max_steps: int | None, rule: dict[str, Any], breadth: int, aggregate: str,

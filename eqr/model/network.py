@@ -96,25 +96,27 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def _rope_angles(positions: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
     """[L] positions -> [L, dim] angles laid out as [angle, angle] (rotate-half convention)."""
-    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # [dim/2]
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)  # [dim/2]
     angles = positions.float()[:, None] * inv_freq[None, :]  # [L, dim/2]
     return torch.cat((angles, angles), dim=-1)  # [L, dim]
 
 
-def rope_cos_sin(config: ModelConfig, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [L, E] for 1D RoPE, or 2D RoPE (rows on the first half, columns on the second)."""
+def rope_cos_sin(config: ModelConfig, seq_len: int,
+                 device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [L, E] for 1D RoPE, or 2D RoPE (rows on the first half, columns on the second),
+    computed on `device` (the activations' own: no host tensor, no copy inside a CUDA-graph capture)."""
     E = config.head_dim
     if config.pos_encodings == "rope2d":
         height = config.board_height or math.isqrt(seq_len)
         width = config.board_width or math.isqrt(seq_len)
         if height * width != seq_len:
             raise ValueError(f"rope2d board {height}x{width} does not cover {seq_len} tokens; set board_height/board_width")
-        pos = torch.arange(seq_len)
+        pos = torch.arange(seq_len, device=device)
         rows = _rope_angles(pos // width, E // 2, config.rope_theta)  # [L, E/2]
         cols = _rope_angles(pos % width, E // 2, config.rope_theta)  # [L, E/2]
         angles = torch.cat((rows, cols), dim=-1)  # [L, E]
     else:
-        angles = _rope_angles(torch.arange(seq_len), E, config.rope_theta)  # [L, E]
+        angles = _rope_angles(torch.arange(seq_len, device=device), E, config.rope_theta)  # [L, E]
     return angles.cos(), angles.sin()
 
 
@@ -145,7 +147,7 @@ class Attention(nn.Module):
         H, E = self.config.num_heads, self.config.head_dim
         q, k, v = self.qkv(x).view(B, L, 3 * H, E).split(H, dim=2)  # each [B, L, H, E]
         if self.config.pos_encodings != "none":
-            cos, sin = rope_cos_sin(self.config, L)
+            cos, sin = rope_cos_sin(self.config, L, x.device)
             two_d = self.config.pos_encodings == "rope2d"
             q, k = apply_rope(q, cos, sin, two_d), apply_rope(k, cos, sin, two_d)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, L, E]

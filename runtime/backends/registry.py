@@ -2,6 +2,11 @@
 
 Entries are "module:Class" strings so listing names (click.Choice) imports no optional
 package: onnxruntime and TensorRT load only when their backend is created.
+
+The `device` option (`Solver.load(..., device="cuda:1")`, `eqr solve --device`) is parsed here,
+without torch: "auto", "cpu", "cuda", "cuda:N" or an index N. The torch backend takes any of
+them (and says in one line when CUDA is asked for but absent); the tensorrt backend a CUDA index;
+onnxruntime none (its execution provider decides), so `auto` with a device skips it.
 """
 from __future__ import annotations
 
@@ -21,6 +26,40 @@ _BACKENDS: dict[str, str] = {
     "torch": "eqr.runtime.backends.torch_backend:TorchBackend",
 }
 AUTO = "auto"
+# backend -> the device kinds its `device` option takes (a backend not listed takes none)
+DEVICE_KINDS: dict[str, tuple[str, ...]] = {"torch": ("cpu", "cuda"), "tensorrt": ("cuda",)}
+
+
+def parse_device(value: str | int | None) -> str:
+    """A device spec -> "auto", "cpu", "cuda" or "cuda:N"; EqRError (one line) for anything else."""
+    if value is None:
+        return AUTO
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise EqRError(f"device must be auto, cpu, cuda, cuda:N or an index N, got {value!r}")
+    text = str(value).strip().lower()
+    if text.isdigit():
+        return f"cuda:{int(text)}"
+    if text in (AUTO, "cpu", "cuda"):
+        return text
+    kind, _, index = text.partition(":")
+    if kind == "cuda" and index.isdigit():
+        return f"cuda:{int(index)}"
+    raise EqRError(f"device must be auto, cpu, cuda, cuda:N or an index N, got {value!r}")
+
+
+def device_option(name: str, device: str) -> Any:
+    """The parsed `device` as backend `name` takes it (tensorrt: an int index); EqRError where it
+    does not apply."""
+    kinds = DEVICE_KINDS.get(name, ())
+    if device == AUTO:
+        return 0 if name == "tensorrt" else AUTO
+    kind, _, index = device.partition(":")
+    if kind not in kinds:
+        takes = f"takes --device {' or '.join(kinds)}" if kinds else "picks its own device (--provider)"
+        raise EqRError(f"--device {device} does not apply to the {name} backend, which {takes}")
+    if name == "tensorrt":
+        return int(index or 0)
+    return device
 
 
 def register_backend(name: str, target: str) -> None:
@@ -54,10 +93,16 @@ def unavailable_reason(name: str, artifact: "Artifact", precision: str) -> str |
 
 
 def create_backend(name: str, artifact: "Artifact", precision: str, **options: Any) -> "Backend":
-    """The backend `name` (or the best available for `auto`) for `artifact` at `precision`."""
+    """The backend `name` (or the best available for `auto`) for `artifact` at `precision`.
+    options["device"], when given, is parsed (`parse_device`) and passed on as the backend takes
+    it; with `auto` and a device other than auto, only backends that take that device are tried."""
+    device = parse_device(options.pop("device")) if "device" in options else None
     if name == AUTO:
         reasons = []
         for candidate in _BACKENDS:
+            if device not in (None, AUTO) and device.partition(":")[0] not in DEVICE_KINDS.get(candidate, ()):
+                reasons.append(f"{candidate}: does not run on --device {device}")
+                continue
             reason = unavailable_reason(candidate, artifact, precision)
             if reason is None:
                 name = candidate
@@ -68,4 +113,6 @@ def create_backend(name: str, artifact: "Artifact", precision: str, **options: A
     reason = unavailable_reason(name, artifact, precision)
     if reason is not None:
         raise EqRError(f"backend {name} cannot run {artifact.location} at {precision}: {reason}")
+    if device is not None and (device != AUTO or name in DEVICE_KINDS):
+        options["device"] = device_option(name, device)
     return backend_class(name).from_artifact(artifact, precision, **options)
