@@ -102,7 +102,12 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig,
     graphs: dict[str, onnx.ModelProto] = {}
     fp32 = onnx.load(str(fp32_path))
     with tempfile.TemporaryDirectory(prefix=".eqr-calibrate-", dir=root) as staging:
-        with progress.bar("building precision graphs and fitting stopping rules", len(measured)) as advance:
+        fit_inputs = puzzles.inputs if rules_on is None else rules_on.inputs
+        fit_steps = max(cfg.rule_steps if rules_on is not None else cfg.max_depth, 2)
+        # the unit is one row-step of the recorded runs (the long part at paper size: puzzles x steps per precision)
+        note = None if rules_on is None else (lambda eta: rule_fit_note(eta, len(rules_on.inputs)))
+        with progress.bar("building precision graphs and fitting stopping rules",
+                          len(measured) * len(fit_inputs) * fit_steps, long_note=note) as advance:
             for precision in measured:
                 built = precision in build
                 path = artifact.onnx.get(precision)
@@ -111,15 +116,14 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig,
                     graphs[precision], entry = build_precision(fp32, precision, calib, cfg)
                     path = Path(staging) / PRECISIONS[precision].onnx
                     path.write_bytes(graphs[precision].SerializeToString())
-                entry |= measure_precision(artifact, precision, path, puzzles.inputs if rules_on is None
-                                           else rules_on.inputs, None if rules_on is None else rules_on.labels, cfg)
+                entry |= measure_precision(artifact, precision, path, fit_inputs,
+                                           None if rules_on is None else rules_on.labels, cfg, advance)
                 if not built:
                     entry.pop("tol"), entry.pop("tol_rule")  # its tol is the export's (its parity run)
                 if rules_on is not None:
                     entry["stopping"]["data"] = rules_on.source
                 manifest = with_precision(manifest, precision, entry, calibration if built else None, replace=built)
                 entries[precision] = entry
-                advance(1)
     # A graph's own hash cannot be inside it: manifest.json records it once the graph is written.
     # Graphs `eqr export` wrote (fp32 included) keep their bytes: the engines built from them and
     # calib.npz's provenance name their hashes; their stopping rules live in manifest.json.
@@ -133,6 +137,16 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig,
     return entries, info
 
 
+def rule_fit_note(eta_s: float, rule_puzzles: int) -> str:
+    """The one hint a long stopping-rule fit gives: fewer --rule-puzzles (a quarter, at least 32)."""
+    from eqr.contract.progress import eta_text
+
+    smaller = max(32, rule_puzzles // 4)
+    hint = (f"; `--rule-puzzles {smaller}` fits on fewer puzzles (now {rule_puzzles}), at a wider "
+            "accuracy margin of noise" if smaller < rule_puzzles else "")
+    return f"note: fitting the stopping rules will take about {eta_text(eta_s)} more{hint}"
+
+
 def build_precision(fp32: Any, precision: str, calib: Any, cfg: CalibConfig) -> tuple[Any, dict[str, Any]]:
     """Calibrate's FP16 or INT8 graph of the export's FP32 graph -> (graph, its manifest entry)."""
     from eqr.calibration.quantize import QuantPolicy, build_fp16, build_int8
@@ -143,7 +157,7 @@ def build_precision(fp32: Any, precision: str, calib: Any, cfg: CalibConfig) -> 
 
 
 def measure_precision(artifact: Artifact, precision: str, onnx_path: Path, inputs: np.ndarray,
-                      labels: np.ndarray | None, cfg: CalibConfig) -> dict[str, Any]:
+                      labels: np.ndarray | None, cfg: CalibConfig, advance: Any = None) -> dict[str, Any]:
     """One recorded fixed-depth run of this graph: the export's tol rule applied to the residual
     floor it reaches and, with labels, the fitted stopping rule (`eqr.calibration.stopping`)."""
     from eqr.calibration.stopping import fit_and_evaluate, record_trajectories
@@ -155,7 +169,7 @@ def measure_precision(artifact: Artifact, precision: str, onnx_path: Path, input
     solver = Solver(backend, artifact.seq_len, artifact.hidden_size, artifact.init_std, precision=precision)
     steps = max(cfg.rule_steps if labels is not None else cfg.max_depth, 2)
     with solver:
-        traj = record_trajectories(solver, inputs, steps, cfg.seed)
+        traj = record_trajectories(solver, inputs, steps, cfg.seed, advance)
     tail = traj.residual[steps // 2:]  # late residuals (N/2, P)
     floor = float(np.median(np.nanmin(np.where(np.isfinite(tail), tail, np.inf), axis=0)))
     rule = recommended_tol(precision, floor)

@@ -55,10 +55,13 @@ EXPORT_CALIB_PUZZLES = 4  # eqr export's built-in calibration: puzzles, each rec
 class RecordingBackend(Backend):
     """Delegates to `inner`; copies the feeds of the steps whose depth is in `depths` to the host."""
 
-    def __init__(self, inner: Backend, depths: Sequence[int] = (), preds_after: Sequence[int] = ()) -> None:
+    def __init__(self, inner: Backend, depths: Sequence[int] = (), preds_after: Sequence[int] = (),
+                 on_step: Callable[[int], None] | None = None) -> None:
         """Record the feeds of the steps at `depths` (the state after that many steps) and the
-        predictions and q_halt logits output after the steps in `preds_after` (1 = after the first step)."""
+        predictions and q_halt logits output after the steps in `preds_after` (1 = after the first step).
+        on_step(rows): called after every step with its batch's row count (progress)."""
         super().__init__()
+        self.on_step = on_step
         self.inner = inner
         self.name = f"recording({inner.name})"  # type: ignore[misc]
         self.depths = set(int(d) for d in depths)
@@ -98,6 +101,8 @@ class RecordingBackend(Backend):
         if self.steps_taken in self.preds_after:
             self.preds[self.steps_taken] = self.inner.download(outputs["preds"]).astype(np.int32)
             self.q_halt[self.steps_taken] = self.inner.download(outputs["q_halt"]).astype(np.float32)
+        if self.on_step is not None:
+            self.on_step(len(self.inner.download(outputs["residual"])))
         return outputs
 
     def route(self, stage: np.ndarray) -> None:

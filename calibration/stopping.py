@@ -55,12 +55,14 @@ class Trajectories:
                             self.q_halt[:, rows])
 
 
-def record_trajectories(solver: Any, tokens: np.ndarray, steps: int, seed: int) -> Trajectories:
-    """One trajectory per puzzle (breadth 1, seeds as `Solver.solve`), `steps` fixed steps, recorded."""
+def record_trajectories(solver: Any, tokens: np.ndarray, steps: int, seed: int,
+                        advance: Any = None) -> Trajectories:
+    """One trajectory per puzzle (breadth 1, seeds as `Solver.solve`), `steps` fixed steps, recorded.
+    advance(n): progress in row-steps (len(tokens) x steps in all)."""
     from eqr.calibration.record import RecordingBackend
 
     tokens = np.asarray(tokens)
-    recorder = RecordingBackend(solver.backend, preds_after=range(1, steps + 1))
+    recorder = RecordingBackend(solver.backend, preds_after=range(1, steps + 1), on_step=advance)
     inner, solver.backend = solver.backend, recorder
     try:
         with recorder:
