@@ -19,7 +19,10 @@ from eqr.contract.errors import EqRError
 from eqr.contract.progress import Progress
 from eqr.runtime.resolve import load_artifact
 
-CALIBRATED = ("fp16", "int8")
+CALIBRATED = ("fp16", "int8", "int8-cpu")
+# built when --precision names none: int8-cpu only when asked for, until its agreement holds on
+# every bundled model (docs/performance.md); once built, int8 on ONNX Runtime's CPU provider runs it
+DEFAULT_CALIBRATED = ("fp16", "int8")
 log = logging.getLogger(__name__)
 
 
@@ -45,7 +48,8 @@ def plan_precisions(manifest: dict[str, Any], root: Path, requested: tuple[str, 
         return (root / PRECISIONS[p].onnx).exists() and checked_against_the_model(manifest["precisions"].get(p) or {})
 
     if not requested:
-        return tuple(p for p in CALIBRATED if not checked(p)), tuple(p for p in CALIBRATED if checked(p))
+        return (tuple(p for p in DEFAULT_CALIBRATED if not checked(p)),
+                tuple(p for p in DEFAULT_CALIBRATED if checked(p)))
     clash = [str(root / PRECISIONS[p].onnx) for p in requested if checked(p)]
     if clash and not force:
         raise EqRError(f"{', '.join(clash)}: written by `eqr export`; pass --force to replace "
@@ -148,12 +152,15 @@ def rule_fit_note(eta_s: float, rule_puzzles: int) -> str:
 
 
 def build_precision(fp32: Any, precision: str, calib: Any, cfg: CalibConfig) -> tuple[Any, dict[str, Any]]:
-    """Calibrate's FP16 or INT8 graph of the export's FP32 graph -> (graph, its manifest entry)."""
+    """Calibrate's FP16 or INT8 (TensorRT's, or the CPU's: int8-cpu) graph of the export's FP32 graph
+    -> (graph, its manifest entry). Both INT8 graphs quantize from the same recorded states `calib`."""
     from eqr.calibration.quantize import QuantPolicy, build_fp16, build_int8
 
     if precision == "fp16":
         return build_fp16(fp32, cfg.keep_fp32_ops)
-    return build_int8(fp32, calib, QuantPolicy(cfg.method, cfg.op_types, cfg.exclude_nodes, cfg.percentile))
+    policy = QuantPolicy(cfg.method, cfg.op_types, cfg.exclude_nodes, cfg.percentile,
+                         reduce_range=cfg.reduce_range and precision == "int8-cpu")
+    return build_int8(fp32, calib, policy, precision)
 
 
 def measure_precision(artifact: Artifact, precision: str, onnx_path: Path, inputs: np.ndarray,

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from eqr.contract.artifact import CASCADES, PRECISIONS
+from eqr.contract.artifact import BASE_PRECISIONS, CASCADES, PRECISIONS
 from eqr.contract.config import JsonConfig
 from eqr.contract.errors import EqRError
 from eqr.export.int8 import CALIBRATION_METHODS, DEFAULT_OP_TYPES
@@ -15,10 +15,10 @@ from eqr.export.int8 import CALIBRATION_METHODS, DEFAULT_OP_TYPES
 # Geometric depths from the random start to (near) the fixed point.
 DEFAULT_DEPTHS = (1, 2, 4, 8, 16, 32)
 # Default accuracy budget: FP16 within 0.5 points of FP32, INT8 within 2.
-DEFAULT_MAX_DROP = {"fp32": 0.5, "fp16": 0.5, "int8": 2.0}  # fp32: other backends vs the reference
+DEFAULT_MAX_DROP = {"fp32": 0.5, "fp16": 0.5, "int8": 2.0, "int8-cpu": 2.0}  # fp32: other backends vs the reference
 # Relative finite-difference step of the contraction estimate: far above each precision's
 # round-off (an INT8 step is piecewise constant below its quantization scale).
-DEFAULT_FD_EPS = {"fp32": 1e-3, "fp16": 1e-2, "int8": 5e-2}
+DEFAULT_FD_EPS = {"fp32": 1e-3, "fp16": 1e-2, "int8": 5e-2, "int8-cpu": 5e-2}
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class CalibConfig(JsonConfig):
     exclude_nodes: tuple[str, ...] = ()  # node names kept in FP32 even if their op type is quantized
     percentile: float = 99.999  # for method "percentile"
     keep_fp32_ops: tuple[str, ...] | None = None  # FP16: op types kept in FP32 (None: export's list)
-    precisions: tuple[str, ...] = ("fp16", "int8")  # graphs to build
+    reduce_range: bool = False  # int8-cpu: 7-bit weights, for x86 CPUs without VNNI (export/int8.py)
+    precisions: tuple[str, ...] = ("fp16", "int8")  # graphs to build (int8-cpu only when named)
     force: bool = False  # replace existing precision files / calib.npz
     rule_puzzles: int = 256  # labelled puzzles the stopping rules are fitted (half) and measured (half) on; 0: none
     rule_steps: int = 32  # fixed depth of the recorded trajectories the rules are replayed on
@@ -48,9 +49,9 @@ class CalibConfig(JsonConfig):
             raise EqRError(f"--puzzles and --starts must be >= 1, got {self.puzzles}, {self.starts}")
         if not self.depths or min(self.depths) < 0:
             raise EqRError(f"--depths must be non-negative step counts, got {self.depths}")
-        unknown = [p for p in self.precisions if p not in ("fp16", "int8")]
+        unknown = [p for p in self.precisions if p not in ("fp16", "int8", "int8-cpu")]
         if unknown:
-            raise EqRError(f"--precision builds fp16 and/or int8, got {', '.join(unknown)}")
+            raise EqRError(f"--precision builds fp16, int8 and/or int8-cpu, got {', '.join(unknown)}")
         if not self.op_types:
             raise EqRError("--op-types must name at least one op type (e.g. MatMul)")
         if not 0 < self.percentile <= 100:
@@ -68,7 +69,7 @@ class CalibConfig(JsonConfig):
 class ReportConfig(JsonConfig):
     """What `eqr report` runs (every precision x backend on the same puzzles and seeds) and judges."""
 
-    precisions: tuple[str, ...] = tuple(PRECISIONS)
+    precisions: tuple[str, ...] = BASE_PRECISIONS
     backends: tuple[str, ...] = ("onnxruntime", "torch")  # torch runs fp32 only; pairs it cannot run are skipped
     depths: tuple[int, ...] = DEFAULT_DEPTHS  # fixed-depth accuracy curve
     breadth: tuple[int, ...] = (1, 8)  # K trajectories per puzzle (vote and converged aggregation)

@@ -41,6 +41,7 @@ class QuantPolicy:
     op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     exclude_nodes: tuple[str, ...] = ()  # kept FP32 although their op type is quantized
     percentile: float = 99.999
+    reduce_range: bool = False  # int8-cpu only: 7-bit weights (x86 without VNNI)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,19 +60,24 @@ def build_fp16(fp32: "onnx.ModelProto", keep_fp32_ops: Iterable[str] | None = No
     return graph, {"onnx": PRECISIONS["fp16"].onnx, "keep_fp32_ops": list(kept)}
 
 
-def build_int8(fp32: "onnx.ModelProto", calib: "CalibSet",
-               policy: QuantPolicy) -> tuple["onnx.ModelProto", dict[str, Any]]:
-    """The INT8 graph calibrated on `calib` -> (graph, its manifest entry); nothing written.
+def build_int8(fp32: "onnx.ModelProto", calib: "CalibSet", policy: QuantPolicy,
+               precision: str = "int8") -> tuple["onnx.ModelProto", dict[str, Any]]:
+    """The INT8 graph (`precision` int8: TensorRT's; int8-cpu: ONNX Runtime CPU's integer kernels)
+    calibrated on `calib` -> (graph, its manifest entry); nothing written.
 
-    For entropy/percentile the entry also records `scale_change` against MinMax on the same data.
+    For entropy/percentile the entry also records `scale_change` against MinMax on the same data;
+    int8-cpu records `integer_ops`, what ONNX Runtime's CPU provider made of its products.
     """
-    from eqr.export.int8 import quantized_ops
+    from eqr.export.int8 import quantized_ops, weight_matmuls_on_integer_kernels
 
-    graph = _quantize(fp32, calib, policy)
-    entry: dict[str, Any] = {"onnx": PRECISIONS["int8"].onnx, "policy": policy.to_dict(),
+    graph = _quantize(fp32, calib, policy, precision)
+    entry: dict[str, Any] = {"onnx": PRECISIONS[precision].onnx, "policy": policy.to_dict(),
                              "quantized_ops": quantized_ops(graph), "calibration_states": len(calib)}
+    if precision == "int8-cpu":
+        entry["integer_ops"] = weight_matmuls_on_integer_kernels(graph)
     if policy.method != "minmax":
-        reference = _quantize(fp32, calib, QuantPolicy("minmax", policy.op_types, policy.exclude_nodes))
+        reference = _quantize(fp32, calib, QuantPolicy("minmax", policy.op_types, policy.exclude_nodes,
+                                                       reduce_range=policy.reduce_range), precision)
         change = scale_change(activation_scales(reference), activation_scales(graph))
         entry["scale_change_vs_minmax"] = change
         if change["changed_fraction"] == 0:
@@ -79,13 +85,15 @@ def build_int8(fp32: "onnx.ModelProto", calib: "CalibSet",
     return graph, entry
 
 
-def _quantize(fp32: "onnx.ModelProto", calib: "CalibSet", policy: QuantPolicy) -> "onnx.ModelProto":
-    """FP32 graph -> symmetric S8S8 QDQ graph, activation ranges from `calib` by `policy.method`."""
+def _quantize(fp32: "onnx.ModelProto", calib: "CalibSet", policy: QuantPolicy,
+              precision: str = "int8") -> "onnx.ModelProto":
+    """FP32 graph -> QDQ graph (int8: S8S8; int8-cpu: U8S8), activation ranges from `calib` by `policy.method`."""
     from eqr.export.build import BuildOptions, build_graph
 
     options = BuildOptions(calib_feeds=lambda: calib.feeds(ROWS_PER_FEED), method=policy.method,
-                           op_types=policy.op_types, exclude_nodes=policy.exclude_nodes, percentile=policy.percentile)
-    return build_graph("int8", fp32, options)
+                           op_types=policy.op_types, exclude_nodes=policy.exclude_nodes, percentile=policy.percentile,
+                           reduce_range=policy.reduce_range)
+    return build_graph(precision, fp32, options)
 
 
 # --------------------------------------------------------------------------- scales

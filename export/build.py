@@ -33,6 +33,7 @@ class BuildOptions:
     op_types: tuple[str, ...] = DEFAULT_OP_TYPES  # int8: op types quantized
     exclude_nodes: tuple[str, ...] = ()  # int8: nodes kept FP32 although their op type is quantized
     percentile: float = 99.999  # int8: percentile of method "percentile"
+    reduce_range: bool = False  # int8-cpu: 7-bit weights (x86 without VNNI; export/int8.py)
 
 
 def _onnx_from_model(model: Any, options: BuildOptions) -> Callable[[], "onnx.ModelProto"]:
@@ -52,11 +53,20 @@ def _int8_from_onnx(fp32: Any, options: BuildOptions) -> Callable[[], "onnx.Mode
                         exclude_nodes=options.exclude_nodes, percentile=options.percentile)
 
 
+def _int8_cpu_from_onnx(fp32: Any, options: BuildOptions) -> Callable[[], "onnx.ModelProto"]:
+    if options.calib_feeds is None:
+        raise ValueError("an INT8 graph needs calibration feeds (BuildOptions.calib_feeds)")
+    return Int8FromOnnx(fp32, options.calib_feeds, method=options.method, op_types=options.op_types,
+                        exclude_nodes=options.exclude_nodes, percentile=options.percentile, target="cpu",
+                        reduce_range=options.reduce_range)
+
+
 # builder name (PRECISIONS[p].builder) -> (source, options) -> a loader that returns the graph
 BUILDERS: dict[str, Callable[[Any, BuildOptions], Callable[[], "onnx.ModelProto"]]] = {
     "onnx_from_model": _onnx_from_model,
     "fp16_from_onnx": _fp16_from_onnx,
     "int8_from_onnx": _int8_from_onnx,
+    "int8_cpu_from_onnx": _int8_cpu_from_onnx,
 }
 
 

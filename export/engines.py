@@ -77,7 +77,7 @@ def require_engine_support(device: int = 0) -> tuple[GpuInfo, str]:
 def _precisions(root: Path, manifest: dict[str, Any], asked: tuple[str, ...]) -> tuple[str, ...]:
     """The precisions to build, in PRECISIONS order: those asked, else every graph the export holds."""
     graphs = {p for p, entry in (manifest.get("precisions") or {}).items()
-              if p in PRECISIONS and (root / PRECISIONS[p].onnx).is_file()}
+              if p in PRECISIONS and PRECISIONS[p].engine and (root / PRECISIONS[p].onnx).is_file()}
     missing = [p for p in asked if p not in graphs]
     if missing:
         raise EqRError(f"{root}: no {', '.join(missing)} step graph ({', '.join(PRECISIONS[p].onnx for p in missing)}); "

@@ -241,6 +241,11 @@ def parity_line(precision: str, errors: dict[str, Any], trajectory: dict[str, An
 # --------------------------------------------------------------------------- the export
 
 
+INT8_SCHEMES = {"int8": "QDQ, symmetric int8 weights (per channel) and activations; FP16 outside (TensorRT)",
+                "int8-cpu": "QDQ, symmetric int8 weights (per channel), asymmetric uint8 activations; FP32 outside "
+                            "(ONNX Runtime CPU integer kernels)"}
+
+
 def build_graphs(model: EqRModel, config: ExportConfig, task: TaskInfo, calibrate: Calibrate | None,
                  progress: Progress) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """-> ({precision: ModelProto}, {precision: manifest entry}) with every check run."""
@@ -257,19 +262,22 @@ def build_graphs(model: EqRModel, config: ExportConfig, task: TaskInfo, calibrat
 
     graphs: dict[str, Any] = {}
     entries: dict[str, dict[str, Any]] = {}
+    calibrated = None
     for precision in config.precisions:
         row = PRECISIONS[precision]
         progress.stage(f"{precision}: build {row.onnx}")
         start = time.perf_counter()
         options, extra = BuildOptions(opset=config.opset), {}
-        if precision == "int8":
-            feeds, calib_info = calibrate(graphs[row.built_from], task, progress)
+        if row.calibrated:
+            if calibrated is None:  # int8 and int8-cpu quantize from the same recorded states
+                calibrated = calibrate(graphs[row.built_from], task, progress)
+            feeds, calib_info = calibrated
             options = BuildOptions(calib_feeds=feeds)
-            extra = {"calibration": calib_info, "scheme": "QDQ, symmetric int8 weights (per channel) and activations"}
+            extra = {"calibration": calib_info, "scheme": INT8_SCHEMES[precision]}
         elif precision == "fp16":
             extra = {"kept_fp32": "reductions and norm chains, softmax, argmax, output heads"}
         graph = build_graph(precision, model if row.built_from is None else graphs[row.built_from], options)
-        if precision == "int8":
+        if row.calibrated:
             extra["quantized_ops"] = quantized_ops(graph)
         built = time.perf_counter() - start
         progress.done(f"{precision}: built in {built:.1f} s, {len(graph.graph.node)} nodes")
@@ -324,7 +332,7 @@ def export_model(model: EqRModel, out_dir: str | os.PathLike[str] | None, config
     progress = progress or Progress(quiet=True)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model)
     check_out_dir(out, config.force)
-    if "int8" in config.precisions and calibrate is None:
+    if any(PRECISIONS[p].calibrated for p in config.precisions) and calibrate is None:
         raise EqRError("int8 export needs calibration feeds: pass calibrate="
                        "eqr.calibration.record.int8_calibration(model, config), as eqr export does")
     gpu, trt_version, why_not = engine_support()
@@ -389,7 +397,7 @@ def build_engines(stage: Path, config: ExportConfig, gpu, trt_version, why_not: 
     if why_not:
         progress.done(f"engine: skipped: {why_not}")
         return {}, {"status": "skipped", "reason": why_not}
-    request = EngineBuild(config.precisions, EngineProfile(config.batch, model.config.seq_len, model.config.hidden_size),
+    request = EngineBuild(tuple(p for p in config.precisions if PRECISIONS[p].engine), EngineProfile(config.batch, model.config.seq_len, model.config.hidden_size),
                           config.workspace_mib, gpu, trt_version, config.dla_core)
     try:
         return build(stage, request, progress), request.built()

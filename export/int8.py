@@ -1,4 +1,5 @@
-"""INT8 step graph: explicit symmetric Q/DQ for a strongly typed TensorRT build.
+"""INT8 step graphs: explicit symmetric Q/DQ for a strongly typed TensorRT build, and a CPU
+variant for ONNX Runtime's integer kernels (`TARGETS`).
 
 ONNX Runtime's static quantizer in QDQ format, INT8 weights (symmetric, per output channel)
 and INT8 activations (symmetric), MatMul/Gemm with constant weights only by default: quantizing
@@ -12,6 +13,15 @@ select), so the INT8 engine is FP16 everywhere the FP16 engine is, plus INT8 mat
 activation ranges come from calibration feeds: (tokens, z_H, z_L) recorded along FP32
 trajectories at every depth (`eqr.calibration.record`), built in or read from `--calib-data`,
 or whatever `eqr calibrate` passes in.
+
+The CPU graph (target "cpu", precision int8-cpu, model.step.int8.cpu.onnx) quantizes the same
+ops from the same ranges' data but stays FP32 outside its Q/DQ pairs, with the scheme ONNX
+Runtime's CPU provider fuses into integer kernels (its quantization guide): activations U8
+asymmetric, weights S8 symmetric per output channel (U8S8). ONNX Runtime folds each
+DQ(weight) -> MatMul <- DQ(Q(activation)) into MatMulIntegerToFloat (per-channel weights) or
+QLinearMatMul; with FP16 Casts between them (the TensorRT graph) it cannot, and the MatMul runs
+in float on dequantized weights. `reduce_range` (7-bit weights) is its advice for x86 CPUs
+without VNNI, where the U8S8 kernel (VPMADDUBSW) can saturate; VNNI CPUs and ARM take 8 bits.
 """
 from __future__ import annotations
 
@@ -50,9 +60,20 @@ QDQ_OPTIONS = {
 }
 
 
-def calibrator_options(method: str, percentile: float = 99.999) -> dict[str, Any]:
-    """Options of ONNX Runtime's range calibrators: symmetric ranges and real histogram settings."""
-    options: dict[str, Any] = {"symmetric": True}
+# Where an INT8 graph runs -> how it is quantized. "tensorrt": S8S8 with zero points of 0 and FP16
+# outside the Q/DQ pairs (model.step.int8.onnx); "cpu": U8S8, FP32 outside (model.step.int8.cpu.onnx).
+TARGETS = ("tensorrt", "cpu")
+CPU_QDQ_OPTIONS = {
+    "ActivationSymmetric": False,  # U8 asymmetric activations: ONNX Runtime's CPU kernels take U8S8
+    "WeightSymmetric": True,
+    "QuantizeBias": False,
+    "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+}
+
+
+def calibrator_options(method: str, percentile: float = 99.999, symmetric: bool = True) -> dict[str, Any]:
+    """Options of ONNX Runtime's range calibrators: (a)symmetric ranges and real histogram settings."""
+    options: dict[str, Any] = {"symmetric": symmetric}
     if method == "entropy":
         options |= {"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS}
     if method == "percentile":
@@ -73,9 +94,12 @@ class _FeedReader:
 
 def quantize_int8(onnx_path: str | os.PathLike[str], calib_feeds: Iterable[Feed], out_path: str | os.PathLike[str],
                   method: str = "minmax", op_types: Iterable[str] = DEFAULT_OP_TYPES,
-                  nodes_to_exclude: Iterable[str] = (), percentile: float = 99.999) -> Path:
+                  nodes_to_exclude: Iterable[str] = (), percentile: float = 99.999, target: str = "tensorrt",
+                  reduce_range: bool = False) -> Path:
     """Write the Q/DQ INT8 version of the FP32 graph at `onnx_path` to `out_path` (atomically).
 
+    `target` (one of TARGETS) picks the scheme: TensorRT's S8S8 with FP16 outside the pairs, or
+    the CPU's U8S8 with FP32 outside (`reduce_range`: 7-bit weights, for x86 without VNNI).
     `calib_feeds` yields {"tokens", "z_H", "z_L"} numpy feeds; `method` estimates the activation
     ranges. The ranges are computed here, with the calibrator's histogram settings, and handed
     to `quantize_static` as a calibration cache: `quantize_static` drops `num_bins`, which made
@@ -86,6 +110,9 @@ def quantize_int8(onnx_path: str | os.PathLike[str], calib_feeds: Iterable[Feed]
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if target not in TARGETS:
+        raise ValueError(f"unknown INT8 target {target!r}; choose one of {', '.join(TARGETS)}")
+    cpu = target == "cpu"
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
     calibrate_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -93,6 +120,10 @@ def quantize_int8(onnx_path: str | os.PathLike[str], calib_feeds: Iterable[Feed]
     op_types = list(op_types)
     with tempfile.TemporaryDirectory(prefix="eqr-int8-") as tmp:
         prepared, quantized, cache = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx", Path(tmp) / "ranges.json"
+        if cpu:  # ONNX Runtime's CPU provider fuses DQ -> Gemm into QGemm only without a float bias
+            source = Path(tmp) / "matmuls.onnx"
+            source.write_bytes(split_gemm_bias(onnx.load(str(onnx_path))).SerializeToString())
+            onnx_path = source
         try:
             quant_pre_process(str(onnx_path), str(prepared))
         except Exception as e:  # symbolic shape inference fails on some graphs (dynamo exports)
@@ -101,20 +132,61 @@ def quantize_int8(onnx_path: str | os.PathLike[str], calib_feeds: Iterable[Feed]
         chatter = io.StringIO()  # the histogram calibrators print progress; keep stdout for --json
         with contextlib.redirect_stdout(chatter):
             calibrator = create_calibrator(prepared, op_types, str(Path(tmp) / "augmented.onnx"), calibrate_method,
-                                           extra_options=calibrator_options(method, percentile))
+                                           extra_options=calibrator_options(method, percentile, symmetric=not cpu))
             calibrator.collect_data(_FeedReader(calib_feeds))
             save_tensors_data(calibrator.compute_data(), cache)
         log.debug("onnxruntime calibrator: %s", chatter.getvalue().strip())
         del calibrator
         excluded = list(nodes_to_exclude) + activation_matmuls(prepared)
         quantize_static(str(prepared), str(quantized), None, quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=op_types, per_channel=True, reduce_range=False,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=op_types, per_channel=True, reduce_range=cpu and reduce_range,
+                        activation_type=QuantType.QUInt8 if cpu else QuantType.QInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=excluded, calibrate_method=calibrate_method,
-                        extra_options=QDQ_OPTIONS, calibration_cache_path=str(cache))
-        model = to_fp16(confine_qdq(onnx.load(str(quantized)), op_types), keep_nodes=qdq_nodes)
+                        extra_options=CPU_QDQ_OPTIONS if cpu else QDQ_OPTIONS, calibration_cache_path=str(cache))
+        model = confine_qdq(onnx.load(str(quantized)), op_types)
+        if not cpu:
+            model = to_fp16(model, keep_nodes=qdq_nodes)
         atomic_write_bytes(out_path, model.SerializeToString())
     return Path(out_path)
+
+
+def split_gemm_bias(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """Every Gemm with a constant B and a bias C as Gemm (no C) + Add: the same product, in the
+    form ONNX Runtime's CPU provider fuses into QGemm with float output (its QDQ Gemm pattern
+    takes a bias only as INT32, which TensorRT's graph does not quantize; and MatMul + Add is
+    fused back into a float Gemm before the QDQ fusions run)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    constants = {t.name for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "Gemm" or node.input[1] not in constants or len(node.input) < 3 or not node.input[2]:
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        beta = attrs.pop("beta", 1.0)
+        name = node.name or f"gemm_{len(nodes)}"
+        product = f"{node.output[0]}_product"
+        nodes.append(helper.make_node("Gemm", list(node.input[:2]), [product], name=name, **attrs))
+        bias = node.input[2]
+        if beta != 1.0:
+            nodes.append(helper.make_node("Mul", [bias, _scalar(graph, f"{name}_beta", beta)], [f"{name}_scaled_bias"],
+                                          name=f"{name}_beta"))
+            bias = f"{name}_scaled_bias"
+        nodes.append(helper.make_node("Add", [product, bias], [node.output[0]], name=f"{name}_bias"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+def _scalar(graph: Any, name: str, value: float) -> str:
+    from onnx import numpy_helper
+
+    graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), name))
+    return name
 
 
 def activation_matmuls(path: Path) -> list[str]:
@@ -185,8 +257,11 @@ class Int8FromOnnx:
     """Loader: FP32 graph (ModelProto or loader) + calibration feeds -> INT8 Q/DQ ModelProto."""
 
     def __init__(self, fp32, calib_feeds, method: str = "minmax", op_types: Iterable[str] = DEFAULT_OP_TYPES,
-                 exclude_nodes: Iterable[str] = (), percentile: float = 99.999) -> None:
+                 exclude_nodes: Iterable[str] = (), percentile: float = 99.999, target: str = "tensorrt",
+                 reduce_range: bool = False) -> None:
         self.fp32 = fp32
+        self.target = target
+        self.reduce_range = reduce_range
         self.calib_feeds = calib_feeds  # an iterable of feeds, or a callable returning one
         self.method = method
         self.op_types = tuple(op_types)
@@ -199,11 +274,12 @@ class Int8FromOnnx:
         model = self.fp32() if callable(self.fp32) else self.fp32
         feeds = self.calib_feeds() if callable(self.calib_feeds) else self.calib_feeds
         with tempfile.TemporaryDirectory(prefix="eqr-int8-") as tmp:
-            source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+            source, written = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
             source.write_bytes(model.SerializeToString())
-            quantize_int8(source, feeds, target, method=self.method, op_types=self.op_types,
-                          nodes_to_exclude=self.exclude_nodes, percentile=self.percentile)
-            return onnx.load(str(target))
+            quantize_int8(source, feeds, written, method=self.method, op_types=self.op_types,
+                          nodes_to_exclude=self.exclude_nodes, percentile=self.percentile, target=self.target,
+                          reduce_range=self.reduce_range)
+            return onnx.load(str(written))
 
 
 def quantized_ops(model: "onnx.ModelProto") -> dict[str, int]:
@@ -214,3 +290,38 @@ def quantized_ops(model: "onnx.ModelProto") -> dict[str, int]:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear") and dequantized & set(node.input):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+# ONNX Runtime's CPU integer kernels a DQ -> MatMul/Gemm pattern becomes (optimized graph op types)
+INTEGER_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "DynamicQuantizeMatMul")
+
+
+def optimized_op_counts(graph: "onnx.ModelProto | bytes | str | os.PathLike[str]",
+                        level: str = "ORT_ENABLE_ALL") -> dict[str, int]:
+    """Op type -> count in the graph ONNX Runtime's CPU provider actually runs (its optimized model,
+    `SessionOptions.optimized_model_filepath`): whether the weight MatMuls became integer ops."""
+    import onnx
+    import onnxruntime as ort
+
+    data = graph.SerializeToString() if hasattr(graph, "SerializeToString") else (
+        graph if isinstance(graph, bytes) else Path(graph).read_bytes())
+    with tempfile.TemporaryDirectory(prefix="eqr-opt-") as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+    counts: dict[str, int] = {}
+    for node in optimized.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def weight_matmuls_on_integer_kernels(graph: Any) -> dict[str, int]:
+    """{"integer": weight products on integer kernels, "float": MatMul/Gemm still in float (attention's
+    activation x activation products among them), "cast": Casts} of the optimized CPU graph."""
+    counts = optimized_op_counts(graph)
+    return {"integer": sum(counts.get(op, 0) for op in INTEGER_OPS),
+            "float": sum(counts.get(op, 0) for op in ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")),
+            "cast": counts.get("Cast", 0)}

@@ -141,8 +141,11 @@ class Solver:
         (loading weights, building sessions) happens on first use, not here."""
         art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         stages = split_precision(precision) if precision else (art.precision or "fp32",)
-        rule = art.stopping_rule(stages[-1])
         runner = create_backend(backend, art, stages[0], batch_size=batch_size, **backend_options)
+        # a backend may run another graph of the precision (int8 on ONNX Runtime's CPU: int8-cpu):
+        # its stopping rule and tol are that graph's
+        stages = (getattr(runner, "precision", stages[0]) or stages[0], *stages[1:])
+        rule = art.stopping_rule(stages[-1])
         if len(stages) == 2:
             from eqr.runtime.backends.cascade import CascadeBackend
 

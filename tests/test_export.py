@@ -56,7 +56,7 @@ def exported(tmp_path_factory) -> tuple[EqRModel, Path, dict]:
     root = tmp_path_factory.mktemp("export")
     feeds = _feeds(model, 5)
     np.savez(root / "calib.npz", tokens=feeds["tokens"], z_H=feeds["z_H"], z_L=feeds["z_L"])
-    config = ExportConfig(precision=("fp16", "int8"), engine="never", calib_data=str(root / "calib.npz"), **FAST)
+    config = ExportConfig(precision=("fp16", "int8", "int8-cpu"), engine="never", calib_data=str(root / "calib.npz"), **FAST)
     return model, root / "tiny-eqr", export_model(model, root / "tiny-eqr", config,
                                                   calibrate=int8_calibration(model, config))
 

@@ -79,9 +79,8 @@ def calibrated_gating(model: str, inputs: np.ndarray, labels: np.ndarray, tiers:
     """Outer steps the runtime spends per puzzle on the model as deployed: exported, calibrated
     with `eqr calibrate`'s defaults (its stopping rules are fitted on puzzles it generates itself,
     not on these), and solved with each precision's rule from the manifest, by tier."""
-    from eqr.calibration.calibrate import run_calibrate
+    from eqr.calibration.calibrate import DEFAULT_CALIBRATED, run_calibrate
     from eqr.calibration.config import CalibConfig
-    from eqr.contract.artifact import PRECISIONS
     from eqr.export.config import ExportConfig
     from eqr.export.exporter import export_model
     from eqr.runtime.solver import Solver
@@ -92,7 +91,7 @@ def calibrated_gating(model: str, inputs: np.ndarray, labels: np.ndarray, tiers:
         export_dir = str(Path(tmp) / "export")
         export_model(load_model(model), export_dir, ExportConfig(precision=("fp32",), engine="never"))
         run_calibrate(export_dir, None, CalibConfig(precisions=()))  # () as `eqr calibrate`: every graph it builds
-        for precision in PRECISIONS:  # calibrate builds every precision of the table
+        for precision in ("fp32", *DEFAULT_CALIBRATED):  # the export's graph and what calibrate built
             with Solver.load(export_dir, backend="onnxruntime", precision=precision) as solver:
                 rule = describe_rule(solver.config().to_dict())
                 result = solver.solve(inputs.astype(np.int32), seed=seed)

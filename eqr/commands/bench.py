@@ -14,7 +14,7 @@ from eqr.bench.run import default_model, run_bench
 from eqr.bench.table import DEFAULT_MEASUREMENTS, MEASUREMENTS
 from eqr.commands.options import (backend_option, batch_option, device_option, force_option, out_option,
                                   output_options, precision_option)
-from eqr.contract.artifact import CASCADES, PRECISIONS
+from eqr.contract.artifact import BASE_PRECISIONS, CASCADES, PRECISIONS
 from eqr.contract.errors import EqRError
 from eqr.contract.progress import Progress
 
@@ -101,7 +101,7 @@ def bench(model: str | None, paper: bool, only: tuple[str, ...], puzzles: int | 
         batch_size=min(batch, 4) if paper and _device(device) == "cpu" else batch,
         backend=backend, device=_device(device), max_steps=max_steps, tol=tol, patience=patience, window=window, rule_puzzles=rule_puzzles,
         threads=threads, seed=seed, reference_noise=reference_noise,
-        precisions=("fp32",) if paper else (tuple(dict.fromkeys(("fp32", *precision))) if precision else tuple(PRECISIONS)), cascade=cascade.lower(),
+        precisions=("fp32",) if paper else (tuple(dict.fromkeys(("fp32", *precision))) if precision else BASE_PRECISIONS), cascade=cascade.lower(),
         export_dir=export_dir, paper=paper)
     try:
         measurements, info = run_bench(config, Progress(quiet))

@@ -11,7 +11,7 @@ from eqr.calibration.config import CalibConfig, ReportConfig, parse_ints
 from eqr.calibration.report import run_backends, run_report, summary_lines
 from eqr.commands.options import (backend_option, calib_data_option, force_option, out_option, output_options,
                                   precision_option)
-from eqr.contract.artifact import CASCADES, PRECISIONS
+from eqr.contract.artifact import BASE_PRECISIONS, CASCADES, PRECISIONS
 from eqr.contract.progress import Progress
 from eqr.export.int8 import CALIBRATION_METHODS
 from eqr.runtime.backends.base import describe_run
@@ -42,10 +42,14 @@ def _names(text: str | None) -> tuple[str, ...]:
 @click.option("--exclude-nodes", default="", help="Node names kept FP32 (see the report's INT8 diagnosis).")
 @click.option("--percentile", type=float, default=CalibConfig.percentile, show_default=True,
               help="Percentile of --method percentile.")
+@click.option("--reduce-range/--no-reduce-range", default=CalibConfig.reduce_range, show_default=True,
+              help="int8-cpu: 7-bit weights, ONNX Runtime's advice for x86 CPUs without VNNI (their U8S8 "
+                   "kernel can saturate); VNNI CPUs and ARM take 8 bits.")
 @click.option("--keep-fp32-ops", default=None, help="FP16: op types kept FP32 (default: the export's list).")
 @precision_option(default=(), choices=CALIBRATED,
-                  help="Graphs to build (repeat or comma list) [default: fp16 and int8, except a graph "
-                       "`eqr export` wrote itself].")
+                  help="Graphs to build (repeat or comma list): fp16, int8 (TensorRT's), int8-cpu (ONNX "
+                       "Runtime CPU's integer kernels; once built, int8 on the CPU provider runs it) [default: "
+                       "fp16 and int8, except a graph `eqr export` wrote itself].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Puzzles and initial states.")
 @click.option("--rule-puzzles", type=int, default=CalibConfig.rule_puzzles, show_default=True,
               help="Labelled puzzles (generated with --seed + 1, or the first N of --calib-data) the stopping rules "
@@ -57,7 +61,7 @@ def _names(text: str | None) -> tuple[str, ...]:
 @force_option(help="Also replace graphs that `eqr export` wrote (calibrate's own files are always replaced).")
 @output_options
 def calibrate(export_dir: str, calib_data: str | None, puzzles: int, starts: int, depths: str, method: str,
-              op_types: str, exclude_nodes: str, percentile: float, keep_fp32_ops: str | None,
+              op_types: str, exclude_nodes: str, percentile: float, reduce_range: bool, keep_fp32_ops: str | None,
               precision: tuple[str, ...], seed: int, rule_puzzles: int, rule_steps: int, rule_margin: float,
               force: bool, as_json: bool, quiet: bool, verbose: int) -> None:
     """Record trajectory-aware calibration states and build the FP16/INT8 graphs of EXPORT_DIR.
@@ -89,7 +93,7 @@ def calibrate(export_dir: str, calib_data: str | None, puzzles: int, starts: int
     progress = Progress(quiet)
     cfg = CalibConfig(puzzles=puzzles, starts=starts, depths=parse_ints(depths, "--depths"), seed=seed,
                       method=method, op_types=_names(op_types), exclude_nodes=_names(exclude_nodes),
-                      percentile=percentile, keep_fp32_ops=None if keep_fp32_ops is None else _names(keep_fp32_ops),
+                      percentile=percentile, reduce_range=reduce_range, keep_fp32_ops=None if keep_fp32_ops is None else _names(keep_fp32_ops),
                       precisions=precision, force=force, rule_puzzles=rule_puzzles, rule_steps=rule_steps,
                       rule_margin=rule_margin)
     entries, info = run_calibrate(export_dir, calib_data, cfg, progress)
@@ -174,7 +178,7 @@ def report(ctx: click.Context, export_dir: str, data: str | None, puzzles: int, 
     artifact = export_artifact(export_dir)
     cascades = tuple(n for n in precision if n in CASCADES)
     plain = tuple(n for n in precision if n not in CASCADES)
-    cfg = ReportConfig(precisions=plain or tuple(p for p in PRECISIONS if p in artifact.onnx),
+    cfg = ReportConfig(precisions=plain or tuple(p for p in BASE_PRECISIONS if p in artifact.onnx),
                        cascades=cascades or None, backends=backend,
                        depths=tuple(sorted(set(parse_ints(depths, "--depths")))),
                        breadth=tuple(sorted(set(parse_ints(breadth, "--breadth")))), puzzles=puzzles, seed=seed,

@@ -103,7 +103,7 @@ def export(model: str, precision: tuple[str, ...], out: str | None, batch: str, 
                           check_steps=check_steps, workspace_mib=workspace_mib, threads=threads, dla_core=dla_core)
     progress = Progress(quiet)
     loaded = load_model(model, weights=weights)
-    calibrate = int8_calibration(loaded, config) if "int8" in config.precisions else None  # reads --calib-data now
+    calibrate = int8_calibration(loaded, config) if any(PRECISIONS[p].calibrated for p in config.precisions) else None  # reads --calib-data now
     with _terminate_cleanly():
         manifest = export_model(loaded, out, config, progress=progress, calibrate=calibrate)
     if as_json:

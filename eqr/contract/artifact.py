@@ -7,6 +7,7 @@ This module is the bottom floor: it imports neither torch, onnx nor an inference
     manifest.json                     MANIFEST_FILE: format "eqr-export", version 2
     model.step.onnx                   one step graph per precision (the PRECISIONS table)
     model.step.fp16.onnx, model.step.int8.onnx
+    model.step.int8.cpu.onnx          INT8 for ONNX Runtime's CPU integer kernels (precision int8-cpu)
     model.step.<p>.<gpu>.trt<v>.engine  TensorRT engines (`engine_file`), each with a .json sidecar
     calib.npz                         CALIB_FILE: calibration states recorded by `eqr calibrate`
     report/                           REPORT_DIR: `eqr report`'s precision report
@@ -58,6 +59,11 @@ class Precision:
     checks: tuple[str, ...]  # keys of eqr.export.exporter.CHECKS, run in order on every graph export writes
     roundoff: float  # lowest relative residual this arithmetic reliably reaches: tol never goes below
     unmeasured_tol: float  # tol when no residual floor was measured (a checkpoint, a model in memory)
+    calibrated: bool = False  # built from recorded calibration states (eqr.calibration.record)
+    engine: bool = True  # TensorRT engines are built from this graph
+    # the precision whose graph ONNX Runtime's CPU provider runs in this one's place, when the export
+    # has it (int8 -> int8-cpu: TensorRT keeps the int8 graph, a CPU gets integer kernels)
+    on_cpu: str | None = None
 
 
 _EXPORT_CHECKS = ("io_contract", "parity", "lint")
@@ -67,8 +73,23 @@ PRECISIONS: dict[str, Precision] = {row.name: row for row in (
     Precision("fp16", "model.step.fp16.onnx", built_from="fp32", builder="fp16_from_onnx", checks=_EXPORT_CHECKS,
               roundoff=1e-3, unmeasured_tol=1e-2),
     Precision("int8", "model.step.int8.onnx", built_from="fp32", builder="int8_from_onnx", checks=_EXPORT_CHECKS,
-              roundoff=1e-2, unmeasured_tol=5e-2),
+              roundoff=1e-2, unmeasured_tol=5e-2, calibrated=True, on_cpu="int8-cpu"),
+    Precision("int8-cpu", "model.step.int8.cpu.onnx", built_from="fp32", builder="int8_cpu_from_onnx",
+              checks=_EXPORT_CHECKS, roundoff=1e-2, unmeasured_tol=5e-2, calibrated=True, engine=False),
 )}
+
+
+# the precisions a model is deployed at; a CPU variant (int8-cpu) stands in for its precision on
+# ONNX Runtime's CPU provider, so default precision lists (bench, report) leave it out
+BASE_PRECISIONS = tuple(p for p in PRECISIONS if p not in {row.on_cpu for row in PRECISIONS.values()})
+
+
+def cpu_precision(artifact: "Artifact", precision: str) -> str:
+    """The precision ONNX Runtime's CPU provider runs for `precision`: its row's `on_cpu` graph
+    when the artifact holds that file, else `precision` itself."""
+    variant = PRECISIONS[precision].on_cpu if precision in PRECISIONS else None
+    path = artifact.onnx.get(variant) if variant else None
+    return variant if path is not None and Path(path).is_file() else precision
 
 
 def precision_row(name: str, what: str = "precision") -> Precision:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from eqr.contract.artifact import INPUT_NAMES, OUTPUT_NAMES, STEP_FEEDS
+from eqr.contract.artifact import INPUT_NAMES, OUTPUT_NAMES, STEP_FEEDS, cpu_precision
 from eqr.contract.errors import EqRError, missing_extra
 from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
 
@@ -41,6 +41,13 @@ def import_onnxruntime() -> Any:
     except ImportError as e:
         raise (missing_extra(e, "the onnxruntime backend") or e) from None
     return onnxruntime
+
+
+def first_provider(requested: Sequence[str] | None) -> str:
+    """The provider a session created with `requested` (None: PREFERRED_PROVIDERS) runs on first."""
+    available = import_onnxruntime().get_available_providers()
+    wanted = [p for p in requested or () if p in available] or [p for p in PREFERRED_PROVIDERS if p in available]
+    return wanted[0] if wanted else "CPUExecutionProvider"
 
 
 def _build_hint(artifact: "Artifact", precision: str) -> str:
@@ -91,6 +98,10 @@ class OrtBackend(Backend):
     @classmethod
     def from_artifact(cls, artifact: "Artifact", precision: str, providers: Sequence[str] | None = None,
                       threads: int | None = None, require_provider: bool = False, **_: Any) -> "OrtBackend":
+        """On the CPU provider a precision runs its CPU graph when the export has one (int8 ->
+        int8-cpu, `eqr.contract.artifact.cpu_precision`); GPU providers keep the graph asked for."""
+        if first_provider(providers) == "CPUExecutionProvider":
+            precision = cpu_precision(artifact, precision)
         return cls(artifact.onnx[precision], providers=providers, threads=threads, precision=precision,
                    profile=(artifact.batch, artifact.seq_len, artifact.hidden_size), require_provider=require_provider)
 
@@ -114,7 +125,7 @@ class OrtBackend(Backend):
         if self.require_provider and self.requested_providers[0] not in available:
             self._missing_provider(f"this onnxruntime offers only {', '.join(available)}")
         requested = [p for p in self.requested_providers or () if p in available]  # the rest: fallback
-        providers: list[Any] = requested or [p for p in PREFERRED_PROVIDERS if p in available]
+        providers: list[Any] = requested or [p for p in PREFERRED_PROVIDERS if p in available]  # as first_provider
         providers = [self._with_options(p) for p in providers]
         try:
             self.session = ort.InferenceSession(str(self.onnx_path), self._session_options(self.threads),
