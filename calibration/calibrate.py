@@ -14,15 +14,15 @@ from typing import Any
 import numpy as np
 
 from eqr.calibration.config import CalibConfig
-from eqr.contract.artifact import PRECISIONS, Artifact
+from eqr.contract.artifact import PRECISIONS, Artifact, with_cpu_variants
 from eqr.contract.errors import EqRError
 from eqr.contract.progress import Progress
 from eqr.runtime.resolve import load_artifact
 
 CALIBRATED = ("fp16", "int8", "int8-cpu")
-# built when --precision names none: int8-cpu only when asked for, until its agreement holds on
-# every bundled model (docs/performance.md); once built, int8 on ONNX Runtime's CPU provider runs it
-DEFAULT_CALIBRATED = ("fp16", "int8")
+# built when --precision names none; int8 brings int8-cpu, which ONNX Runtime's CPU provider runs
+# for int8 (docs/performance.md#a-cpu-int8-graph)
+DEFAULT_CALIBRATED = with_cpu_variants(("fp16", "int8"))
 log = logging.getLogger(__name__)
 
 
@@ -81,7 +81,7 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig,
     fp32_path = artifact.onnx.get("fp32")
     if fp32_path is None or not fp32_path.is_file():
         raise EqRError(f"{root}: the FP32 step graph ({PRECISIONS['fp32'].onnx}) is missing; re-run `eqr export`")
-    build, kept = plan_precisions(manifest, root, cfg.precisions, cfg.force)
+    build, kept = plan_precisions(manifest, root, with_cpu_variants(cfg.precisions), cfg.force)
     if build:  # the graph tools (eqr[calibrate]), asked now rather than after the recording
         importlib.import_module("onnx_graphsurgeon")
     puzzles = load_puzzles(artifact.task, artifact.seq_len, data, cfg.puzzles, cfg.seed)

@@ -35,7 +35,7 @@ class CalibConfig(JsonConfig):
     percentile: float = 99.999  # for method "percentile"
     keep_fp32_ops: tuple[str, ...] | None = None  # FP16: op types kept in FP32 (None: export's list)
     reduce_range: bool = False  # int8-cpu: 7-bit weights, for x86 CPUs without VNNI (export/int8.py)
-    precisions: tuple[str, ...] = ("fp16", "int8")  # graphs to build (int8-cpu only when named)
+    precisions: tuple[str, ...] = ("fp16", "int8")  # graphs to build (int8 brings int8-cpu along)
     force: bool = False  # replace existing precision files / calib.npz
     rule_puzzles: int = 256  # labelled puzzles the stopping rules are fitted (half) and measured (half) on; 0: none
     rule_steps: int = 32  # fixed depth of the recorded trajectories the rules are replayed on

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from eqr.contract.artifact import PRECISIONS
+from eqr.contract.artifact import PRECISIONS, with_cpu_variants
 from eqr.contract.config import JsonConfig
 from eqr.contract.errors import EqRError
 
@@ -50,8 +50,9 @@ class ExportConfig(JsonConfig):
 
     @property
     def precisions(self) -> tuple[str, ...]:
-        """Graphs in build order: fp32 first (the others derive from it), no duplicates."""
-        return tuple(p for p in PRECISIONS if p == "fp32" or p in self.precision)
+        """Graphs in build order: fp32 first (the others derive from it), each named precision's CPU
+        variant with it (int8 builds int8-cpu too), no duplicates."""
+        return with_cpu_variants(("fp32", *self.precision))
 
 
 def check_engine_options(precisions: tuple[str, ...], batch: tuple[int, int, int], workspace_mib: int,

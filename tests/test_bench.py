@@ -3,6 +3,7 @@ means, and bad flags are one-line errors. No timing is asserted anywhere (speed 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,6 +52,9 @@ def test_bench_smoke_prints_a_parsable_result_line_per_measurement(monkeypatch) 
     assert float(parsed["continuous_vs_static"]["bound"]) >= 1.0 and "(bound " in result.output
     cascade = parsed["cascade_vs_fp32"]
     assert cascade["cascade"] == "int8+fp32" and float(cascade["cascade_low_steps"]) >= 1
+    int8 = parsed["int8_speedup"]
+    assert {"b1_t1", "b64_t1"} <= set(int8) and float(int8["int8_speedup"]) > 0
+    assert "goal_min" not in int8 and "b1_met" not in int8  # the goals are defined on the paper-size model only
     accuracy = parsed["reference_vs_runtime"]
     assert 0 <= float(accuracy["reference_accuracy"]) <= 1 and 0 <= float(accuracy["runtime_accuracy"]) <= 1
 
@@ -182,3 +186,40 @@ def test_precision_flags_default_to_every_precision(monkeypatch) -> None:
     assert bad.exit_code == 2 and "'fp8': choose from fp32, fp16, int8" in bad.output and "Traceback" not in bad.output
 
 
+
+
+def test_int8_speedup_quantizes_a_cpu_graph_when_the_export_has_none(monkeypatch) -> None:
+    """--precision fp32 exports no INT8 graph (as --paper): the measurement quantizes its own and times both."""
+    import eqr.bench.int8 as int8
+
+    timed = []
+
+    def fake_seconds(path, precision, threads, batch, setting):
+        timed.append((Path(path).name, precision, threads, batch))
+        return {"fp32": 2.0, "int8-cpu": 1.0}[precision] * batch
+
+    monkeypatch.setattr(int8, "step_seconds", fake_seconds)
+    result = CliRunner().invoke(cli, ["bench", "--model", "tiny", "--only", "int8_speedup", "--precision", "fp32",
+                                      "--rule-puzzles", "4", "-q"])
+    assert result.exit_code == 0, result.output
+    assert ("model.step.int8.cpu.onnx", "int8-cpu", 1, 64) in timed and ("model.step.onnx", "fp32", 1, 1) in timed
+    fields = dict([parse_result_line(line) for line in result.output.splitlines() if line.startswith("RESULT ")])
+    assert float(fields["int8_speedup"]["int8_speedup"]) == 2.0 and float(fields["int8_speedup"]["b1_t1"]) == 2.0
+
+
+def test_integer_dot_product_reads_x86_and_arm_cpuinfo() -> None:
+    from eqr.bench.int8 import integer_dot_product
+
+    assert integer_dot_product("flags\t\t: fpu sse avx2 avx512f avx512_vnni\n") == ["avx512_vnni"]
+    assert integer_dot_product("Features\t: fp asimd asimddp i8mm\n") == ["asimddp", "i8mm"]
+    assert integer_dot_product("flags\t\t: fpu sse avx2\n") == []
+
+
+def test_a_further_goal_of_a_measurement_must_hold_too() -> None:
+    from eqr.bench.result import Measurement
+
+    base = dict(name="int8_speedup", value=2.5, fields={}, header=(), rows=[])
+    assert Measurement(**base).met is True
+    assert Measurement(**base, also_met={"b1": True}).met is True
+    assert Measurement(**base, also_met={"b1": False}).met is False
+    assert Measurement(**base, also_met={"b1": False}, goal_applies=False).met is None

@@ -205,7 +205,8 @@ def test_cli_int8_export_of_a_checkpoint_with_default_out_dir(tmp_path: Path, mo
     result = CliRunner().invoke(cli, ["export", "tiny.pt", "--precision", "int8", "--json", *FAST_FLAGS])
     assert result.exit_code == 0, result.output
     out = tmp_path / "tiny-eqr"
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.step.int8.onnx", "model.step.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.step.int8.cpu.onnx",
+                                                     "model.step.int8.onnx", "model.step.onnx"]  # int8 brings the CPU's
     manifest = json.loads(result.stdout)
     assert manifest["source"]["kind"] == "eqr" and len(manifest["source"]["sha256"]) == 64
     calibration = manifest["precisions"]["int8"]["calibration"]  # built in: 4 puzzles x every depth
@@ -310,7 +311,7 @@ def test_config_flags() -> None:
         parse_batch("1:2")
     with pytest.raises(EqRError, match="17..20"):
         ExportConfig(opset=21)
-    assert ExportConfig(precision=("int8", "fp16", "int8")).precisions == ("fp32", "fp16", "int8")
+    assert ExportConfig(precision=("int8", "fp16", "int8")).precisions == ("fp32", "fp16", "int8", "int8-cpu")
 
 
 def test_import_eqr_export_loads_no_heavy_backend() -> None:

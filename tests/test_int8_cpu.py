@@ -1,5 +1,5 @@
-"""The CPU INT8 graph (precision int8-cpu): integer kernels on ONNX Runtime's CPU provider, picked
-for int8 there once an export holds it."""
+"""The CPU INT8 graph (precision int8-cpu): integer kernels on ONNX Runtime's CPU provider, built
+whenever int8 is and picked for int8 there."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from eqr.calibration.calibrate import run_calibrate
+from eqr.calibration.calibrate import DEFAULT_CALIBRATED, run_calibrate
 from eqr.calibration.config import CalibConfig
 from eqr.calibration.record import int8_calibration
 from eqr.contract.artifact import PRECISIONS, cpu_precision, read_manifest
@@ -24,10 +24,11 @@ FAST = dict(check_batch=2, check_steps=4)
 
 @pytest.fixture(scope="module")
 def maze_export(tmp_path_factory) -> Path:
-    """The bundled maze-small model exported with both INT8 graphs from the same recorded states."""
+    """The bundled maze-small model exported with `--precision int8`: both INT8 graphs, from the same
+    recorded states."""
     out = tmp_path_factory.mktemp("int8cpu") / "maze"
     model = load_model("maze-small")
-    config = ExportConfig(precision=("int8", "int8-cpu"), engine="never", **FAST)
+    config = ExportConfig(precision=("int8",), engine="never", **FAST)
     export_model(model, out, config, calibrate=int8_calibration(model, config))
     return out
 
@@ -66,8 +67,15 @@ def test_the_cpu_provider_runs_int8_on_the_cpu_graph(maze_export: Path, tmp_path
     assert cpu_precision(alone, "int8") == "int8"
 
 
+def test_naming_int8_builds_its_cpu_variant_too() -> None:
+    assert ExportConfig(precision=("int8",)).precisions == ("fp32", "int8", "int8-cpu")
+    assert ExportConfig(precision=("fp16",)).precisions == ("fp32", "fp16")
+    assert ExportConfig(precision=("int8-cpu",)).precisions == ("fp32", "int8-cpu")  # alone, when named alone
+    assert DEFAULT_CALIBRATED == ("fp16", "int8", "int8-cpu")
+
+
 def test_calibrate_builds_both_int8_graphs_from_the_same_states(tmp_path: Path) -> None:
-    """A tiny model, both INT8 graphs named (calibrate's progress: tests/test_calibrate_progress.py)."""
+    """A tiny model, int8 named (calibrate's progress: tests/test_calibrate_progress.py)."""
     from tests.conftest import contracting_model
     from eqr.model.checkpoint import save_checkpoint
 
@@ -76,7 +84,7 @@ def test_calibrate_builds_both_int8_graphs_from_the_same_states(tmp_path: Path) 
                     metadata={"task": {"name": "sudoku", "size": 4}})
     export_model(load_model(tmp_path / "tiny.pt"), tmp_path / "export", ExportConfig(engine="never", **FAST))
     cfg = CalibConfig(puzzles=2, starts=1, depths=(0, 1, 2), rule_puzzles=16, rule_steps=4,
-                      precisions=("int8", "int8-cpu"))
+                      precisions=("int8",))
     entries, _ = run_calibrate(str(tmp_path / "export"), None, cfg, Progress(quiet=True))
     assert {"int8", "int8-cpu"} <= set(entries)
     assert entries["int8-cpu"]["integer_ops"]["integer"] > 0

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import contracting_model
 from onnx import numpy_helper
@@ -47,11 +48,24 @@ def calibrated(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def labelled(calibrated: Path, tmp_path_factory) -> Path:
     """Puzzles labelled with torch FP32's own answers at the report depth: FP32 scores 100%, so an
-    accuracy drop is exactly a lost FP32 answer."""
+    accuracy drop is exactly a lost FP32 answer. The tiny model is untrained, so a few of its answers
+    hold a near-tie (top-2 logits 0.01 apart where 0.45 is typical) that any INT8 rounding flips:
+    only puzzles whose every cell is decided by a clear margin are kept."""
+    from eqr.model.load import load_model
     from eqr.runtime import Solver
     from eqr.tasks import get_task
 
-    inputs = get_task("sudoku", 4).generate(PUZZLES, seed=11).inputs
+    candidates = get_task("sudoku", 4).generate(6 * PUZZLES, seed=11).inputs
+    model = load_model(calibrated.parent / "tiny.pt")
+    with torch.no_grad():  # the contracting model has one attractor per puzzle: any start reaches it
+        state, tokens = model.initial_state(len(candidates), torch.Generator().manual_seed(0)), torch.as_tensor(candidates)
+        for _ in range(DEPTH):
+            out = model.step(state, tokens)
+            state = out.state
+        top2 = out.logits.topk(2, dim=-1).values  # (P, L, 2)
+    decided = (top2[..., 0] - top2[..., 1]).amin(dim=-1) > 0.05  # (P,)
+    inputs = candidates[decided.numpy()][:PUZZLES]
+    assert len(inputs) == PUZZLES
     with Solver.load(calibrated, backend="torch") as solver:
         labels = solver.solve(inputs, fixed_depth=DEPTH, seed=0).preds
     path = tmp_path_factory.mktemp("data") / "puzzles.npz"
@@ -149,7 +163,8 @@ def test_precision_cascade_reaches_the_fp32_answers(calibrated: Path, cascade: s
     rule = {"max_steps": 64, "tol": 1e-4, "window": None, "patience": 2}
     with Solver.load(calibrated, backend="onnxruntime") as fp32, \
             Solver.load(calibrated, backend="onnxruntime", precision=cascade.upper()) as both:
-        assert both.backend.describe()["precision"] == cascade
+        # the CPU provider runs int8 on its integer-kernel graph
+        assert both.backend.describe()["precision"] == cascade.replace("int8", "int8-cpu")
         reference = fp32.solve(inputs, seed=0, **rule)
         result = both.solve(inputs, seed=0, **rule)
     np.testing.assert_array_equal(result.preds, reference.preds)
@@ -252,7 +267,7 @@ def damage_int8(path: Path, factor: float = 10.0) -> int:
 def test_damaged_int8_graph_fails_the_report(calibrated: Path, labelled: Path, tmp_path: Path) -> None:
     copy = tmp_path / "export"
     shutil.copytree(calibrated, copy)
-    assert damage_int8(copy / "model.step.int8.onnx") > 0
+    assert damage_int8(copy / "model.step.int8.cpu.onnx") > 0  # the graph the CPU provider runs for int8
     result = invoke("report", copy, "--data", labelled, "--precision", "fp32,int8", "--backend", "onnxruntime",
                     "--max-drop", 2, *REPORT_ARGS)
     assert result.exit_code == 1, result.output

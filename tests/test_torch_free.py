@@ -189,7 +189,8 @@ def test_calibrate_fits_int8_and_report_runs_without_torch(export_dir: Path, tmp
     code, stdout, stderr = out["solve"]
     assert code == 0, stderr
     records = [json.loads(line) for line in stdout.splitlines()]
-    assert [r["backend"]["precision"] for r in records] == ["int8"] * 6 and all(len(r["answer"]) == 16 for r in records)
+    # int8 on ONNX Runtime's CPU provider runs the integer-kernel graph calibrate built with it
+    assert [r["backend"]["precision"] for r in records] == ["int8-cpu"] * 6 and all(len(r["answer"]) == 16 for r in records)
     assert max(r["steps"] for r in records) <= int8["stopping"]["rule"]["max_steps"]  # the fitted rule, by default
     code, printed = out["report"]
     assert code == 0, printed

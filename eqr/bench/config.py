@@ -23,6 +23,7 @@ SIDE_BY_SIDE = ("reference_vs_runtime", "adaptive_steps", "host_overhead")
 GOALS: dict[str, tuple[str, float]] = {
     "reference_vs_runtime": (">=", 3.0), "adaptive_steps": ("<=", 0.35), "continuous_vs_static": (">=", 1.5),
     "host_overhead": ("<=", 0.05), "step_efficiency": (">=", 0.75), "serving_vs_inprocess": (">=", 0.8),
+    "int8_speedup": (">=", 2.0),  # at batch 64; batch 1's goal is eqr.bench.int8.BATCH_1_GOAL
 }
 
 

@@ -89,21 +89,25 @@ def step_backends(setting: Setting) -> Iterator[tuple[str, Any]]:
             yield f"onnxruntime {precision}", backend
 
 
+def random_feeds(backend: Any, config: Any, B: int, rng: np.random.Generator) -> dict[str, Any]:
+    """Step feeds of B random tokens and states (a ModelConfig's sizes), on the backend's device."""
+    L, D = config.seq_len, config.hidden_size
+    tokens = rng.integers(1, config.vocab_size, (B, L)).astype(np.int32)  # (B, L)
+    return {"tokens": backend.upload(tokens),
+            "z_H": backend.upload(rng.standard_normal((B, L, D), dtype=np.float32)),  # (B, L, D)
+            "z_L": backend.upload(rng.standard_normal((B, L, D), dtype=np.float32))}
+
+
 def step_latencies(setting: Setting) -> list[tuple[str, int, float]]:
     """(backend label, batch, best seconds per step) at EFFICIENCY_BATCHES, on random states."""
 
     def measure() -> list[tuple[str, int, float]]:
-        c = setting.config
-        L, D = setting.model.config.seq_len, setting.model.config.hidden_size
-        rng = np.random.default_rng(c.seed)
+        rng = np.random.default_rng(setting.config.seed)
         timed = []
         for label, backend in step_backends(setting):
             setting.report.stage(f"step timing: {label}, batch {', '.join(map(str, EFFICIENCY_BATCHES))}")
             for B in EFFICIENCY_BATCHES:
-                tokens = rng.integers(1, setting.model.config.vocab_size, (B, L)).astype(np.int32)
-                feeds = {"tokens": backend.upload(tokens),
-                         "z_H": backend.upload(rng.standard_normal((B, L, D), dtype=np.float32)),
-                         "z_L": backend.upload(rng.standard_normal((B, L, D), dtype=np.float32))}
+                feeds = random_feeds(backend, setting.model.config, B, rng)
                 timed.append((label, B, best_time(lambda: backend.step(feeds), repeats=3, min_seconds=0.3)))
         return timed
 

@@ -1,7 +1,7 @@
 """`Measurement`: one measured quantity, its table, its goal verdict and its `RESULT` line."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ class Measurement:
     note: str = ""
     goal_applies: bool = True  # False where the goal is not defined (e.g. --paper's random weights)
     bound: float | None = None  # the most the measured setting allows (printed beside the value)
+    also_met: dict[str, bool] = field(default_factory=dict)  # further goals of this measurement, all must hold
 
     @property
     def goal(self) -> tuple[str, float] | None:
@@ -37,7 +38,7 @@ class Measurement:
         if not np.isfinite(self.value):  # e.g. the runtime lost accuracy: there is no equal-accuracy ratio
             return False
         op, threshold = self.goal
-        return self.value >= threshold if op == ">=" else self.value <= threshold
+        return (self.value >= threshold if op == ">=" else self.value <= threshold) and all(self.also_met.values())
 
     def result_line(self) -> str:
         pairs = {self.name: self.value}

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from eqr.bench.batching import continuous_vs_static
 from eqr.bench.cascade import cascade_vs_fp32
 from eqr.bench.efficiency import step_efficiency
+from eqr.bench.int8 import int8_speedup
 from eqr.bench.memory import memory
 from eqr.bench.result import Measurement
 from eqr.bench.setting import Setting
@@ -28,6 +29,7 @@ MEASURE: dict[str, Callable[[Setting], Measurement]] = {
     "continuous_vs_static": continuous_vs_static,  # Scheduler vs static batches, puzzles/s
     "host_overhead": host_overhead,  # share of solve time outside backend.step
     "step_efficiency": step_efficiency,  # step FLOP/s over the best GEMM peak of every engine
+    "int8_speedup": int8_speedup,  # ONNX Runtime CPU: int8-cpu step over fp32 step at batch 1 and 64
     "cascade_vs_fp32": cascade_vs_fp32,  # int8+fp32 cascade vs fp32, puzzles/s at equal accuracy
     "memory": memory,  # peak RSS of a fresh process at batch 64 and 256
     "serving": serving,  # Triton vs in-process Scheduler, puzzles/s and latency (needs the serve extra)

@@ -47,9 +47,9 @@ def _names(text: str | None) -> tuple[str, ...]:
                    "kernel can saturate); VNNI CPUs and ARM take 8 bits.")
 @click.option("--keep-fp32-ops", default=None, help="FP16: op types kept FP32 (default: the export's list).")
 @precision_option(default=(), choices=CALIBRATED,
-                  help="Graphs to build (repeat or comma list): fp16, int8 (TensorRT's), int8-cpu (ONNX "
-                       "Runtime CPU's integer kernels; once built, int8 on the CPU provider runs it) [default: "
-                       "fp16 and int8, except a graph `eqr export` wrote itself].")
+                  help="Graphs to build (repeat or comma list): fp16, int8 (TensorRT's, and int8-cpu with it), "
+                       "int8-cpu (ONNX Runtime CPU's integer kernels, which int8 on the CPU provider runs) "
+                       "[default: fp16 and int8, except a graph `eqr export` wrote itself].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Puzzles and initial states.")
 @click.option("--rule-puzzles", type=int, default=CalibConfig.rule_puzzles, show_default=True,
               help="Labelled puzzles (generated with --seed + 1, or the first N of --calib-data) the stopping rules "

@@ -22,7 +22,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -82,6 +82,14 @@ PRECISIONS: dict[str, Precision] = {row.name: row for row in (
 # the precisions a model is deployed at; a CPU variant (int8-cpu) stands in for its precision on
 # ONNX Runtime's CPU provider, so default precision lists (bench, report) leave it out
 BASE_PRECISIONS = tuple(p for p in PRECISIONS if p not in {row.on_cpu for row in PRECISIONS.values()})
+
+
+def with_cpu_variants(precisions: Iterable[str]) -> tuple[str, ...]:
+    """`precisions` plus each one's CPU variant (int8 -> int8, int8-cpu), in PRECISIONS order: naming
+    a precision builds the graph ONNX Runtime's CPU provider runs in its place too."""
+    named = set(precisions)
+    named |= {PRECISIONS[p].on_cpu for p in named if p in PRECISIONS and PRECISIONS[p].on_cpu}
+    return tuple(p for p in PRECISIONS if p in named)
 
 
 def cpu_precision(artifact: "Artifact", precision: str) -> str:
