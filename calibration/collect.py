@@ -7,6 +7,8 @@ on recorded calibration states and the contraction probe.
 
 Results layout (arrays; P puzzles, L tokens, D width, N steps, S calibration states per depth):
     runs[name]["curve"][f"{aggregate}@K{K}@D{depth}"]  int32 (P, L)  fixed-depth answers
+    runs[name]["trajectories"][f"K{K}@D{depth}/{preds|score|valid}"]  (P, K, L), fp32 (P, K), bool (P, K):
+                           every trajectory at the deepest depth, K > 1 (the official breadth metrics)
     runs[name]["fixed"]    residual_trace fp32 (P, M), score fp32 (P,), preds (P, L): breadth 1, M = max_steps, ungated
     runs[name]["gated"]    nstep int32 (P,), converged bool (P,), residual fp32 (P,), preds (P, L),
                            residual_trace fp32 (P, N): gated run under this precision's (calibrated) stopping rule
@@ -35,7 +37,7 @@ from eqr.calibration.config import ReportConfig
 from eqr.calibration.contraction import spectral_radius
 from eqr.calibration.data import PuzzleSet
 from eqr.calibration.record import CalibSet, RecordingBackend, record_calibration
-from eqr.contract.artifact import Artifact
+from eqr.contract.artifact import Artifact, missing_noisy_graph
 from eqr.runtime.backends.registry import unavailable_reason
 from eqr.runtime.loop import solve
 
@@ -72,6 +74,13 @@ def curve_keys(cfg: ReportConfig) -> list[tuple[str, int, int]]:
 
 def curve_key(aggregate: str, breadth: int, depth: int) -> str:
     return f"{aggregate}@K{breadth}@D{depth}"
+
+
+TRAJECTORY_PARTS = ("preds", "score", "valid")  # a run's "trajectories" entries: f"{trajectory_key}/{part}"
+
+
+def trajectory_key(breadth: int, depth: int) -> str:
+    return f"K{breadth}@D{depth}"
 
 
 def plan_units(cfg: ReportConfig, n_pairs: int, n_cascades: int) -> int:
@@ -127,6 +136,10 @@ def collect(artifact: Artifact, puzzles: PuzzleSet, cfg: ReportConfig, calib: Ca
         log.info("collecting %s", name)
         start = time.perf_counter()
         with Solver.load(artifact, backend=backend, precision=precision) as solver:
+            if cfg.noise > 0 and solver.backend.noise_shape is None:
+                results.skipped[name] = missing_noisy_graph(artifact, precision)
+                continue
+            solver.rule["noise"] = cfg.noise  # every solve of the report, unless one says otherwise
             run = collect_run(solver, puzzles.inputs, cfg, calib, tick)
             run |= {"precision": precision, "backend": backend, "tol": solver.default_tol,
                     "rule": gated_config(solver, cfg).to_dict(), "describe": solver.backend.describe()}
@@ -138,6 +151,10 @@ def collect(artifact: Artifact, puzzles: PuzzleSet, cfg: ReportConfig, calib: Ca
         run["seconds"] = time.perf_counter() - start
         results.runs[name] = run
     for cascade in runnable_cascades(artifact, cfg):
+        if cfg.noise > 0:  # a cascade has no noisy step graph
+            results.skipped[run_name("onnxruntime", cascade)] = f"--noise: the {cascade} cascade runs noise-free steps only"
+            tick(1)
+            continue
         with Solver.load(artifact, backend="onnxruntime", precision=cascade) as solver:
             results.cascades[run_name("onnxruntime", cascade)] = collect_cascade(solver, puzzles.inputs, cfg) | {
                 "precision": cascade, "backend": "onnxruntime", "describe": solver.backend.describe()}
@@ -189,8 +206,13 @@ def collect_run(solver: Any, inputs: np.ndarray, cfg: ReportConfig, calib: Calib
                 tick: Advance) -> dict[str, Any]:
     """Everything measured on one solver (one backend at one precision)."""
     run: dict[str, Any] = {"curve": {}}
+    run["trajectories"] = {}
     for K in cfg.breadth:
-        run["curve"] |= depth_curve(solver, inputs, K, cfg.depths, cfg.seed)
+        curve, trajectories = depth_runs(solver, inputs, K, cfg.depths, cfg.seed)
+        run["curve"] |= curve
+        if K > 1:
+            key = trajectory_key(K, max(cfg.depths))
+            run["trajectories"] |= {f"{key}/{part}": array for part, array in zip(TRAJECTORY_PARTS, trajectories)}
         tick(1)
     # Ungated to max_steps: the residual falls to this precision's floor and stays there.
     fixed = solver.solve(inputs, fixed_depth=cfg.max_steps, breadth=1, seed=cfg.seed, stats="trace")
@@ -227,7 +249,14 @@ def gated_config(solver: Any, cfg: ReportConfig) -> Any:
 
 def depth_curve(solver: Any, inputs: np.ndarray, breadth: int, depths: tuple[int, ...],
                 seed: int) -> dict[str, np.ndarray]:
-    """Aggregated answers (P, L) at every depth from ONE fixed-depth run to max(depths).
+    """Aggregated answers (P, L) at every depth from ONE fixed-depth run to max(depths) (`depth_runs`)."""
+    return depth_runs(solver, inputs, breadth, depths, seed)[0]
+
+
+def depth_runs(solver: Any, inputs: np.ndarray, breadth: int, depths: tuple[int, ...],
+               seed: int) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Aggregated answers (P, L) at every depth from ONE fixed-depth run to max(depths), and the
+    deepest depth's trajectories: preds (P, K, L), score (P, K), valid (P, K).
 
     A recorder keeps each trajectory's predictions after every depth in `depths`; the
     `converged` score at depth d is the loop's own rule (mean logit_delta over its last
@@ -235,6 +264,7 @@ def depth_curve(solver: Any, inputs: np.ndarray, breadth: int, depths: tuple[int
     `fixed_depth=d` run per depth, at the cost of the deepest one only.
     """
     from eqr.runtime.aggregate import get_aggregator
+    from eqr.runtime.metrics import trajectories_of
     from eqr.runtime.solver import initial_states
 
     P, K, L = len(inputs), breadth, inputs.shape[1]
@@ -246,16 +276,21 @@ def depth_curve(solver: Any, inputs: np.ndarray, breadth: int, depths: tuple[int
         return initial_states(L, solver.hidden_size, solver.init_std, seed, puzzles[rows], starts[rows])
 
     with recorder:
-        _, stats = solve(recorder, np.repeat(inputs, K, axis=0).astype(np.int32), init, cfg, groups=puzzles)
+        noise_keys = np.stack([np.full(P * K, seed), puzzles, starts], axis=1)  # (P*K, 3): Solver.run's streams
+        _, stats = solve(recorder, np.repeat(inputs, K, axis=0).astype(np.int32), init, cfg, groups=puzzles,
+                         noise_keys=noise_keys)
     valid = ~stats.diverged.reshape(P, K)
     aggregates = ("first",) if K == 1 else ("converged", "vote")
     curve = {}
     for depth in depths:
         preds = recorder.preds.get(depth)
         if preds is None or len(preds) != P * K:  # rows diverged before this depth: solve it on its own
-            result = solver.solve(inputs, fixed_depth=depth, breadth=K, seed=seed, aggregate=aggregates[0])
+            result = solver.solve(inputs, fixed_depth=depth, breadth=K, seed=seed, aggregate=aggregates[0],
+                                  keep_trajectories=True)
             log.warning("depth %d: some trajectories diverged; answers from a separate run", depth)
             curve |= {curve_key(a, K, depth): result.preds for a in aggregates}
+            if depth == max(depths):
+                deepest = trajectories_of(result)
             continue
         window = stats.logit_delta_trace[:, max(0, depth - cfg.score_window):depth]  # (P*K, W)
         score = np.nanmean(window, axis=1).reshape(P, K).astype(np.float32)
@@ -263,7 +298,9 @@ def depth_curve(solver: Any, inputs: np.ndarray, breadth: int, depths: tuple[int
         for aggregate in aggregates:
             chosen = get_aggregator(aggregate)(by_puzzle, score, valid)
             curve[curve_key(aggregate, K, depth)] = by_puzzle[np.arange(P), chosen]
-    return curve
+        if depth == max(depths):
+            deepest = (by_puzzle, score, valid)
+    return curve, deepest
 
 
 def one_step_outputs(backend: Any, calib: CalibSet, per_depth: int) -> dict[int, np.ndarray]:
@@ -334,7 +371,7 @@ def _state_errors(name: str, key: str, value: Any, ref: Any) -> dict[str, np.nda
 
 def _compact(array: np.ndarray) -> np.ndarray:
     """Answers (small non-negative ints) as uint8, float traces as fp16; the rest unchanged."""
-    if array.dtype.kind in "iu" and array.ndim == 2 and array.size and 0 <= array.min() and array.max() < 256:
+    if array.dtype.kind in "iu" and array.ndim >= 2 and array.size and 0 <= array.min() and array.max() < 256:
         return array.astype(np.uint8)
     if array.dtype == np.float32 and array.ndim == 2:
         return array.astype(np.float16)

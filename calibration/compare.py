@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from eqr.calibration.collect import Results, curve_key, curve_keys, relative_error
+from eqr.calibration.collect import TRAJECTORY_PARTS, Results, curve_key, curve_keys, relative_error, trajectory_key
 from eqr.calibration.config import ReportConfig
 from eqr.contract.artifact import recommended_tol
 
@@ -114,7 +114,8 @@ def judge_run(run: dict[str, Any], ref: dict[str, Any], labels: np.ndarray | Non
                "state_error": state_error_section(run, ref),
                "convergence": convergence_section(run, fp32_tol, cfg),
                "contraction": contraction_section(run),
-               "coupling": coupling_section(run, labels)}
+               "coupling": coupling_section(run, labels),
+               "official_metrics": official_section(run, labels, cfg)}
     section["verdict"] = verdict(section, cfg)
     if run["precision"] == "int8":
         section["diagnosis"] = int8_diagnosis(section, run.get("activation_errors") or [], cfg)
@@ -166,6 +167,23 @@ def accuracy_section(run: dict[str, Any], ref: dict[str, Any], labels: np.ndarra
             "points_per_puzzle": 100.0 / max(len(run["gated"]["preds"]), 1),
             "gated_accuracy": exact_accuracy(run["gated"]["preds"], labels),
             "disagreeing_puzzles": [] if per_puzzle is None else np.flatnonzero(~per_puzzle).tolist()[:50]}
+
+
+def official_section(run: dict[str, Any], labels: np.ndarray | None, cfg: ReportConfig) -> dict[str, Any]:
+    """The official breadth metrics (eqr.runtime.metrics) of every breadth K > 1 at the deepest depth,
+    keyed "K=8"; empty without labels (or trajectories, in results collected before they were kept)."""
+    from eqr.runtime.metrics import official_metrics
+
+    depth, kept = max(cfg.depths), run.get("trajectories") or {}
+    sections = {}
+    for K in (k for k in cfg.breadth if k > 1):
+        key = trajectory_key(K, depth)
+        if labels is None or f"{key}/preds" not in kept:
+            continue
+        parts = [kept[f"{key}/{part}"] for part in TRAJECTORY_PARTS]
+        sections[f"K={K}"] = {"breadth": K, "depth": depth, "top_k": cfg.top_k,
+                              "metrics": official_metrics(*parts, labels, cfg.top_k)}
+    return sections
 
 
 def state_error_section(run: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from eqr.contract.artifact import BASE_PRECISIONS, CASCADES, PRECISIONS
 from eqr.contract.config import JsonConfig
 from eqr.contract.errors import EqRError
 from eqr.export.int8 import CALIBRATION_METHODS, DEFAULT_OP_TYPES
+from eqr.runtime.metrics import DEFAULT_TOP_K
 
 # Geometric depths from the random start to (near) the fixed point.
 DEFAULT_DEPTHS = (1, 2, 4, 8, 16, 32)
@@ -85,6 +86,8 @@ class ReportConfig(JsonConfig):
     fd_eps: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FD_EPS))
     cascades: tuple[str, ...] | None = None  # low+high cascades to run (gated only); None: every one buildable
     latency_batches: tuple[int, ...] = (1, 16, 64)  # batches the step latency is timed at
+    top_k: int = DEFAULT_TOP_K  # trajectories of the official convergence top-k metrics (breadth > 1)
+    noise: float = 0.0  # path-noise sigma of every solve (SolveConfig.noise); runs without a noisy graph are skipped
 
     def __post_init__(self) -> None:
         _freeze_tuples(self)
@@ -103,6 +106,10 @@ class ReportConfig(JsonConfig):
             raise EqRError(f"cascades must be among {', '.join(CASCADES)}, got {', '.join(self.cascades)}")
         if self.max_drop is not None and self.max_drop < 0:
             raise EqRError(f"--max-drop must be >= 0 points, got {self.max_drop}")
+        if self.top_k < 1:
+            raise EqRError(f"--top-k must be >= 1, got {self.top_k}")
+        if not 0 <= self.noise < float("inf"):
+            raise EqRError(f"--noise must be >= 0 (sigma of the path noise; 0: none), got {self.noise}")
 
     def drop_limit(self, precision: str) -> float:
         """Accuracy points `precision` (a cascade: its low stage) may lose against FP32 before the report fails."""

@@ -70,6 +70,7 @@ class RecordingBackend(Backend):
         self.q_halt: dict[int, np.ndarray] = {}  # steps taken -> fp32 (rows,) q_halt logits
         self.static_shapes = inner.static_shapes
         self.stages = inner.stages
+        self.noise_shape = inner.noise_shape  # noisy steps pass through
         self.steps_taken = 0
         self._owns_inner = False  # deactivate `inner` only if we activated it
         self.records: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (depth, tokens, z_H, z_L)

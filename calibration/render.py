@@ -110,6 +110,37 @@ def decision_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+OFFICIAL_NOTE = ("The official evaluator's breadth metrics on the fixed-depth run, named as there: every "
+                 "trajectory's final answer, a diverged one counted wrong and never chosen "
+                 "(docs/algorithm.md#the-official-metrics).")
+_COUNTS = ("/n", "/total_samples", "/num_samples", "/k")  # shown in the table's title, not as rows
+
+
+def official_tables(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
+    """(title, rows: header first, one row per metric, one column per run) for every breadth K > 1."""
+    tables = []
+    breadths = {label: section["breadth"] for run in report["runs"].values()
+                for label, section in run.get("official_metrics", {}).items()}
+    for label in sorted(breadths, key=breadths.get):
+        runs = {name: run["official_metrics"][label] for name, run in report["runs"].items()
+                if label in run.get("official_metrics", {})}
+        first = next(iter(runs.values()))
+        k = first["metrics"].get("convergence_top_k/k")
+        title = (f"{label}, depth {first['depth']}, top-{k}, {first['metrics']['different_init/total_samples']} "
+                 "puzzles")
+        names = [m for m in first["metrics"] if not m.endswith(_COUNTS)]
+        rows = [["metric", *runs]]
+        rows += [[m, *(_official_value(m, section["metrics"].get(m)) for section in runs.values())] for m in names]
+        tables.append((title, rows))
+    return tables
+
+
+def _official_value(name: str, value: float | None) -> str:
+    if name.endswith("avg_convergence_score"):
+        return _fmt(value)
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
 def rule_words(rule: dict[str, Any]) -> str:
     return describe_rule(rule) if rule else "n/a"
 
@@ -143,6 +174,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     lines += [""] + [f"- **{k}**: {v}" for k, v in SUMMARY_COLUMNS.items()]
+    for title, table in official_tables(report):
+        lines += ["", f"## Official metrics: {title}", "", OFFICIAL_NOTE, "",
+                  "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+        lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
     lines += ["", "## Notes", ""] + [f"- {n}" for n in _notes(report)]
     for name, diagnosis in _diagnoses(report):
         lines += ["", f"## INT8 diagnosis: {name}", "",
@@ -172,7 +207,8 @@ def to_html(report: dict[str, Any]) -> str:
     return env.get_template("report.html.j2").render(
         report=report, status="PASSED" if report["passed"] else "FAILED", summary=summary_rows(report),
         decision=decision, decision_table=decision_rows(report) if decision.get("rows") else None,
-        notes=_notes(report), diagnoses=_diagnoses(report), plots=PLOTS, summary_columns=SUMMARY_COLUMNS)
+        notes=_notes(report), diagnoses=_diagnoses(report), plots=PLOTS, summary_columns=SUMMARY_COLUMNS,
+        official=official_tables(report), official_note=OFFICIAL_NOTE)
 
 
 # --------------------------------------------------------------------------- plots

@@ -99,8 +99,17 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     headline = (report.get("decision") or {}).get("headline")
     if headline:
         lines.append(headline)
+    lines += official_lines(report)
     runs = run_backends(report)
     lines.append("ran on: " + "; ".join(f"{name} {describe_run(info)}" for name, info in runs.items()))
     lines += [f"not run: {name}: {why}" for name, why in report["skipped"].items() if "-" not in name]  # a whole backend
     lines.append(f"{'PASSED' if report['passed'] else 'FAILED'}: {report['out']}/report.html")
     return lines
+
+
+def official_lines(report: dict[str, Any]) -> list[str]:
+    """One line per run and breadth K > 1: its official breadth metrics in words."""
+    from eqr.runtime.metrics import headline
+
+    return [f"official metrics {name} {label} depth {section['depth']}: {headline(section['metrics'])}"
+            for name, run in report["runs"].items() for label, section in run.get("official_metrics", {}).items()]

@@ -30,6 +30,7 @@ class ExportConfig(JsonConfig):
     workspace_mib: int = 4096  # TensorRT builder workspace limit
     threads: int = 0  # CPU threads for the checks (torch and ONNX Runtime); 0: the idle cores
     dla_core: int | None = None  # build the fp16/int8 engines for this DLA core (GPU fallback; static batch)
+    noise: bool = False  # also write each precision's noisy step graph (path noise at inference; export/noisy.py)
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.precision if p not in PRECISIONS]

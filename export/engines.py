@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eqr.contract.artifact import PRECISIONS, read_manifest, write_manifest
+from eqr.contract.artifact import PRECISIONS, noisy_engine_key, read_manifest, write_manifest
+from eqr.contract.config import ModelConfig
 from eqr.contract.errors import EqRError, MissingExtra
 from eqr.contract.progress import Progress
 from eqr.contract.trt_engine import INSTALL_HINT, GpuInfo, sidecar_path
@@ -46,7 +47,8 @@ def add_engines(export_dir: str | Path, config: EngineConfig, progress: Progress
     replaced = _replaced(root, manifest, precisions, config.force)
     gpu, trt_version = require_engine_support(config.device)
     model = manifest["config"]
-    build = EngineBuild(precisions, EngineProfile(batch, int(model["seq_len"]), int(model["hidden_size"])),
+    updates = ModelConfig.from_dict(model).updates_per_step  # the noisy graphs' noise input
+    build = EngineBuild(precisions, EngineProfile(batch, int(model["seq_len"]), int(model["hidden_size"]), updates),
                         config.workspace_mib, gpu, trt_version, config.dla_core,
                         Path(config.timing_cache) if config.timing_cache else None)
 
@@ -95,7 +97,8 @@ def _replaced(root: Path, manifest: dict[str, Any], precisions: tuple[str, ...],
     """{precision: engine file the manifest records now} for those to be rebuilt; without `force`
     an EqRError naming them, before any work."""
     engines = manifest.get("engines") or {}
-    existing = {p: str((engines[p] or {}).get("engine", "")) for p in precisions if p in engines}
+    keys = [k for p in precisions for k in (p, noisy_engine_key(p))]  # a noisy graph's engine goes with its precision's
+    existing = {p: str((engines[p] or {}).get("engine", "")) for p in keys if p in engines}
     if existing and not force:
         named = ", ".join(f"{p} ({name}, {_built_for(engines[p])})" for p, name in existing.items())
         raise EqRError(f"{root}: the manifest already records engines for {named}; pass --force to rebuild "

@@ -32,14 +32,15 @@ import numpy as np
 import torch
 
 from eqr import __version__
-from eqr.contract.artifact import (CALIB_FILE, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, OWN_FILE_PATTERNS,
-                                   PRECISIONS, REPORT_DIR, io_contract, recommended_tol, write_manifest)
+from eqr.contract.artifact import (CALIB_FILE, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, NOISY_KEY,
+                                   OWN_FILE_PATTERNS, PRECISIONS, REPORT_DIR, io_contract, recommended_tol, write_manifest)
 from eqr.contract.errors import EqRError
 from eqr.contract.progress import Progress
 from eqr.export import parity
 from eqr.export.build import BuildOptions, build_graph, write_graph
 from eqr.export.config import ExportConfig
 from eqr.export.inputs import TaskInfo, infer_task, initial_states, task_inputs
+from eqr.export.noisy import build_noisy_graphs
 from eqr.model.network import EqRModel
 
 log = logging.getLogger(__name__)
@@ -344,14 +345,20 @@ def export_model(model: EqRModel, out_dir: str | os.PathLike[str] | None, config
     manifest = base_manifest(model, config, task)
     with staging_dir(out) as stage, cpu_threads(config.threads):
         graphs, manifest["precisions"] = build_graphs(model, config, task, calibrate, progress)
+        noisy = build_noisy_graphs(model, config, task, progress) if config.noise else {}
+        for precision, (_, entry) in noisy.items():
+            manifest["precisions"][precision][NOISY_KEY] = entry
         progress.stage("write ONNX files and manifest")
         for precision, graph in graphs.items():
             write_graph(stage / PRECISIONS[precision].onnx, graph, manifest, precision)
+        for precision, (graph, _) in noisy.items():
+            write_graph(stage / PRECISIONS[precision].noisy_onnx, graph, manifest, precision)
         manifest["engines"], manifest["engine_build"] = build_engines(stage, config, gpu, trt_version, why_not,
                                                                       model, progress)
         write_manifest(stage, manifest)
         publish(stage, out)
-    progress.done(f"wrote {out}/ ({', '.join(PRECISIONS[p].onnx for p in graphs)}, {MANIFEST_FILE})")
+    files = [PRECISIONS[p].onnx for p in graphs] + [PRECISIONS[p].noisy_onnx for p in noisy]
+    progress.done(f"wrote {out}/ ({', '.join(files)}, {MANIFEST_FILE})")
     return manifest
 
 
@@ -397,7 +404,9 @@ def build_engines(stage: Path, config: ExportConfig, gpu, trt_version, why_not: 
     if why_not:
         progress.done(f"engine: skipped: {why_not}")
         return {}, {"status": "skipped", "reason": why_not}
-    request = EngineBuild(tuple(p for p in config.precisions if PRECISIONS[p].engine), EngineProfile(config.batch, model.config.seq_len, model.config.hidden_size),
+    mc = model.config
+    profile = EngineProfile(config.batch, mc.seq_len, mc.hidden_size, mc.updates_per_step)
+    request = EngineBuild(tuple(p for p in config.precisions if PRECISIONS[p].engine), profile,
                           config.workspace_mib, gpu, trt_version, config.dla_core)
     try:
         return build(stage, request, progress), request.built()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from eqr.contract.artifact import BATCH_DIM, INPUT_NAMES, OUTPUT_NAMES
+from eqr.contract.artifact import BATCH_DIM, INPUT_NAMES, NOISE_INPUT, OUTPUT_NAMES
 from eqr.export.onnx_graph import fold_and_sort
 from eqr.model.network import EqRModel
 from eqr.model.step_graph import StepGraph
@@ -23,15 +23,17 @@ if TYPE_CHECKING:
 
 
 class OnnxFromModel:
-    """Loader: the noise-free `StepGraph` of `model` as an FP32 ONNX ModelProto, dynamic batch.
+    """Loader: the noise-free `StepGraph` of `model` as an FP32 ONNX ModelProto, dynamic batch;
+    `noisy`: the noisy step graph, with the NOISE_INPUT [B, U, L, D] input last.
 
     Uses the TorchScript exporter (`dynamo=False`): its graph is the one ONNX Runtime fuses
     RMSNorm in (docs/formats.md#precision-graphs), and it keeps the weights inside the proto.
     """
 
-    def __init__(self, model: EqRModel, opset: int) -> None:
+    def __init__(self, model: EqRModel, opset: int, noisy: bool = False) -> None:
         self.model = model
         self.opset = opset
+        self.noisy = noisy
 
     def __call__(self) -> "onnx.ModelProto":
         import onnx
@@ -45,8 +47,13 @@ class OnnxFromModel:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
             done = torch.zeros(example_batch, dtype=torch.bool)
-            torch.onnx.export(graph, (tokens, state.z_H.float(), state.z_L.float(), done), buffer, dynamo=False,
-                              opset_version=self.opset, input_names=list(INPUT_NAMES),
+            args = (tokens, state.z_H.float(), state.z_L.float(), done)
+            names = INPUT_NAMES
+            if self.noisy:
+                U, L, D = config.updates_per_step, config.seq_len, config.hidden_size
+                args, names = (*args, torch.zeros(example_batch, U, L, D)), (*INPUT_NAMES, NOISE_INPUT)
+            torch.onnx.export(graph, args, buffer, dynamo=False,
+                              opset_version=self.opset, input_names=list(names),
                               output_names=list(OUTPUT_NAMES), do_constant_folding=True,
-                              dynamic_axes={name: {0: BATCH_DIM} for name in INPUT_NAMES + OUTPUT_NAMES})
+                              dynamic_axes={name: {0: BATCH_DIM} for name in names + OUTPUT_NAMES})
         return fold_and_sort(onnx.load_from_string(buffer.getvalue()))

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eqr.contract.artifact import io_contract
+from eqr.contract.artifact import NOISE_INPUT, io_contract
 from eqr.contract.trt_engine import quiet_polygraphy
 
 if TYPE_CHECKING:
@@ -94,9 +94,11 @@ def _drop_noop_casts(graph) -> None:
             node.outputs.clear()
 
 
-def check_io_contract(model: "onnx.ModelProto", config_seq_len: int, hidden: int, vocab: int, where: str) -> None:
-    """Raise ValueError unless the graph's inputs/outputs are exactly the fixed I/O contract."""
-    expected = io_contract(config_seq_len, hidden, vocab)
+def check_io_contract(model: "onnx.ModelProto", config_seq_len: int, hidden: int, vocab: int, where: str,
+                      updates: int | None = None) -> None:
+    """Raise ValueError unless the graph's inputs/outputs are exactly the fixed I/O contract
+    (`updates` U: the noisy graph's, with its noise input)."""
+    expected = io_contract(config_seq_len, hidden, vocab, updates)
     actual = {"inputs": [_value_info(v) for v in model.graph.input],
               "outputs": [_value_info(v) for v in model.graph.output]}
     if actual != expected:
@@ -140,13 +142,13 @@ def session(model: "onnx.ModelProto | bytes | str", threads: int = 0) -> "onnxru
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def lint(model_bytes: bytes, seq_len: int, hidden: int, vocab: int) -> dict[str, Any]:
+def lint(model_bytes: bytes, seq_len: int, hidden: int, vocab: int, updates: int | None = None) -> dict[str, Any]:
     """`polygraphy check lint` on the graph -> {"passed": bool, "failing": [...], "messages": [...]}.
 
     Run in-process through `polygraphy.tools.main`, the public entry point of Polygraphy's
     command line (what the `polygraphy` script calls), with the CLI's own arguments: a
     subprocess would spend most of its time importing onnxruntime again. Its log goes to
-    stderr, never stdout.
+    stderr, never stdout. `updates` U: a noisy graph, whose noise input is [1, U, L, D].
     """
     from polygraphy.tools import main as polygraphy_main
 
@@ -155,6 +157,8 @@ def lint(model_bytes: bytes, seq_len: int, hidden: int, vocab: int) -> dict[str,
         path.write_bytes(model_bytes)
         # Lint runs the graph once: give it valid token ids and a concrete batch of one.
         shapes = [f"tokens:[1,{seq_len}]", f"z_H:[1,{seq_len},{hidden}]", f"z_L:[1,{seq_len},{hidden}]", "done:[1]"]
+        if updates is not None:
+            shapes.append(f"{NOISE_INPUT}:[1,{updates},{seq_len},{hidden}]")
         args = ["check", "lint", str(path), "-o", str(report_path), "--val-range", f"tokens:[0,{vocab - 1}]",
                 "--input-shapes", *shapes]
         with quiet_polygraphy(), warnings.catch_warnings():

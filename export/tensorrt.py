@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from eqr.contract.artifact import PRECISIONS, engine_file
+from eqr.contract.artifact import NOISE_INPUT, NOISY_KEY, PRECISIONS, engine_file, noisy_engine_key
 from eqr.contract.errors import EqRError
 from eqr.contract.io import atomic_write_bytes, atomic_write_text, sha256_file
 from eqr.contract.progress import Progress
@@ -79,10 +79,13 @@ class EngineProfile:
     batch: tuple[int, int, int]
     seq_len: int
     hidden: int
+    updates: int | None = None  # U of the noisy graphs' noise input (None: no noisy engines)
 
-    def shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    def shapes(self, noisy: bool = False) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         tails = {"tokens": (self.seq_len,), "z_H": (self.seq_len, self.hidden), "z_L": (self.seq_len, self.hidden),
                  "done": ()}
+        if noisy:
+            tails[NOISE_INPUT] = (self.updates, self.seq_len, self.hidden)
         return {name: tuple((b, *tail) for b in self.batch) for name, tail in tails.items()}  # type: ignore[misc]
 
 
@@ -111,8 +114,9 @@ class EngineFromOnnx:
     """Loader: ONNX bytes -> serialized TensorRT plan (bytes), through Polygraphy's loaders."""
 
     def __init__(self, onnx_bytes: bytes, precision: str, profile: EngineProfile, workspace_mib: int,
-                 cache_path: Path | None, dla_core: int | None = None) -> None:
+                 cache_path: Path | None, dla_core: int | None = None, noisy: bool = False) -> None:
         self.onnx_bytes = onnx_bytes
+        self.noisy = noisy  # a noisy step graph: the profile covers its noise input too
         self.precision = precision
         self.profile = profile
         self.workspace_mib = workspace_mib
@@ -127,7 +131,7 @@ class EngineFromOnnx:
 
         plan = build_plan(self.precision, version_tuple(trt.__version__)[0], self.dla_core)
         profile = Profile()
-        for name, (lo, opt, hi) in self.profile.shapes().items():
+        for name, (lo, opt, hi) in self.profile.shapes(self.noisy).items():
             profile.add(name, lo, opt, hi)
         cache = self.cache_path
         if cache is not None:
@@ -177,20 +181,22 @@ def sidecar(precision: str, gpu: GpuInfo, trt_version: str, onnx_name: str, onnx
 
 def build_engine(onnx_path: Path, out_dir: Path, precision: str, gpu: GpuInfo, trt_version: str,
                  profile: EngineProfile, workspace_mib: int, dla_core: int | None = None,
-                 timing_cache: Path | None = None) -> dict[str, Any]:
+                 timing_cache: Path | None = None, noisy: bool = False) -> dict[str, Any]:
     """Build, write the engine and its sidecar (atomically) -> the manifest's engine entry.
-    `timing_cache` defaults to this machine's (`timing_cache_path`)."""
+    `timing_cache` defaults to this machine's (`timing_cache_path`); `noisy`: `onnx_path` is the
+    precision's noisy step graph."""
     plan = build_plan(precision, version_tuple(trt_version)[0], dla_core)
-    name = engine_file(precision, gpu.tag, trt_version, plan.dla_core)
+    name = engine_file(precision, gpu.tag, trt_version, plan.dla_core, noisy)
     start = time.perf_counter()
     engine = EngineFromOnnx(onnx_path.read_bytes(), precision, profile, workspace_mib,
-                            timing_cache or timing_cache_path(gpu.tag, trt_version), plan.dla_core)()
+                            timing_cache or timing_cache_path(gpu.tag, trt_version), plan.dla_core, noisy)()
     seconds = time.perf_counter() - start
     meta = sidecar(precision, gpu, trt_version, onnx_path.name, sha256_file(onnx_path), profile, workspace_mib, plan)
     atomic_write_bytes(out_dir / name, engine)
     atomic_write_text(sidecar_path(out_dir / name), json.dumps(meta, indent=2) + "\n")
-    return {"engine": name, "precision": precision, "sidecar": sidecar_path(name).name, "tensorrt": trt_version,
-            "gpu": gpu.tag, "dla_core": plan.dla_core, "build_seconds": round(seconds, 1)}
+    entry = {"engine": name, "precision": precision, "sidecar": sidecar_path(name).name, "tensorrt": trt_version,
+             "gpu": gpu.tag, "dla_core": plan.dla_core, "build_seconds": round(seconds, 1)}
+    return entry | ({NOISY_KEY: True} if noisy else {})
 
 
 @dataclass(frozen=True)
@@ -225,6 +231,14 @@ def build_engines(directory: Path, build: EngineBuild, progress: Progress,
         if on_built is not None:
             on_built(precision, engines[precision])
         progress.done(f"{precision}: wrote {engines[precision]['engine']}")
+        noisy = PRECISIONS[precision].noisy_onnx
+        if noisy and build.profile.updates and (directory / noisy).is_file():
+            key = noisy_engine_key(precision)
+            engines[key] = build_engine(directory / noisy, directory, precision, build.gpu, build.trt_version,
+                                        build.profile, build.workspace_mib, dla_core, build.timing_cache, noisy=True)
+            if on_built is not None:
+                on_built(key, engines[key])
+            progress.done(f"{precision}: wrote {engines[key]['engine']} (noisy step graph)")
     return engines
 
 

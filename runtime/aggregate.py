@@ -36,16 +36,6 @@ def get_aggregator(name: str) -> AggregateFn:
         raise EqRError(f"unknown aggregate rule {name!r}; choose one of: {', '.join(_AGGREGATORS)}") from None
 
 
-def _answer_ids(preds: np.ndarray) -> np.ndarray:
-    """int (P, K, L) -> int (P, K): equal ids <=> identical full answers within a puzzle."""
-    P, K, _ = preds.shape
-    ids = np.empty((P, K), np.int64)
-    for p in range(P):
-        _, first_index, inverse = np.unique(preds[p], axis=0, return_index=True, return_inverse=True)
-        ids[p] = first_index[inverse.reshape(-1)]  # an answer's id = its earliest trajectory index
-    return ids
-
-
 @register_aggregator("converged")
 def converged_top1(preds: np.ndarray, score: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """The paper's top-1 selection (docs/algorithm.md#breadth-and-aggregation): the lowest score;
@@ -60,13 +50,12 @@ def converged_top1(preds: np.ndarray, score: np.ndarray, valid: np.ndarray) -> n
 def majority(preds: np.ndarray, score: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """The most frequent full answer among valid trajectories; ties go to the earliest
     (docs/algorithm.md#breadth-and-aggregation)."""
-    ids = _answer_ids(preds)
-    P, K = ids.shape
-    chosen = np.zeros(P, np.int64)
-    for p in range(P):
-        votes = np.bincount(ids[p][valid[p]], minlength=K)  # votes[i]: trajectories with answer id i
-        if votes.any():
-            chosen[p] = int(votes.argmax())  # argmax returns the smallest id, i.e. the earliest answer
+    chosen = np.zeros(len(preds), np.int64)
+    for p in range(len(preds)):
+        alive = np.flatnonzero(valid[p])  # the voters; a diverged trajectory's answer gets no vote
+        if alive.size:
+            _, first, votes = np.unique(preds[p, alive], axis=0, return_index=True, return_counts=True)
+            chosen[p] = alive[first[votes == votes.max()].min()]  # a tie: the answer given earliest
     return chosen
 
 

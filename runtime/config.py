@@ -25,7 +25,9 @@ class SolveConfig(JsonConfig):
     q_halt: bool = False  # also stop when the q_halt logit stays > q_halt_threshold for `patience` steps
     q_halt_threshold: float = 0.0  # the q_halt logit above which a step counts as "halt"
     fixed_depth: int | None = None  # the paper's protocol: exactly D steps, no gating at all
-    agree: int | None = None  # stop a puzzle once this many of its trajectories converged to one answer
+    # stop a puzzle once this many of its trajectories converged to one answer; its trajectories
+    # launch in waves until then (progressive breadth, docs/algorithm.md#progressive-breadth)
+    agree: int | None = None
     # steps averaged in the `converged` score (mean logit_delta, docs/algorithm.md#breadth-and-aggregation)
     score_window: int = 3
     stats: str = "final"  # "trace" adds (B, N) residual/logit_delta traces; "none"/"final": O(B) finals only
@@ -35,6 +37,9 @@ class SolveConfig(JsonConfig):
     # cascade_tol; the stopping rules above apply only to the high-precision stage.
     cascade_patience: int = 2
     cascade_tol: float | None = None
+    # Path noise: sigma * N(0, 1) added at every damped update (the official evaluation's 0.01); 0:
+    # the noise-free step. Needs the noisy step graph (eqr export --noise); draws: runtime/path_noise.py.
+    noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -51,6 +56,8 @@ class SolveConfig(JsonConfig):
             raise EqRError(f"fixed_depth must be >= 1, got {self.fixed_depth}")
         if self.agree is not None and self.agree < 1:
             raise EqRError(f"agree must be >= 1, got {self.agree}")
+        if not 0 <= self.noise < float("inf"):
+            raise EqRError(f"noise must be >= 0 (sigma of the path noise; 0: none), got {self.noise}")
         if self.stats not in STATS_LEVELS:
             raise EqRError(f"stats must be one of {', '.join(STATS_LEVELS)}, got {self.stats!r}")
 
@@ -62,6 +69,11 @@ class SolveConfig(JsonConfig):
     @property
     def gated(self) -> bool:
         return self.fixed_depth is None
+
+    @property
+    def agreeing(self) -> int | None:
+        """`agree` where the loop applies it (gated runs; a fixed depth runs every trajectory)."""
+        return self.agree if self.gated else None
 
     def replace(self, **changes: Any) -> "SolveConfig":
         return dataclasses.replace(self, **changes)

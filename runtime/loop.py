@@ -15,6 +15,9 @@ stays on the backend's device. A row stops (first rule that fires, in this order
   q_halt       cfg.q_halt and the q_halt logit > cfg.q_halt_threshold     } stopping_rules.py)
                for cfg.patience consecutive steps.
   agree        cfg.agree rows of the same group (puzzle) converged to one answer.
+               With agree, a group's rows run in waves (progressive breadth, `Waves`): the row
+               source offers the next wave only once the current one stopped without agreeing,
+               and the rows never launched are reported with reason "not_launched".
   max_steps    cfg.max_steps steps done (or the row's own lower cap, `Rows.max_steps`).
 
 Precision cascade (a backend with `stages == 2`, e.g. int8+fp32, runtime/backends/cascade.py):
@@ -40,7 +43,7 @@ settled rows are frozen by a done mask and their slots refilled in place.
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import cached_property
@@ -48,8 +51,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from eqr.contract.artifact import NOISE_INPUT
+from eqr.contract.errors import EqRError
 from eqr.runtime.backends.base import Backend
 from eqr.runtime.config import SolveConfig
+from eqr.runtime.path_noise import draw_noise
 from eqr.runtime.stats import CONVERGED_REASONS, REASON_CODE, SolveStats
 from eqr.runtime.stopping_rules import RULES, Rule, Signals, StoppingRule, active_rules, rule_of
 
@@ -68,6 +74,10 @@ class Rows:
     z_H: np.ndarray  # float32 (R, L, D)
     z_L: np.ndarray  # float32 (R, L, D)
     max_steps: np.ndarray | None = None  # int32 (R,) per-row step caps <= cfg.max_steps (None: cfg's)
+    # path noise (runtime/path_noise.py): each row's sigma (None: cfg.noise for all) and the key of its
+    # noise stream, (seed, puzzle, breadth index), needed when a row's sigma > 0
+    noise: np.ndarray | None = None  # float32 (R,)
+    noise_keys: np.ndarray | None = None  # int64 (R, 3)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -138,6 +148,102 @@ class RowSource(Protocol):
     def aborted(self) -> bool:
         """True to stop now: every active row is finished with reason "cancelled"."""
 
+    def settled(self, group: int, best: int | None) -> np.ndarray | None:
+        """Every admitted row of `group` has stopped; `best` of them converged to one answer (None:
+        they were cancelled or failed). None: more rows of the group will come (its next wave);
+        else the group is done and the array holds the ids of its rows never launched (maybe none)."""
+
+
+# --------------------------------------------------------------------------- progressive breadth
+
+
+def wave_bounds(agree: int | None, breadth: int) -> list[int]:
+    """A group's trajectories launched once each of its waves is in (cumulative, ending at K):
+    all K at once without agree; else A, then doubling (2A, 4A, ...) up to K
+    (docs/algorithm.md#progressive-breadth says why doubling)."""
+    bounds, n = [], min(agree or breadth, breadth)
+    while n < breadth:
+        bounds.append(n)
+        n *= 2
+    return bounds + [breadth]
+
+
+@dataclass
+class _Group:
+    ids: np.ndarray  # int64 (K,) the source's ids of the group's trajectories, in breadth order
+    bounds: list[int]  # wave_bounds
+    launched: int = 0  # trajectories handed to the loop
+    end: int = 0  # trajectories launched once the current wave is in
+
+
+class Waves:
+    """A row source's progressive-breadth bookkeeping: which trajectories of each group run next.
+
+    `open` a group with its K row ids; `take` hands out waves in order (whole waves, so a wave's
+    trajectories start at the same step and a group's answer does not depend on the batch);
+    `settled` is the RowSource method: it queues the next wave of a group that stopped without
+    agreeing, or closes the group and returns the ids never launched.
+    """
+
+    def __init__(self, agree: int | None) -> None:
+        self.agree = agree
+        self._groups: dict[int, _Group] = {}
+        self._ready: deque[int] = deque()  # groups with a wave to launch, in order
+        self.waiting = 0  # trajectories in those waves
+
+    def first(self, breadth: int) -> int:
+        """Trajectories in a group's first wave."""
+        return wave_bounds(self.agree, breadth)[0]
+
+    def open(self, group: int, ids: np.ndarray) -> None:
+        bounds = wave_bounds(self.agree, len(ids))
+        self._groups[group] = _Group(np.asarray(ids, np.int64), bounds, 0, bounds[0])
+        self._queue(group)
+
+    def _queue(self, group: int) -> None:
+        g = self._groups[group]
+        self._ready.append(group)
+        self.waiting += g.end - g.launched
+
+    def take(self, room: int | None, split: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, groups) int64 (R,) of the waiting waves that fit in `room` (None: all), in order;
+        split: a first wave larger than `room` gives its first `room` ids (so it still runs)."""
+        taken, groups = [], []
+        free = self.waiting if room is None else room
+        while self._ready and free > 0:
+            group = self._ready[0]
+            g = self._groups[group]
+            n = g.end - g.launched
+            if n > free:
+                if taken or not split:
+                    break
+                n = free
+            taken.append(g.ids[g.launched:g.launched + n])
+            groups.append(np.full(n, group, np.int64))
+            g.launched += n
+            free -= n
+            self.waiting -= n
+            if g.launched == g.end:
+                self._ready.popleft()
+        if not taken:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(taken), np.concatenate(groups)
+
+    def settled(self, group: int, best: int | None) -> np.ndarray | None:
+        g = self._groups[group]
+        if best is not None and (self.agree is None or best < self.agree):
+            if g.launched < g.end:
+                return None  # the rest of this (split) wave is still to launch
+            if g.launched < len(g.ids):
+                g.end = next(b for b in g.bounds if b > g.launched)
+                self._queue(group)
+                return None
+        del self._groups[group]
+        if g.launched < g.end:  # agreed or failed before its split wave was all in
+            self._ready.remove(group)
+            self.waiting -= g.end - g.launched
+        return g.ids[g.launched:]
+
 
 # --------------------------------------------------------------------------- per-row bookkeeping
 
@@ -163,6 +269,8 @@ class _Table:
     low_steps: np.ndarray  # int32 (B,) steps taken in the low stage
     lowest: np.ndarray  # fp32 (B,) lowest residual of the low stage so far
     floor_count: np.ndarray  # int32 (B,) low-stage steps since the residual last made a new low
+    sigma: np.ndarray  # fp32 (B,) path-noise sigma (0: noise-free)
+    noise_keys: np.ndarray  # int64 (B, 3) (seed, puzzle, breadth index) of the row's noise stream
 
     @classmethod
     def empty(cls, n: int, seq_len: int, window: int, trace_steps: int | None, stage: int = 1) -> "_Table":
@@ -174,7 +282,8 @@ class _Table:
                    logit_delta=nan(), q_halt=nan(), ring=np.zeros((n, window), np.float32),
                    residual_trace=trace(), logit_delta_trace=trace(), stage=np.full(n, stage, np.int8),
                    low_steps=np.zeros(n, np.int32), lowest=np.full(n, np.inf, np.float32),
-                   floor_count=np.zeros(n, np.int32))
+                   floor_count=np.zeros(n, np.int32), sigma=np.zeros(n, np.float32),
+                   noise_keys=np.zeros((n, 3), np.int64))
 
     def _arrays(self) -> dict[str, np.ndarray | None]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -209,10 +318,11 @@ class _Batch:
 
 
 class _Agreement:
-    """Counts converged answers per group; tells when `agree` of them match."""
+    """Counts converged answers per group; tells when `agree` of them match, and tells the row
+    source when a group has no rows left in the batch (its wave is over)."""
 
-    def __init__(self, agree: int | None) -> None:
-        self.agree = agree
+    def __init__(self, agree: int | None, source: RowSource) -> None:
+        self.agree, self.source = agree, source
         self.answers: dict[int, Counter] = {}
         self.rows_left: Counter = Counter()
 
@@ -227,12 +337,22 @@ class _Agreement:
         counts[preds.tobytes()] += 1
         return counts[preds.tobytes()] >= self.agree
 
-    def finished(self, groups: np.ndarray) -> None:
+    def finished(self, groups: np.ndarray, abnormal: bool) -> list[tuple[int, np.ndarray]]:
+        """Count stopped rows (abnormal: cancelled or failed) -> (group, ids never launched) of each
+        group the source closed with rows it never launched."""
+        closed = []
         for group in groups.tolist():
             self.rows_left[group] -= 1
-            if self.rows_left[group] <= 0:  # forget finished groups: a server runs forever
-                del self.rows_left[group]
+            if self.rows_left[group] > 0:
+                continue
+            del self.rows_left[group]
+            counts = self.answers.get(group)
+            skipped = self.source.settled(group, None if abnormal else max(counts.values()) if counts else 0)
+            if skipped is not None:  # the group is done: forget it (a server runs forever)
                 self.answers.pop(group, None)
+                if len(skipped):
+                    closed.append((group, skipped))
+        return closed
 
 
 def run_loop(backend: Backend, cfg: SolveConfig, source: RowSource, on_finish: Callable[[Finished], None],
@@ -254,7 +374,7 @@ def run_loop(backend: Backend, cfg: SolveConfig, source: RowSource, on_finish: C
     if backend.static_shapes and capacity is None:
         raise ValueError(f"the {backend.name} backend has static shapes but no max_batch after activate()")
     trace_steps = cfg.step_cap if cfg.stats == "trace" else None
-    agreement = _Agreement(cfg.agree if cfg.gated else None)
+    agreement = _Agreement(cfg.agreeing, source)
     rule = rule_of(cfg)
     settling = active_rules(rule) if cfg.gated else []  # (index, StoppingRule) the config turns on
     batch: _Batch | None = None
@@ -299,7 +419,7 @@ def run_loop(backend: Backend, cfg: SolveConfig, source: RowSource, on_finish: C
 
 def _step(backend: Backend, batch: _Batch, on_fault: FaultHandler | None) -> dict[str, Any] | None:
     """One backend step on the working batch; None when it raised and `on_fault` gave up on it."""
-    feeds = {"tokens": batch.tokens, "z_H": batch.z_H, "z_L": batch.z_L}
+    feeds = {"tokens": batch.tokens, "z_H": batch.z_H, "z_L": batch.z_L} | _noise_feed(backend, batch.table)
     if on_fault is None:
         return backend.step(feeds)
     attempt = 1
@@ -312,12 +432,29 @@ def _step(backend: Backend, batch: _Batch, on_fault: FaultHandler | None) -> dic
             attempt += 1
 
 
+def _noise_feed(backend: Backend, t: _Table) -> dict[str, Any]:
+    """{NOISE_INPUT: the step's path noise (B, U, L, D)} when a running row has noise, else {}
+    (the noise-free graph runs). Frozen and settled rows get zeros."""
+    sigma = np.where(t.live, t.sigma, 0.0)  # (B,)
+    if not (sigma > 0).any():
+        return {}
+    if backend.noise_shape is None:
+        raise EqRError(f"--noise: the {backend.name} backend has no noisy step graph; export one with "
+                       "`eqr export MODEL --noise`")
+    return {NOISE_INPUT: backend.upload(draw_noise(t.noise_keys, t.nstep + 1, sigma, backend.noise_shape))}
+
+
 def _admit(backend: Backend, batch: _Batch | None, rows: Rows, trace_steps: int | None, cfg: SolveConfig,
            capacity: int | None) -> _Batch:
     """Add `rows` to the working batch: appended (compacting backends) or written into free slots."""
     table = _Table.empty(len(rows), rows.tokens.shape[1], cfg.score_window, trace_steps, stage=2 - backend.stages)
     table.ids[:], table.groups[:], table.live[:] = rows.ids, rows.groups, True
     table.cap[:] = cfg.max_steps if rows.max_steps is None else np.minimum(rows.max_steps, cfg.max_steps)
+    table.sigma[:] = cfg.noise if rows.noise is None else rows.noise
+    if rows.noise_keys is not None:
+        table.noise_keys[:] = rows.noise_keys
+    elif (table.sigma > 0).any():
+        raise ValueError("rows with path noise need their noise keys (Rows.noise_keys: seed, puzzle, breadth index)")
     tokens, z_H, z_L = (backend.upload(a) for a in (rows.tokens.astype(np.int32), rows.z_H, rows.z_L))
     if not backend.static_shapes:
         if batch is None or len(batch.table) == 0:
@@ -424,8 +561,23 @@ def _finish(t: _Table, stop: np.ndarray, reason: np.ndarray | None, on_finish: C
         None if t.residual_trace is None else t.residual_trace[rows].copy(),
         None if t.logit_delta_trace is None else t.logit_delta_trace[rows].copy(), t.low_steps[rows].copy())
     t.live[rows] = False
-    agreement.finished(finished.groups)
+    closed = agreement.finished(finished.groups, abnormal=code is not None)
     on_finish(finished)
+    if closed:
+        trace_steps = None if t.residual_trace is None else t.residual_trace.shape[1]
+        on_finish(_not_launched(closed, t.preds.shape[1], trace_steps))
+
+
+def _not_launched(closed: list[tuple[int, np.ndarray]], seq_len: int, trace_steps: int | None) -> Finished:
+    """The rows of closed groups that never ran (progressive breadth): 0 steps, no answer (zeros)."""
+    ids = np.concatenate([skipped for _, skipped in closed])
+    groups = np.concatenate([np.full(len(skipped), group, np.int64) for group, skipped in closed])
+    R = len(ids)
+    nan = np.full(R, np.nan, np.float32)
+    trace = None if trace_steps is None else np.full((R, trace_steps), np.nan, np.float32)
+    return Finished(ids, groups, np.zeros((R, seq_len), np.int32), np.zeros(R, np.int32),
+                    np.full(R, REASON_CODE["not_launched"], np.int8), nan, nan.copy(), nan.copy(), nan.copy(),
+                    trace, None if trace is None else trace.copy(), np.zeros(R, np.int32))
 
 
 def _release(backend: Backend, batch: _Batch, cfg: SolveConfig) -> _Batch:
@@ -448,33 +600,68 @@ def _release(backend: Backend, batch: _Batch, cfg: SolveConfig) -> _Batch:
 class _ArraySource:
     """All rows known up front; initial states drawn only when rows are admitted."""
 
-    def __init__(self, tokens: np.ndarray, groups: np.ndarray, init: InitFn) -> None:
-        self.tokens, self.groups, self.init = tokens, groups, init
-        self.next = 0
+    def __init__(self, tokens: np.ndarray, groups: np.ndarray, init: InitFn, noise_keys: np.ndarray | None = None,
+                 agree: int | None = None) -> None:
+        self.tokens, self.groups, self.init, self.noise_keys = tokens, groups, init, noise_keys
+        self.next = 0  # rows handed out (no agree), or groups opened (progressive breadth)
+        self.waves = None if agree is None else Waves(agree)
+        self.members = [] if agree is None else _rows_by_group(groups)
 
     def take(self, room: int | None, block: bool) -> Rows | None:
+        if self.waves is not None:
+            return self._take_waves(room, block)
         if self.next >= len(self.tokens):
             return None
         end = len(self.tokens) if room is None else min(len(self.tokens), self.next + room)
         ids = np.arange(self.next, end, dtype=np.int64)
         self.next = end
+        return self._rows(ids)
+
+    def _take_waves(self, room: int | None, block: bool) -> Rows | None:
+        """Next waves of running groups first, then first waves of new groups (opened as room needs)."""
+        while self.next < len(self.members) and (room is None or self.waves.waiting < room):
+            ids = self.members[self.next]
+            self.waves.open(int(self.groups[ids[0]]), ids)
+            self.next += 1
+        ids, _ = self.waves.take(room, split=block)
+        return self._rows(ids) if len(ids) else None
+
+    def _rows(self, ids: np.ndarray) -> Rows:
         z_H, z_L = self.init(ids)
-        return Rows(ids, self.groups[ids], self.tokens[ids], z_H, z_L)
+        noise_keys = None if self.noise_keys is None else self.noise_keys[ids]
+        return Rows(ids, self.groups[ids], self.tokens[ids], z_H, z_L, noise_keys=noise_keys)
 
     def aborted(self) -> bool:
         return False
 
+    def settled(self, group: int, best: int | None) -> np.ndarray | None:
+        return np.zeros(0, np.int64) if self.waves is None else self.waves.settled(group, best)
+
+
+def _rows_by_group(groups: np.ndarray) -> list[np.ndarray]:
+    """Row ids of each group, in id order; groups in the order of their first row."""
+    if not len(groups):
+        return []
+    order = np.argsort(groups, kind="stable")  # (B,) row ids, grouped
+    _, starts = np.unique(groups[order], return_index=True)
+    members = np.split(order.astype(np.int64), starts[1:])
+    members.sort(key=lambda rows: rows[0])
+    return members
+
 
 def solve(backend: Backend, tokens: np.ndarray, z0: tuple[np.ndarray, np.ndarray] | InitFn, cfg: SolveConfig,
           groups: np.ndarray | None = None, batch_size: int | None = None,
-          progress: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], SolveStats]:
+          progress: Callable[[int], None] | None = None,
+          noise_keys: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], SolveStats]:
     """Run every row of `tokens` (int [B, L]) to its stop -> ({"preds": (B, L) int32}, SolveStats).
 
     z0 is (z_H, z_L) float32 [B, L, D] each, or a function of row ids drawing them on admission
     (so a large input never holds every initial state at once). groups (B,) ties the K breadth
-    rows of one puzzle for `cfg.agree`. batch_size caps the working batch; settled rows are
+    rows of one puzzle for `cfg.agree`, which launches them in waves in row order (rows never
+    launched: reason "not_launched", 0 steps). batch_size caps the working batch; settled rows are
     replaced by waiting ones. progress(n) is called with the count of rows that just stopped.
-    The backend must be active.
+    noise_keys int64 (B, 3): each row's path-noise stream (seed, puzzle, breadth index), needed when
+    cfg.noise > 0 (None: (0, row, 0)). The backend must be active.
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 2:
@@ -499,7 +686,10 @@ def solve(backend: Backend, tokens: np.ndarray, z0: tuple[np.ndarray, np.ndarray
         if progress is not None:
             progress(len(ids))
 
-    sizes, times = run_loop(backend, cfg, _ArraySource(tokens, groups, init), on_finish, batch_size)
+    if noise_keys is None and cfg.noise > 0:
+        noise_keys = np.stack([np.zeros(B, np.int64), np.arange(B, dtype=np.int64), np.zeros(B, np.int64)], axis=1)
+    source = _ArraySource(tokens, groups, init, noise_keys, cfg.agreeing)
+    sizes, times = run_loop(backend, cfg, source, on_finish, batch_size)
     longest = int(collected.nstep.max()) if B else 0
     stats = SolveStats(
         nstep=collected.nstep, reason=reason, residual=collected.residual, logit_delta=collected.logit_delta,

@@ -19,9 +19,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from eqr.contract.artifact import (ENGINE_SUFFIXES, MANIFEST_FILE, MANIFEST_FORMAT, METADATA_KEY, PRECISION_KEY,
-                                   PRECISIONS, Artifact, check_manifest, embedded_manifest, precision_of, read_manifest,
-                                   unmeasured_tols)
+from eqr.contract.artifact import (ENGINE_SUFFIXES, MANIFEST_FILE, MANIFEST_FORMAT, METADATA_KEY, NOISY_KEY,
+                                   PRECISION_KEY, PRECISIONS, Artifact, check_manifest, embedded_manifest, precision_of,
+                                   read_manifest, unmeasured_tols)
 from eqr.contract.config import ModelConfig
 from eqr.contract.errors import EqRError
 from eqr.contract.trt_engine import sidecar_path
@@ -74,11 +74,14 @@ def _from_manifest(data: dict[str, Any], root: Path, location: str, where: str |
         config = ModelConfig.from_dict(data["config"])
         precisions = data.get("precisions") or {}
         onnx = {p: root / entry["onnx"] for p, entry in precisions.items() if entry.get("onnx")}
+        noisy = {p: root / entry[NOISY_KEY]["onnx"] for p, entry in precisions.items() if entry.get(NOISY_KEY)}
         tol = unmeasured_tols() | {p: float(entry["tol"]) for p, entry in precisions.items() if "tol" in entry}
         engines: dict[str, Path] = {}
+        noisy_engines: dict[str, Path] = {}  # engines of the noisy step graphs (entries marked NOISY_KEY)
         for key, entry in (data.get("engines") or {}).items():
             precision = entry.get("precision", key) if isinstance(entry, dict) else key
-            engines.setdefault(precision, _engine_path(root, entry))
+            noisy_entry = isinstance(entry, dict) and entry.get(NOISY_KEY)
+            (noisy_engines if noisy_entry else engines).setdefault(precision, _engine_path(root, entry))
         std = data.get("init_std") or {}
         init_std = (float(std.get("z_H", config.H_init_std)), float(std.get("z_L", config.L_init_std)))
         b = data.get("batch") or {}
@@ -89,13 +92,17 @@ def _from_manifest(data: dict[str, Any], root: Path, location: str, where: str |
     source = data.get("source") if isinstance(data.get("source"), dict) else None
     return Artifact(kind="export", location=location, seq_len=config.seq_len, hidden_size=config.hidden_size,
                     vocab_size=config.vocab_size, init_std=init_std, config=config, task=task, onnx=onnx,
-                    engines=engines, tol=tol, batch=batch, source=source, stopping=stopping_rules(data, where))
+                    engines=engines, tol=tol, batch=batch, source=source, stopping=stopping_rules(data, where),
+                    noisy=noisy, noisy_engines=noisy_engines)
 
 
 def _single_file(base: Artifact, kind: str, precision: str, path: Path) -> Artifact:
     """`base` (an export) narrowed to one of its files."""
     onnx, engines = ({precision: path}, {}) if kind == "onnx" else ({}, {precision: path})
-    return dataclasses.replace(base, kind=kind, onnx=onnx, engines=engines, precision=precision)
+    noisy = {p: f for p, f in base.noisy.items() if p == precision and kind == "onnx"}
+    noisy_engines = {p: f for p, f in base.noisy_engines.items() if p == precision and kind == "engine"}
+    return dataclasses.replace(base, kind=kind, onnx=onnx, engines=engines, precision=precision, noisy=noisy,
+                               noisy_engines=noisy_engines)
 
 
 def _from_onnx(path: Path, location: str, init_std: tuple[float, float] | None, tol: float | None) -> Artifact:

@@ -4,12 +4,14 @@ A worker thread keeps one working batch of at most `batch_size` trajectories and
 `eqr.runtime.loop.run_loop` with it; whenever trajectories settle, their slots are refilled
 from a bounded request queue. `submit(tokens) -> Future[SolveResult]` is thread-safe; a request
 holds P >= 1 puzzles ([L] or [P, L]) and enters the batch a whole puzzle (K trajectories) at a
-time, so a request larger than the batch still runs. A full queue blocks the caller
-(back-pressure) up to `timeout`.
+time, so a request larger than the batch still runs. With cfg.agree a puzzle enters a wave at a
+time instead (progressive breadth, `eqr.runtime.loop.Waves`), and a puzzle's next wave goes
+before new puzzles. A full queue blocks the caller (back-pressure) up to `timeout`.
 
 Puzzle p of a request runs its K trajectories from the seeds (seed, p, k), with the request's
 own seed, so a request's answer equals `Solver.solve(tokens, seed=seed)` whatever else is in
-the batch. `submit(..., on_progress=fn)` streams anytime answers: every `stream_every` steps
+the batch; with path noise (cfg.noise, or a request's own `noise`) its noise stream is keyed the
+same way, so that holds for noisy requests too. `submit(..., on_progress=fn)` streams anytime answers: every `stream_every` steps
 fn(Partial) gets each puzzle's current best trajectory (lowest residual so far).
 
 Faults: a `backend.step` that raises is retried once; if it fails again, only the requests with
@@ -39,7 +41,7 @@ import numpy as np
 from eqr.contract.errors import EqRError, NotReady, RequestError
 from eqr.runtime.aggregate import get_aggregator
 from eqr.runtime.config import SolveConfig
-from eqr.runtime.loop import Finished, Rows, RunningRows, run_loop
+from eqr.runtime.loop import Finished, Rows, RunningRows, Waves, run_loop
 from eqr.runtime.solver import Solver, aggregate_rows, initial_states
 from eqr.runtime.stats import REASON_CODE, SolveStats
 
@@ -69,6 +71,7 @@ class _Request:
     on_progress: Callable[[Partial], None] | None = None
     max_steps: int | None = None  # this request's step cap (<= the scheduler's cfg.max_steps)
     numbers: np.ndarray | None = None  # int64 (P,) puzzle numbers in the seeds (seed, p, k); None: 0..P-1
+    noise: float = 0.0  # path-noise sigma of this request's trajectories
     admitted: int = 0  # puzzles handed to the loop so far
     remaining: int = 0  # trajectories admitted and not yet finished
     done: dict[int, tuple] = field(default_factory=dict)  # row p*K + k -> finished row fields
@@ -102,6 +105,8 @@ class Scheduler:
             raise EqRError("the scheduler keeps no per-step traces; use stats='final' or 'none'")
         self.solver = solver
         self.cfg = cfg if cfg is not None else solver.config()  # the precision's calibrated stopping rule
+        if self.cfg.noise > 0:
+            solver.check_noise()
         self.batch_size, self.breadth, self.seed = batch_size, breadth, seed
         self.choose = get_aggregator(aggregate)
         self._queue: deque[_Request] = deque()
@@ -113,6 +118,8 @@ class Scheduler:
         self._rows: dict[int, tuple[_Request, int]] = {}  # row id -> (request, row p*K + k); worker only
         self._row_ids = itertools.count()
         self._group_ids = itertools.count()
+        self._waves = Waves(self.cfg.agreeing)  # each puzzle's trajectories, launched in waves; worker only
+        self._group_request: dict[int, _Request] = {}  # group (puzzle) with trajectories to come -> its request
         self._streaming = 0  # streaming requests in the batch; worker only
         self._failed_steps = 0  # consecutive steps that failed even after their retry; worker only
         self._broken: BaseException | None = None  # set once max_faults is reached
@@ -127,13 +134,16 @@ class Scheduler:
     # ------------------------------------------------------------------ client side
     def submit(self, tokens: np.ndarray, seed: int | None = None, timeout: float | None = None,
                breadth: int | None = None, max_steps: int | None = None,
-               on_progress: Callable[[Partial], None] | None = None, numbers: np.ndarray | None = None) -> Future:
+               on_progress: Callable[[Partial], None] | None = None, numbers: np.ndarray | None = None,
+               noise: float | None = None) -> Future:
         """Queue puzzles (int [L] or [P, L]) -> Future[SolveResult] with P answers.
 
         Blocks while the queue is full, raising queue.Full after `timeout`. breadth overrides the
         scheduler's K and max_steps lowers its step cap, for this request only. numbers (P,) replace
         the puzzle numbers 0..P-1 in the trajectory seeds (a server keeps each puzzle's position in
-        its request, so a bad neighbour does not change an answer). on_progress(Partial)
+        its request, so a bad neighbour does not change an answer). noise: this request's path-noise
+        sigma (None: the scheduler's cfg.noise), drawn per (seed, puzzle number, k, step) as in
+        `Solver.solve`, so its answer does not depend on its neighbours either. on_progress(Partial)
         is called from the worker thread every `stream_every` steps until the result is set (it
         must not block for long).
         """
@@ -149,9 +159,14 @@ class Scheduler:
             raise EqRError("max_steps cannot be set per request when the scheduler runs a fixed depth")
         if numbers is not None and np.shape(numbers) != (len(tokens),):
             raise EqRError(f"numbers must give one puzzle number per puzzle ({len(tokens)}), got shape {np.shape(numbers)}")
+        sigma = self.cfg.noise if noise is None else float(noise)
+        if not 0 <= sigma < float("inf"):
+            raise EqRError(f"noise must be >= 0 (sigma of the path noise; 0: none), got {noise}")
+        if sigma > 0:
+            self.solver.check_noise()
         request = _Request(tokens, self.seed if seed is None else seed, Future(), K, on_progress,
                            None if max_steps is None else int(max_steps),
-                           None if numbers is None else np.asarray(numbers, np.int64))
+                           None if numbers is None else np.asarray(numbers, np.int64), sigma)
         with self._cond:
             if not self._cond.wait_for(lambda: self._closed or len(self._queue) < self._max_queue, timeout):
                 raise queue.Full(f"scheduler queue is full ({self._max_queue} requests)")
@@ -211,8 +226,11 @@ class Scheduler:
                 _settle(request.future, exception=error)
             self._rows.clear()
             self._drain(exception=error)
-        else:
-            self._drain(exception=None)  # only requests cancelled by shutdown(cancel=True) remain
+        else:  # only requests cancelled by shutdown(cancel=True) remain: queued, or with waves to come
+            self._drain(exception=None)
+            for request, _ in list(self._rows.values()):
+                _settle(request.future)
+            self._rows.clear()
         finally:
             if activated_here:
                 backend.deactivate()
@@ -225,69 +243,96 @@ class Scheduler:
             _settle(request.future, exception=exception)
 
     def take(self, room: int | None, block: bool) -> Rows | None:
-        """RowSource for run_loop: whole puzzles (K rows each) of the queued requests that fit in `room`."""
+        """RowSource for run_loop: the next waves of running puzzles, then the first waves of the
+        queued requests' puzzles, whole waves that fit in `room` (a first wave is all K without agree)."""
         with self._cond:
             if block:
-                self._cond.wait_for(lambda: self._queue or self._closed)
-            if self._abort or (self._closed and not self._queue):
+                self._cond.wait_for(lambda: self._queue or self._closed or self._waves.waiting)
+            if self._abort or (self._closed and not self._queue and not self._waves.waiting):
                 return None if block else _no_rows()
-            taken: list[tuple[_Request, int, int]] = []  # (request, first puzzle, puzzle count)
-            free = room
-            while self._queue:
-                request = self._queue[0]
-                if request.future.cancelled():  # cancelled by its caller: admit no more of it
-                    self._queue.popleft()
-                    continue
-                n = request.puzzles - request.admitted
-                if free is not None:
-                    n = min(n, free // request.breadth)
-                if n == 0:
-                    if block and not taken:  # the batch is empty and one puzzle still does not fit: never will
-                        self._queue.popleft()
-                        _settle(request.future, exception=RequestError(
-                            f"breadth {request.breadth} does not fit the backend's working batch of {room} "
-                            "trajectories; lower the breadth or raise the batch"))
-                        continue
-                    break
-                taken.append((request, request.admitted, n))
-                request.admitted += n
-                free = None if free is None else free - n * request.breadth
-                self._queue.popleft()
-                if request.admitted < request.puzzles:  # the rest waits its turn behind the others:
-                    self._queue.append(request)  # a big request cannot starve small ones
-                    break
+            self._admit(None if room is None else room - self._waves.waiting, room, block)
             self._cond.notify_all()  # queue space freed: wake blocked submitters
-        return self._rows_for(taken) if taken else _no_rows()
+        ids, groups = self._waves.take(room, split=block)
+        return self._rows_for(ids, groups) if len(ids) else _no_rows()
+
+    def _admit(self, free: int | None, room: int | None, block: bool) -> None:
+        """Open the queued requests' puzzles whose first waves fit in `free` trajectories (None: all)."""
+        opened = False
+        while self._queue:
+            request = self._queue[0]
+            if request.future.cancelled():  # cancelled by its caller: admit no more of it
+                self._queue.popleft()
+                continue
+            first = self._waves.first(request.breadth)
+            n = request.puzzles - request.admitted
+            if free is not None:
+                n = min(n, max(free, 0) // first)
+            if n == 0:
+                if block and not opened and not self._waves.waiting:  # an empty batch and it still does not fit: never will
+                    self._queue.popleft()
+                    _settle(request.future, exception=RequestError(
+                        f"breadth {request.breadth} does not fit the backend's working batch of {room} "
+                        "trajectories; lower the breadth or raise the batch"))
+                    continue
+                break
+            self._open(request, n)
+            opened = True
+            free = None if free is None else free - n * first
+            self._queue.popleft()
+            if request.admitted < request.puzzles:  # the rest waits its turn behind the others:
+                self._queue.append(request)  # a big request cannot starve small ones
+                break
+
+    def settled(self, group: int, best: int | None) -> np.ndarray | None:
+        """RowSource for run_loop: a puzzle's wave is over; its next wave waits in `_waves` unless it
+        agreed, ran all K, failed, or its request is done (cancelled by its caller)."""
+        request = self._group_request[group]
+        skipped = self._waves.settled(group, None if request.future.done() else best)
+        if skipped is not None:
+            del self._group_request[group]
+        return skipped
 
     def aborted(self) -> bool:
         return self._abort
 
-    def _rows_for(self, taken: list[tuple[_Request, int, int]]) -> Rows:
-        ids, groups, tokens, z_H, z_L, caps = [], [], [], [], [], []
-        for request, first, n in taken:
-            K = request.breadth
-            puzzles = np.repeat(np.arange(first, first + n), K)  # row p*K + k, the K rows of a puzzle adjacent
-            breadths = np.tile(np.arange(K), n)
-            for p, k in zip(puzzles.tolist(), breadths.tolist()):
-                row_id = next(self._row_ids)
+    def _open(self, request: _Request, n: int) -> None:
+        """Admit the request's next n puzzles: K row ids each (row p*K + k), a group, its first wave queued."""
+        K = request.breadth
+        for p in range(request.admitted, request.admitted + n):
+            ids = np.fromiter(itertools.islice(self._row_ids, K), np.int64, K)
+            for k, row_id in enumerate(ids.tolist()):
                 self._rows[row_id] = (request, p * K + k)
-                ids.append(row_id)
-            request.remaining += n * K
-            if request.on_progress is not None and request.now is None:
-                P = request.puzzles
-                request.now = (np.zeros((P * K, self.solver.seq_len), np.int32), np.zeros(P * K, np.int32),
-                               np.full(P * K, np.inf, np.float32))
-                self._streaming += 1
-            caps.append(np.full(n * K, request.max_steps or self.cfg.max_steps, np.int32))
-            groups.append(np.repeat(np.array([next(self._group_ids) for _ in range(n)], np.int64), K))
-            tokens.append(request.tokens[puzzles])  # (n*K, L)
+            group = next(self._group_ids)
+            self._group_request[group] = request
+            self._waves.open(group, ids)
+        request.admitted += n
+        request.remaining += n * K  # launched or not, each trajectory is reported once to _on_finish
+        if request.on_progress is not None and request.now is None:
+            P = request.puzzles
+            request.now = (np.zeros((P * K, self.solver.seq_len), np.int32), np.zeros(P * K, np.int32),
+                           np.full(P * K, np.inf, np.float32))
+            self._streaming += 1
+
+    def _rows_for(self, ids: np.ndarray, groups: np.ndarray) -> Rows:
+        """Loop rows for the trajectories `ids` (R,) of `groups`: tokens, initial states seeded by
+        (seed, p, k), step caps, path noise; one block per request."""
+        placed = [self._rows[row_id] for row_id in ids.tolist()]
+        requests = list({id(request): request for request, _ in placed}.values())
+        number = {id(request): j for j, request in enumerate(requests)}
+        owner = np.array([number[id(request)] for request, _ in placed])  # (R,) each row's request
+        rows = np.array([row for _, row in placed], np.int64)  # (R,) p*K + k
+        blocks = []
+        for j, request in enumerate(requests):
+            at = np.flatnonzero(owner == j)
+            puzzles, breadths = np.divmod(rows[at], request.breadth)
+            numbers = puzzles if request.numbers is None else request.numbers[puzzles]
             zh, zl = initial_states(self.solver.seq_len, self.solver.hidden_size, self.solver.init_std,
-                                    request.seed, puzzles if request.numbers is None else request.numbers[puzzles],
-                                    breadths)
-            z_H.append(zh)
-            z_L.append(zl)
-        return Rows(np.array(ids, np.int64), np.concatenate(groups), np.concatenate(tokens),
-                    np.concatenate(z_H), np.concatenate(z_L), np.concatenate(caps))
+                                    request.seed, numbers, breadths)
+            noise_keys = np.stack([np.full(len(at), request.seed, np.int64), numbers, breadths], axis=1)  # (R_j, 3)
+            blocks.append((ids[at], groups[at], request.tokens[puzzles], zh, zl,
+                           np.full(len(at), request.max_steps or self.cfg.max_steps, np.int32),
+                           np.full(len(at), request.noise, np.float32), noise_keys))
+        return Rows(*(np.concatenate(column) for column in zip(*blocks)))  # Rows' fields in order
 
     def _on_finish(self, done: Finished) -> None:
         self.counts["steps"] += int(done.nstep.sum())
@@ -321,7 +366,8 @@ class Scheduler:
             return
         stats = SolveStats(nstep.astype(np.int32), reason.astype(np.int8), residual, logit_delta, score, q_halt,
                            None, None, np.zeros(0, np.int32), np.zeros(0))
-        result = aggregate_rows(preds.reshape(P, K, -1), stats, self.choose, P, K)  # (P*K, L) -> (P, K, L)
+        result = aggregate_rows(preds.reshape(P, K, -1), stats, self.choose, P, K,  # (P*K, L) -> (P, K, L)
+                                agree=self.cfg.agreeing)
         self.counts["answered"] += P
         self.counts["converged"] += int(result.converged.sum())
         _settle(request.future, result=result)

@@ -16,10 +16,11 @@ normal of eqr.contract.artifact, with the manifest's init_std) but are drawn by 
 needs no torch: each trajectory (puzzle i, breadth k) has its own generator seeded by
 (seed, i, k), so an answer does not depend on batch composition, batch size or backend.
 
-Inference is noise-free: the exported step has no noise input, so every backend computes the
-same map and the residual can actually fall to a tolerance. The official evaluation keeps
-sigma = 0.01 path noise on; our fixed-depth mode reproduces its depth and breadth protocol
-exactly, but without that noise (docs/algorithm.md#the-official-evaluation-protocol-and-the-runtime).
+Inference is noise-free by default, so every backend computes the same map and the residual can
+fall to a tolerance. `noise=sigma` (SolveConfig.noise) adds the official evaluation's path noise,
+sigma * N(0, 1) at every damped update, drawn on the host per (seed, puzzle, trajectory, step)
+(runtime/path_noise.py) and run by the noisy step graph (`eqr export --noise`), so a noisy answer
+too is independent of batch composition (docs/algorithm.md#path-noise).
 """
 from __future__ import annotations
 
@@ -30,13 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from eqr.contract.artifact import INIT_SCALE, INIT_TRUNCATION, Artifact, recommended_tol, split_precision
+from eqr.contract.artifact import (INIT_SCALE, INIT_TRUNCATION, Artifact, missing_noisy_graph, recommended_tol,
+                                   split_precision)
 from eqr.contract.errors import EqRError
 from eqr.runtime.aggregate import get_aggregator, vote_share
 from eqr.runtime.backends.base import Backend
 from eqr.runtime.backends.registry import AUTO, create_backend
 from eqr.runtime.config import SolveConfig
-from eqr.runtime.loop import solve
+from eqr.runtime.loop import solve, wave_bounds
 from eqr.runtime.resolve import load_artifact, resolve_task
 from eqr.runtime.stats import SolveStats
 
@@ -81,15 +83,16 @@ class SolveResult:
     """One aggregated answer per puzzle. P puzzles, K breadth, L tokens, N steps.
 
     preds      int32 (P, L)  the chosen trajectory's final predictions
-    steps      int32 (P,)    outer steps spent on the puzzle, summed over its K trajectories
-    depth      int32 (P,)    steps of the puzzle's longest trajectory (latency in steps)
+    steps      int32 (P,)    outer steps spent on the puzzle, summed over its launched trajectories
+    depth      int32 (P,)    latency in steps: its longest trajectory's steps, summed over its waves (agree)
     converged  bool  (P,)    the chosen trajectory stopped by tol / stable preds / q_halt
-    diverged   bool  (P,)    every trajectory of the puzzle went non-finite
+    diverged   bool  (P,)    every launched trajectory of the puzzle went non-finite
     residual   fp32  (P,)    the chosen trajectory's final relative residual
-    agreement  fp32  (P,)    vote share: fraction of non-diverged trajectories giving the chosen answer
+    agreement  fp32  (P,)    vote share: fraction of launched, non-diverged trajectories giving the chosen answer
     chosen     int64 (P,)    breadth index of the chosen trajectory
     stats      SolveStats over the P*K trajectories, row p*K + k
     residual_trace, logit_delta_trace  fp32 (P, K, N) or None (stats="trace")
+    trajectory_preds   int32 (P, K, L) or None   every trajectory's final predictions (keep_trajectories=True)
     """
 
     preds: np.ndarray
@@ -103,6 +106,7 @@ class SolveResult:
     stats: SolveStats
     residual_trace: np.ndarray | None = None
     logit_delta_trace: np.ndarray | None = None
+    trajectory_preds: np.ndarray | None = None
 
 
 class Solver:
@@ -191,14 +195,17 @@ class Solver:
 
     def solve(self, tokens: np.ndarray, max_steps: int | None = None, tol: float | None = None, breadth: int = 1,
               aggregate: str = "converged", seed: int = 0, progress: Callable[[int], None] | None = None,
-              **options: Any) -> SolveResult:
+              keep_trajectories: bool = False, **options: Any) -> SolveResult:
         """Solve puzzles `tokens` (int [P, L]). max_steps, tol and options (the other SolveConfig
         fields: patience, window, q_halt, fixed_depth, agree, stats, ...) override the default rule."""
-        return self.run(tokens, self.config(max_steps, tol, **options), breadth, aggregate, seed, progress)
+        return self.run(tokens, self.config(max_steps, tol, **options), breadth, aggregate, seed, progress,
+                        keep_trajectories)
 
     def run(self, tokens: np.ndarray, cfg: SolveConfig, breadth: int = 1, aggregate: str = "converged",
-            seed: int = 0, progress: Callable[[int], None] | None = None) -> SolveResult:
-        """`solve` with a ready SolveConfig. progress(n) gets the count of trajectories just stopped."""
+            seed: int = 0, progress: Callable[[int], None] | None = None,
+            keep_trajectories: bool = False) -> SolveResult:
+        """`solve` with a ready SolveConfig. progress(n) gets the count of trajectories just stopped;
+        keep_trajectories: the result also holds every trajectory's answer (for eqr.runtime.metrics)."""
         tokens = self.check_tokens(tokens)
         if breadth < 1:
             raise EqRError(f"breadth must be >= 1, got {breadth}")
@@ -212,10 +219,21 @@ class Solver:
 
         if not self.backend.is_active:
             self.backend.activate()
+        if cfg.noise > 0:
+            self.check_noise()
         rows = np.repeat(tokens, K, axis=0)  # (P, L) -> (P*K, L), the K copies of a puzzle adjacent
+        noise_keys = np.stack([np.full(P * K, seed, np.int64), puzzles, breadths], axis=1)  # (P*K, 3)
         outputs, stats = solve(self.backend, rows, init, cfg, groups=puzzles,
-                               batch_size=self.batch_size, progress=progress)
-        return aggregate_rows(outputs["preds"].reshape(P, K, L), stats, choose, P, K)  # (P*K, L) -> (P, K, L)
+                               batch_size=self.batch_size, progress=progress, noise_keys=noise_keys)
+        return aggregate_rows(outputs["preds"].reshape(P, K, L), stats, choose, P, K,  # (P*K, L) -> (P, K, L)
+                              keep_trajectories, agree=cfg.agreeing)
+
+    def check_noise(self) -> None:
+        """EqRError saying how to get a noisy step graph when this (active) backend has none."""
+        if self.backend.noise_shape is None:
+            if self.artifact is None:
+                raise EqRError(f"--noise: the {self.backend.name} backend has no noisy step graph")
+            raise EqRError(missing_noisy_graph(self.artifact, self.precision))
 
     def check_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """Puzzles as int32 [P, L] (a single [L] puzzle becomes [1, L]); EqRError if they do not fit."""
@@ -230,9 +248,11 @@ class Solver:
         return tokens.astype(np.int32)
 
 
-def aggregate_rows(preds: np.ndarray, stats: SolveStats, choose: Callable, P: int, K: int) -> SolveResult:
-    """preds (P, K, L) and the stats of the P*K rows (row p*K + k) -> one SolveResult per puzzle."""
-    valid = ~stats.diverged.reshape(P, K)  # (P*K,) -> (P, K)
+def aggregate_rows(preds: np.ndarray, stats: SolveStats, choose: Callable, P: int, K: int,
+                   keep_trajectories: bool = False, agree: int | None = None) -> SolveResult:
+    """preds (P, K, L) and the stats of the P*K rows (row p*K + k) -> one SolveResult per puzzle;
+    keep_trajectories: it keeps `preds` too. agree: the run's (its waves set the depth)."""
+    valid = stats.voters.reshape(P, K)  # (P*K,) -> (P, K)
     score = stats.score.reshape(P, K)  # (P*K,) -> (P, K)
     chosen = choose(preds, score, valid).astype(np.int64)
     pick = np.arange(P) * K + chosen  # row of each chosen trajectory
@@ -243,7 +263,15 @@ def aggregate_rows(preds: np.ndarray, stats: SolveStats, choose: Callable, P: in
 
     return SolveResult(
         preds=np.take_along_axis(preds, chosen[:, None, None], axis=1)[:, 0], steps=nstep.sum(axis=1).astype(np.int32),
-        depth=nstep.max(axis=1, initial=0).astype(np.int32), converged=stats.converged[pick],
+        depth=latency(nstep, agree), converged=stats.converged[pick],
         diverged=~valid.any(axis=1), residual=stats.residual[pick], agreement=vote_share(preds, valid, chosen),
         chosen=chosen, stats=stats, residual_trace=by_puzzle(stats.residual_trace),
-        logit_delta_trace=by_puzzle(stats.logit_delta_trace))
+        logit_delta_trace=by_puzzle(stats.logit_delta_trace), trajectory_preds=preds if keep_trajectories else None)
+
+
+def latency(nstep: np.ndarray, agree: int | None) -> np.ndarray:
+    """int32 (P,): steps until each puzzle's answer, from nstep (P, K): a wave starts once the one
+    before it stopped (progressive breadth), so the longest trajectory of each wave adds up."""
+    bounds = wave_bounds(agree, nstep.shape[1])
+    wave = np.searchsorted(bounds, np.arange(nstep.shape[1]), side="right")  # (K,) wave of breadth index k
+    return sum(nstep[:, wave == w].max(axis=1, initial=0) for w in range(len(bounds))).astype(np.int32)

@@ -12,8 +12,10 @@ import numpy as np
 
 # Why a trajectory stopped. Codes index this tuple; `converged` means one of CONVERGED_REASONS.
 # "failed": the backend's step raised (twice) while the row was in the working batch (a server
-# with a fault handler keeps going; see `run_loop`).
-STOP_REASONS = ("max_steps", "fixed_depth", "tol", "stable", "q_halt", "agree", "diverged", "cancelled", "failed")
+# with a fault handler keeps going; see `run_loop`). "not_launched": progressive breadth never ran
+# the trajectory (its puzzle agreed first, docs/algorithm.md#progressive-breadth): 0 steps, no vote.
+STOP_REASONS = ("max_steps", "fixed_depth", "tol", "stable", "q_halt", "agree", "diverged", "cancelled", "failed",
+                "not_launched")
 CONVERGED_REASONS = ("tol", "stable", "q_halt")
 REASON_CODE = {name: code for code, name in enumerate(STOP_REASONS)}
 
@@ -58,6 +60,16 @@ class SolveStats:
         return self.reason == REASON_CODE["diverged"]
 
     @property
+    def launched(self) -> np.ndarray:
+        """bool (B,): the trajectory ran (False: progressive breadth never launched it)."""
+        return self.reason != REASON_CODE["not_launched"]
+
+    @property
+    def voters(self) -> np.ndarray:
+        """bool (B,): launched and not diverged, the trajectories whose answers count (aggregation, votes)."""
+        return self.launched & ~self.diverged
+
+    @property
     def total_steps(self) -> int:
         return int(self.nstep.sum())
 
@@ -70,7 +82,7 @@ class SolveStats:
         return {
             "trajectories": int(self.nstep.size),
             "total_steps": self.total_steps,
-            "mean_steps": float(self.nstep.mean()) if self.nstep.size else 0.0,
+            "mean_steps": float(self.nstep[self.launched].mean()) if self.launched.any() else 0.0,
             "converged": int(self.converged.sum()),
             "diverged": int(self.diverged.sum()),
             "stop_reasons": {name: int(n) for name, n in zip(STOP_REASONS, counts) if n},

@@ -63,7 +63,8 @@ class StaticTorchBackend(TorchBackend):
     def step_impl(self, feeds):
         assert feeds["tokens"].shape[0] == self.batch  # the batch shape never changes
         with torch.no_grad():  # the graph's own done input freezes rows (no inference tensors: put() writes in place)
-            outputs = self.graph(feeds["tokens"], feeds["z_H"], feeds["z_L"], torch.as_tensor(self.frozen))
+            outputs = self.graph(feeds["tokens"], feeds["z_H"], feeds["z_L"], torch.as_tensor(self.frozen),
+                                 feeds.get("noise"))
         return dict(zip(OUTPUT_NAMES, outputs))
 
     def put(self, array, rows, values):

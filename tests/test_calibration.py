@@ -258,9 +258,12 @@ def test_results_of_256_puzzles_fit_in_one_megabyte(tmp_path) -> None:
                       "residual": rng.random(P, dtype=np.float32), "residual_trace": rng.random((P, 16), dtype=np.float32)},
             "one_step": {d: rng.standard_normal((64, 2, L, D), dtype=np.float32) for d in (0, 1, 2, 4, 8, 16, 32, 64)},
             "settled": rng.standard_normal((8, 2, L, D), dtype=np.float32),
-            "radius": rng.random(8), "radius_history": rng.random((12, 8)), "speed": {"gated_seconds": 1.0}}
+            "radius": rng.random(8), "radius_history": rng.random((12, 8)), "speed": {"gated_seconds": 1.0},
+            "trajectories": {"K8@D32/preds": np.repeat(preds[:, None], 8, axis=1), "K8@D32/valid": np.ones((P, 8), bool),
+                             "K8@D32/score": rng.random((P, 8), dtype=np.float32)}}  # every K=8 trajectory
     save_results(tmp_path / "results.npz", results, "torch-fp32")
     assert (tmp_path / "results.npz").stat().st_size < 1 << 20
     with np.load(tmp_path / "results.npz", allow_pickle=False) as saved:
         assert saved["onnxruntime-int8/one_step_error/4"].shape == (64,)
         assert saved["onnxruntime-int8/curve/first@K1@D32"].dtype == np.uint8
+        assert saved["onnxruntime-int8/trajectories/K8@D32/preds"].dtype == np.uint8

@@ -207,6 +207,9 @@ def test_report_passes_on_healthy_precisions(calibrated: Path, labelled: Path, t
     assert report["runs"]["onnxruntime-fp32"]["state_error"]["settled_median"] < 1e-5
     assert 0 < int8["contraction"]["median"] < 1.0
     assert int8["diagnosis"]["worst_activations"]
+    official = int8["official_metrics"]["K=2"]  # the official breadth metrics, per precision
+    assert official["depth"] == DEPTH and official["metrics"]["different_init/n"] == 2
+    assert official["metrics"]["convergence_top_k/k"] == 2 and "majority_vote/exact_accuracy" in official["metrics"]
     decision = report["decision"]
     rows = {r["run"]: r for r in decision["rows"]}
     assert set(rows) == set(report["runs"]) | {"onnxruntime-fp16+fp32", "onnxruntime-int8+fp32"}
@@ -221,6 +224,8 @@ def test_report_passes_on_healthy_precisions(calibrated: Path, labelled: Path, t
     assert (out / "results.npz").stat().st_size < 1 << 20
     html = (out / "report.html").read_text()
     assert "fastest precision within --max-drop" in html and all(c in html for c in decision["columns"])
+    assert f"Official metrics: K=2, depth {DEPTH}, top-2, {PUZZLES} puzzles" in html
+    assert f"official metrics onnxruntime-int8 K=2 depth {DEPTH}: majority " in result.stdout
     for png in ("accuracy_vs_speed.png", "accuracy_vs_depth.png", "residual_curves.png", "steps_histogram.png", "state_error_vs_depth.png"):
         assert f"src='{png}'" in html
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -248,6 +253,7 @@ def test_report_defaults_to_the_precisions_present_and_names_providers_in_json(c
     printed = json.loads(result.stdout)
     assert set(printed["runs"]) == {"onnxruntime-fp32", "onnxruntime-int8"}
     assert printed["runs"]["onnxruntime-int8"]["providers"] == ["CPUExecutionProvider"]
+    assert printed["official_metrics"]["onnxruntime-int8"]["K=2"]["metrics"]["different_init/n"] == 2
 
 
 def damage_int8(path: Path, factor: float = 10.0) -> int:

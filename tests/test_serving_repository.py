@@ -83,3 +83,42 @@ def test_the_model_reads_back_the_parameters_the_repository_writes() -> None:
     assert ServeConfig.from_parameters(written.parameters(), "m") == written
     assert ServeConfig.from_parameters(ServeConfig().parameters(), "eqr") == ServeConfig()  # "" keeps None and 0
     assert ServeConfig.from_parameters({"seed": "3"}, "eqr") == ServeConfig()  # not a ServeConfig parameter
+
+
+def test_the_served_model_runs_progressive_breadth_when_given_agree(export_dir, tmp_path, monkeypatch):
+    """`eqr triton --agree 2` -> config.pbtxt -> model.py's Scheduler stops puzzles after one wave."""
+    import importlib.util
+    import json
+    import re
+    import types
+
+    class Family:
+        COUNTER = GAUGE = "kind"
+
+        def __init__(self, **_):
+            pass
+
+        def Metric(self, labels):  # noqa: N802 (Triton's name)
+            return types.SimpleNamespace(increment=lambda n: None, set=lambda v: None)
+
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.TRITONSERVER_RESPONSE_COMPLETE_FINAL, fake.MetricFamily = 1, Family
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    args = ["triton", str(export_dir), "--out", str(tmp_path / "models"), "--batch", "8", "--breadth", "8",
+            "--agree", "2", "--backend", "onnxruntime", "--threads", "1"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    version = tmp_path / "models" / "eqr" / "1"
+    pbtxt = (version.parent / "config.pbtxt").read_text()
+    params = {k: {"string_value": v} for k, v in re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', pbtxt)}
+    assert params["agree"] == {"string_value": "2"}
+    spec = importlib.util.spec_from_file_location("served_model", version / "model.py")
+    served = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(served)
+    model = served.TritonPythonModel()
+    model.initialize({"model_config": json.dumps({"parameters": params}), "model_name": "eqr"})
+    try:
+        assert model.scheduler.cfg.agree == 2
+        result = model.scheduler.submit(TASK.parse([GOOD])).result(timeout=60)
+    finally:
+        model.finalize()
+    assert result.stats.launched.sum() == 2 and result.agreement[0] == 1.0  # the first wave agreed

@@ -50,6 +50,7 @@ class BenchConfig:
     threads: int = 1  # torch, ONNX Runtime and the GEMM peaks all use this many threads
     seed: int = 0
     reference_noise: float | None = None  # path noise of the reference; None: the model's sigma (official)
+    noise: float = 0.0  # path noise of the runtime side (SolveConfig.noise; > 0 exports the noisy graph)
     precisions: tuple[str, ...] = ("fp32", "fp16", "int8")  # exported; step_efficiency times each
     cascade: str = "int8+fp32"  # cascade_vs_fp32's cascade
     export_dir: str | None = None  # reuse an export of the model instead of exporting to a temp dir
@@ -65,12 +66,14 @@ class BenchConfig:
                 raise EqRError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.device != "cpu" and self.backend != "torch":
             raise EqRError(f"--device {self.device} goes with --backend torch (the {self.backend} side picks its own)")
+        if not 0 <= self.noise < float("inf"):
+            raise EqRError(f"--noise must be >= 0 (sigma of the runtime's path noise; 0: none), got {self.noise}")
         if self.batch_size < self.breadth:
             raise EqRError(f"--batch {self.batch_size} must hold one puzzle's --breadth {self.breadth} rows")
 
     def rule_overrides(self) -> dict[str, object]:
         """The stopping-rule fields given as flags (they override the calibrated rule)."""
-        given = {"max_steps": self.max_steps, "tol": self.tol, "patience": self.patience}
+        given = {"max_steps": self.max_steps, "tol": self.tol, "patience": self.patience, "noise": self.noise or None}
         overrides = {k: v for k, v in given.items() if v is not None}
         if self.window is not None:
             overrides["window"] = self.window or None

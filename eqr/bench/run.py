@@ -20,13 +20,16 @@ from eqr.contract.errors import EqRError
 from eqr.contract.progress import Progress
 
 
-def export_for_bench(model: Any, out_dir: Path, precisions: tuple[str, ...], paper: bool) -> list[str]:
-    """Export fp32 (+ fp16, int8 where they pass the export checks) into out_dir; -> notes on skips."""
+def export_for_bench(model: Any, out_dir: Path, precisions: tuple[str, ...], paper: bool,
+                     noise: bool = False) -> list[str]:
+    """Export fp32 (+ fp16, int8 where they pass the export checks; `noise`: the noisy graphs too)
+    into out_dir; -> notes on skips."""
     from eqr.calibration.record import int8_calibration
     from eqr.export import ExportConfig, export_model
     from eqr.export.exporter import ExportError
 
     checks = {"check_batch": 1, "check_steps": 2} if paper else {"check_batch": 2, "check_steps": 8}
+    checks["noise"] = noise
     wanted = tuple(p for p in precisions if p != "fp32")
     try:
         config = ExportConfig(precision=("fp32", *wanted), engine="never", force=True, **checks)
@@ -130,7 +133,7 @@ def run_bench(config: BenchConfig, reporter: Progress | None = None) -> tuple[li
             export_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="eqr-bench-"))) / "export"
             reporter.stage(f"export {config.model} to ONNX ({', '.join(config.precisions)}) in {export_dir}")
             started = time.perf_counter()
-            info["notes"] += export_for_bench(model, export_dir, config.precisions, config.paper)
+            info["notes"] += export_for_bench(model, export_dir, config.precisions, config.paper, config.noise > 0)
             info["export_s"] = round(time.perf_counter() - started, 1)
         setting = Setting(config, model, task, export_dir, reporter)
         setting.rule = bench_rule(setting, info)

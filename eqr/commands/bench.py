@@ -57,6 +57,8 @@ from eqr.contract.progress import Progress
               show_default=True, help="The cascade of cascade_vs_fp32.")
 @click.option("--reference-noise", type=float, default=None,
               help="Path noise of the reference [default: the model's sigma, as the official evaluation].")
+@click.option("--noise", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SIGMA",
+              help="Path noise of the runtime side (eqr solve --noise; the official sigma is 0.01).")
 @click.option("--export-dir", type=click.Path(exists=True, file_okay=False),
               help="An `eqr export` directory of the same model to reuse (skips exporting; uses its calibrated rule).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -67,7 +69,8 @@ from eqr.contract.progress import Progress
 def bench(model: str | None, paper: bool, only: tuple[str, ...], puzzles: int | None, breadth: int | None,
           depth: int | None, batch: int, stream: int, backend: str, device: str | None, max_steps: int | None, tol: float | None,
           window: int | None, patience: int | None, rule_puzzles: int, threads: int, precision: tuple[str, ...],
-          cascade: str, reference_noise: float | None, export_dir: str | None, seed: int, check_goals: bool,
+          cascade: str, reference_noise: float | None, noise: float, export_dir: str | None, seed: int,
+          check_goals: bool,
           out: str | None, force: bool, as_json: bool, quiet: bool, verbose: int) -> None:
     """Measure the runtime against the official protocol, side by side, and print ratios.
 
@@ -100,7 +103,7 @@ def bench(model: str | None, paper: bool, only: tuple[str, ...], puzzles: int | 
         depth=_given(depth, 2 if paper else 16), stream=stream,
         batch_size=min(batch, 4) if paper and _device(device) == "cpu" else batch,
         backend=backend, device=_device(device), max_steps=max_steps, tol=tol, patience=patience, window=window, rule_puzzles=rule_puzzles,
-        threads=threads, seed=seed, reference_noise=reference_noise,
+        threads=threads, seed=seed, reference_noise=reference_noise, noise=noise,
         precisions=("fp32",) if paper else (tuple(dict.fromkeys(("fp32", *precision))) if precision else BASE_PRECISIONS), cascade=cascade.lower(),
         export_dir=export_dir, paper=paper)
     try:

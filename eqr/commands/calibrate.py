@@ -141,6 +141,8 @@ def rule_text(stopping: dict[str, Any]) -> str:
 @click.option("--depths", default=",".join(map(str, ReportConfig.depths)), show_default=True,
               help="Fixed depths of the accuracy curve.")
 @click.option("--breadth", default="1,8", show_default=True, help="Trajectories per puzzle (vote / converged).")
+@click.option("--top-k", type=click.IntRange(min=1), default=ReportConfig.top_k, show_default=True,
+              help="Trajectories of the official convergence top-k metrics (each breadth > 1, with labels).")
 @click.option("--max-drop", type=float, default=None,
               help="Accuracy points a precision may lose vs FP32 [default: fp16 0.5, int8 2].")
 @click.option("--min-agreement", type=float, default=ReportConfig.min_agreement, show_default=True,
@@ -148,6 +150,9 @@ def rule_text(stopping: dict[str, Any]) -> str:
 @click.option("--max-steps", type=int, default=ReportConfig.max_steps, show_default=True,
               help="Cap of the gated runs and length of the residual-floor run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Puzzles and initial states (all runs).")
+@click.option("--noise", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SIGMA",
+              help="Path noise of every solve (the official evaluation's is 0.01); runs whose export has no noisy "
+                   "graph (eqr export --noise) are skipped.")
 @calib_data_option(help="calib.npz for the per-step state error [default: EXPORT_DIR/calib.npz, "
                                           "else states recorded on the report's puzzles].")
 @out_option(help="Output directory [default: EXPORT_DIR/report].")
@@ -157,8 +162,8 @@ def rule_text(stopping: dict[str, Any]) -> str:
 @click.pass_context
 def report(ctx: click.Context, export_dir: str, data: str | None, puzzles: int, precision: tuple[str, ...],
            backend: tuple[str, ...], depths: str, breadth: str, max_drop: float | None, min_agreement: float,
-           max_steps: int, seed: int, calib_data: str | None, out: str | None, card: str | None, force: bool,
-           as_json: bool, quiet: bool, verbose: int) -> None:
+           max_steps: int, seed: int, noise: float, calib_data: str | None, out: str | None, card: str | None,
+           force: bool, as_json: bool, quiet: bool, verbose: int, top_k: int) -> None:
     """Accuracy, convergence and contraction of every precision x backend vs FP32.
 
     Runs each precision on the same puzzles and initial-state seeds; writes report.json,
@@ -182,11 +187,14 @@ def report(ctx: click.Context, export_dir: str, data: str | None, puzzles: int, 
                        cascades=cascades or None, backends=backend,
                        depths=tuple(sorted(set(parse_ints(depths, "--depths")))),
                        breadth=tuple(sorted(set(parse_ints(breadth, "--breadth")))), puzzles=puzzles, seed=seed,
-                       max_steps=max_steps, max_drop=max_drop, min_agreement=min_agreement)
+                       max_steps=max_steps, max_drop=max_drop, min_agreement=min_agreement, top_k=top_k,
+                       noise=noise)
     result = run_report(export_dir, data, cfg, calib_data, out, force, card, progress)
     if as_json:
         click.echo(json.dumps({k: result[k] for k in ("passed", "failures", "reference", "skipped")} |
-                              {"out": result["out"], "runs": run_backends(result)}, indent=2))
+                              {"out": result["out"], "runs": run_backends(result),
+                               "official_metrics": {n: r["official_metrics"] for n, r in result["runs"].items()}},
+                              indent=2))
     else:
         for line in summary_lines(result):
             click.echo(line)

@@ -68,13 +68,17 @@ def _terminate_cleanly() -> Iterator[None]:
               help="Outer steps per checked and calibration trajectory.")
 @workspace_option
 @dla_core_option
+@click.option("--noise", is_flag=True,
+              help="Also write the noisy step graph of fp32 (and fp16): path noise at inference, `eqr solve "
+                   "--noise SIGMA`.")
 @click.option("--threads", type=int, default=0, show_default=True,
               help="CPU threads for the checks; 0 = the cores left idle by the load average.")
 @force_option(help="Replace an existing export; also removes what was derived from it (calib.npz, report/).")
 @output_options
 def export(model: str, precision: tuple[str, ...], out: str | None, batch: str, opset: int, engine: str,
            calib_data: str | None, weights: str, seed: int, check_batch: int, check_steps: int, workspace_mib: int,
-           dla_core: int | None, threads: int, force: bool, as_json: bool, quiet: bool, verbose: int) -> None:
+           dla_core: int | None, noise: bool, threads: int, force: bool, as_json: bool, quiet: bool,
+           verbose: int) -> None:
     """Export MODEL's outer step as ONNX (FP32, FP16, INT8) and, on a GPU, TensorRT engines.
 
     MODEL is an eqr checkpoint, an official EqR checkpoint (.pth), a bundled model name or a
@@ -90,6 +94,7 @@ def export(model: str, precision: tuple[str, ...], out: str | None, batch: str, 
       eqr export step_50000.pth --precision int8 --calib-data calib.npz --batch 1:128:512
       eqr export paper-sudoku --engine never --json > manifest.json
       eqr export sudoku-small --precision int8 --batch 32 --dla-core 0   # Jetson DLA
+      eqr export sudoku-small --noise        # + model.step.noisy.onnx, for eqr solve --noise 0.01
 
     \b
     Exit status: 0 exported; 1 a check or the engine build failed (or --engine always
@@ -101,7 +106,8 @@ def export(model: str, precision: tuple[str, ...], out: str | None, batch: str, 
 
     config = ExportConfig(precision=precision, batch=parse_batch(batch), opset=opset, engine=engine,
                           calib_data=calib_data, force=force, seed=seed, check_batch=check_batch,
-                          check_steps=check_steps, workspace_mib=workspace_mib, threads=threads, dla_core=dla_core)
+                          check_steps=check_steps, workspace_mib=workspace_mib, threads=threads, dla_core=dla_core,
+                          noise=noise)
     progress = Progress(quiet)
     loaded = load_model(model, weights=weights)
     calibrate = int8_calibration(loaded, config) if any(PRECISIONS[p].calibrated for p in config.precisions) else None  # reads --calib-data now

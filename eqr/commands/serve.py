@@ -41,6 +41,9 @@ def model_options(fn: Callable) -> Callable:
         click.option("--max-steps", type=click.IntRange(min=1), default=defaults.max_steps,
                      help="Outer-step cap; a request's `max_steps` may only lower it [default: the precision's "
                           "calibrated stopping rule's (`eqr calibrate`), else 256]."),
+        click.option("--agree", type=click.IntRange(min=1), default=defaults.agree, metavar="M",
+                     help="Stop a puzzle once M trajectories converged to one answer; they launch in waves of "
+                          "M, 2M, 4M, ... up to the breadth [default: off]."),
         click.option("--max-queue", type=click.IntRange(min=1), default=defaults.max_queue, show_default=True,
                      help="Requests waiting beyond the working batch before new ones get a busy error."),
         click.option("--instances", type=click.IntRange(min=1), default=defaults.instances, show_default=True,
@@ -49,6 +52,9 @@ def model_options(fn: Callable) -> Callable:
                      help="Outer steps between provisional responses of a streaming request."),
         click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
                      help="onnxruntime CPU threads per instance (0: its default)."),
+        click.option("--noise", type=click.FloatRange(min=0), default=defaults.noise, show_default=True,
+                     metavar="SIGMA", help="Default path-noise sigma (a request's `noise` overrides it); > 0 needs "
+                                           "an export made with `eqr export --noise`."),
     ]
     for option in reversed(options):
         fn = option(fn)

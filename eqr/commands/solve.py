@@ -16,11 +16,14 @@ from eqr.contract.progress import Progress
 from eqr.runtime.aggregate import aggregator_names
 from eqr.runtime.backends.base import backend_info, describe_run
 from eqr.runtime.backends.registry import AUTO, backend_names
+from eqr.runtime.metrics import DEFAULT_TOP_K, headline, official_metrics, trajectories_of
 
 FORMATS = ("text", "csv", "hrm")
 # what the served model decides: with --server these flags must stay at their defaults
 SERVER_DECIDES = ("backend", "provider", "fallback", "precision", "tol", "init_std", "patience", "window", "q_halt",
                   "q_halt_threshold", "aggregate", "agree", "fixed_depth", "batch", "threads", "device")
+# what a local run adds to its answers for the official metrics: (P, K, L), (P, K), (P, K)
+TRAJECTORIES = ("trajectory_preds", "score", "valid")
 # --provider: ONNX Runtime execution providers by short name
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
@@ -74,9 +77,18 @@ def parse_init_std(text: str | None) -> tuple[float, float] | None:
               help="Trajectories per puzzle from independent seeded initial states.")
 @click.option("--aggregate", type=click.Choice(aggregator_names()), default="converged", show_default=True,
               help="How one answer is chosen from the breadth trajectories.")
-@click.option("--agree", type=click.IntRange(min=1), help="Stop a puzzle once M trajectories converged to one answer.")
+@click.option("--top-k", type=click.IntRange(min=1), default=DEFAULT_TOP_K, show_default=True,
+              help="Trajectories of the official convergence top-k metrics (inputs with solutions, breadth > 1).")
+@click.option("--summary", "summary_path", metavar="FILE", help="Also write the summary as JSON to FILE ('-': one "
+              "line on stderr), with the official breadth metrics when the input has solutions (not with --server).")
+@click.option("--agree", type=click.IntRange(min=1),
+              help="Stop a puzzle once M trajectories converged to one answer; they launch in waves of M, 2M, 4M, ...")
 @click.option("--fixed-depth", type=click.IntRange(min=1), metavar="D",
               help="The paper's protocol: exactly D steps, no gating.")
+@click.option("--noise", type=click.FloatRange(min=0), metavar="SIGMA",
+              help="Path noise: SIGMA x N(0, 1) added at every damped update, as the official evaluation "
+                   "(0.01); reproducible per seed, puzzle, trajectory and step. Needs an export made with "
+                   "`eqr export --noise` (or a checkpoint) [default: 0, noise-free].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @batch_option(default=256, type=click.IntRange(min=1),
               help="Trajectories in the working batch (settled ones are replaced from the input).")
@@ -92,9 +104,10 @@ def parse_init_std(text: str | None) -> tuple[float, float] | None:
 def solve(artifact: str | None, source: str, fmt: str, task_name: str | None, backend: str, provider: str | None,
           fallback: bool, device: str | None, precision: str | None, max_steps: int | None, tol: float | None,
           init_std: str | None, patience: int | None, window: int | None, q_halt: bool | None, q_halt_threshold: float | None,
-          breadth: int, aggregate: str, agree: int | None, fixed_depth: int | None, seed: int, batch: int,
+          breadth: int, aggregate: str, agree: int | None, fixed_depth: int | None, noise: float | None, seed: int,
+          batch: int,
           threads: int | None, server: str | None, name: str, in_flight: int, request_size: int,
-          as_json: bool, quiet: bool, verbose: int) -> None:
+          as_json: bool, quiet: bool, verbose: int, top_k: int, summary_path: str | None) -> None:
     """Solve puzzles with ARTIFACT, giving each puzzle only the outer steps it needs.
 
     ARTIFACT is an export directory, an ONNX step file, a TensorRT engine, a checkpoint or a
@@ -112,8 +125,10 @@ def solve(artifact: str | None, source: str, fmt: str, task_name: str | None, ba
       eqr solve sudoku-small-eqr --input puzzles.txt
       cat puzzles.txt | eqr solve export/ --backend onnxruntime --json
       eqr solve export/ -i test.csv --format csv --breadth 8 --aggregate converged --agree 3
+      eqr solve export/ -i data/sudoku --format hrm --breadth 8 --fixed-depth 16 --summary metrics.json
       eqr solve export/ --provider cuda --precision fp16 -i puzzles.txt
       eqr solve ckpt.pt -i data/sudoku --format hrm --fixed-depth 16 --json
+      eqr solve noisy-eqr/ -i data/sudoku --format hrm --fixed-depth 16 --noise 0.01   # the official protocol
       eqr solve maze-small-eqr/ -i mazes.txt --precision int8+fp32
       eqr solve --server http://127.0.0.1:8000 -i puzzles.txt --json
 
@@ -145,17 +160,26 @@ def solve(artifact: str | None, source: str, fmt: str, task_name: str | None, ba
     flags = {"patience": patience, "window": None if window is None else window or None, "q_halt": q_halt,
              "q_halt_threshold": q_halt_threshold}
     rule = {k: v for k, v in flags.items() if v is not None or (k == "window" and window == 0)}
-    rule |= {"tol": tol, "fixed_depth": fixed_depth, "agree": agree}
+    rule |= {"tol": tol, "fixed_depth": fixed_depth, "agree": agree} | ({} if noise is None else {"noise": noise})
     started = time.perf_counter()
     answers, ran = None, None
+    labelled = any(solution is not None for _, _, solution in good)
     if good:
         tokens = np.stack([t for _, t, _ in good]).astype(np.int32)  # (P, L)
         with progress.bar("solving", len(good) * breadth) as advance:
-            answers, ran = solve_on.run(tokens, max_steps, rule, breadth, aggregate, seed, advance)
+            answers, ran = solve_on.run(tokens, max_steps, rule, breadth, aggregate, seed, advance, labelled)
     records = _records(entries, good, answers, task, ran)
     for record in records:
         click.echo(json.dumps(record) if as_json else _text_line(record))
-    progress.note(_summary(records, answers, time.perf_counter() - started, ran) + solve_on.via)
+    fields = _summary_fields(records, answers, time.perf_counter() - started, ran)
+    fields |= {"breadth": breadth, "aggregate": aggregate, "official_metrics": _official_metrics(good, answers, top_k)}
+    progress.note(_summary(fields) + solve_on.via)
+    if summary_path == "-":
+        click.echo(json.dumps(fields), err=True)
+    elif summary_path is not None:
+        from eqr.contract.io import atomic_write_text
+
+        atomic_write_text(summary_path, json.dumps(fields, indent=2) + "\n")
     if any("error" in r for r in records):
         sys.exit(1)
 
@@ -177,14 +201,19 @@ class _LocalRun:
         self.solver = Solver.load(art, backend=backend, precision=precision, batch_size=batch, **options)
 
     def run(self, tokens: np.ndarray, max_steps: int | None, rule: dict[str, Any], breadth: int, aggregate: str,
-            seed: int, advance: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+            seed: int, advance: Any, trajectories: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """trajectories: the answers also hold TRAJECTORIES, every trajectory's preds, score and valid."""
         from eqr.runtime.solver import PER_PUZZLE
 
         cfg = self.solver.config(max_steps, **rule)
         with self.solver:
-            result = self.solver.run(tokens, cfg, breadth, aggregate, seed, progress=advance)
+            result = self.solver.run(tokens, cfg, breadth, aggregate, seed, progress=advance,
+                                     keep_trajectories=trajectories)
             ran = backend_info(self.solver.backend)
-        return {field: getattr(result, field) for field in PER_PUZZLE}, ran
+        answers = {field: getattr(result, field) for field in PER_PUZZLE}
+        if trajectories:
+            answers |= dict(zip(TRAJECTORIES, trajectories_of(result)))
+        return answers, ran
 
 
 class _RemoteRun:
@@ -199,8 +228,10 @@ class _RemoteRun:
         self.via = f" via {self.remote.endpoint} (model {name})"
 
     def run(self, tokens: np.ndarray, max_steps: int | None, rule: dict[str, Any], breadth: int, aggregate: str,
-            seed: int, advance: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        answers = self.remote.solve(tokens, seed=seed, breadth=breadth, max_steps=max_steps, progress=advance)
+            seed: int, advance: Any, trajectories: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """trajectories is not served: a served answer holds the chosen trajectory only."""
+        answers = self.remote.solve(tokens, seed=seed, breadth=breadth, max_steps=max_steps, progress=advance,
+                                    noise=rule.get("noise"))
         return answers, self.remote.backend
 
 
@@ -271,18 +302,37 @@ def _text_line(record: dict[str, Any]) -> str:
     return f"{record['answer']}\tline {record['line']}\tsteps {record['steps']}\t{state}\t{valid}{correct}"
 
 
-def _summary(records: list[dict[str, Any]], answers: dict[str, np.ndarray] | None, seconds: float,
-             ran: dict[str, Any] | None) -> str:
+def _summary_fields(records: list[dict[str, Any]], answers: dict[str, np.ndarray] | None, seconds: float,
+                    ran: dict[str, Any] | None) -> dict[str, Any]:
+    """The summary's counts (the stderr line and --summary's JSON)."""
     solved = [r for r in records if "error" not in r]
-    errors = len(records) - len(solved)
-    parts = [f"{len(solved)} puzzles solved" + (f", {errors} input errors" if errors else "")]
-    if solved:
-        parts.append(f"{sum(r['valid'] for r in solved)} valid")
-        graded = [r["correct"] for r in solved if "correct" in r]
-        if graded:
-            parts.append(f"{sum(graded)}/{len(graded)} correct")
-        parts.append(f"{sum(r['converged'] for r in solved)} converged")
-        total = int(answers["steps"].sum())
-        parts.append(f"{total} outer steps ({total / len(solved):.1f}/puzzle)")
-    parts.append(f"{seconds:.2f}s on {describe_run(ran)}")
+    graded = [r["correct"] for r in solved if "correct" in r]
+    steps = int(answers["steps"].sum()) if solved and answers is not None else 0
+    return {"puzzles": len(solved), "input_errors": len(records) - len(solved),
+            "valid": sum(r["valid"] for r in solved), "graded": len(graded), "correct": sum(graded),
+            "converged": sum(r["converged"] for r in solved), "outer_steps": steps, "seconds": seconds, "backend": ran}
+
+
+def _official_metrics(good: list, answers: dict[str, np.ndarray] | None, top_k: int) -> dict[str, Any] | None:
+    """eqr.runtime.metrics over the puzzles that came with a solution; None without one (or per-trajectory answers)."""
+    rows = [p for p, (_, _, solution) in enumerate(good) if solution is not None]
+    if not rows or answers is None or TRAJECTORIES[0] not in answers:
+        return None
+    labels = np.stack([good[p][2] for p in rows])  # (P', L)
+    return official_metrics(*(answers[key][rows] for key in TRAJECTORIES), labels, top_k)
+
+
+def _summary(fields: dict[str, Any]) -> str:
+    n, errors = fields["puzzles"], fields["input_errors"]
+    parts = [f"{n} puzzles solved" + (f", {errors} input errors" if errors else "")]
+    if n:
+        parts.append(f"{fields['valid']} valid")
+        if fields["graded"]:
+            parts.append(f"{fields['correct']}/{fields['graded']} correct")
+        parts.append(f"{fields['converged']} converged")
+        parts.append(f"{fields['outer_steps']} outer steps ({fields['outer_steps'] / n:.1f}/puzzle)")
+    metrics = fields.get("official_metrics")
+    if metrics and fields["breadth"] > 1:
+        parts.append(headline(metrics))
+    parts.append(f"{fields['seconds']:.2f}s on {describe_run(fields['backend'])}")
     return "; ".join(parts)

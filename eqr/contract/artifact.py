@@ -8,6 +8,8 @@ This module is the bottom floor: it imports neither torch, onnx nor an inference
     model.step.onnx                   one step graph per precision (the PRECISIONS table)
     model.step.fp16.onnx, model.step.int8.onnx
     model.step.int8.cpu.onnx          INT8 for ONNX Runtime's CPU integer kernels (precision int8-cpu)
+    model.step.noisy.onnx, model.step.fp16.noisy.onnx   opt-in (eqr export --noise): the step with a
+                                      `noise` input (path noise at inference; NOISE_INPUT)
     model.step.<p>.<gpu>.trt<v>.engine  TensorRT engines (`engine_file`), each with a .json sidecar
     calib.npz                         CALIB_FILE: calibration states recorded by `eqr calibrate`
     report/                           REPORT_DIR: `eqr report`'s precision report
@@ -64,14 +66,17 @@ class Precision:
     # the precision whose graph ONNX Runtime's CPU provider runs in this one's place, when the export
     # has it (int8 -> int8-cpu: TensorRT keeps the int8 graph, a CPU gets integer kernels)
     on_cpu: str | None = None
+    # the noisy step graph of this precision (one more input, NOISE_INPUT), written by
+    # `eqr export --noise`; None: this precision has none
+    noisy_onnx: str | None = None
 
 
 _EXPORT_CHECKS = ("io_contract", "parity", "lint")
 PRECISIONS: dict[str, Precision] = {row.name: row for row in (
     Precision("fp32", "model.step.onnx", built_from=None, builder="onnx_from_model", checks=_EXPORT_CHECKS,
-              roundoff=1e-5, unmeasured_tol=1e-3),
+              roundoff=1e-5, unmeasured_tol=1e-3, noisy_onnx="model.step.noisy.onnx"),
     Precision("fp16", "model.step.fp16.onnx", built_from="fp32", builder="fp16_from_onnx", checks=_EXPORT_CHECKS,
-              roundoff=1e-3, unmeasured_tol=1e-2),
+              roundoff=1e-3, unmeasured_tol=1e-2, noisy_onnx="model.step.fp16.noisy.onnx"),
     Precision("int8", "model.step.int8.onnx", built_from="fp32", builder="int8_from_onnx", checks=_EXPORT_CHECKS,
               roundoff=1e-2, unmeasured_tol=5e-2, calibrated=True, on_cpu="int8-cpu"),
     Precision("int8-cpu", "model.step.int8.cpu.onnx", built_from="fp32", builder="int8_cpu_from_onnx",
@@ -127,10 +132,16 @@ def precision_of(path: str | os.PathLike[str]) -> str | None:
     return next((row.name for row in PRECISIONS.values() if row.onnx == name), None)
 
 
-def engine_file(precision: str, gpu_tag: str, trt_version: str, dla_core: int | None = None) -> str:
-    """model.step.<precision>.<gpu tag>[.dla<N>].trt<version>.engine"""
+def engine_file(precision: str, gpu_tag: str, trt_version: str, dla_core: int | None = None,
+                noisy: bool = False) -> str:
+    """model.step.<precision>[.noisy].<gpu tag>[.dla<N>].trt<version>.engine (.noisy: the noisy graph's)"""
     dla = "" if dla_core is None else f".dla{dla_core}"
-    return f"model.step.{precision}.{gpu_tag}{dla}.trt{trt_version}.engine"
+    return f"model.step.{precision}{'.noisy' if noisy else ''}.{gpu_tag}{dla}.trt{trt_version}.engine"
+
+
+def noisy_engine_key(precision: str) -> str:
+    """The manifest "engines" key of a precision's noisy engine (its entry also says NOISY_KEY: true)."""
+    return f"{precision}.{NOISY_KEY}"
 
 
 # --------------------------------------------------------------------------- tolerance rule
@@ -171,14 +182,21 @@ INPUT_NAMES = tuple(INPUTS)
 STEP_FEEDS = ("tokens", "z_H", "z_L")
 OUTPUT_NAMES = tuple(OUTPUTS)
 STATE_OUTPUTS = {"z_H": "z_H_out", "z_L": "z_L_out"}  # state input -> the output fed back as it
+# The noisy step graph's extra (last) input: float32 [B, U, L, D], the addends sigma * eps of the
+# step's U = H_cycles * (L_cycles + 1) damped updates, drawn by the host (docs/algorithm.md#path-noise).
+# The loop adds it to a backend's feeds only on steps where a running row has noise.
+NOISE_INPUT = "noise"
+NOISY_KEY = "noisy"  # manifest["precisions"][p]["noisy"]: {"onnx", "updates", "parity"} of the noisy graph
 
 
 def graph_feeds(tokens: np.ndarray, z_H: np.ndarray, z_L: np.ndarray,
-                done: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """numpy feeds of a step graph (ONNX Runtime sessions, calibration): done defaults to all False."""
+                done: np.ndarray | None = None, noise: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """numpy feeds of a step graph (ONNX Runtime sessions, calibration): done defaults to all False;
+    `noise` [B, U, L, D] only for a noisy graph."""
     done = np.zeros(len(tokens), bool) if done is None else np.asarray(done, bool)
-    return dict(zip(INPUT_NAMES, (np.ascontiguousarray(tokens, np.int32), np.ascontiguousarray(z_H, np.float32),
-                                  np.ascontiguousarray(z_L, np.float32), done)))
+    feeds = dict(zip(INPUT_NAMES, (np.ascontiguousarray(tokens, np.int32), np.ascontiguousarray(z_H, np.float32),
+                                   np.ascontiguousarray(z_L, np.float32), done)))
+    return feeds if noise is None else feeds | {NOISE_INPUT: np.ascontiguousarray(noise, np.float32)}
 
 
 # Initial states z_H, z_L: i.i.d. per trajectory, token and channel, a normal truncated to
@@ -190,13 +208,16 @@ _PHI = math.exp(-INIT_TRUNCATION**2 / 2.0) / math.sqrt(2.0 * math.pi)
 INIT_SCALE = 1.0 / math.sqrt(1.0 - 2.0 * INIT_TRUNCATION * _PHI / _Z)  # ~= 1.13685
 
 
-def io_contract(seq_len: int, hidden: int, vocab: int) -> dict[str, list[dict[str, Any]]]:
-    """Names, dtypes and shapes of every step graph's inputs and outputs ("B": dynamic batch)."""
+def io_contract(seq_len: int, hidden: int, vocab: int, updates: int | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Names, dtypes and shapes of every step graph's inputs and outputs ("B": dynamic batch);
+    `updates` U: the noisy graph's, with NOISE_INPUT [B, U, L, D] last."""
     B, L, D, V = BATCH_DIM, seq_len, hidden, vocab
     shapes = {"tokens": [B, L], "z_H": [B, L, D], "z_L": [B, L, D], "done": [B], "z_H_out": [B, L, D], "z_L_out": [B, L, D],
-              "logits": [B, L, V], "preds": [B, L], "residual": [B], "logit_delta": [B], "q_halt": [B]}
+              "logits": [B, L, V], "preds": [B, L], "residual": [B], "logit_delta": [B], "q_halt": [B],
+              NOISE_INPUT: [B, updates, L, D]}
+    inputs = INPUTS if updates is None else INPUTS | {NOISE_INPUT: "float32"}
     as_dicts = lambda names: [{"name": n, "dtype": t, "shape": shapes[n]} for n, t in names.items()]  # noqa: E731
-    return {"inputs": as_dicts(INPUTS), "outputs": as_dicts(OUTPUTS)}
+    return {"inputs": as_dicts(inputs), "outputs": as_dicts(OUTPUTS)}
 
 
 # --------------------------------------------------------------------------- manifest
@@ -296,6 +317,8 @@ class Artifact:
     precision: str | None = None  # the one precision a single .onnx or engine file holds
     # precision -> the stopping rule `eqr calibrate` fitted (eqr.runtime.stopping_rules.RULE_FIELDS)
     stopping: dict[str, dict[str, Any]] = field(default_factory=dict)
+    noisy: dict[str, Path] = field(default_factory=dict)  # precision -> its noisy step graph (NOISE_INPUT)
+    noisy_engines: dict[str, Path] = field(default_factory=dict)  # precision -> its noisy graph's TensorRT engine
 
     def default_tol(self, precision: str) -> float:
         return self.tol.get(precision, recommended_tol(precision)["tol"])
@@ -304,3 +327,16 @@ class Artifact:
         """The calibrated rule of `precision` (a cascade: its high stage's), else only its tol."""
         precision = split_precision(precision)[-1]
         return dict(self.stopping.get(precision) or {"tol": self.default_tol(precision)})
+
+
+def missing_noisy_graph(artifact: Artifact, precision: str) -> str:
+    """Why `precision` cannot run with path noise on `artifact`, in one line with the fix."""
+    row = PRECISIONS.get(precision)
+    if row is None or row.noisy_onnx is None:
+        have = ", ".join(p for p, r in PRECISIONS.items() if r.noisy_onnx)
+        return f"--noise: precision {precision} has no noisy step graph (only {have} do); pick one of those"
+    if artifact.kind != "export":
+        return (f"--noise: {artifact.location} has no noisy {precision} step graph ({row.noisy_onnx}); run an export "
+                f"made with `eqr export MODEL --noise`, or the torch backend")
+    return (f"--noise: {artifact.location} has no {row.noisy_onnx}; re-export with `eqr export MODEL --noise "
+            f"--precision {precision} --out {artifact.location} --force`")

@@ -77,9 +77,14 @@ class ModelConfig(JsonConfig):
         return self.hidden_size // self.num_heads
 
     @property
+    def updates_per_step(self) -> int:
+        """Damped updates in one outer step (U; each adds its own path noise): H_cycles x (L_cycles + 1)."""
+        return self.H_cycles * (self.L_cycles + 1)
+
+    @property
     def blocks_per_step(self) -> int:
         """Block applications in one outer step: H_cycles x (L_cycles + 1) x L_layers."""
-        return self.H_cycles * (self.L_cycles + 1) * self.L_layers
+        return self.updates_per_step * self.L_layers
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,26 @@ class ReasoningBlock(nn.Module):
 # --------------------------------------------------------------------------- the model
 
 
+# Path noise of the damped updates: sigma (a float: eps drawn at each update from a generator, as in
+# training) or the addends sigma * eps themselves, one per update of the step ([B, U, L, D]) or of
+# one damped update ([B, L, D]); the runtime draws them on the host (docs/algorithm.md#path-noise).
+Noise = float | torch.Tensor
+
+
+def _update_noise(noise: Noise, u: int) -> Noise:
+    """The noise of update u: the float sigma unchanged, or slice u of a per-step tensor."""
+    return noise[:, u] if isinstance(noise, torch.Tensor) else noise
+
+
+def _noise_addend(noise: Noise, generator: torch.Generator | None, z: torch.Tensor) -> torch.Tensor | None:
+    """What one damped update of z adds: the given addend, sigma * eps drawn now, or None (noise 0)."""
+    if isinstance(noise, torch.Tensor):
+        return noise.to(z.dtype)
+    if not noise:
+        return None
+    return noise * torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+
+
 class LatentState(NamedTuple):
     z_H: torch.Tensor  # [B, L, D]
     z_L: torch.Tensor  # [B, L, D]
@@ -235,40 +255,54 @@ class EqRModel(nn.Module):
         scale = math.sqrt(self.config.hidden_size)
         return scale * F.embedding(tokens.long(), self.embed.weight.to(self.dtype))
 
-    def damped_update(self, z: torch.Tensor, injection: torch.Tensor, noise: float,
-                      generator: torch.Generator | None) -> torch.Tensor:
-        """z <- (1 - lambda) z + lambda Blocks(z + u) + sigma eps; damping mixes the pre-injection z."""
+    def damped_update(self, z: torch.Tensor, injection: torch.Tensor, noise: Noise = 0.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """z <- (1 - lambda) z + lambda Blocks(z + u) + sigma eps; damping mixes the pre-injection z.
+        noise: sigma (eps ~ N(0, 1) drawn here from `generator`) or the addend sigma * eps itself, [B, L, D]."""
         h = z + injection
         for block in self.blocks:
             h = block(h)
         lam = self.config.lambda_
         z_next = (1.0 - lam) * z + lam * h
-        if noise:
-            z_next = z_next + noise * torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
-        return z_next
+        addend = _noise_addend(noise, generator, z)
+        return z_next if addend is None else z_next + addend
 
-    def latent_recursion(self, state: LatentState, x: torch.Tensor, noise: float,
-                         generator: torch.Generator | None) -> LatentState:
-        """L_cycles z_L updates (injection z_H + x), then one z_H update (injection z_L only)."""
+    def latent_recursion(self, state: LatentState, x: torch.Tensor, noise: Noise = 0.0,
+                         generator: torch.Generator | None = None, first: int = 0) -> LatentState:
+        """L_cycles z_L updates (injection z_H + x), then one z_H update (injection z_L only).
+        A noise tensor [B, U, L, D] gives update `first + i` of this recursion its addend noise[:, first + i]."""
         z_H, z_L = state
-        for _ in range(self.config.L_cycles):
-            z_L = self.damped_update(z_L, z_H + x, noise, generator)
-        z_H = self.damped_update(z_H, z_L, noise, generator)
+        for i in range(self.config.L_cycles):
+            z_L = self.damped_update(z_L, z_H + x, _update_noise(noise, first + i), generator)
+        z_H = self.damped_update(z_H, z_L, _update_noise(noise, first + self.config.L_cycles), generator)
         return LatentState(z_H, z_L)
 
-    def step(self, state: LatentState, tokens: torch.Tensor, noise: float = 0.0,
+    def step(self, state: LatentState, tokens: torch.Tensor, noise: Noise = 0.0,
              generator: torch.Generator | None = None) -> StepOutput:
         """One outer step: H_cycles latent recursions, gradient only through the last
-        (docs/algorithm.md#the-hl-schedule)."""
+        (docs/algorithm.md#the-hl-schedule). noise: sigma, drawn from `generator` at every damped
+        update, or the addends themselves, float [B, U, L, D] with U = `updates_per_step` in update
+        order (recursion h's z_L updates, then its z_H update, at u = h * (L_cycles + 1) + i)."""
+        if isinstance(noise, torch.Tensor):
+            self.check_noise(noise, state.z_H.shape)
         x = self.embed_input(tokens)  # [B, L, D]
         state = LatentState(state.z_H.to(self.dtype), state.z_L.to(self.dtype))
+        per = self.config.L_cycles + 1  # updates per latent recursion
         with torch.no_grad():
-            for _ in range(self.config.H_cycles - 1):
-                state = self.latent_recursion(state, x, noise, generator)
-        state = self.latent_recursion(state, x, noise, generator)
+            for h in range(self.config.H_cycles - 1):
+                state = self.latent_recursion(state, x, noise, generator, first=h * per)
+        state = self.latent_recursion(state, x, noise, generator, first=(self.config.H_cycles - 1) * per)
         logits = self.lm_head(state.z_H)  # [B, L, V]
         q_halt = self.q_head(state.z_H[:, 0]).float()[:, 0]  # [B], token 0 (no puzzle prefix)
         return StepOutput(LatentState(state.z_H.detach(), state.z_L.detach()), logits, q_halt)
+
+    def check_noise(self, noise: torch.Tensor, state_shape: torch.Size) -> None:
+        """ValueError unless `noise` is [B, U, L, D] for a state [B, L, D] (skipped while tracing)."""
+        B, L, D = state_shape
+        expected = (B, self.config.updates_per_step, L, D)
+        if not torch.jit.is_tracing() and tuple(noise.shape) != expected:
+            raise ValueError(f"noise must be [B, U, L, D] = {list(expected)} (U = H_cycles * (L_cycles + 1)), "
+                             f"got {list(noise.shape)}")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,4 +1,4 @@
-"""The deployable step: one noise-free outer step with the I/O contract of `model.step.onnx`.
+"""The deployable step: one outer step with the I/O contract of `model.step.onnx`.
 
 Every backend (torch, ONNX Runtime, TensorRT) runs exactly this computation, so host loops
 read only O(B) convergence scalars and O(B*L) predictions per step. The names and dtypes are
@@ -14,6 +14,10 @@ outputs  z_H_out, z_L_out float32 [B, L, D]; logits float32 [B, L, V]; preds int
 residual[b] is 0); the other outputs of such a row are unspecified. Backends with static shapes
 (CUDA-graph replay) feed their frozen-slot mask there, so no kernel outside the graph is needed;
 every other backend feeds all False (the loop compacts settled rows away instead).
+
+The noisy step graph (`model.step.noisy.onnx`, built when asked) has one more input, last:
+noise float32 [B, U, L, D], the path-noise addends sigma * eps of the step's U damped updates
+(`EqRModel.step`'s update order), drawn and scaled by the host; the graph without it is noise-free.
 """
 from __future__ import annotations
 
@@ -24,15 +28,16 @@ from eqr.model.network import EqRModel, LatentState
 
 
 class StepGraph(nn.Module):
-    """Wraps `EqRModel.step` (noise 0) and adds the convergence outputs of the I/O contract."""
+    """Wraps `EqRModel.step` (noise-free, or with the given addends) and adds the convergence
+    outputs of the I/O contract."""
 
     def __init__(self, model: EqRModel) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, tokens: torch.Tensor, z_H: torch.Tensor, z_L: torch.Tensor,
-                done: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        out = self.model.step(LatentState(z_H, z_L), tokens, noise=0.0)
+                done: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        out = self.model.step(LatentState(z_H, z_L), tokens, noise=0.0 if noise is None else noise)
         z_H_out, z_L_out = out.state.z_H.float(), out.state.z_L.float()
         if done is not None:  # frozen rows keep their state
             held = done.view(-1, 1, 1)  # [B, 1, 1]

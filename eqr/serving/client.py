@@ -104,17 +104,18 @@ class StreamClient:
 
     def solve(self, puzzles: list[str] | None = None, tokens: np.ndarray | None = None, seed: int | None = None,
               breadth: int | None = None, max_steps: int | None = None, stream: bool = False,
-              offset: int | None = None) -> list[dict[str, np.ndarray]]:
+              offset: int | None = None, noise: float | None = None) -> list[dict[str, np.ndarray]]:
         """Send one request; return its responses (provisional ones first, the final one last)."""
-        request_id = self.send(puzzles, tokens, seed, breadth, max_steps, stream, offset)
+        request_id = self.send(puzzles, tokens, seed, breadth, max_steps, stream, offset, noise)
         return list(self.receive(request_id))
 
     def send(self, puzzles: list[str] | None = None, tokens: np.ndarray | None = None, seed: int | None = None,
              breadth: int | None = None, max_steps: int | None = None, stream: bool = False,
-             offset: int | None = None) -> str:
+             offset: int | None = None, noise: float | None = None) -> str:
         values = {"puzzle": None if puzzles is None else np.array([p.encode() for p in puzzles], np.object_),
                   "tokens": None if tokens is None else np.asarray(tokens, np.int32),
-                  "breadth": breadth, "max_steps": max_steps, "seed": seed, "offset": offset, "stream": stream or None}
+                  "breadth": breadth, "max_steps": max_steps, "seed": seed, "offset": offset, "stream": stream or None,
+                  "noise": noise}
         inputs = []
         for name, dtype, triton_type, _ in INPUTS:
             value = values[name]

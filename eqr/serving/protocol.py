@@ -10,6 +10,7 @@ Inputs are numpy arrays keyed by name, as the Python backend hands them over:
     seed       TYPE_INT64  [1]      seed of the initial states (puzzle p, breadth k) -> (seed, offset + p, k)
     offset     TYPE_INT64  [1]      number of the request's first puzzle in its seed stream (default 0)
     stream     TYPE_BOOL   [1]      true: provisional responses before the final one
+    noise      TYPE_FP32   [1]      path-noise sigma (default: the model's `noise` parameter; 0: none)
 
 A malformed request raises `Rejected` (Triton answers it with an error response); a bad puzzle
 inside a good request only gets its own `error` element. Both carry a reason, the label of
@@ -34,6 +35,7 @@ INPUTS: tuple[tuple[str, Any, str, tuple[str, ...]], ...] = (
     ("seed", np.int64, "TYPE_INT64", ("1",)),
     ("offset", np.int64, "TYPE_INT64", ("1",)),
     ("stream", np.bool_, "TYPE_BOOL", ("1",)),
+    ("noise", np.float32, "TYPE_FP32", ("1",)),
 )
 OUTPUTS: tuple[tuple[str, Any, str, tuple[str, ...]], ...] = (
     ("answer", np.object_, "TYPE_STRING", ("-1",)),
@@ -78,6 +80,7 @@ class Job:
     offset: int
     stream: bool
     backend: str = ""  # JSON of what runs the steps (eqr.runtime.backends.base.backend_info)
+    noise: float | None = None  # path-noise sigma; None: the model's default
 
     @property
     def puzzles(self) -> int:
@@ -115,9 +118,12 @@ def parse_request(inputs: dict[str, np.ndarray | None], task: Any, vocab_size: i
     if offset is not None and offset < 0:
         raise Rejected("value", f"offset must be >= 0, got {offset}")
     stream = _scalar(inputs.get("stream"), "stream", np.bool_)
+    noise = _scalar(inputs.get("noise"), "noise", np.floating)
+    if noise is not None and not (np.isfinite(noise) and noise >= 0):
+        raise Rejected("value", f"noise must be >= 0 (sigma of the path noise; 0: none), got {noise}")
     return Job(stacked, good, errors, [reason for e in errors if e], None if breadth is None else int(breadth),
                None if max_steps is None else int(max_steps), default_seed if seed is None else int(seed),
-               0 if offset is None else int(offset), bool(stream), backend)
+               0 if offset is None else int(offset), bool(stream), backend, None if noise is None else float(noise))
 
 
 def _vector(array: np.ndarray, name: str) -> list[str]:

@@ -99,14 +99,15 @@ class RemoteSolver:
         return task_from_spec(spec)
 
     def solve(self, tokens: np.ndarray, seed: int = 0, breadth: int = 1, max_steps: int | None = None,
-              progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+              progress: Callable[[int], None] | None = None, noise: float | None = None) -> dict[str, np.ndarray]:
         """Puzzles int [P, L] -> {field of FIELDS: array (P, ...)}; progress(n) per answered request
-        gets its trajectories (puzzles x breadth)."""
+        gets its trajectories (puzzles x breadth). noise: path-noise sigma (None: the served model's)."""
         starts = range(0, len(tokens), self.request_size)
 
         def one(start: int) -> dict[str, np.ndarray]:
             chunk = tokens[start:start + self.request_size]
-            inputs = {"tokens": chunk, "seed": seed, "offset": start, "breadth": breadth, "max_steps": max_steps}
+            inputs = {"tokens": chunk, "seed": seed, "offset": start, "breadth": breadth, "max_steps": max_steps,
+                      "noise": noise}
             what = f"puzzles {start}..{start + len(chunk) - 1}"
             answer = self._with_retries(lambda: self._send(inputs, len(chunk)), what)
             if progress is not None:
@@ -146,13 +147,14 @@ class RemoteSolver:
 
     def _send(self, inputs: dict[str, Any], puzzles: int) -> dict[str, np.ndarray]:
         if self.endpoint.scheme == "http":
-            scalars = {k: [int(v)] for k, v in inputs.items() if k != "tokens" and v is not None}
+            scalars = {k: [float(v) if k == "noise" else int(v)] for k, v in inputs.items()
+                       if k != "tokens" and v is not None}
             body = {"tokens": inputs["tokens"]} | scalars
             arrays = generate(self.endpoint.address, self.model, body, timeout=self.timeout)
         else:
             stream = self._stream()
             arrays = stream.solve(tokens=inputs["tokens"], seed=inputs["seed"], breadth=inputs["breadth"],
-                                  max_steps=inputs["max_steps"], offset=inputs["offset"])[-1]
+                                  max_steps=inputs["max_steps"], offset=inputs["offset"], noise=inputs["noise"])[-1]
         return self._answer(arrays, puzzles)
 
     def _answer(self, arrays: dict[str, Any], puzzles: int) -> dict[str, np.ndarray]:

@@ -15,7 +15,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from eqr.contract.artifact import missing_noisy_graph
 from eqr.contract.errors import EqRError
 from eqr.runtime.scheduler import DEFAULT_BATCH, DEFAULT_BREADTH, DEFAULT_MAX_QUEUE, DEFAULT_STREAM_EVERY
 from eqr.serving.protocol import INPUTS, OUTPUTS
@@ -37,17 +39,19 @@ class ServeConfig:
     batch: int = DEFAULT_BATCH  # trajectories in the scheduler's working batch
     breadth: int = DEFAULT_BREADTH  # default trajectories per puzzle (a request's `breadth` input overrides it)
     max_steps: int | None = None  # outer-step cap; None: the precision's calibrated rule's (a request may only lower it)
+    agree: int | None = None  # stop a puzzle once this many trajectories agree, launching them in waves; None: off
     max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting beyond the working batch before "busy" errors
     instances: int = 1  # model instances (each its own stub process, scheduler and backend)
     stream_every: int = DEFAULT_STREAM_EVERY  # outer steps between provisional responses of a streaming request
     threads: int = 0  # CPU threads for onnxruntime per instance (0: its default)
+    noise: float = 0.0  # default path-noise sigma (a request's `noise` input overrides it); > 0: the noisy graph
 
     def parameters(self) -> dict[str, str]:
         """The config.pbtxt parameters (string values; "" for None and 0 threads)."""
         return {"backend": self.backend, "precision": self.precision, "batch": str(self.batch),
-                "breadth": str(self.breadth), "max_steps": str(self.max_steps or ""),
+                "breadth": str(self.breadth), "max_steps": str(self.max_steps or ""), "agree": str(self.agree or ""),
                 "max_queue": str(self.max_queue), "stream_every": str(self.stream_every),
-                "threads": str(self.threads or "")}
+                "threads": str(self.threads or ""), "noise": str(self.noise)}
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], name: str) -> "ServeConfig":
@@ -55,8 +59,11 @@ class ServeConfig:
         A parameter is text where its default is text, else a number."""
         defaults = cls()
         known = defaults.parameters()
-        return cls(name=name, **{k: v if isinstance(getattr(defaults, k), str) else int(v)
-                                 for k, v in params.items() if k in known and v != ""})
+        def value(k: str, v: str) -> Any:
+            default = getattr(defaults, k)
+            return v if isinstance(default, str) else float(v) if isinstance(default, float) else int(v)
+
+        return cls(name=name, **{k: value(k, v) for k, v in params.items() if k in known and v != ""})
 
     def check(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
@@ -65,11 +72,13 @@ class ServeConfig:
             raise EqRError(f"--backend must be one of {', '.join(SERVE_BACKENDS)}, got {self.backend!r}")
         for flag, value in (("--batch", self.batch), ("--breadth", self.breadth), ("--max-steps", self.max_steps),
                             ("--max-queue", self.max_queue), ("--instances", self.instances),
-                            ("--stream-every", self.stream_every)):
+                            ("--stream-every", self.stream_every), ("--agree", self.agree)):
             if value is not None and value < 1:
                 raise EqRError(f"{flag} must be >= 1, got {value}")
         if self.breadth > self.batch:
             raise EqRError(f"--breadth {self.breadth} does not fit in --batch {self.batch}; raise --batch")
+        if not 0 <= self.noise < float("inf"):
+            raise EqRError(f"--noise must be >= 0 (sigma of the path noise; 0: none), got {self.noise}")
 
 
 def write_repository(export_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: ServeConfig,
@@ -86,6 +95,8 @@ def write_repository(export_dir: str | os.PathLike[str], out: str | os.PathLike[
         have = sorted(set(artifact.onnx) | set(artifact.engines))
         raise EqRError(f"{export_dir} has no {cfg.precision} step (it has {', '.join(have)}); "
                        f"re-export with --precision {cfg.precision}")
+    if cfg.noise > 0 and cfg.precision not in artifact.noisy and cfg.precision not in artifact.noisy_engines:
+        raise EqRError(missing_noisy_graph(artifact, cfg.precision))
     model_dir = Path(out) / cfg.name
     if model_dir.exists() and not force:
         raise EqRError(f"{model_dir} exists; pass --force to replace it")

@@ -62,7 +62,8 @@ class TritonPythonModel:
         self.backend = json.dumps(backend_info(solver.backend))
         self.default_seed = int(params.get("seed", 0))
         # max_steps None: the precision's calibrated stopping rule (docs/serving.md)
-        self.scheduler = Scheduler(solver, solver.config(max_steps=cfg.max_steps), batch_size=batch,
+        solve_cfg = solver.config(max_steps=cfg.max_steps, noise=cfg.noise, agree=cfg.agree)
+        self.scheduler = Scheduler(solver, solve_cfg, batch_size=batch,
                                    breadth=cfg.breadth, seed=self.default_seed, max_queue=cfg.max_queue,
                                    stream_every=cfg.stream_every)
         self.outbox: queue.Queue = queue.Queue()
@@ -93,7 +94,7 @@ class TritonPythonModel:
             try:
                 future = self.scheduler.submit(job.tokens, seed=job.seed, timeout=SUBMIT_TIMEOUT_S, breadth=job.breadth,
                                                max_steps=job.max_steps, on_progress=progress,
-                                               numbers=job.offset + job.good)
+                                               numbers=job.offset + job.good, noise=job.noise)
             except queue.Full:
                 self._reject(sender, "busy", f"{self.name} is busy: its queue is full; retry later or add instances")
                 continue

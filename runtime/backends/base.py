@@ -2,10 +2,12 @@
 
 A backend runs one outer step on a batch: `step(feeds) -> outputs`, both keyed by the ONNX names
 (`STEP_FEEDS`, `OUTPUT_NAMES`); the graph's fourth input, `done`, is the backend's own: static-shape
-backends feed the mask `freeze` set, the others all False. Values are the backend's own device
-arrays (torch tensors, ONNX Runtime OrtValues, CUDA buffers); the loop moves data only through
-the array helpers below, so the full state never visits the host inside the loop: per step it
-downloads O(B) scalars and the O(B*L) predictions.
+backends feed the mask `freeze` set, the others all False. A backend with `noise_shape` also takes
+`NOISE_INPUT` (path noise, float32 [B, U, L, D]); a step fed it runs the noisy step graph.
+Values are the backend's own device arrays (torch tensors, ONNX Runtime OrtValues, CUDA
+buffers); the loop moves data only through the array helpers below, so the full state never
+visits the host inside the loop: per step it downloads O(B) scalars and the O(B*L) predictions
+(and uploads the noise of a noisy step).
 
 Buffer rule (as Polygraphy's `BaseRunner.infer`): outputs may live in buffers the backend
 reuses. The state outputs of step t stay valid until step t + 2 (ping-pong), so a loop may feed
@@ -24,7 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from eqr.contract.artifact import OUTPUT_NAMES, STATE_OUTPUTS, STEP_FEEDS
+from eqr.contract.artifact import NOISE_INPUT, OUTPUT_NAMES, STATE_OUTPUTS, STEP_FEEDS
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,9 @@ class Backend(ABC):
         self.max_batch: int | None = None
         # 2 for a precision cascade (runtime/backends/cascade.py): the loop calls `route` before each step.
         self.stages = 1
+        # (U, L, D) of the noisy step graph's NOISE_INPUT when this backend can run noisy steps
+        # (the loop then feeds it on steps with path noise); None: noise-free steps only.
+        self.noise_shape: tuple[int, int, int] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def activate(self) -> "Backend":
@@ -80,8 +85,11 @@ class Backend(ABC):
         """One outer step on the batch in `feeds` -> the seven contract outputs (device arrays)."""
         if not self.is_active:
             raise RuntimeError(f"{self.name} backend is not active; call activate() or use `with backend:`")
-        if set(feeds) != set(STEP_FEEDS):
-            raise ValueError(f"step feeds must be exactly {', '.join(STEP_FEEDS)}; got {', '.join(sorted(feeds))}")
+        if set(feeds) - {NOISE_INPUT} != set(STEP_FEEDS):
+            raise ValueError(f"step feeds must be exactly {', '.join(STEP_FEEDS)} (and {NOISE_INPUT} for a noisy "
+                             f"step); got {', '.join(sorted(feeds))}")
+        if NOISE_INPUT in feeds and self.noise_shape is None:
+            raise ValueError(f"the {self.name} backend has no noisy step graph; it cannot take a {NOISE_INPUT} feed")
         start = time.perf_counter()
         outputs = self.step_impl(feeds)
         self.inference_time = time.perf_counter() - start

@@ -3,7 +3,9 @@
 z_H/z_L live in two preallocated OrtValues per state on the session's device; each step binds
 the one that was not just read as its output, so the state never round-trips through numpy.
 Only preds, residual, logit_delta and q_halt are bound to host memory. Compaction and refills
-run tiny Gather/Concat graphs on the same provider, so they stay on the device too.
+run tiny Gather/Concat graphs on the same provider, so they stay on the device too. A step fed
+`noise` (path noise) runs the precision's noisy step graph instead, a second session built on the
+first such step (the export's `model.step.noisy.onnx`; none: `noise_shape` is None).
 
 Providers: CPU here; CUDA and TensorRT providers when the installed onnxruntime has them and
 `providers` is left to choose (`eqr solve --backend auto`). With `require_provider`, the first of
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from eqr.contract.artifact import INPUT_NAMES, OUTPUT_NAMES, STEP_FEEDS, cpu_precision
+from eqr.contract.artifact import INPUT_NAMES, NOISE_INPUT, OUTPUT_NAMES, STEP_FEEDS, cpu_precision
 from eqr.contract.errors import EqRError, missing_extra
 from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
 
@@ -65,11 +67,18 @@ class OrtBackend(Backend):
 
     def __init__(self, onnx_path: str | Path, *, providers: Sequence[str] | None = None,
                  threads: int | None = None, precision: str = "fp32",
-                 profile: tuple[tuple[int, int, int], int, int] | None = None, require_provider: bool = False) -> None:
+                 profile: tuple[tuple[int, int, int], int, int] | None = None, require_provider: bool = False,
+                 noisy_path: str | Path | None = None, noise_shape: tuple[int, int, int] | None = None) -> None:
         """profile: ((min, opt, max) batch, L, D) for ONNX Runtime's TensorRT provider, which
-        otherwise rebuilds its engine for every new batch size that compaction produces."""
+        otherwise rebuilds its engine for every new batch size that compaction produces.
+        noisy_path: the precision's noisy step graph, with `noise_shape` (U, L, D) of its noise
+        input; its session is built on the first noisy step."""
         super().__init__()
         self.onnx_path = Path(onnx_path)
+        self.noisy_path = Path(noisy_path) if noisy_path is not None else None
+        self.noise_shape = noise_shape if self.noisy_path is not None else None
+        self._noisy: tuple[Any, Any] | None = None  # (session, io binding) of the noisy graph, once used
+        self._providers: list[str] = []  # the providers chosen at activate(), in order
         self.profile = profile
         self.requested_providers = list(providers) if providers else None
         self.require_provider = require_provider and bool(providers)
@@ -102,8 +111,13 @@ class OrtBackend(Backend):
         int8-cpu, `eqr.contract.artifact.cpu_precision`); GPU providers keep the graph asked for."""
         if first_provider(providers) == "CPUExecutionProvider":
             precision = cpu_precision(artifact, precision)
+        noisy = artifact.noisy.get(precision)
+        noise_shape = None
+        if noisy is not None and noisy.is_file() and artifact.config is not None:
+            noise_shape = (artifact.config.updates_per_step, artifact.seq_len, artifact.hidden_size)
         return cls(artifact.onnx[precision], providers=providers, threads=threads, precision=precision,
-                   profile=(artifact.batch, artifact.seq_len, artifact.hidden_size), require_provider=require_provider)
+                   profile=(artifact.batch, artifact.seq_len, artifact.hidden_size), require_provider=require_provider,
+                   noisy_path=noisy if noise_shape else None, noise_shape=noise_shape)
 
     # ------------------------------------------------------------------ lifecycle
     def _session_options(self, threads: int | None) -> Any:
@@ -125,17 +139,8 @@ class OrtBackend(Backend):
         if self.require_provider and self.requested_providers[0] not in available:
             self._missing_provider(f"this onnxruntime offers only {', '.join(available)}")
         requested = [p for p in self.requested_providers or () if p in available]  # the rest: fallback
-        providers: list[Any] = requested or [p for p in PREFERRED_PROVIDERS if p in available]  # as first_provider
-        providers = [self._with_options(p) for p in providers]
-        try:
-            self.session = ort.InferenceSession(str(self.onnx_path), self._session_options(self.threads),
-                                                providers=providers)
-        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-            raise EqRError(f"{self.onnx_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
-        names = ({i.name for i in self.session.get_inputs()}, {o.name for o in self.session.get_outputs()})
-        if names != (set(INPUT_NAMES), set(OUTPUT_NAMES)):
-            raise EqRError(f"{self.onnx_path}: I/O names {sorted(names[0])} -> {sorted(names[1])} are not the eqr "
-                           "step contract; re-export with `eqr export`")
+        self._providers = requested or [p for p in PREFERRED_PROVIDERS if p in available]  # as first_provider
+        self.session = self._load(self.onnx_path, INPUT_NAMES)
         used = self.session.get_providers()[0]
         if self.require_provider and used != self.requested_providers[0]:
             self.session = None
@@ -148,19 +153,43 @@ class OrtBackend(Backend):
         self._binding = self.session.io_binding()
         log.info("onnxruntime %s on %s (providers %s)", self.onnx_path.name, self.device, self.session.get_providers())
 
+    def _load(self, path: Path, inputs: tuple[str, ...]) -> Any:
+        """A session of the step graph at `path`, whose inputs must be `inputs` (EqRError otherwise)."""
+        ort = import_onnxruntime()
+        providers = [self._with_options(p, noisy=NOISE_INPUT in inputs) for p in self._providers]
+        try:
+            session = ort.InferenceSession(str(path), self._session_options(self.threads), providers=providers)
+        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise EqRError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+        names = ({i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()})
+        if names != (set(inputs), set(OUTPUT_NAMES)):
+            raise EqRError(f"{path}: I/O names {sorted(names[0])} -> {sorted(names[1])} are not the eqr "
+                           "step contract; re-export with `eqr export`")
+        return session
+
+    def _noisy_session(self) -> tuple[Any, Any]:
+        """(session, io binding) of the noisy step graph, loaded on first use."""
+        if self._noisy is None:
+            session = self._load(self.noisy_path, (*INPUT_NAMES, NOISE_INPUT))
+            self._noisy = (session, session.io_binding())
+            log.info("onnxruntime %s loaded for noisy steps", self.noisy_path.name)
+        return self._noisy
+
     def _missing_provider(self, why: str) -> None:
         wanted = self.requested_providers[0]
         raise EqRError(f"{wanted} is not available ({why}); install onnxruntime-gpu (pip install 'eqr[gpu]') "
                        "on a CUDA machine, or pass --fallback to run on the CPU provider")
 
-    def _with_options(self, provider: str) -> Any:
+    def _with_options(self, provider: str, noisy: bool = False) -> Any:
         """TensorRT provider: an optimization profile over the batch axis and a persistent engine cache."""
         if provider != "TensorrtExecutionProvider" or self.profile is None:
             return provider
         (lo, opt, hi), L, D = self.profile
+        U = self.noise_shape[0] if noisy and self.noise_shape else None
 
         def shapes(b: int) -> str:
-            return f"tokens:{b}x{L},z_H:{b}x{L}x{D},z_L:{b}x{L}x{D}"
+            noise = f",{NOISE_INPUT}:{b}x{U}x{L}x{D}" if U else ""
+            return f"tokens:{b}x{L},z_H:{b}x{L}x{D},z_L:{b}x{L}x{D}{noise}"
 
         cache = Path(tempfile.gettempdir()) / "eqr-ort-trt-cache"
         return (provider, {"trt_profile_min_shapes": shapes(lo), "trt_profile_opt_shapes": shapes(opt),
@@ -172,6 +201,7 @@ class OrtBackend(Backend):
         self._ops.clear()
         self._not_done.clear()
         self._binding = None
+        self._noisy = None
         self.session = None
 
     def describe(self) -> dict[str, Any]:
@@ -192,10 +222,11 @@ class OrtBackend(Backend):
         return pair[1] if pair[0].data_ptr() == given.data_ptr() else pair[0]
 
     def step_impl(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        binding = self._binding
+        noisy = NOISE_INPUT in feeds
+        session, binding = self._noisy_session() if noisy else (self.session, self._binding)
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
-        for name in STEP_FEEDS:
+        for name in (*STEP_FEEDS, NOISE_INPUT) if noisy else STEP_FEEDS:
             binding.bind_ortvalue_input(name, feeds[name])
         binding.bind_ortvalue_input("done", self._done_for(feeds["tokens"].shape()[0]))
         states = {STATE_OUTPUTS[s]: self._output_buffer(s, feeds[s]) for s in STATE_NAMES}
@@ -204,7 +235,7 @@ class OrtBackend(Backend):
                 binding.bind_ortvalue_output(name, states[name])
             else:
                 binding.bind_output(name, "cpu" if name in HOST_OUTPUTS else self.device)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         values = binding.get_outputs()  # in binding order, state buffers included
         outputs = dict(zip(OUTPUT_NAMES, values))
         outputs.update(states)  # keep our own buffer objects so the next step can tell them apart

@@ -23,6 +23,8 @@ runs it):
   stay valid until step t + 2 (the buffer rule of eqr.runtime.backends.base). A capture that
   fails falls back to eager steps with one warning. The capture object is injectable
   (`graph_capture=`), so the logic is tested on the CPU with a fake.
+- path noise: a step fed `noise` (the host's addends, [B, U, L, D]) passes it to the model's
+  step, eagerly (a captured graph has no noise input); `noise_shape` is the model's.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eqr.contract.artifact import OUTPUT_NAMES, Artifact
+from eqr.contract.artifact import NOISE_INPUT, OUTPUT_NAMES, Artifact
 from eqr.contract.errors import EqRError
 from eqr.model.network import EqRModel
 from eqr.model.step_graph import StepGraph
@@ -162,6 +164,8 @@ class TorchBackend(TorchArrays, Backend):
             raise EqRError("the torch backend's slots mode (static shapes, CUDA graphs) needs a batch size")
         self.graph_capture = graph_capture
         self.graph: StepGraph | None = None
+        if model is not None:
+            self.noise_shape = _noise_shape(model.config)
         self._done: torch.Tensor | None = None  # slots mode: rows frozen by `freeze`
         self._graphs: dict[int, _Captured | None] = {}  # static batch -> its graph (None: capture failed)
         self.graph_failure: str | None = None
@@ -181,9 +185,12 @@ class TorchBackend(TorchArrays, Backend):
     def from_artifact(cls, artifact: "Artifact", precision: str, device: str | int | None = "cpu",
                       dtype: str | None = None, batch_size: int | None = None, static_shapes: bool = False,
                       cuda_graphs: bool = False, graph_capture: Any = None, **_: Any) -> "TorchBackend":
-        return cls(loader=weights_of(artifact), device=device, precision=precision, dtype=dtype,
-                   batch_size=batch_size, static_shapes=static_shapes, cuda_graphs=cuda_graphs,
-                   graph_capture=graph_capture)
+        backend = cls(loader=weights_of(artifact), device=device, precision=precision, dtype=dtype,
+                      batch_size=batch_size, static_shapes=static_shapes, cuda_graphs=cuda_graphs,
+                      graph_capture=graph_capture)
+        if artifact.config is not None:
+            backend.noise_shape = _noise_shape(artifact.config)
+        return backend
 
     @property
     def half(self) -> torch.dtype | None:
@@ -199,6 +206,7 @@ class TorchBackend(TorchArrays, Backend):
         if self.half is not None and model.dtype != torch.float32:
             model = _float32_twin(model)  # autocast over an fp32 residual stream: the norms stay fp32
         self.graph = StepGraph(model.to(self.device).eval())
+        self.noise_shape = _noise_shape(model.config)  # the model takes the noise addends directly
         if self.static_shapes:
             self.max_batch = int(self.batch_size)
             self._done = torch.zeros(self.max_batch, dtype=torch.bool, device=self.device)
@@ -223,23 +231,23 @@ class TorchBackend(TorchArrays, Backend):
         return torch.autocast(self.device.type, dtype=self.half, cache_enabled=False)
 
     def _run(self, tokens: torch.Tensor, z_H: torch.Tensor, z_L: torch.Tensor,
-             done: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+             done: torch.Tensor | None, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         with self._autocast():
-            return self.graph(tokens, z_H, z_L, done)
+            return self.graph(tokens, z_H, z_L, done, noise)
 
     @torch.inference_mode()
     def step_impl(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        done = None
+        done, noise = None, feeds.get(NOISE_INPUT)
         if self.static_shapes:
             B = feeds["tokens"].shape[0]
             if B != self.max_batch:
                 raise ValueError(f"slots mode runs {self.max_batch} rows, got {B}")
             done = self._done
-            if self.cuda_graphs:
+            if self.cuda_graphs and noise is None:  # noisy steps run eagerly (the graph has no noise input)
                 captured = self._captured(B)
                 if captured is not None:
                     return self._replay(captured, feeds)
-        outputs = self._run(feeds["tokens"], feeds["z_H"], feeds["z_L"], done)
+        outputs = self._run(feeds["tokens"], feeds["z_H"], feeds["z_L"], done, noise)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # honest step times (the loop reads them)
         return dict(zip(OUTPUT_NAMES, outputs))
@@ -311,6 +319,11 @@ class TorchBackend(TorchArrays, Backend):
         if self.device.type == "cuda":
             info["gpu"] = torch.cuda.get_device_name(self.device)
         return info
+
+
+def _noise_shape(config: Any) -> tuple[int, int, int]:
+    """(U, L, D) of the noise addends the model's step takes."""
+    return config.updates_per_step, config.seq_len, config.hidden_size
 
 
 def _float32_twin(model: EqRModel) -> EqRModel:

@@ -23,6 +23,9 @@ Two modes:
 - cuda_graphs=False (dynamic shapes): one context, `set_input_shape` per call, so compaction
   shrinks the work; every output is a fresh array of the batch's rows; `done` is all False.
 TensorRT does not allow inputs and outputs to alias, hence the two state buffers.
+- noisy steps (a `noise` feed, path noise): the engine of the noisy step graph, deserialized on
+  the first such step, runs with its own context bound per call and fresh outputs, in either
+  mode (no graph replay); static slots still feed their done mask.
 
 Device arrays (uploads, gathers, concats, dynamic-mode outputs) are row views of max-batch blocks
 from a pool (`_Pool`) reserved at activation and reused when an array is dropped: cudaMalloc and
@@ -44,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from eqr.contract.artifact import INPUT_NAMES, OUTPUT_NAMES, STEP_FEEDS
+from eqr.contract.artifact import INPUT_NAMES, NOISE_INPUT, OUTPUT_NAMES, STEP_FEEDS
 from eqr.contract.errors import EqRError, missing_extra
 from eqr.contract.trt_engine import check_engine, cuda_gpu, rebuild_hint, trt_logger
 from eqr.runtime.backends.base import STATE_NAMES, STATE_OUTPUTS, Backend
@@ -254,12 +257,18 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, engine_path: str | Path, *, precision: str = "fp32", batch_size: int | None = None,
-                 cuda_graphs: bool = True, device: int = 0, static_shapes: bool | None = None) -> None:
+                 cuda_graphs: bool = True, device: int = 0, static_shapes: bool | None = None,
+                 noisy_engine_path: str | Path | None = None, noise_shape: tuple[int, int, int] | None = None) -> None:
         """static_shapes defaults to cuda_graphs; static_shapes=True with cuda_graphs=False runs the
         same fixed slots and bound contexts with a plain enqueue per step (what graph replay must
-        equal bit for bit)."""
+        equal bit for bit). noisy_engine_path: the engine of the precision's noisy step graph, with
+        `noise_shape` (U, L, D) of its noise input; loaded on the first noisy step, which it runs
+        with a plain enqueue on its own context (fresh outputs, every mode)."""
         super().__init__()
         self.engine_path = Path(engine_path)
+        self.noisy_engine_path = Path(noisy_engine_path) if noisy_engine_path is not None else None
+        self.noise_shape = noise_shape if self.noisy_engine_path is not None else None
+        self._noisy: tuple[Any, Any] | None = None  # (engine, context) of the noisy engine, once used
         self.precision = precision
         self.requested_batch = batch_size
         self.cuda_graphs = cuda_graphs  # False after a failed capture, until the next activation
@@ -296,8 +305,13 @@ class TensorRTBackend(Backend):
     @classmethod
     def from_artifact(cls, artifact: "Artifact", precision: str, batch_size: int | None = None,
                       cuda_graphs: bool = True, device: int = 0, **_: Any) -> "TensorRTBackend":
+        noisy = artifact.noisy_engines.get(precision)
+        noise_shape = None
+        if noisy is not None and artifact.config is not None:
+            noise_shape = (artifact.config.updates_per_step, artifact.seq_len, artifact.hidden_size)
         return cls(artifact.engines[precision], precision=precision, batch_size=batch_size,
-                   cuda_graphs=cuda_graphs, device=device)
+                   cuda_graphs=cuda_graphs, device=device, noisy_engine_path=noisy if noise_shape else None,
+                   noise_shape=noise_shape)
 
     # ------------------------------------------------------------------ lifecycle
     def _use_device(self) -> None:
@@ -361,6 +375,7 @@ class TensorRTBackend(Backend):
         self._graphs = []
         self._contexts: list[Any] = []
         self.context = None
+        self._noisy = None
         self.engine = None
         self.runtime = None
         for held in (*self._keep, *[a.owner for pair in self._pairs.values() for a in pair],
@@ -550,6 +565,8 @@ class TensorRTBackend(Backend):
         self._use_device()
         for name in STEP_FEEDS:
             self._check_pointer(name, feeds[name])
+        if NOISE_INPUT in feeds:
+            return self._noisy_step(feeds)
         if self.static_shapes:
             source = self._source_of(feeds)
             graph_exec, outputs = self._graphs[source]
@@ -564,6 +581,40 @@ class TensorRTBackend(Backend):
             self._enqueue(self.context, outputs)
         cuda_check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")  # honest timing
         return outputs
+
+    def _noisy_step(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """One step of the noisy engine: bound per call (the noise is new every step), every output
+        a fresh array; static slots feed their done mask, so frozen rows still keep their state
+        (the next noise-free step copies the state back into the ping-pong buffers)."""
+        context = self._noisy_context()
+        B = feeds["tokens"].shape[0]
+        inputs = {name: feeds[name] for name in (*STEP_FEEDS, NOISE_INPUT)} | {"done": self._done.rows(B)}
+        outputs = self._bind(context, inputs, self._fresh_outputs(B))
+        self._enqueue(context, outputs)
+        cuda_check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return outputs
+
+    def _noisy_context(self) -> Any:
+        """The noisy engine's execution context, deserialized and checked on first use."""
+        if self._noisy is None:
+            trt = import_tensorrt()
+            path = self.noisy_engine_path
+            check_engine(path, device=self.device)
+            engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise EqRError(f"{path}: TensorRT {trt.__version__} cannot load this engine; "
+                               f"{rebuild_hint(path, self.precision)}")
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            if sorted(names) != sorted((*INPUT_NAMES, NOISE_INPUT, *OUTPUT_NAMES)):
+                raise EqRError(f"{path}: I/O tensors {names} are not the eqr noisy step contract; "
+                               f"{rebuild_hint(path, self.precision)}")
+            self.dtypes[NOISE_INPUT] = _numpy_dtype(trt, engine.get_tensor_dtype(NOISE_INPUT))
+            context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.STATIC)
+            if context is None:
+                raise EqRError(f"{path}: TensorRT could not create an execution context (out of GPU memory?)")
+            self._pool.reserve(self.noise_shape, self.dtypes[NOISE_INPUT], 2)  # this step's noise and the next's
+            self._noisy = engine, context
+        return self._noisy[1]
 
     def _source_of(self, feeds: Mapping[str, Any]) -> int:
         """Static slots: the ping-pong buffer holding the input state, copying foreign feeds into
