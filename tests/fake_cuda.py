@@ -411,3 +411,25 @@ def fake_loaders(trt: SimpleNamespace, calls: list[dict[str, Any]]) -> dict[str,
     return {"NetworkFromOnnxBytes": lambda data, strongly_typed: ("network", data, strongly_typed),
             "CreateConfig": lambda **options: options, "PostprocessConfig": lambda config, fn: config,
             "EngineBytesFromNetwork": engine_bytes, "Profile": Profile}
+
+
+def fake_engine_builds(monkeypatch: Any, cache_dir: Any, gpu: Any, version: str = "10.3.0") -> list[dict[str, Any]]:
+    """TensorRT `version` on `gpu` (an eqr.export.tensorrt.GpuInfo) with Polygraphy's loaders faked
+    (`fake_loaders`) for the rest of a test -> the list each build is appended to."""
+    import sys
+
+    import polygraphy.backend.trt as loaders
+    import polygraphy.backend.trt.util as polygraphy_util
+
+    from eqr.contract import trt_engine
+    from eqr.export import tensorrt as trt_export
+
+    trt, calls = builder_tensorrt(version), []
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    for name, fake in fake_loaders(trt, calls).items():
+        monkeypatch.setattr(loaders, name, fake)
+    monkeypatch.setattr(polygraphy_util, "TRT_LOGGER", None)
+    monkeypatch.setattr(trt_engine, "_LOGGER", None)
+    monkeypatch.setattr(trt_export, "cuda_gpu", lambda device=0: gpu)
+    monkeypatch.setenv("EQR_CACHE_DIR", str(cache_dir))
+    return calls

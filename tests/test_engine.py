@@ -19,12 +19,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from fake_cuda import builder_tensorrt, fake_loaders
+from fake_cuda import fake_engine_builds
 from runtime_helpers import contractive_model
 from test_torch_free import NO_TORCH
 
 from eqr.commands import cli
-from eqr.contract import trt_engine
 from eqr.contract.artifact import read_manifest
 from eqr.contract.io import sha256_file
 from eqr.contract.progress import Progress
@@ -53,19 +52,7 @@ def export_dir(exported, tmp_path) -> Path:
 @pytest.fixture
 def fake_build(monkeypatch, tmp_path) -> list[dict]:
     """TensorRT 10.3 on an Orin Nano, Polygraphy's loaders faked -> the builds they ran."""
-    import polygraphy.backend.trt as loaders
-    import polygraphy.backend.trt.util as polygraphy_util
-
-    trt = builder_tensorrt("10.3.0")
-    calls: list[dict] = []
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    for name, fake in fake_loaders(trt, calls).items():
-        monkeypatch.setattr(loaders, name, fake)
-    monkeypatch.setattr(polygraphy_util, "TRT_LOGGER", None)
-    monkeypatch.setattr(trt_engine, "_LOGGER", None)
-    monkeypatch.setattr(trt_export, "cuda_gpu", lambda device=0: ORIN)
-    monkeypatch.setenv("EQR_CACHE_DIR", str(tmp_path / "cache"))
-    return calls
+    return fake_engine_builds(monkeypatch, tmp_path / "cache", ORIN)
 
 
 def engine(args: list[str]):

@@ -413,26 +413,14 @@ def test_bench_noise_reaches_the_runtime_rule_and_the_export() -> None:
 def test_eqr_engine_builds_the_noisy_graphs_engine_beside_the_plain_one(noisy_export, monkeypatch, tmp_path) -> None:
     import json
     import shutil
-    import sys
 
-    import polygraphy.backend.trt as loaders
-    import polygraphy.backend.trt.util as polygraphy_util
-    from fake_cuda import builder_tensorrt, fake_loaders
+    from fake_cuda import fake_engine_builds
 
-    from eqr.contract import trt_engine
-    from eqr.export import tensorrt as trt_export
     from eqr.export.tensorrt import GpuInfo
     from eqr.runtime.resolve import load_artifact
 
     gpu = GpuInfo("Orin", "8.7", sm_count=8, integrated=True)
-    trt, calls = builder_tensorrt("10.3.0"), []
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    for name, fake in fake_loaders(trt, calls).items():
-        monkeypatch.setattr(loaders, name, fake)
-    monkeypatch.setattr(polygraphy_util, "TRT_LOGGER", None)
-    monkeypatch.setattr(trt_engine, "_LOGGER", None)
-    monkeypatch.setattr(trt_export, "cuda_gpu", lambda device=0: gpu)
-    monkeypatch.setenv("EQR_CACHE_DIR", str(tmp_path / "cache"))
+    calls = fake_engine_builds(monkeypatch, tmp_path / "cache", gpu)
     export = Path(shutil.copytree(noisy_export, tmp_path / "noisy-eqr"))
     result = CliRunner().invoke(cli, ["engine", str(export), "--precision", "fp32", "--json", "-q"])
     assert result.exit_code == 0, result.output
