@@ -7,6 +7,11 @@ run tiny Gather/Concat graphs on the same provider, so they stay on the device t
 `noise` (path noise) runs the precision's noisy step graph instead, a second session built on the
 first such step (the export's `model.step.noisy.onnx`; none: `noise_shape` is None).
 
+On the CPU provider a step larger than `row_block` rows runs as consecutive blocks of rows bound
+by pointer into the same input and output buffers: the same graph and outputs, but each block's
+activations stay in the cache (the paper-size step at batch 64 ran at 0.49 of the GEMM peak whole
+and at 0.76 at 16 rows; docs/performance.md#the-fp32-step-and-the-cache).
+
 Providers: CPU here; CUDA and TensorRT providers when the installed onnxruntime has them and
 `providers` is left to choose (`eqr solve --backend auto`). With `require_provider`, the first of
 `providers` must be the one that runs (`eqr solve --provider cuda`): ONNX Runtime itself falls
@@ -34,7 +39,16 @@ log = logging.getLogger(__name__)
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 HOST_OUTPUTS = ("preds", "residual", "logit_delta", "q_halt")  # read by the loop every step
 _ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
-                  "tensor(int64)": np.int64}
+                  "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
+# A CPU step runs in blocks of rows whose latent state (z_H, one row: L * D float32) fits this
+# many bytes together: 12 rows at the paper size (L 81, D 512), no blocks for the bundled models
+# at batch 64 (docs/performance.md#the-fp32-step-and-the-cache).
+ROW_BLOCK_STATE_BYTES = 2 << 20
+
+
+def cpu_row_block(seq_len: int, hidden: int) -> int:
+    """Rows per block of a CPU step for a model of this sequence length and width."""
+    return max(1, ROW_BLOCK_STATE_BYTES // (4 * seq_len * hidden))
 
 
 def import_onnxruntime() -> Any:
@@ -68,12 +82,16 @@ class OrtBackend(Backend):
     def __init__(self, onnx_path: str | Path, *, providers: Sequence[str] | None = None,
                  threads: int | None = None, precision: str = "fp32",
                  profile: tuple[tuple[int, int, int], int, int] | None = None, require_provider: bool = False,
-                 noisy_path: str | Path | None = None, noise_shape: tuple[int, int, int] | None = None) -> None:
+                 noisy_path: str | Path | None = None, noise_shape: tuple[int, int, int] | None = None,
+                 row_block: int | None = None) -> None:
         """profile: ((min, opt, max) batch, L, D) for ONNX Runtime's TensorRT provider, which
         otherwise rebuilds its engine for every new batch size that compaction produces.
         noisy_path: the precision's noisy step graph, with `noise_shape` (U, L, D) of its noise
-        input; its session is built on the first noisy step."""
+        input; its session is built on the first noisy step.
+        row_block: rows per block of a CPU step (None: `cpu_row_block` of the graph's L and D; 0: whole)."""
         super().__init__()
+        self.row_block = row_block
+        self._block = 0  # rows per block of this session's steps, set at activate() (0: whole steps)
         self.onnx_path = Path(onnx_path)
         self.noisy_path = Path(noisy_path) if noisy_path is not None else None
         self.noise_shape = noise_shape if self.noisy_path is not None else None
@@ -151,7 +169,18 @@ class OrtBackend(Backend):
         self._dtypes = {v.name: _ONNX_TO_NUMPY.get(v.type, np.float32)
                         for v in [*self.session.get_inputs(), *self.session.get_outputs()]}
         self._binding = self.session.io_binding()
+        self._block = self._rows_per_block()
         log.info("onnxruntime %s on %s (providers %s)", self.onnx_path.name, self.device, self.session.get_providers())
+
+    def _rows_per_block(self) -> int:
+        """0 (whole steps) off the CPU or when the graph's per-row shapes are not static."""
+        per_row = [o.shape[1:] for o in (*self.session.get_inputs(), *self.session.get_outputs())]
+        if self.device != "cpu" or any(not isinstance(d, int) for shape in per_row for d in shape):
+            return 0
+        if self.row_block is not None:
+            return self.row_block
+        _, L, D = next(i.shape for i in self.session.get_inputs() if i.name == "z_H")  # [B, L, D]
+        return cpu_row_block(L, D)
 
     def _load(self, path: Path, inputs: tuple[str, ...]) -> Any:
         """A session of the step graph at `path`, whose inputs must be `inputs` (EqRError otherwise)."""
@@ -224,6 +253,8 @@ class OrtBackend(Backend):
     def step_impl(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         noisy = NOISE_INPUT in feeds
         session, binding = self._noisy_session() if noisy else (self.session, self._binding)
+        if 0 < self._block < feeds["tokens"].shape()[0]:
+            return self._step_in_blocks(session, binding, feeds, noisy)
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
         for name in (*STEP_FEEDS, NOISE_INPUT) if noisy else STEP_FEEDS:
@@ -240,6 +271,29 @@ class OrtBackend(Backend):
         outputs = dict(zip(OUTPUT_NAMES, values))
         outputs.update(states)  # keep our own buffer objects so the next step can tell them apart
         return outputs
+
+    def _step_in_blocks(self, session: Any, binding: Any, feeds: Mapping[str, Any], noisy: bool) -> dict[str, Any]:
+        """The step run on consecutive blocks of `_block` rows, each bound by pointer into the
+        whole batch's inputs and outputs (host memory: the CPU provider only)."""
+        ort = import_onnxruntime()
+        B = feeds["tokens"].shape()[0]
+        inputs = {name: feeds[name] for name in ((*STEP_FEEDS, NOISE_INPUT) if noisy else STEP_FEEDS)}
+        inputs["done"] = self._done_for(B)
+        outputs = {STATE_OUTPUTS[s]: self._output_buffer(s, feeds[s]) for s in STATE_NAMES}
+        for o in session.get_outputs():
+            if o.name not in outputs:
+                outputs[o.name] = ort.OrtValue.ortvalue_from_shape_and_type([B, *o.shape[1:]],
+                                                                          _ONNX_TO_NUMPY[o.type], "cpu", 0)
+        for start in range(0, B, self._block):
+            rows = min(self._block, B - start)
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            for name, value in inputs.items():
+                binding.bind_input(name, "cpu", 0, *_rows_of(value, start, rows))
+            for name, value in outputs.items():
+                binding.bind_output(name, "cpu", 0, *_rows_of(value, start, rows))
+            session.run_with_iobinding(binding)
+        return {name: outputs[name] for name in OUTPUT_NAMES}
 
     def _done_for(self, B: int) -> Any:
         if B not in self._not_done:
@@ -285,6 +339,14 @@ class OrtBackend(Backend):
             self._ops[key] = ort.InferenceSession(model.SerializeToString(), self._session_options(1),
                                                   providers=providers)
         return self._ops[key]
+
+
+def _rows_of(value: Any, start: int, rows: int) -> tuple[Any, list[int], int]:
+    """(numpy dtype, shape, pointer) of rows [start, start + rows) of a host OrtValue (rows are contiguous)."""
+    dtype = np.dtype(_ONNX_TO_NUMPY[value.data_type()])
+    shape = value.shape()
+    row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    return dtype.type, [rows, *shape[1:]], value.data_ptr() + start * row_bytes
 
 
 def _array_op_model(op: str, elem_type: int, arity: int, rank: int) -> Any:
