@@ -8,9 +8,9 @@ run tiny Gather/Concat graphs on the same provider, so they stay on the device t
 first such step (the export's `model.step.noisy.onnx`; none: `noise_shape` is None).
 
 On the CPU provider a step larger than `row_block` rows runs as consecutive blocks of rows bound
-by pointer into the same input and output buffers: the same graph and outputs, but each block's
-activations stay in the cache (the paper-size step at batch 64 ran at 0.49 of the GEMM peak whole
-and at 0.76 at 16 rows; docs/performance.md#the-fp32-step-and-the-cache).
+by pointer into the same input and output buffers: the same graph and outputs bit for bit, with a
+smaller working set per run (the paper-size step at batch 64: 6% faster in blocks of 24 rows on an
+idle machine, more beside other work; docs/performance.md#the-fp32-step-and-the-cache).
 
 Providers: CPU here; CUDA and TensorRT providers when the installed onnxruntime has them and
 `providers` is left to choose (`eqr solve --backend auto`). With `require_provider`, the first of
@@ -41,9 +41,9 @@ HOST_OUTPUTS = ("preds", "residual", "logit_delta", "q_halt")  # read by the loo
 _ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
                   "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
 # A CPU step runs in blocks of rows whose latent state (z_H, one row: L * D float32) fits this
-# many bytes together: 12 rows at the paper size (L 81, D 512), no blocks for the bundled models
-# at batch 64 (docs/performance.md#the-fp32-step-and-the-cache).
-ROW_BLOCK_STATE_BYTES = 2 << 20
+# many bytes together: 25 rows at the paper size (L 81, D 512; 24 and 32 rows measured best of
+# 8-32), no blocks for the bundled models at batch 64 (docs/performance.md#the-fp32-step-and-the-cache).
+ROW_BLOCK_STATE_BYTES = 4 << 20
 
 
 def cpu_row_block(seq_len: int, hidden: int) -> int:
