@@ -108,10 +108,11 @@ def run_calibrate(export_dir: str, data: str | None, cfg: CalibConfig,
     with tempfile.TemporaryDirectory(prefix=".eqr-calibrate-", dir=root) as staging:
         fit_inputs = puzzles.inputs if rules_on is None else rules_on.inputs
         fit_steps = max(cfg.rule_steps if rules_on is not None else cfg.max_depth, 2)
+        fit_rows = len(fit_inputs) * (cfg.rule_breadth if rules_on is not None else 1)
         # the unit is one row-step of the recorded runs (the long part at paper size: puzzles x steps per precision)
         note = None if rules_on is None else (lambda eta: rule_fit_note(eta, len(rules_on.inputs)))
         with progress.bar("building precision graphs and fitting stopping rules",
-                          len(measured) * len(fit_inputs) * fit_steps, long_note=note) as advance:
+                          len(measured) * fit_rows * fit_steps, long_note=note) as advance:
             for precision in measured:
                 built = precision in build
                 path = artifact.onnx.get(precision)
@@ -176,7 +177,8 @@ def measure_precision(artifact: Artifact, precision: str, onnx_path: Path, input
     solver = Solver(backend, artifact.seq_len, artifact.hidden_size, artifact.init_std, precision=precision)
     steps = max(cfg.rule_steps if labels is not None else cfg.max_depth, 2)
     with solver:
-        traj = record_trajectories(solver, inputs, steps, cfg.seed, advance)
+        traj = record_trajectories(solver, inputs, steps, cfg.seed, advance,
+                                   breadth=cfg.rule_breadth if labels is not None else 1)
     tail = traj.residual[steps // 2:]  # late residuals (N/2, P)
     floor = float(np.median(np.nanmin(np.where(np.isfinite(tail), tail, np.inf), axis=0)))
     rule = recommended_tol(precision, floor)

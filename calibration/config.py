@@ -41,6 +41,7 @@ class CalibConfig(JsonConfig):
     rule_puzzles: int = 256  # labelled puzzles the stopping rules are fitted (half) and measured (half) on; 0: none
     rule_steps: int = 32  # fixed depth of the recorded trajectories the rules are replayed on
     rule_margin: float = 1.0  # accuracy points a rule may lose against the best fixed depth
+    rule_breadth: int = 1  # trajectories per rule puzzle: a rule is judged on the answer `converged` picks of them
 
     def __post_init__(self) -> None:
         _freeze_tuples(self)
@@ -60,6 +61,8 @@ class CalibConfig(JsonConfig):
         if self.rule_puzzles < 0 or self.rule_puzzles == 1 or self.rule_steps < 2 or self.rule_margin < 0:
             raise EqRError("--rule-puzzles must be 0 or >= 2, --rule-steps >= 2 and --rule-margin >= 0, got "
                            f"{self.rule_puzzles}, {self.rule_steps}, {self.rule_margin}")
+        if self.rule_breadth < 1:
+            raise EqRError(f"--rule-breadth must be >= 1, got {self.rule_breadth}")
 
     @property
     def max_depth(self) -> int:

@@ -10,17 +10,23 @@ the rule with the fewest mean steps whose exact accuracy is within `margin` poin
 fixed depth's wins (ties: the more accurate). "Within" is judged one standard error down: the
 accuracy difference is paired per puzzle, and a rule that wins some puzzles and loses others
 (a noisy rule, which would not hold on new puzzles) must keep the margin after its standard
-error is subtracted. `fit_and_evaluate` fits on one half of the puzzles and measures the chosen
+error is subtracted. Recorded at breadth K (K trajectories per puzzle), accuracy is the puzzle's
+answer under the loop's `converged` aggregation, so a rule is judged where it will run: a rule that
+loses nothing on single trajectories can still stop a wrong one early with a low score, and that
+one then wins the puzzle. `fit_and_evaluate` fits on one half of the puzzles and measures the chosen
 rule on the other half (held-out: no puzzle is used for both).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from eqr.runtime.aggregate import converged_top1
+from eqr.runtime.config import SolveConfig
 from eqr.runtime.stopping_rules import RULE_FIELDS, RULES, Signals, active_rules
 
 WINDOWS = (None, 1, 2, 3, 4, 6, 8, 12, 16)
@@ -33,7 +39,8 @@ CONFIDENCE_Z = 1.0  # standard errors of the paired accuracy difference a rule m
 
 @dataclass(frozen=True)
 class Trajectories:
-    """The per-step record of T trajectories over N steps (one fixed-depth run of the loop).
+    """The per-step record of T = P * K trajectories over N steps (one fixed-depth run of the loop),
+    K per puzzle (`breadth`), row p*K + k.
 
     preds        int32 (N, T, L)  argmax after each step
     residual     fp32  (N, T)     relative state residual of each step (NaN/Inf: diverged)
@@ -45,20 +52,28 @@ class Trajectories:
     residual: np.ndarray
     logit_delta: np.ndarray
     q_halt: np.ndarray
+    breadth: int = 1
 
     @property
     def steps(self) -> int:
         return self.preds.shape[0]
 
     def select(self, rows: np.ndarray) -> "Trajectories":
+        """Trajectories `rows`, at breadth 1."""
         return Trajectories(self.preds[:, rows], self.residual[:, rows], self.logit_delta[:, rows],
                             self.q_halt[:, rows])
 
+    def puzzles(self, index: np.ndarray) -> "Trajectories":
+        """Every trajectory of the puzzles `index`, at this breadth."""
+        K = self.breadth
+        rows = (np.asarray(index)[:, None] * K + np.arange(K)).ravel()  # (P', K) -> (P' * K,)
+        return dataclasses.replace(self.select(rows), breadth=K)
+
 
 def record_trajectories(solver: Any, tokens: np.ndarray, steps: int, seed: int,
-                        advance: Any = None) -> Trajectories:
-    """One trajectory per puzzle (breadth 1, seeds as `Solver.solve`), `steps` fixed steps, recorded.
-    advance(n): progress in row-steps (len(tokens) x steps in all)."""
+                        advance: Any = None, breadth: int = 1) -> Trajectories:
+    """`breadth` trajectories per puzzle (seeds as `Solver.solve`), `steps` fixed steps, recorded.
+    advance(n): progress in row-steps (len(tokens) x breadth x steps in all)."""
     from eqr.calibration.record import RecordingBackend
 
     tokens = np.asarray(tokens)
@@ -66,10 +81,11 @@ def record_trajectories(solver: Any, tokens: np.ndarray, steps: int, seed: int,
     inner, solver.backend = solver.backend, recorder
     try:
         with recorder:
-            result = solver.solve(tokens, fixed_depth=steps, seed=seed, aggregate="first", stats="trace")
+            result = solver.solve(tokens, fixed_depth=steps, breadth=breadth, seed=seed, aggregate="first",
+                                  stats="trace")
     finally:
         solver.backend = inner
-    T, L = tokens.shape
+    T, L = len(tokens) * breadth, tokens.shape[1]
     stats = result.stats
     # Every row is admitted at once and only diverged rows leave early (compaction keeps order):
     # after step n the recorded rows are those that had not diverged before step n.
@@ -84,7 +100,7 @@ def record_trajectories(solver: Any, tokens: np.ndarray, steps: int, seed: int,
     width = stats.residual_trace.shape[1]
     pad = lambda trace: np.pad(trace, ((0, 0), (0, steps - width)), constant_values=np.nan).T  # noqa: E731
     residual, logit_delta = pad(stats.residual_trace), pad(stats.logit_delta_trace)  # (T, N) -> (N, T), NaN once diverged
-    return Trajectories(preds, residual.astype(np.float32), logit_delta.astype(np.float32), q_halt)
+    return Trajectories(preds, residual.astype(np.float32), logit_delta.astype(np.float32), q_halt, breadth)
 
 
 # --------------------------------------------------------------------------- replaying the loop's rule
@@ -107,18 +123,22 @@ def _run_lengths(hit: np.ndarray) -> np.ndarray:
 
 
 class Replay:
-    """Per-trajectory facts every rule is read from: counters precomputed once, rules read in O(T)."""
+    """Per-trajectory facts every rule is read from: counters precomputed once, rules read in O(T).
+    labels: int (P, L), one per puzzle (P = T / K)."""
 
     def __init__(self, traj: Trajectories, labels: np.ndarray | None) -> None:
-        N = traj.steps
+        N, K = traj.steps, traj.breadth
         finite = np.isfinite(traj.residual) & np.isfinite(traj.logit_delta)  # (N, T)
         self.N = N
         self.diverged_at = _first(~finite)  # (T,)
         changed = np.ones(traj.residual.shape, bool)
         changed[1:] = (traj.preds[1:] != traj.preds[:-1]).any(axis=2)
         self.signals = Signals(residual=traj.residual, q_halt=traj.q_halt, changed=changed)  # (N, T) each
-        self.traj = traj
-        self.correct = None if labels is None else (traj.preds == labels[None]).all(axis=2)  # (N, T)
+        self.traj, self.K = traj, K
+        rows = None if labels is None else np.repeat(labels, K, axis=0)  # (P, L) -> (T, L)
+        self.correct = None if labels is None else (traj.preds == rows[None]).all(axis=2)  # (N, T)
+        summed = np.nan_to_num(traj.logit_delta, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float64)
+        self.delta_sums = np.concatenate([np.zeros((1, summed.shape[1])), summed.cumsum(axis=0)])  # (N + 1, T)
         self._counts: dict[tuple[int, Any], np.ndarray] = {}
         self._first_cache: dict[tuple[int, Any, int], np.ndarray] = {}
 
@@ -145,14 +165,28 @@ class Replay:
         at = np.where(stop == self.diverged_at, stop - 2, stop - 1).clip(min=0)
         return self.traj.preds[at, np.arange(len(stop))]
 
+    def chosen(self, stop: np.ndarray) -> np.ndarray:
+        """int64 (P,): the trajectory the loop's `converged` aggregation picks per puzzle: the lowest mean
+        logit_delta over its last score_window steps (all, if fewer); a diverged one never wins."""
+        start = np.maximum(stop - SolveConfig.score_window, 0)
+        columns = np.arange(len(stop))
+        score = (self.delta_sums[stop, columns] - self.delta_sums[start, columns]) / (stop - start)  # (T,)
+        K = self.K
+        valid = (stop < self.diverged_at).reshape(-1, K)  # (T,) -> (P, K)
+        return converged_top1(np.zeros((len(valid), K, 1)), score.reshape(-1, K), valid)
+
     def correct_under(self, rule: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        """(bool (T,) answer right, int (T,) steps) of `rule` on these trajectories."""
+        """(bool (P,) the puzzle's answer right, int (T,) steps) of `rule` on these trajectories."""
         stop = self.stop_steps(rule)
         at = np.where(stop == self.diverged_at, stop - 2, stop - 1).clip(min=0)
-        return self.correct[at, np.arange(len(stop))], stop
+        right = self.correct[at, np.arange(len(stop))]  # (T,)
+        if self.K == 1:
+            return right, stop
+        by_puzzle = right.reshape(-1, self.K)  # (T,) -> (P, K)
+        return by_puzzle[np.arange(len(by_puzzle)), self.chosen(stop)], stop
 
     def score(self, rule: dict[str, Any]) -> tuple[float, float]:
-        """(exact accuracy in percent, mean steps) of `rule` on these trajectories."""
+        """(exact accuracy in percent over puzzles, mean steps per trajectory) of `rule`."""
         correct, stop = self.correct_under(rule)
         return 100.0 * float(correct.mean()), float(stop.mean())
 
@@ -194,6 +228,7 @@ def fit_rule(traj: Trajectories, labels: np.ndarray, margin: float = DEFAULT_MAR
     """The rule with the fewest mean steps whose accuracy is >= the best fixed depth's - margin,
     with the paired difference's standard error (times z) subtracted first.
 
+    Accuracy is per puzzle at the record's breadth (labels int (P, L)), steps per trajectory.
     Returns {"rule", "accuracy", "mean_steps", "best_fixed_depth", "best_fixed_accuracy"} on `traj`.
     The best fixed depth is itself a candidate (difference 0, error 0), so some rule qualifies.
     """
@@ -202,12 +237,12 @@ def fit_rule(traj: Trajectories, labels: np.ndarray, margin: float = DEFAULT_MAR
     fixed = replay.fixed_depths()[:cap]
     best_depth, best_accuracy = max(fixed, key=lambda da: (da[1], -da[0]))
     best_correct, _ = replay.correct_under({"max_steps": best_depth})
-    T = len(best_correct)
+    P = len(best_correct)
     chosen, chosen_score = None, None
     for rule in rule_grid(traj, cap):
         correct, stop = replay.correct_under(rule)
-        diff = correct.astype(np.float64) - best_correct  # (T,) paired: +1 won, -1 lost, 0 same
-        lower = 100.0 * (diff.mean() - z * diff.std(ddof=1) / np.sqrt(T)) if T > 1 else 100.0 * diff.mean()
+        diff = correct.astype(np.float64) - best_correct  # (P,) paired: +1 won, -1 lost, 0 same
+        lower = 100.0 * (diff.mean() - z * diff.std(ddof=1) / np.sqrt(P)) if P > 1 else 100.0 * diff.mean()
         if lower < -margin - 1e-9:
             continue
         accuracy, steps = 100.0 * float(correct.mean()), float(stop.mean())
@@ -228,7 +263,7 @@ def evaluate_rule(traj: Trajectories, labels: np.ndarray, rule: dict[str, Any],
     fixed = replay.fixed_depths()
     best_depth, best_accuracy = max(fixed, key=lambda da: (da[1], -da[0]))
     result = {"accuracy": accuracy, "mean_steps": steps, "best_fixed_depth": best_depth,
-              "best_fixed_accuracy": best_accuracy, "puzzles": traj.preds.shape[1]}
+              "best_fixed_accuracy": best_accuracy, "puzzles": traj.preds.shape[1] // traj.breadth}
     if fixed_depth is not None:
         result |= {"fixed_depth": fixed_depth, "fixed_depth_accuracy": fixed[fixed_depth - 1][1]}
     return result
@@ -237,16 +272,16 @@ def evaluate_rule(traj: Trajectories, labels: np.ndarray, rule: dict[str, Any],
 def fit_and_evaluate(traj: Trajectories, labels: np.ndarray, margin: float = DEFAULT_MARGIN) -> dict[str, Any]:
     """Fit on the even-numbered puzzles, measure on the odd-numbered ones (disjoint halves).
 
-    The manifest's `stopping` entry: {"rule", "margin", "recorded_steps", "fit": {...}, "heldout": {...}}.
+    The manifest's `stopping` entry: {"rule", "margin", "recorded_steps", "breadth", "fit": {...}, "heldout": {...}}.
     """
-    T = traj.preds.shape[1]
-    if T < 2:
+    P = len(labels)
+    if P < 2:
         raise ValueError("fitting a stopping rule needs at least 2 puzzles (one to fit, one held out)")
-    fit_rows, held_rows = np.arange(0, T, 2), np.arange(1, T, 2)
-    fitted = fit_rule(traj.select(fit_rows), labels[fit_rows], margin)
+    fit_rows, held_rows = np.arange(0, P, 2), np.arange(1, P, 2)
+    fitted = fit_rule(traj.puzzles(fit_rows), labels[fit_rows], margin)
     rule = fitted.pop("rule")
-    heldout = evaluate_rule(traj.select(held_rows), labels[held_rows], rule, fitted["best_fixed_depth"])
-    return {"rule": rule, "margin": margin, "recorded_steps": traj.steps,
+    heldout = evaluate_rule(traj.puzzles(held_rows), labels[held_rows], rule, fitted["best_fixed_depth"])
+    return {"rule": rule, "margin": margin, "recorded_steps": traj.steps, "breadth": traj.breadth,
             "fit": fitted | {"puzzles": len(fit_rows)}, "heldout": heldout}
 
 

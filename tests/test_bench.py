@@ -34,7 +34,7 @@ def test_bench_smoke_prints_a_parsable_result_line_per_measurement(monkeypatch) 
     # the one table drives --only and the order; serving (it starts a server) runs only when named
     assert list(parsed) == list(DEFAULT_MEASUREMENTS) == [m for m in MEASURE if m != "serving"]
     assert set(MEASUREMENTS) == set(MEASURE) and "serving" in MEASUREMENTS
-    assert "stopping rule: {" in result.output and "fitted here (6 puzzles" in result.output
+    assert "stopping rule: {" in result.output and "fitted here (6 puzzles x K 2" in result.output  # at its breadth
     for name, fields in parsed.items():
         value = float(fields[name])
         assert math.isfinite(value) and value >= 0, (name, fields)
@@ -223,3 +223,24 @@ def test_a_further_goal_of_a_measurement_must_hold_too() -> None:
     assert Measurement(**base, also_met={"b1": True}).met is True
     assert Measurement(**base, also_met={"b1": False}).met is False
     assert Measurement(**base, also_met={"b1": False}, goal_applies=False).met is None
+
+
+def test_the_bench_set_is_half_the_tasks_own_draw_and_half_its_tiers() -> None:
+    """One definition for every measurement: n // 2 puzzles as `generate` draws them (minimal Sudoku
+    puzzles), the rest split over the tiers; --paper (tiers=False) draws them all like that."""
+    from eqr.bench.setting import mixed_puzzles
+    from eqr.tasks import get_task
+
+    task = get_task("sudoku", 4)
+    mixed = mixed_puzzles(task, 7, seed=5)
+    own = task.generate(3, seed=5 + len(task.tiers))
+    np.testing.assert_array_equal(mixed.inputs[4:], own.inputs)
+    np.testing.assert_array_equal(mixed.labels[4:], own.labels)
+    assert mixed.tiers[:4].tolist() == ["easy", "easy", "medium", "hard"]
+    np.testing.assert_array_equal(mixed_puzzles(task, 3, seed=5, tiers=False).inputs, task.generate(3, seed=5).inputs)
+
+
+def test_the_default_model_is_sudoku_6x6() -> None:
+    from eqr.bench.run import default_model
+
+    assert default_model() == "sudoku-6x6"

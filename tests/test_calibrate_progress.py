@@ -62,3 +62,25 @@ def test_a_short_estimate_gives_no_note() -> None:
     assert "note:" not in stream.getvalue() and "fitting: 100/100" in stream.getvalue()
     assert "--rule-puzzles" not in rule_fit_note(300.0, 32)  # nothing smaller to offer
     assert (eta_text(12), eta_text(90), eta_text(3725)) == ("12s", "1m30s", "1h02m")
+
+
+def test_rules_fitted_at_a_breadth_record_that_many_trajectories_per_puzzle(tmp_path: Path) -> None:
+    import pytest
+
+    from eqr.contract.errors import EqRError
+
+    model = contracting_model()
+    save_checkpoint(tmp_path / "tiny.pt", model.config, model.state_dict(),
+                    metadata={"task": {"name": "sudoku", "size": 4}})
+    export_model(load_model(tmp_path / "tiny.pt"), tmp_path / "export",
+                 ExportConfig(engine="never", check_batch=2, check_steps=4))
+    stream = io.StringIO()
+    cfg = CalibConfig(puzzles=2, starts=1, depths=(0, 1, 2), rule_puzzles=4, rule_steps=4, rule_breadth=2,
+                      precisions=("fp16",))
+    entries, _ = run_calibrate(str(tmp_path / "export"), None, cfg, Progress(stream=stream, every_s=1e9))
+    assert entries["fp32"]["stopping"]["breadth"] == entries["fp16"]["stopping"]["breadth"] == 2
+    assert entries["fp32"]["stopping"]["fit"]["puzzles"] == 2  # halves of puzzles, not of trajectories
+    # fp32 and fp16, each 4 puzzles x 2 trajectories x 4 recorded steps
+    assert "fitting stopping rules: 64/64" in stream.getvalue(), stream.getvalue()
+    with pytest.raises(EqRError, match="--rule-breadth must be >= 1"):
+        CalibConfig(rule_breadth=0)

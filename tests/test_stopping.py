@@ -207,3 +207,32 @@ def test_a_settling_rule_in_the_low_stage_hands_the_row_to_the_high_stage(model)
     high = nstep - low  # the high stage's fresh counter needs its own 3 unchanged steps
     assert (high >= 3).all() and (high <= 6).all()
     assert set(result.stats.reasons()) == {"stable"}
+
+
+def test_recorded_at_breadth_the_rows_are_the_solvers_trajectories(model) -> None:
+    puzzles = random_puzzles(3, seed=5)
+    with Solver.from_model(model) as solver:
+        traj = record_trajectories(solver, puzzles, steps=6, seed=3, breadth=2)
+        fixed = solver.solve(puzzles, fixed_depth=6, breadth=2, seed=3, keep_trajectories=True)
+    assert traj.breadth == 2 and traj.preds.shape == (6, 6, 16)
+    np.testing.assert_array_equal(traj.preds[-1].reshape(3, 2, 16), fixed.trajectory_preds)  # row p*K + k
+    assert traj.puzzles(np.array([2])).preds.shape == (6, 2, 16)
+
+
+def test_at_breadth_a_rule_is_judged_by_the_answer_the_converged_score_picks() -> None:
+    """One puzzle, K = 2: trajectory 0 is right, trajectory 1 wrong but moving little at first. At depth 4
+    trajectory 1's last three deltas are the larger, so the puzzle is right; stopped at step 2 it wins."""
+    preds = np.array([[[1], [2]]] * 4, np.int32)  # (N=4, T=2, L=1)
+    logit_delta = np.array([[5.0, 1.0], [5.0, 1.0], [5.0, 9.0], [5.0, 9.0]], np.float32)
+    residual, q_halt = np.ones((4, 2), np.float32), np.zeros((4, 2), np.float32)
+    labels = np.array([[1]], np.int32)
+    traj = Trajectories(preds, residual, logit_delta, q_halt, breadth=2)
+    assert evaluate_rule(traj, labels, {"max_steps": 4})["accuracy"] == 100.0
+    assert evaluate_rule(traj, labels, {"max_steps": 2})["accuracy"] == 0.0
+    single = traj.select(np.arange(2))  # the same trajectories judged one by one: the two caps tie
+    assert evaluate_rule(single, labels[[0, 0]], {"max_steps": 2})["accuracy"] == 50.0
+    assert fit_rule(traj, labels, margin=0.0)["rule"]["max_steps"] >= 3
+    diverging = residual.copy()
+    diverging[1:, 1] = np.nan  # trajectory 1 diverges at step 2: it never wins
+    assert evaluate_rule(Trajectories(preds, diverging, logit_delta, q_halt, 2), labels,
+                         {"max_steps": 2})["accuracy"] == 100.0

@@ -4,7 +4,8 @@ One file per concern: `config` (BenchConfig, goals), `result` (Measurement, RESU
 `setting` (what the measurements share), `reference` (the official protocol's loop, a
 baseline), the measurements (`side_by_side`: reference_vs_runtime, adaptive_steps,
 host_overhead; `batching`: continuous_vs_static; `efficiency`: step_efficiency and the GEMM
-peaks; `cascade`: cascade_vs_fp32; `memory`), `table` (THE name -> measurement table that
+peaks; `int8`: int8_speedup; `cascade`: cascade_vs_fp32; `memory`; `official`: the official
+streaming evaluator and frontier_vs_official), `table` (THE name -> measurement table that
 `--only` reads), `run` and `render`; the command is eqr/commands/bench.py. docs/performance.md explains every measurement.
 """
 from eqr.bench.config import GOALS, BenchConfig

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 from eqr.contract.errors import EqRError
 
-# The bundled models where puzzle difficulty varies, preferred in this order (a 6x6 Sudoku model
-# goes first once it ships); then any bundled model, then FALLBACK_MODEL.
-DEFAULT_MODELS = ("maze-small",)
+# The bundled models where puzzle difficulty varies, preferred in this order (sudoku-6x6: hard
+# puzzles need depth and breadth); then any bundled model, then FALLBACK_MODEL.
+DEFAULT_MODELS = ("sudoku-6x6", "maze-small")
 FALLBACK_MODEL = "cpu-sudoku-4x4"  # a preset (fresh weights) used until bundled models exist
 PAPER_MODEL = "paper-sudoku"
 PAPER_HIDDEN = 512  # step_efficiency's goal is defined at this width (the paper's model)
@@ -24,6 +24,7 @@ GOALS: dict[str, tuple[str, float]] = {
     "reference_vs_runtime": (">=", 3.0), "adaptive_steps": ("<=", 0.35), "continuous_vs_static": (">=", 1.5),
     "host_overhead": ("<=", 0.05), "step_efficiency": (">=", 0.75), "serving_vs_inprocess": (">=", 0.8),
     "int8_speedup": (">=", 2.0),  # at batch 64; batch 1's goal is eqr.bench.int8.BATCH_1_GOAL
+    "frontier_vs_official": (">=", 2.0),  # at breadth 8; by breadth: eqr.bench.official.GOAL_BY_BREADTH
 }
 
 
@@ -33,7 +34,7 @@ class BenchConfig:
 
     model: str  # bundled name, checkpoint or preset
     measurements: tuple[str, ...]  # names in eqr.bench.table.MEASURE, in run order
-    puzzles: int = 128  # mixed-difficulty set for reference_vs_runtime, split evenly over the task's tiers
+    puzzles: int = 128  # the mixed set of every measurement (eqr.bench.setting.mixed_puzzles)
     breadth: int = 4  # K trajectories per puzzle (both sides)
     depth: int = 16  # D: the official protocol's fixed depth
     batch_size: int = 64  # working batch (trajectories) of the runtime, the scheduler and static batches
@@ -46,7 +47,7 @@ class BenchConfig:
     tol: float | None = None
     patience: int | None = None
     window: int | None = None  # 0: off
-    rule_puzzles: int = 128
+    rule_puzzles: int = 256  # as eqr calibrate's; fewer let rules that lose a point at breadth 8 through
     threads: int = 1  # torch, ONNX Runtime and the GEMM peaks all use this many threads
     seed: int = 0
     reference_noise: float | None = None  # path noise of the reference; None: the model's sigma (official)

@@ -64,7 +64,8 @@ def default_model() -> str:
 
 def bench_rule(setting: Setting, info: dict[str, Any]) -> dict[str, Any]:
     """The runtime's stopping rule: the export's calibrated FP32 rule, else one fitted here on
-    `rule_puzzles` labelled puzzles (as `eqr calibrate` does), then the rule flags on top."""
+    `rule_puzzles` labelled puzzles drawn like the bench set (as `eqr calibrate` does, at the bench's
+    breadth), then the rule flags on top."""
     from eqr.calibration.config import CalibConfig
     from eqr.calibration.stopping import fit_and_evaluate, record_trajectories
     from eqr.runtime import Solver
@@ -80,17 +81,18 @@ def bench_rule(setting: Setting, info: dict[str, Any]) -> dict[str, Any]:
         info["rule"] = {"source": "the export's manifest (eqr calibrate)", "rule": calibrated}
         return calibrated | overrides
     steps = CalibConfig.rule_steps
-    setting.report.stage(f"stopping rule: fit on {c.rule_puzzles} labelled puzzles, {steps} recorded fp32 steps "
-                         "each (the export has no calibrated rule)")
+    setting.report.stage(f"stopping rule: fit on {c.rule_puzzles} labelled puzzles x K {c.breadth}, {steps} recorded "
+                         "fp32 steps each (the export has no calibrated rule)")
     puzzles = mixed_puzzles(setting.task, c.rule_puzzles, c.seed + 200)
     if setting.export_dir is None:  # --backend torch, nothing exported: the model itself on --device
         fitting = Solver.from_model(setting.model, device=c.device)
     else:
         fitting = Solver.load(setting.export_dir, backend="onnxruntime", threads=c.threads)
     with fitting as solver:
-        traj = record_trajectories(solver, puzzles.inputs, steps, c.seed)
+        traj = record_trajectories(solver, puzzles.inputs, steps, c.seed, breadth=c.breadth)
     fitted = fit_and_evaluate(traj, puzzles.labels, CalibConfig.rule_margin)
-    info["rule"] = {"source": f"fitted here ({c.rule_puzzles} puzzles, margin {CalibConfig.rule_margin})",
+    info["rule"] = {"source": f"fitted here ({c.rule_puzzles} puzzles x K {c.breadth}, margin "
+                              f"{CalibConfig.rule_margin})",
                     "rule": fitted["rule"], "heldout": fitted["heldout"]}
     return fitted["rule"] | overrides
 

@@ -63,17 +63,21 @@ def model_task(model: Any) -> Any:
 
 
 def mixed_puzzles(task: Any, n: int, seed: int, tiers: bool = True) -> PuzzleSet:
-    """n puzzles split evenly over the task's difficulty tiers (a tier that cannot be made is skipped)."""
+    """The bench's puzzles: n // 2 of the task's own draw (`generate` without a tier: minimal Sudoku
+    puzzles, random mazes), the rest split evenly over its difficulty tiers (a tier that cannot be
+    made is skipped); tiers=False: all n of the task's own draw. Ordered: the tiers, then the own draw."""
+    names = list(task.tiers) if tiers else []
+    own = n // 2 if names else n
+    tiered = n - own
+    plan = [(tier, tiered // len(names) + (1 if i < tiered % len(names) else 0)) for i, tier in enumerate(names)]
     parts = []
-    names = list(task.tiers) if tiers else [None]
-    for i, tier in enumerate(names):
-        count = n // len(names) + (1 if i < n % len(names) else 0)
+    for i, (tier, count) in enumerate([*plan, (None, own)]):
         if count == 0:
             continue
         try:
             parts.append(task.generate(count, seed=seed + i, tier=tier))
         except EqRError as e:
-            log.warning("skipping tier %s: %s", tier, e)
+            log.warning("skipping %s: %s", f"tier {tier}" if tier else "the task's own draw", e)
     if not parts:
         raise EqRError(f"could not generate any {task!r} puzzles; try another --seed")
     return PuzzleSet(np.concatenate([p.inputs for p in parts]).astype(np.int32),

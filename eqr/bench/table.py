@@ -9,6 +9,7 @@ from eqr.bench.cascade import cascade_vs_fp32
 from eqr.bench.efficiency import step_efficiency
 from eqr.bench.int8 import int8_speedup
 from eqr.bench.memory import memory
+from eqr.bench.official import frontier_vs_official
 from eqr.bench.result import Measurement
 from eqr.bench.setting import Setting
 from eqr.bench.side_by_side import adaptive_steps, host_overhead, reference_vs_runtime
@@ -32,6 +33,7 @@ MEASURE: dict[str, Callable[[Setting], Measurement]] = {
     "int8_speedup": int8_speedup,  # ONNX Runtime CPU: int8-cpu step over fp32 step at batch 1 and 64
     "cascade_vs_fp32": cascade_vs_fp32,  # int8+fp32 cascade vs fp32, puzzles/s at equal accuracy
     "memory": memory,  # peak RSS of a fresh process at batch 64 and 256
+    "frontier_vs_official": frontier_vs_official,  # eqr rules vs the official streaming evaluator's frontier
     "serving": serving,  # Triton vs in-process Scheduler, puzzles/s and latency (needs the serve extra)
 }
 MEASUREMENTS = tuple(MEASURE)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from eqr.bench.config import FALLBACK_MODEL, PAPER_MODEL, BenchConfig
+from eqr.bench.config import DEFAULT_MODELS, FALLBACK_MODEL, PAPER_MODEL, BenchConfig
 from eqr.bench.render import render
 from eqr.bench.result import MeasurementError
 from eqr.bench.run import default_model, run_bench
@@ -21,12 +21,12 @@ from eqr.contract.progress import Progress
 
 @click.command()
 @click.option("--model", default=None, help="Bundled model, checkpoint or preset [default: the bundled model "
-              f"where puzzle difficulty varies (maze-small); {FALLBACK_MODEL} (fresh weights) while none is bundled].")
+              f"where puzzle difficulty varies ({DEFAULT_MODELS[0]}); {FALLBACK_MODEL} (fresh weights) while none is bundled].")
 @click.option("--paper", is_flag=True, help=f"reference_vs_runtime (or the --only measurements) on {PAPER_MODEL} "
               "(hidden 512) with random weights for a few steps: the per-step cost at paper scale.")
 @click.option("--only", "only", multiple=True, type=click.Choice(MEASUREMENTS), help="Run only these (repeatable).")
 @click.option("--puzzles", type=int, default=None,
-              help=f"Mixed-difficulty puzzles for reference_vs_runtime and cascade_vs_fp32 "
+              help="Puzzles of the set every measurement shares (half the task's own draw, half its tiers) "
               f"[{BenchConfig.puzzles}; paper 4].")
 @click.option("--breadth", type=int, default=None, help="K trajectories per puzzle [4; paper 1].")
 @click.option("--depth", type=int, default=None, help="D: fixed depth of the official protocol [16; paper 2].")
@@ -47,7 +47,8 @@ from eqr.contract.progress import Progress
 @click.option("--patience", type=int, default=None, help="Runtime: steps the residual must stay below --tol "
               "[default: the calibrated rule's].")
 @click.option("--rule-puzzles", type=int, default=BenchConfig.rule_puzzles, show_default=True,
-              help="Labelled puzzles the FP32 stopping rule is fitted on when the export has none.")
+              help="Labelled puzzles (drawn like the bench set, --breadth trajectories each) the FP32 stopping "
+              "rule is fitted on when the export has none.")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="CPU threads for torch, ONNX Runtime and the GEMM peaks.")
 @precision_option(default=(), choices=tuple(PRECISIONS),
@@ -56,7 +57,8 @@ from eqr.contract.progress import Progress
 @click.option("--cascade", type=click.Choice(CASCADES, case_sensitive=False), default=BenchConfig.cascade,
               show_default=True, help="The cascade of cascade_vs_fp32.")
 @click.option("--reference-noise", type=float, default=None,
-              help="Path noise of the reference [default: the model's sigma, as the official evaluation].")
+              help="Path noise of the reference [default: the model's sigma, as the official evaluation; "
+                   "0.5 for frontier_vs_official's streaming evaluator, as its official configs].")
 @click.option("--noise", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SIGMA",
               help="Path noise of the runtime side (eqr solve --noise; the official sigma is 0.01).")
 @click.option("--export-dir", type=click.Path(exists=True, file_okay=False),

@@ -58,12 +58,15 @@ def _names(text: str | None) -> tuple[str, ...]:
               help="Steps of the recorded trajectories the stopping rules are replayed on.")
 @click.option("--rule-margin", type=float, default=CalibConfig.rule_margin, show_default=True,
               help="Accuracy points a stopping rule may lose against the best fixed depth.")
+@click.option("--rule-breadth", type=int, default=CalibConfig.rule_breadth, show_default=True,
+              help="Trajectories per rule puzzle: fit the rules for solving at this --breadth (the answer the "
+              "converged aggregation picks is judged).")
 @force_option(help="Also replace graphs that `eqr export` wrote (calibrate's own files are always replaced).")
 @output_options
 def calibrate(export_dir: str, calib_data: str | None, puzzles: int, starts: int, depths: str, method: str,
               op_types: str, exclude_nodes: str, percentile: float, reduce_range: bool, keep_fp32_ops: str | None,
               precision: tuple[str, ...], seed: int, rule_puzzles: int, rule_steps: int, rule_margin: float,
-              force: bool, as_json: bool, quiet: bool, verbose: int) -> None:
+              rule_breadth: int, force: bool, as_json: bool, quiet: bool, verbose: int) -> None:
     """Record trajectory-aware calibration states and build the FP16/INT8 graphs of EXPORT_DIR.
 
     Runs the export's FP32 step graph in ONNX Runtime (no torch: eqr[cpu,calibrate] is enough,
@@ -74,8 +77,8 @@ def calibrate(export_dir: str, calib_data: str | None, puzzles: int, starts: int
     export: re-running replaces its own files, and a graph `eqr export` wrote is kept
     unless named in --precision with --force.
 
-    Then, per precision (fp32 and each one built), it records --rule-steps steps of one
-    trajectory per --rule-puzzles puzzle and fits the stopping rule (max_steps, tol, patience,
+    Then, per precision (fp32 and each one built), it records --rule-steps steps of
+    --rule-breadth trajectories per --rule-puzzles puzzle and fits the stopping rule (max_steps, tol, patience,
     stable window, q_halt and its threshold) with the fewest mean steps whose exact accuracy stays
     within --rule-margin points of the best fixed depth, on half the puzzles; the other half
     measures it. The rule, its held-out accuracy and mean steps go into manifest.json, and
@@ -95,7 +98,7 @@ def calibrate(export_dir: str, calib_data: str | None, puzzles: int, starts: int
                       method=method, op_types=_names(op_types), exclude_nodes=_names(exclude_nodes),
                       percentile=percentile, reduce_range=reduce_range, keep_fp32_ops=None if keep_fp32_ops is None else _names(keep_fp32_ops),
                       precisions=precision, force=force, rule_puzzles=rule_puzzles, rule_steps=rule_steps,
-                      rule_margin=rule_margin)
+                      rule_margin=rule_margin, rule_breadth=rule_breadth)
     entries, info = run_calibrate(export_dir, calib_data, cfg, progress)
     if as_json:
         click.echo(json.dumps({"precisions": entries} | info, indent=2, default=str))

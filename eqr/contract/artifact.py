@@ -270,7 +270,7 @@ def update_manifest(directory: str | os.PathLike[str], precision: str, entry: di
 
 
 # The stopping rule `eqr calibrate` fits per precision, in manifest["precisions"][p]["stopping"]:
-# {"rule": {RULE_FIELDS...}, "margin", "recorded_steps", "fit": {...}, "heldout": {...}, "data"}
+# {"rule": {RULE_FIELDS...}, "margin", "recorded_steps", "breadth", "fit": {...}, "heldout": {...}, "data"}
 # (the rules and their fields: eqr.runtime.stopping_rules; docs/formats.md).
 STOPPING_KEY = "stopping"
 
