@@ -88,8 +88,9 @@ def bench_rule(setting: Setting, info: dict[str, Any]) -> dict[str, Any]:
         fitting = Solver.from_model(setting.model, device=c.device)
     else:
         fitting = Solver.load(setting.export_dir, backend="onnxruntime", threads=c.threads)
-    with fitting as solver:
-        traj = record_trajectories(solver, puzzles.inputs, steps, c.seed, breadth=c.breadth)
+    rows = len(puzzles.inputs) * c.breadth * steps  # the bar counts recorded row-steps, as calibrate's
+    with fitting as solver, setting.report.bar("recording the rule fit's trajectories", rows) as advance:
+        traj = record_trajectories(solver, puzzles.inputs, steps, c.seed, advance, breadth=c.breadth)
     fitted = fit_and_evaluate(traj, puzzles.labels, CalibConfig.rule_margin)
     info["rule"] = {"source": f"fitted here ({c.rule_puzzles} puzzles x K {c.breadth}, margin "
                               f"{CalibConfig.rule_margin})",
