@@ -17,12 +17,16 @@ from eqr.model.load import load_model
 from tests.conftest import contracting_model
 
 
-def test_a_long_rule_fit_gives_one_note_with_a_smaller_rule_puzzles(tmp_path: Path) -> None:
+def export_tiny(out: Path) -> None:
+    """The contracting tiny model (a 4x4 Sudoku checkpoint) exported to `out` in FP32."""
     model = contracting_model()
-    save_checkpoint(tmp_path / "tiny.pt", model.config, model.state_dict(),
+    save_checkpoint(out.parent / "tiny.pt", model.config, model.state_dict(),
                     metadata={"task": {"name": "sudoku", "size": 4}})
-    export_model(load_model(tmp_path / "tiny.pt"), tmp_path / "export",
-                 ExportConfig(engine="never", check_batch=2, check_steps=4))
+    export_model(load_model(out.parent / "tiny.pt"), out, ExportConfig(engine="never", check_batch=2, check_steps=4))
+
+
+def test_a_long_rule_fit_gives_one_note_with_a_smaller_rule_puzzles(tmp_path: Path) -> None:
+    export_tiny(tmp_path / "export")
     ticks = iter(range(0, 10**9, 60))  # every clock read: a minute later, so the estimate reads long
     stream = io.StringIO()
     progress = Progress(stream=stream, clock=lambda: float(next(ticks)), every_s=1e9)
@@ -69,11 +73,7 @@ def test_rules_fitted_at_a_breadth_record_that_many_trajectories_per_puzzle(tmp_
 
     from eqr.contract.errors import EqRError
 
-    model = contracting_model()
-    save_checkpoint(tmp_path / "tiny.pt", model.config, model.state_dict(),
-                    metadata={"task": {"name": "sudoku", "size": 4}})
-    export_model(load_model(tmp_path / "tiny.pt"), tmp_path / "export",
-                 ExportConfig(engine="never", check_batch=2, check_steps=4))
+    export_tiny(tmp_path / "export")
     stream = io.StringIO()
     cfg = CalibConfig(puzzles=2, starts=1, depths=(0, 1, 2), rule_puzzles=4, rule_steps=4, rule_breadth=2,
                       precisions=("fp16",))
