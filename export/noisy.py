@@ -1,9 +1,9 @@
-"""The noisy step graphs (`eqr export --noise`): the step with a `noise` input, per precision.
+"""The noisy step graphs (`eqr export --noisy`): the step with a `noise` input, per precision.
 
 A precision row's `noisy_onnx` (eqr.contract.artifact.PRECISIONS) names the file: FP32 is exported
 from the model with the extra input (`OnnxFromModel(noisy=True)`), FP16 converted from that graph
 as the noise-free FP16 graph is from its FP32 one. The noise-free graphs are not touched, so an
-export without --noise and its answers stay exactly what they were.
+export without --noisy and its answers stay exactly what they were.
 
 Checks, like the noise-free graphs': the I/O contract with the noise input, standard ops only,
 `polygraphy check lint`, and parity with `EqRModel.step` in torch given the same noise addends

@@ -38,7 +38,7 @@ class SolveConfig(JsonConfig):
     cascade_patience: int = 2
     cascade_tol: float | None = None
     # Path noise: sigma * N(0, 1) added at every damped update (the official evaluation's 0.01); 0:
-    # the noise-free step. Needs the noisy step graph (eqr export --noise); draws: runtime/path_noise.py.
+    # the noise-free step. Needs the noisy step graph (eqr export --noisy); draws: runtime/path_noise.py.
     noise: float = 0.0
 
     def __post_init__(self) -> None:

@@ -440,7 +440,7 @@ def _noise_feed(backend: Backend, t: _Table) -> dict[str, Any]:
         return {}
     if backend.noise_shape is None:
         raise EqRError(f"--noise: the {backend.name} backend has no noisy step graph; export one with "
-                       "`eqr export MODEL --noise`")
+                       "`eqr export MODEL --noisy`")
     return {NOISE_INPUT: backend.upload(draw_noise(t.noise_keys, t.nstep + 1, sigma, backend.noise_shape))}
 
 

@@ -19,7 +19,7 @@ needs no torch: each trajectory (puzzle i, breadth k) has its own generator seed
 Inference is noise-free by default, so every backend computes the same map and the residual can
 fall to a tolerance. `noise=sigma` (SolveConfig.noise) adds the official evaluation's path noise,
 sigma * N(0, 1) at every damped update, drawn on the host per (seed, puzzle, trajectory, step)
-(runtime/path_noise.py) and run by the noisy step graph (`eqr export --noise`), so a noisy answer
+(runtime/path_noise.py) and run by the noisy step graph (`eqr export --noisy`), so a noisy answer
 too is independent of batch composition (docs/algorithm.md#path-noise).
 """
 from __future__ import annotations

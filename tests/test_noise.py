@@ -209,7 +209,7 @@ def test_torch_and_onnxruntime_add_the_same_noise(model, noisy_export) -> None:
 
 
 def test_noise_zero_on_an_export_keeps_the_noise_free_graph_and_its_answers(model, noisy_export, tmp_path) -> None:
-    """--noise only adds files: model.step.onnx's graph is the one an export without it writes,
+    """export --noisy only adds files: model.step.onnx's graph is the one an export without it writes,
     and ONNX Runtime answers noise 0 with it bit for bit."""
     plain = tmp_path / "plain-eqr"
     export_model(model, plain, ExportConfig(**FAST))
@@ -257,14 +257,14 @@ def test_a_missing_noisy_graph_is_one_line_naming_the_export_flag(model, tmp_pat
     plain = tmp_path / "plain-eqr"
     export_model(model, plain, ExportConfig(**FAST))
     with Solver.load(plain, backend="onnxruntime") as solver:
-        with pytest.raises(EqRError, match=r"no model\.step\.noisy\.onnx; re-export with `eqr export MODEL --noise"):
+        with pytest.raises(EqRError, match=r"no model\.step\.noisy\.onnx; re-export with `eqr export MODEL --noisy"):
             solver.solve(random_puzzles(1), noise=SIGMA)
         solver.solve(random_puzzles(1), max_steps=2)  # noise-free still runs
     with pytest.raises(EqRError, match="noise must be >= 0"):
         SolveConfig(noise=-0.1)
     result = CliRunner().invoke(cli, ["solve", str(plain), "--noise", "0.01"], input="2..1.........42.\n")
     assert result.exit_code == 2
-    assert "re-export with `eqr export MODEL --noise" in result.output and "Traceback" not in result.output
+    assert "re-export with `eqr export MODEL --noisy" in result.output and "Traceback" not in result.output
 
 
 def test_cli_solve_noise_matches_the_library(model, noisy_export) -> None:
@@ -375,7 +375,7 @@ def test_served_model_takes_a_noise_parameter_and_a_per_request_noise_input(nois
     write_repository(noisy_export, tmp_path / "repo", cfg)  # has the noisy graph: fine
     plain = tmp_path / "plain-eqr"
     export_model(contractive_model(), plain, ExportConfig(**FAST))
-    with pytest.raises(EqRError, match="re-export with `eqr export MODEL --noise"):
+    with pytest.raises(EqRError, match="re-export with `eqr export MODEL --noisy"):
         write_repository(plain, tmp_path / "repo2", cfg)
 
 

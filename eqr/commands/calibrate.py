@@ -155,7 +155,7 @@ def rule_text(stopping: dict[str, Any]) -> str:
 @click.option("--seed", type=int, default=0, show_default=True, help="Puzzles and initial states (all runs).")
 @click.option("--noise", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SIGMA",
               help="Path noise of every solve (the official evaluation's is 0.01); runs whose export has no noisy "
-                   "graph (eqr export --noise) are skipped.")
+                   "graph (eqr export --noisy) are skipped.")
 @calib_data_option(help="calib.npz for the per-step state error [default: EXPORT_DIR/calib.npz, "
                                           "else states recorded on the report's puzzles].")
 @out_option(help="Output directory [default: EXPORT_DIR/report].")

@@ -68,7 +68,7 @@ def _terminate_cleanly() -> Iterator[None]:
               help="Outer steps per checked and calibration trajectory.")
 @workspace_option
 @dla_core_option
-@click.option("--noise", is_flag=True,
+@click.option("--noisy", "noise", is_flag=True,
               help="Also write the noisy step graph of fp32 (and fp16): path noise at inference, `eqr solve "
                    "--noise SIGMA`.")
 @click.option("--threads", type=int, default=0, show_default=True,
@@ -94,7 +94,7 @@ def export(model: str, precision: tuple[str, ...], out: str | None, batch: str, 
       eqr export step_50000.pth --precision int8 --calib-data calib.npz --batch 1:128:512
       eqr export paper-sudoku --engine never --json > manifest.json
       eqr export sudoku-small --precision int8 --batch 32 --dla-core 0   # Jetson DLA
-      eqr export sudoku-small --noise        # + model.step.noisy.onnx, for eqr solve --noise 0.01
+      eqr export sudoku-small --noisy        # + model.step.noisy.onnx, for eqr solve --noise 0.01
 
     \b
     Exit status: 0 exported; 1 a check or the engine build failed (or --engine always

@@ -54,7 +54,7 @@ def model_options(fn: Callable) -> Callable:
                      help="onnxruntime CPU threads per instance (0: its default)."),
         click.option("--noise", type=click.FloatRange(min=0), default=defaults.noise, show_default=True,
                      metavar="SIGMA", help="Default path-noise sigma (a request's `noise` overrides it); > 0 needs "
-                                           "an export made with `eqr export --noise`."),
+                                           "an export made with `eqr export --noisy`."),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -88,7 +88,7 @@ def parse_init_std(text: str | None) -> tuple[float, float] | None:
 @click.option("--noise", type=click.FloatRange(min=0), metavar="SIGMA",
               help="Path noise: SIGMA x N(0, 1) added at every damped update, as the official evaluation "
                    "(0.01); reproducible per seed, puzzle, trajectory and step. Needs an export made with "
-                   "`eqr export --noise` (or a checkpoint) [default: 0, noise-free].")
+                   "`eqr export --noisy` (or a checkpoint) [default: 0, noise-free].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @batch_option(default=256, type=click.IntRange(min=1),
               help="Trajectories in the working batch (settled ones are replaced from the input).")

@@ -8,7 +8,7 @@ This module is the bottom floor: it imports neither torch, onnx nor an inference
     model.step.onnx                   one step graph per precision (the PRECISIONS table)
     model.step.fp16.onnx, model.step.int8.onnx
     model.step.int8.cpu.onnx          INT8 for ONNX Runtime's CPU integer kernels (precision int8-cpu)
-    model.step.noisy.onnx, model.step.fp16.noisy.onnx   opt-in (eqr export --noise): the step with a
+    model.step.noisy.onnx, model.step.fp16.noisy.onnx   opt-in (eqr export --noisy): the step with a
                                       `noise` input (path noise at inference; NOISE_INPUT)
     model.step.<p>.<gpu>.trt<v>.engine  TensorRT engines (`engine_file`), each with a .json sidecar
     calib.npz                         CALIB_FILE: calibration states recorded by `eqr calibrate`
@@ -67,7 +67,7 @@ class Precision:
     # has it (int8 -> int8-cpu: TensorRT keeps the int8 graph, a CPU gets integer kernels)
     on_cpu: str | None = None
     # the noisy step graph of this precision (one more input, NOISE_INPUT), written by
-    # `eqr export --noise`; None: this precision has none
+    # `eqr export --noisy`; None: this precision has none
     noisy_onnx: str | None = None
 
 
@@ -337,6 +337,6 @@ def missing_noisy_graph(artifact: Artifact, precision: str) -> str:
         return f"--noise: precision {precision} has no noisy step graph (only {have} do); pick one of those"
     if artifact.kind != "export":
         return (f"--noise: {artifact.location} has no noisy {precision} step graph ({row.noisy_onnx}); run an export "
-                f"made with `eqr export MODEL --noise`, or the torch backend")
-    return (f"--noise: {artifact.location} has no {row.noisy_onnx}; re-export with `eqr export MODEL --noise "
+                f"made with `eqr export MODEL --noisy`, or the torch backend")
+    return (f"--noise: {artifact.location} has no {row.noisy_onnx}; re-export with `eqr export MODEL --noisy "
             f"--precision {precision} --out {artifact.location} --force`")
