@@ -223,6 +223,8 @@ def test_a_further_goal_of_a_measurement_must_hold_too() -> None:
     assert Measurement(**base, also_met={"b1": True}).met is True
     assert Measurement(**base, also_met={"b1": False}).met is False
     assert Measurement(**base, also_met={"b1": False}, goal_applies=False).met is None
+    moved = Measurement(**base, threshold=3.0)  # a setting that moves the threshold (frontier_vs_official's breadth)
+    assert moved.goal == (">=", 3.0) and moved.met is False and "goal_min=3 met=0" in moved.result_line()
 
 
 def test_the_bench_set_is_half_the_tasks_own_draw_and_half_its_tiers() -> None:

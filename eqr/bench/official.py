@@ -196,17 +196,6 @@ class Point:
         return puzzles / self.seconds
 
 
-@dataclass
-class _FrontierMeasurement(Measurement):
-    """frontier_vs_official, whose goal threshold depends on the breadth (GOAL_BY_BREADTH)."""
-
-    threshold: float | None = None
-
-    @property
-    def goal(self) -> tuple[str, float] | None:
-        return None if self.threshold is None or not self.goal_applies else (GOALS[NAME][0], self.threshold)
-
-
 def goal_threshold(breadth: int) -> float | None:
     """The goal at this breadth: that of the highest GOAL_BY_BREADTH breadth <= it; None below the lowest."""
     listed = [k for k in GOAL_BY_BREADTH if k <= breadth]
@@ -355,6 +344,6 @@ def _measurement(setting: Setting, official: list[Point], runtime: list[Point], 
             "eqr point")
     if threshold is None:
         note += f"; the goal is defined from breadth {min(GOAL_BY_BREADTH)} (--breadth)"
-    return _FrontierMeasurement(NAME, value, {"puzzles": P, "breadth": c.breadth, **fields},
-                                ("side", "setting", "puzzles/s", "exact acc", "steps/puzzle", "frontier",
-                                 "eqr/official"), rows, note, goal_applies=not c.paper, threshold=threshold)
+    return Measurement(NAME, value, {"puzzles": P, "breadth": c.breadth, **fields},
+                       ("side", "setting", "puzzles/s", "exact acc", "steps/puzzle", "frontier", "eqr/official"), rows,
+                       note, goal_applies=not c.paper and threshold is not None, threshold=threshold)

@@ -26,10 +26,12 @@ class Measurement:
     goal_applies: bool = True  # False where the goal is not defined (e.g. --paper's random weights)
     bound: float | None = None  # the most the measured setting allows (printed beside the value)
     also_met: dict[str, bool] = field(default_factory=dict)  # further goals of this measurement, all must hold
+    threshold: float | None = None  # this run's goal threshold where the setting moves it (None: GOALS')
 
     @property
     def goal(self) -> tuple[str, float] | None:
-        return GOALS.get(self.name) if self.goal_applies else None
+        goal = GOALS.get(self.name) if self.goal_applies else None
+        return goal if goal is None or self.threshold is None else (goal[0], self.threshold)
 
     @property
     def met(self) -> bool | None:
