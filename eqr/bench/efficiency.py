@@ -71,7 +71,8 @@ def numpy_gemm_seconds() -> None:
 
 
 def step_backends(setting: Setting) -> Iterator[tuple[str, Any]]:
-    """(label, active backend) for torch fp32 and every exported ONNX Runtime precision."""
+    """(label, active backend) for torch fp32 and every exported ONNX Runtime precision, each run on
+    the graph the runtime picks for it (int8 on the CPU provider: int8-cpu, when exported)."""
     from eqr.runtime.resolve import load_artifact
     from eqr.runtime.backends.ort_backend import OrtBackend
     from eqr.runtime.backends.torch_backend import TorchBackend
@@ -81,10 +82,9 @@ def step_backends(setting: Setting) -> Iterator[tuple[str, Any]]:
     with backend:
         yield "torch fp32", backend
     for precision in setting.config.precisions:
-        path = artifact.onnx.get(precision)
-        if path is None:
+        if artifact.onnx.get(precision) is None:
             continue
-        backend = OrtBackend(path, threads=setting.config.threads, precision=precision)
+        backend = OrtBackend.from_artifact(artifact, precision, threads=setting.config.threads)
         with backend:
             yield f"onnxruntime {precision}", backend
 
