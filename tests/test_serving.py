@@ -329,3 +329,24 @@ def test_eqr_serve_prints_a_working_curl_line_and_stops_on_ctrl_c(export_dir, tm
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_a_broken_grpc_stream_fails_every_request_on_it_and_the_next_try_opens_a_new_one() -> None:
+    """An error without a request id (the stream itself ended, as a draining replica's RST_STREAM)
+    reaches every request in flight on that stream, so none waits for an answer that cannot come;
+    sending on the ended stream afterwards is a retryable error, not a failed solve."""
+    import queue
+
+    from tritonclient.utils import InferenceServerException
+
+    from eqr.serving.remote import _retryable
+
+    client = StreamClient.__new__(StreamClient)  # no server: only the response routing is exercised
+    client.responses, client.strays = {"1": queue.Queue(), "2": queue.Queue()}, []
+    ended = InferenceServerException("Stream removed", status="StatusCode.UNAVAILABLE")
+    client._on_response(None, ended)
+    assert [client.responses[r].get_nowait() for r in ("1", "2")] == [(None, ended), (None, ended)]
+    sent_late = InferenceServerException("The stream is no longer in valid state, the error detail is reported "
+                                         "through provided callback.")
+    assert _retryable(sent_late) and _retryable(ended)
+    assert not _retryable(InferenceServerException("unknown model 'eqr2'", status="StatusCode.NOT_FOUND"))

@@ -91,9 +91,11 @@ class StreamClient:
         self.client.start_stream(callback=self._on_response)
 
     def _on_response(self, result: Any, error: Any) -> None:
-        if error is not None:  # the request id rides on the error only in newer clients: fan it out
-            request_id = getattr(error, "request_id", None) or _only(self.responses)
-            self.responses[request_id].put((None, error))
+        if error is not None:  # the request id rides on the error only in newer clients
+            request_id = getattr(error, "request_id", None)
+            # without one the stream itself broke: every request in flight on it gets the error
+            for waiting in [self.responses[request_id]] if request_id in self.responses else list(self.responses.values()):
+                waiting.put((None, error))
             return
         response = result.get_response()
         waiting = self.responses.get(response.id)
@@ -131,7 +133,11 @@ class StreamClient:
         """Send ready `tritonclient.grpc.InferInput`s as one request -> its request id."""
         request_id = str(next(self.ids))
         self.responses[request_id] = queue.Queue()
-        self.client.async_stream_infer(self.model, inputs, request_id=request_id, enable_empty_final_response=True)
+        try:
+            self.client.async_stream_infer(self.model, inputs, request_id=request_id, enable_empty_final_response=True)
+        except Exception:
+            self.responses.pop(request_id, None)  # never sent: nothing will answer it
+            raise
         return request_id
 
     def receive(self, request_id: str) -> Iterator[dict[str, np.ndarray]]:
@@ -168,12 +174,6 @@ def _stream_error(error: Any) -> Exception:
     if any(code in status for code in ("UNAVAILABLE", "CANCELLED")):
         return ConnectionError(f"{status}: {message}")
     return ServerError(message)
-
-
-def _only(pending: dict[str, Any]) -> str:
-    if len(pending) != 1:
-        raise RuntimeError("a gRPC stream error without a request id while several requests are in flight")
-    return next(iter(pending))
 
 
 def decoded(arrays: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -36,6 +36,8 @@ FIELDS = {field: "total_steps" if field == "steps" else field for field in PER_P
 # error responses that a later try (here or on another replica) can answer (eqr/serving/triton_model.py)
 RETRY_MESSAGES = ("is busy", "is shutting down", "not ready", "the backend failed on this puzzle", "Server is stopping")
 RETRY_STATUS = (502, 503, 504)  # a load balancer with no replica up, or one that timed out
+# tritonclient's words for sending on a gRPC stream that an error ended: the next try opens a new one
+STREAM_ENDED = "stream is no longer in valid state"
 
 
 class Unreachable(EqRError):
@@ -205,7 +207,7 @@ def _retryable(error: BaseException) -> bool:
         return error.status in RETRY_STATUS or any(m in str(error) for m in RETRY_MESSAGES)
     if isinstance(error, (OSError, http.client.HTTPException, queue.Empty)):  # URLError, resets, timeouts
         return True
-    return type(error).__name__ == "InferenceServerException" and _grpc_transient(error)
+    return type(error).__name__ == "InferenceServerException" and (_grpc_transient(error) or STREAM_ENDED in str(error))
 
 
 def _grpc_transient(error: Any) -> bool:
